@@ -1,0 +1,38 @@
+# `make demo` and `make test` work on a fresh machine with Python 3.11 and the package registries.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+LEGACY_LAB := .legacy-lab
+
+.PHONY: setup demo test lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.sh requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	. $(VENV)/bin/activate && bash setup.sh
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	@# The lab SDK of TransformerLab 0.31 (legacy job store), kept apart for the legacy-host tests.
+	rm -rf $(LEGACY_LAB)
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --target $(LEGACY_LAB) transformerlab==0.0.98
+	@touch $@
+
+demo: setup
+	$(PY) demo/run_demo.py
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf $(VENV) $(LEGACY_LAB) demo/workspace

@@ -1,0 +1,97 @@
+"""SFT trainer plugin for TransformerLab, built on TRL.
+
+The pipeline: host -> parameters -> validation -> data preparation -> launch -> report.
+Started three ways (TransformerLab's plugin harness, the lab SDK with _TFL_JOB_ID, or headless
+`python main.py --config run.json`); importing this module starts nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+
+from plugin_utils import cli, data, host, launch, machine, outputs, params, rules
+from plugin_utils.errors import InvalidConfig, problem
+
+
+def run(args, outcome: cli.Outcome) -> None:
+    stop = launch.StopFlag()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.request())
+
+    outcome.host = job = host.choose(args)
+    p, outcome.warnings = params.resolve(job.raw_params(), headless=job.headless)
+    plan = rules.check(p, machine.detect(), outcome.warnings)
+    adapter_dir, checkpoint_dir = job.locations(p)
+    if outputs.is_complete_adapter(adapter_dir) and not p["overwrite_output"]:
+        raise InvalidConfig(
+            [
+                problem(
+                    "overwrite_output",
+                    f"{adapter_dir} already holds a finished adapter",
+                    "Pick another adaptor_name, or set overwrite_output=true to replace it",
+                )
+            ]
+        )
+    cli.report_warnings(outcome.warnings)
+    if args.check:
+        return cli.emit_json(args.json, cli.check_report(outcome.warnings, plan))
+
+    prepared = data.prepare(p, preview=args.preview, should_stop=lambda: stop.requested)
+    cli.report_dataset(prepared)
+    if args.dry_run:
+        return cli.emit_json(args.json, cli.dry_run_report(outcome.warnings, prepared))
+
+    job.start(p)
+    job.log(cli.dataset_text(prepared))
+    resume = outputs.resume_point(adapter_dir, checkpoint_dir, overwrite=p["overwrite_output"])
+    staging = outputs.staging_path(adapter_dir)
+    with tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
+        spec = {
+            "params": p,
+            "plan": plan.as_dict(),
+            "prepared_path": prepared.path,
+            "checkpoint_dir": checkpoint_dir,
+            "adapter_staging": staging,
+            "resume_from": resume,
+        }
+        result = launch.run(job, p, plan, spec, run_dir, stop)
+    summary = outputs.summary(p, plan, result, prepared.stats)
+    final = job.register_model(outputs.publish(staging, adapter_dir, summary), p)
+    plot = outputs.write_plot(f"{checkpoint_dir}/loss_plot.json", result.loss_history)
+    score = {
+        "loss": result.eval_loss if result.eval_loss is not None else result.final_loss,
+        "train_loss": result.final_loss,
+    }
+    if result.eval_loss is not None:
+        score["eval_loss"] = result.eval_loss
+    job.complete(f"Trained {result.steps} steps on {result.world_size} process(es); adapter at {final}", score, plot)
+    outcome.result = {
+        "status": "COMPLETE",
+        "job_id": job.job_id or None,
+        "adaptor_path": final,
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+    }
+    cli.emit_json(args.json, outcome.result)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.setup_logging()
+    args = cli.parse(argv)
+    outcome = cli.Outcome(args)
+    try:
+        run(args, outcome)
+        error = None
+    except SystemExit:
+        raise
+    except BaseException as exc:  # every outcome, a stop included, is reported the same way
+        error = exc
+    code = outcome.finish(error)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

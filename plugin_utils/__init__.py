@@ -1,0 +1,1 @@
+"""The stages behind main.py: params -> rules -> data -> launch -> worker -> host."""

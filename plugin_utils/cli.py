@@ -1,0 +1,146 @@
+"""The edge: command-line flags, logging, and turning outcomes into lines, JSON, exit codes and job states."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from typing import Any
+
+from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_STOPPED, InvalidConfig, Problem, RunFailed, StopRequested
+
+log = logging.getLogger("sft")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="main.py", description="SFT trainer (TRL) for TransformerLab")
+    parser.add_argument("--config", help="JSON file of parameter values (headless run)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
+    parser.add_argument("--experiment", default=None, help="experiment of the job a headless run creates")
+    parser.add_argument("--check", action="store_true", help="check parameters and this machine; read no data")
+    parser.add_argument("--dry-run", action="store_true", help="also prepare the data and preview it; train nothing")
+    parser.add_argument("--preview", type=int, default=3, help="rows to preview with --dry-run")
+    parser.add_argument("--json", action="store_true", help="end stdout with one JSON object")
+    # Given by TransformerLab's plugin harness.
+    parser.add_argument("--input_file", help=argparse.SUPPRESS)
+    parser.add_argument("--plugin_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--experiment_name", help=argparse.SUPPRESS)
+    args, _unknown = parser.parse_known_args(argv)
+    return args
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[sft] %(message)s"))
+    logger = logging.getLogger("sft")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def emit_json(enabled: bool, payload: dict[str, Any]) -> None:
+    if enabled:
+        sys.stdout.flush()
+        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+        sys.stdout.flush()
+
+
+def report_warnings(warnings: list[Problem]) -> None:
+    for w in warnings:
+        log.warning("warning: %s", w.line())
+
+
+def check_report(warnings: list[Problem], plan) -> dict[str, Any]:
+    return {"ok": True, "errors": [], "warnings": [w.as_dict() for w in warnings], "plan": plan.as_dict()}
+
+
+def dataset_text(prepared) -> str:
+    s = prepared.stats
+    lines = [
+        f"dataset: format {s['format']}, {s['rows']} rows, {s['rows_used']} used, {s['dropped']} dropped, "
+        f"{s['truncated']} truncated, {s.get('eval_rows', 0)} eval rows; "
+        f"{s['trainable_tokens']} trainable of {s['total_tokens']} tokens"
+        + (" (prepared earlier, reused)" if prepared.cached else "")
+    ]
+    for i, sample in enumerate(prepared.samples):
+        lines.append(
+            f"--- row {i}: full text ---\n{sample['text']}\n--- row {i}: trained on ---\n{sample['trained_text']}"
+        )
+    return "\n".join(lines)
+
+
+def report_dataset(prepared) -> None:
+    log.info("%s", dataset_text(prepared))
+
+
+def dry_run_report(warnings: list[Problem], prepared) -> dict[str, Any]:
+    keys = ("format", "rows", "rows_used", "dropped", "truncated", "trainable_tokens", "total_tokens")
+    return {
+        "ok": True,
+        "errors": [],
+        "warnings": [w.as_dict() for w in warnings],
+        "dataset": {k: prepared.stats[k] for k in keys},
+        "samples": prepared.samples,
+    }
+
+
+class Outcome:
+    """Collects what the run learned, so a failure at any step still reports the same way."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.host = None
+        self.warnings: list[Problem] = []
+        self.result: dict[str, Any] = {}
+
+    def finish(self, exc: BaseException | None) -> int:
+        json_on = self.args.json
+        if exc is None:
+            return EXIT_OK
+        if isinstance(exc, InvalidConfig):
+            lines = [p.line() for p in exc.errors]
+            for line in lines:
+                log.error("error: %s", line)
+            report_warnings(exc.warnings or [])
+            self._fail_job("Invalid configuration:\n" + "\n".join(lines))
+            emit_json(
+                json_on,
+                {
+                    "ok": False,
+                    "errors": [p.as_dict() for p in exc.errors],
+                    "warnings": [p.as_dict() for p in (exc.warnings or self.warnings)],
+                },
+            )
+            return EXIT_INVALID
+        if isinstance(exc, StopRequested | KeyboardInterrupt):
+            message = "Stopped on request" + (f" at step {exc.args[0]}" if exc.args and exc.args[0] else "")
+            log.warning("%s", message)
+            if self.host is not None:
+                self._safely(lambda: self.host.stopped(message))
+            emit_json(json_on, {**self.result, "status": "STOPPED", "job_id": self._job_id()})
+            return EXIT_STOPPED
+        if isinstance(exc, RunFailed):
+            message = str(exc)
+        else:
+            message = f"{type(exc).__name__}: {exc}"
+            log.error("%s", traceback.format_exc())
+        log.error("training failed: %s", message)
+        self._fail_job(message)
+        emit_json(json_on, {**self.result, "status": "FAILED", "job_id": self._job_id(), "error": message})
+        return EXIT_FAILED
+
+    def _job_id(self):
+        return getattr(self.host, "job_id", None) or None
+
+    def _fail_job(self, message: str) -> None:
+        if self.host is not None and not (self.args.check or self.args.dry_run):
+            self._safely(lambda: self.host.fail(message))
+
+    @staticmethod
+    def _safely(action) -> None:
+        try:
+            action()
+        except Exception as exc:  # the host being unreachable must not hide the original failure
+            log.error("could not update the job: %s", exc)

@@ -1,0 +1,46 @@
+"""Errors a user can cause are values: a parameter, what is wrong, how to fix it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_STOPPED = 3
+
+
+@dataclass(frozen=True)
+class Problem:
+    parameter: str
+    message: str
+
+    def line(self) -> str:
+        return f"{self.parameter}: {self.message}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def problem(parameter: str, what: str, fix: str = "") -> Problem:
+    """One line: `<parameter>: <what is wrong>. <how to fix it>`."""
+    what = what.rstrip(".")
+    text = f"{what}. {fix.rstrip('.')}." if fix else f"{what}."
+    return Problem(parameter, text)
+
+
+class InvalidConfig(Exception):
+    """The parameters or the data cannot work; nothing was trained or written."""
+
+    def __init__(self, errors: list[Problem], warnings: list[Problem] | None = None):
+        self.errors = list(errors)
+        self.warnings = list(warnings or [])
+        super().__init__("\n".join(p.line() for p in self.errors))
+
+
+class StopRequested(Exception):
+    """The user asked the run to stop (signal or the host's stop flag)."""
+
+
+class RunFailed(Exception):
+    """Training failed after it started; the message says why."""

@@ -1,0 +1,309 @@
+"""The host behind one small interface: where parameters come from and where progress goes.
+
+- LegacyHost: TransformerLab 0.31/0.32's plugin harness (`--input_file`), job store `lab.Job(job_id)`.
+- LabHost: the lab SDK with `_TFL_JOB_ID` set (current TransformerLab tasks, remote runners).
+- HeadlessHost: `main.py --config`; the run creates its own job in the local workspace through the lab SDK.
+
+Training code never knows which host it runs under. Only the parent process uses this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidConfig, problem
+
+log = logging.getLogger("sft")
+
+
+def _sync(value):
+    """The legacy job API is async in lab 0.0.98/0.1.1; run a coroutine to completion, pass values through."""
+    return asyncio.run(value) if inspect.iscoroutine(value) else value
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
+def _check_lab_home() -> None:
+    # Importing `lab` exits the process when these name a missing folder; say so instead.
+    for var in ("TFL_HOME_DIR", "TFL_WORKSPACE_DIR"):
+        folder = os.environ.get(var)
+        if folder and not os.path.isdir(folder):
+            raise InvalidConfig([problem(var, f"{folder} does not exist", f"Create it, or unset {var}")])
+
+
+def _import_lab():
+    _check_lab_home()
+    with contextlib.redirect_stdout(sys.stderr):
+        import lab
+    return lab
+
+
+class Host:
+    kind = "host"
+    headless = False
+    job_id = ""
+
+    def raw_params(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def start(self, params: dict[str, Any]) -> None:
+        """Attach to (or create) the job; not called for --check or --dry-run."""
+
+    def locations(self, p: dict[str, Any]) -> tuple[str, str]:
+        """(adapter folder, checkpoint folder) for these parameters."""
+        root = os.path.abspath(os.path.expanduser(p["output_dir"] or "./outputs"))
+        return os.path.join(root, p["adaptor_name"]), os.path.join(root, "checkpoints", p["adaptor_name"])
+
+    def log(self, text: str) -> None:
+        log.info("%s", text)
+
+    def progress(self, percent: int, metrics: dict[str, float] | None, step: int | None) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def register_model(self, path: str, p: dict[str, Any]) -> str:
+        return path
+
+    def complete(self, message: str, score: dict[str, float], plot_path: str | None) -> None:
+        pass
+
+    def fail(self, message: str) -> None:
+        pass
+
+    def stopped(self, message: str) -> None:
+        pass
+
+
+class LegacyHost(Host):
+    kind = "legacy"
+
+    def __init__(self, input_file: str):
+        self.input_file = input_file
+        try:
+            data = json.loads(Path(input_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidConfig(
+                [problem("input_file", f"cannot read {input_file} ({exc})", "Check the path")]
+            ) from None
+        self.config = data.get("config", {})
+        self.experiment = data.get("experiment", {}) or {}
+        self.job_id = str(self.config.get("job_id", ""))
+        self.job = None
+        self.output_dir = self.config.get("output_dir", "")
+
+    def raw_params(self) -> dict[str, Any]:
+        return dict(self.config)
+
+    def start(self, params: dict[str, Any]) -> None:
+        if not self.job_id:
+            raise InvalidConfig([problem("job_id", "the input file names no job", "Start the run from TransformerLab")])
+        lab = _import_lab()
+        self.job = self._job(lab)
+        _sync(self.job.update_job_data_field("start_time", _now()))
+
+    def _job(self, lab):
+        if len(inspect.signature(lab.Job).parameters) == 1:
+            return lab.Job(self.job_id)
+        experiment = self.experiment.get("name") or self.experiment.get("id") or self.config.get("experiment_name")
+        return lab.Job(self.job_id, str(experiment))
+
+    def locations(self, p):
+        adapter = p["adaptor_output_dir"] or super().locations(p)[0]
+        return adapter, super().locations(p)[1]
+
+    def _field(self, key: str, value: Any) -> None:
+        if self.job is not None:
+            _sync(self.job.update_job_data_field(key, value))
+
+    def log(self, text: str) -> None:
+        # The harness appends our stdout/stderr to the job's output file.
+        super().log(text)
+
+    def progress(self, percent, metrics, step):
+        if self.job is None:
+            return
+        _sync(self.job.update_progress(percent))
+        if metrics:
+            self._field("current_metrics", {**metrics, "step": step})
+
+    def should_stop(self) -> bool:
+        if self.job is None:
+            return False
+        data = _sync(self.job.get_job_data()) or {}
+        status = _sync(self.job.get_status()) if hasattr(self.job, "get_status") else None
+        return bool(data.get("stop")) or status == "STOPPING"
+
+    def _finish(self, status: str, completion: str, message: str, extra: dict[str, Any] | None = None) -> None:
+        if self.job is None:
+            return
+        for key, value in {
+            "completion_status": completion,
+            "completion_details": message,
+            "end_time": _now(),
+            **(extra or {}),
+        }.items():
+            self._field(key, value)
+        _sync(self.job.update_status(status))
+
+    def complete(self, message, score, plot_path):
+        _sync(self.job.update_progress(100)) if self.job else None
+        extra = {"score": json.dumps(score)}
+        if plot_path:
+            extra["plot_data_path"] = plot_path
+        self._finish("COMPLETE", "success", message, extra)
+        if self.output_dir:
+            # Hyperparameter sweeps read <output_dir>/metrics.json.
+            os.makedirs(self.output_dir, exist_ok=True)
+            metrics = {"train/loss": score.get("train_loss"), "eval/loss": score.get("eval_loss", score.get("loss"))}
+            Path(self.output_dir, "metrics.json").write_text(json.dumps(metrics))
+
+    def fail(self, message):
+        self._finish("FAILED", "failed", message)
+
+    def stopped(self, message):
+        self._finish("STOPPED", "success", message)
+
+
+class LabHost(Host):
+    kind = "lab"
+
+    def __init__(self, experiment: str | None = None):
+        self.experiment = experiment
+        self.lab = None
+        self._params: dict[str, Any] | None = None
+        self._metrics_api = True
+
+    def _attach(self) -> None:
+        if self.lab is None:
+            self.lab = _import_lab().lab
+            with contextlib.redirect_stdout(sys.stderr):
+                self.lab.init(experiment_id=self.experiment)
+            self.job_id = str(self.lab.job.id)
+            self._metrics_api = "metrics" in inspect.signature(self.lab.update_progress).parameters
+
+    def raw_params(self) -> dict[str, Any]:
+        self._attach()
+        return dict(self.lab.get_config())
+
+    def start(self, params):
+        self._attach()
+
+    def _job_dir(self) -> str:
+        return os.path.dirname(self.lab.get_checkpoints_dir().rstrip("/"))
+
+    def locations(self, p):
+        self._attach()
+        return os.path.join(self._job_dir(), "adaptor", p["adaptor_name"]), self.lab.get_checkpoints_dir()
+
+    def log(self, text):
+        super().log(text)
+        if self.lab is not None:
+            with contextlib.redirect_stdout(sys.stderr):
+                self.lab.log(text)
+
+    def progress(self, percent, metrics, step):
+        if self.lab is None:
+            return
+        with contextlib.redirect_stdout(sys.stderr):
+            if self._metrics_api:
+                self.lab.update_progress(percent, metrics=metrics or None, step=step)
+            else:
+                self.lab.update_progress(percent)
+
+    def register_model(self, path, p):
+        with contextlib.redirect_stdout(sys.stderr):
+            saved = self.lab.save_model(
+                path,
+                name=p["adaptor_name"],
+                parent_model=p["model_name"] or None,
+                architecture=p["model_architecture"] or None,
+                pipeline_tag="text-generation",  # else the SDK asks the Hub about the parent model
+            )
+        return saved
+
+    def complete(self, message, score, plot_path):
+        with contextlib.redirect_stdout(sys.stderr):
+            self.lab.finish(message, score=score, plot_data_path=plot_path)
+
+    def fail(self, message):
+        if self.lab is None:
+            self._attach()
+        with contextlib.redirect_stdout(sys.stderr):
+            self.lab.error(message)
+
+    def stopped(self, message):
+        job = self.lab.job
+        _sync(job.update_job_data_field("completion_status", "success"))
+        _sync(job.update_job_data_field("completion_details", message))
+        _sync(job.update_job_data_field("end_time", _now()))
+        _sync(job.update_status("STOPPED"))
+
+
+class HeadlessHost(LabHost):
+    kind = "headless"
+    headless = True
+
+    def __init__(self, params: dict[str, Any], experiment: str | None):
+        super().__init__(experiment or "alpha")
+        self._raw = params
+
+    def raw_params(self):
+        return dict(self._raw)
+
+    def start(self, params):
+        self._attach()
+        self.lab.set_config({"parameters": self._raw})
+
+    def locations(self, p):
+        return Host.locations(self, p)
+
+    def register_model(self, path, p):
+        # The adapter stays in output_dir (that is the result); the job gets its own registered copy.
+        try:
+            super().register_model(path, p)
+        except Exception as exc:  # a convenience here: the adapter is already in place
+            log.warning("could not register the adapter with the workspace: %s", exc)
+        return path
+
+
+def read_config(path: str, overrides: list[str]) -> dict[str, Any]:
+    try:
+        params = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InvalidConfig([problem("--config", f"cannot read {path} ({exc.strerror})", "Check the path")]) from None
+    except ValueError as exc:
+        raise InvalidConfig([problem("--config", f"{path} is not valid JSON ({exc})", "Fix the file")]) from None
+    if not isinstance(params, dict):
+        raise InvalidConfig([problem("--config", f"{path} is not a JSON object", 'Give {"key": value, ...}')])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidConfig([problem("--set", f"{item!r} is not key=value", "Write --set learning_rate=1e-4")])
+        params[key.strip()] = value
+    return params
+
+
+def choose(args) -> Host:
+    """The host for this start: input file (legacy harness), _TFL_JOB_ID (lab SDK), or --config (headless)."""
+    if args.input_file:
+        return LegacyHost(args.input_file)
+    if args.config:
+        return HeadlessHost(read_config(args.config, args.set or []), args.experiment)
+    if os.environ.get("_TFL_JOB_ID"):
+        return LabHost()
+    raise InvalidConfig(
+        [problem("--config", "no parameters given", "Run `python main.py --config run.json` (see README.md)")]
+    )

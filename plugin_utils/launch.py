@@ -1,0 +1,264 @@
+"""Starts the ranks and watches them: relays rank-0 events to the host, passes stop requests on, and
+turns the ranks' exit into a result. Only this process writes to the host.
+
+One process needs no distributed launch; two or more go through `accelerate launch --multi_gpu`
+(NCCL on GPUs; gloo on CPU, where the ranks' `use_cpu=True` makes them one group).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RunFailed, StopRequested
+from .events import EVENTS_FILE, SPEC_FILE, STOP_FILE, EventReader
+from .rules import Plan, rank_environment
+
+log = logging.getLogger("sft")
+PLUGIN_DIR = str(Path(__file__).resolve().parent.parent)
+RELAY_INTERVAL = 1.0
+STOP_POLL_INTERVAL = 2.0
+STOP_GRACE_SECONDS = 300
+
+
+@dataclass
+class RunResult:
+    status: str
+    steps: int = 0
+    max_steps: int = 0
+    world_size: int = 0
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    runtime: float = 0.0
+    loss_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StopFlag:
+    """Set by a signal handler or the host's stop button; read by the watch loop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.forced = False
+
+    def request(self) -> None:
+        if self.requested:
+            self.forced = True
+        self.requested = True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command(p: dict[str, Any], plan: Plan, run_dir: str) -> list[str]:
+    entry = ["-m", "plugin_utils.worker", run_dir]
+    if plan.num_processes == 1 and p["num_machines"] == 1:
+        return [sys.executable, *entry]
+    port = p["main_process_port"] or free_port()
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(plan.num_processes * p["num_machines"]),
+        "--num_machines",
+        str(p["num_machines"]),
+        "--machine_rank",
+        str(p["machine_rank"]),
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",  # precision is set in the training arguments
+        "--dynamo_backend",
+        "no",
+    ]
+    if p["main_process_ip"]:
+        launch += ["--main_process_ip", p["main_process_ip"]]
+    return [*launch, *entry]
+
+
+def rank_env(plan: Plan) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(rank_environment(plan))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [PLUGIN_DIR, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if plan.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.num_processes))
+    return env
+
+
+def _pump(stream, tail: collections.deque) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        tail.append(line)
+        sys.stderr.write(line + "\n")
+    stream.close()
+
+
+def _rank_failure(run_dir: str, tail: collections.deque, code: int) -> str:
+    reports = sorted(glob.glob(os.path.join(run_dir, "error-rank*.txt")))
+    for report in reports:
+        rank = report.rsplit("rank", 1)[1].split(".")[0]
+        text = Path(report).read_text()
+        summary = text.split("\n\n", 1)[0].strip()
+        if "KeyboardInterrupt" in summary or "SignalException" in summary:
+            continue
+        return f"rank {rank} failed: {summary}"
+    last = [line for line in tail if line.strip()][-15:]
+    detail = "\n".join(last)
+    return f"a training process exited with code {code}" + (f"; last output:\n{detail}" if detail else "")
+
+
+class Watcher:
+    """Relays events to the host and decides the run's outcome."""
+
+    def __init__(self, host, run_dir: str, stop: StopFlag):
+        self.host = host
+        self.run_dir = run_dir
+        self.stop = stop
+        self.reader = EventReader(os.path.join(run_dir, EVENTS_FILE))
+        self.percent = 0
+        self.last_relay = 0.0
+        self.start: dict[str, Any] = {}
+        self.end: dict[str, Any] | None = None
+        self.latest: dict[str, Any] = {}
+        self.started_at = time.time()
+
+    def _percent(self, step: int, max_steps: int) -> int:
+        if max_steps > 0:
+            # 100 is for the finished job alone.
+            self.percent = max(self.percent, min(99, int(100 * step / max_steps)))
+        return self.percent
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "start":
+            self.start = event
+            resumed = f", resuming at step {event['global_step']}" if event.get("global_step") else ""
+            self.host.log(f"training started: {event['world_size']} process(es), {event['max_steps']} steps{resumed}")
+        elif kind == "log":
+            metrics = event.get("metrics", {})
+            self.latest.update(metrics)
+            pct = self._percent(event["step"], event["max_steps"])
+            row = {
+                k: metrics[k]
+                for k in (
+                    "loss",
+                    "learning_rate",
+                    "epoch",
+                    "tokens_per_second",
+                    "grad_norm",
+                    "eval_loss",
+                    "mean_token_accuracy",
+                )
+                if k in metrics
+            }
+            if "loss" in row or "eval_loss" in row:
+                self.host.progress(pct, row, event["step"])
+                self.host.log(
+                    f"step {event['step']}/{event['max_steps']}: "
+                    + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                )
+                self.last_relay = time.time()
+        elif kind == "progress":
+            pct = self._percent(event["step"], event["max_steps"])
+            if time.time() - self.last_relay >= RELAY_INTERVAL:
+                self.host.progress(pct, None, event["step"])
+                self.last_relay = time.time()
+        elif kind in ("done", "stopped"):
+            self.end = event
+
+    def pump(self) -> None:
+        for event in self.reader.read():
+            self.handle(event)
+
+
+def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str, stop: StopFlag) -> RunResult:
+    Path(run_dir, SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    cmd = command(p, plan, run_dir)
+    log.info("launch: %s", " ".join(cmd))
+    proc = subprocess.Popen(
+        cmd,
+        env=rank_env(plan),
+        cwd=PLUGIN_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        # Its own session: a signal to our process group reaches us alone, and we stop the ranks in order.
+        start_new_session=True,
+    )
+    tail: collections.deque = collections.deque(maxlen=200)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, tail), daemon=True)
+    pump.start()
+    watcher = Watcher(host, run_dir, stop)
+    last_poll = 0.0
+    stop_sent_at: float | None = None
+    try:
+        while proc.poll() is None:
+            time.sleep(0.25)
+            watcher.pump()
+            now = time.time()
+            if not stop.requested and now - last_poll >= STOP_POLL_INTERVAL:
+                last_poll = now
+                if host.should_stop():
+                    stop.request()
+            if stop.requested and stop_sent_at is None:
+                stop_sent_at = now
+                Path(run_dir, STOP_FILE).touch()
+                host.log("stop requested: the ranks finish the current step and save a checkpoint")
+            if stop_sent_at and (stop.forced or now - stop_sent_at > STOP_GRACE_SECONDS):
+                _kill_group(proc)
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        pump.join(timeout=5)
+    watcher.pump()
+    code = proc.returncode
+    if stop.requested and (code != 0 or watcher.end is None or watcher.end.get("type") == "stopped"):
+        end = watcher.end or {}
+        raise StopRequested(end.get("step", 0))
+    if code != 0 or watcher.end is None:
+        raise RunFailed(_rank_failure(run_dir, tail, code))
+    end = watcher.end
+    return RunResult(
+        status="COMPLETE",
+        steps=end["step"],
+        max_steps=end["max_steps"],
+        world_size=end["world_size"],
+        final_loss=end.get("final_loss"),
+        eval_loss=end.get("eval_loss"),
+        runtime=end.get("runtime", 0.0),
+        loss_history=end.get("loss_history", []),
+    )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End the launcher and every rank: they share the session we started them in."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass

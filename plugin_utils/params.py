@@ -1,0 +1,155 @@
+"""Parameters: the form schema lives in index.json; this module reads it, coerces and checks each value.
+
+Cross-parameter rules live in `rules.py`; this module only knows single values.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidConfig, Problem, problem
+
+MANIFEST = Path(__file__).resolve().parent.parent / "index.json"
+
+# Keys the host (Train tab, harness, lab SDK) fills. Never form parameters: the form would overwrite them.
+HOST_KEYS: dict[str, dict[str, Any]] = {
+    "model_name": {"type": "string", "default": ""},
+    "model_architecture": {"type": "string", "default": ""},
+    "dataset_name": {"type": "string", "default": ""},
+    "template_name": {"type": "string", "default": ""},
+    "plugin_name": {"type": "string", "default": ""},
+    "job_id": {"type": "string", "default": ""},
+    "output_dir": {"type": "string", "default": "./outputs"},
+    "adaptor_output_dir": {"type": "string", "default": ""},
+    "run_sweeps": {"type": "boolean", "default": False},
+    "sweep_config": {"type": "any", "default": None},
+    "experiment_name": {"type": "string", "default": ""},
+    "formatting_template": {"type": "string", "default": ""},
+    "apply_chat_template": {"type": "boolean", "default": False},
+    "chatml_formatted_column": {"type": "string", "default": "messages"},
+    "formatting_chat_template": {"type": "string", "default": ""},
+}
+
+# Keys hosts add that carry nothing for training; accepted silently under a host.
+HOST_NOISE = {"type", "name", "description", "_tlab_recipe_datasets", "_tlab_recipe_models", "_dataset_display_name"}
+
+_TRUE = {"true", "on", "yes", "1"}
+_FALSE = {"false", "off", "no", "0"}
+
+
+@lru_cache(maxsize=1)
+def form_schema() -> dict[str, dict[str, Any]]:
+    """The Train-tab form parameters of index.json: types, bounds, enums and defaults."""
+    return json.loads(MANIFEST.read_text())["parameters"]
+
+
+def defaults() -> dict[str, Any]:
+    values = {k: spec.get("default") for k, spec in HOST_KEYS.items()}
+    values.update({k: spec.get("default") for k, spec in form_schema().items()})
+    return values
+
+
+def _coerce(name: str, value: Any, spec: dict[str, Any]) -> tuple[Any, Problem | None]:
+    kind = spec.get("type", "any")
+    if kind == "any":
+        return value, None
+    if kind == "boolean":
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, int | float) and value in (0, 1):
+            return bool(value), None
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True, None
+        if text in _FALSE:
+            return False, None
+        return value, problem(name, f"expected true or false, got {value!r}", "Use true/false, on/off, yes/no or 1/0")
+    if kind in ("integer", "number"):
+        if isinstance(value, bool):
+            return value, problem(name, f"expected a number, got {value!r}", "Give a number")
+        try:
+            number = float(value) if not isinstance(value, int | float) else value
+        except (TypeError, ValueError):
+            return value, problem(name, f"expected a number, got {value!r}", "Give a number such as 4 or 2e-4")
+        if number != number or number in (float("inf"), float("-inf")):
+            return value, problem(name, f"expected a finite number, got {value!r}", "Give a finite number")
+        if kind == "integer":
+            if float(number) != int(number):
+                return value, problem(name, f"expected a whole number, got {value!r}", "Give an integer")
+            number = int(number)
+        else:
+            number = float(number)
+        return number, _bounds(name, number, spec)
+    if kind == "string":
+        if isinstance(value, dict | list):
+            return value, problem(name, f"expected text, got {type(value).__name__}", "Give a string")
+        text = str(value)
+        if "enum" in spec and text.strip().lower() in [str(e).lower() for e in spec["enum"]]:
+            text = text.strip().lower()
+        return text, None
+    return value, None
+
+
+def _bounds(name: str, number: float, spec: dict[str, Any]) -> Problem | None:
+    low, high = spec.get("minimum"), spec.get("maximum")
+    if low is not None and number < low:
+        return problem(name, f"{number:g} is below the minimum {low:g}", f"Use a value of at least {low:g}")
+    if high is not None and number > high:
+        return problem(name, f"{number:g} is above the maximum {high:g}", f"Use a value of at most {high:g}")
+    return None
+
+
+def _check_string(name: str, value: str, spec: dict[str, Any]) -> Problem | None:
+    if "enum" in spec and value not in spec["enum"]:
+        choices = ", ".join(map(str, spec["enum"]))
+        return problem(name, f"{value!r} is not one of {choices}", f"Pick one of: {choices}")
+    if spec.get("pattern") and value and not re.fullmatch(spec["pattern"], value):
+        return problem(
+            name,
+            f"{value!r} is not a valid name",
+            "Use letters, digits, '.', '_' and '-' only, not starting with '.' (a name, never a path)",
+        )
+    return None
+
+
+def resolve(raw: dict[str, Any], *, headless: bool) -> tuple[dict[str, Any], list[Problem]]:
+    """Coerce every value, fill defaults, and report all single-value problems at once.
+
+    Returns the parameters and the warnings; raises InvalidConfig with every error found.
+    """
+    schema = form_schema()
+    known = {**HOST_KEYS, **schema}
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    values = defaults()
+
+    for name, value in raw.items():
+        if name not in known:
+            if not headless and name in HOST_NOISE:
+                continue
+            close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+            hint = f"Did you mean {close[0]!r}?" if close else "Remove it; see index.json for the parameters"
+            (errors if headless else warnings).append(problem(name, "unknown parameter", hint))
+            continue
+        if value is None:
+            continue
+        coerced, issue = _coerce(name, value, known[name])
+        if issue is None and isinstance(coerced, str):
+            issue = _check_string(name, coerced, known[name])
+        if issue:
+            errors.append(issue)
+        else:
+            values[name] = coerced
+
+    for name, spec in schema.items():
+        if spec.get("required") and values.get(name) in (None, ""):
+            errors.append(problem(name, "is required", f"Set {name} (see its help in the Train tab)"))
+
+    if errors:
+        raise InvalidConfig(errors, warnings)
+    return values, warnings

@@ -1,0 +1,117 @@
+"""Formatting templates: Jinja rendered per row in a sandbox, split into prompt and completion.
+
+The split point is the completion field: `completion_column` when given, else the column the template
+prints last (`{{ column }}`). Everything the template renders from that field on is the completion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import InvalidConfig, problem
+
+_SENTINEL = "\u0000\u0001COMPLETION\u0001\u0000"
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    # No loader: {% include %}/{% import %} cannot reach files. The sandbox blocks attribute escapes.
+    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+
+
+def printed_columns(source: str) -> list[str]:
+    """Top-level names the template prints with {{ name }} (in order of appearance)."""
+    tree = _environment().parse(source)
+    names = []
+    for output in tree.find_all(nodes.Output):
+        for child in output.nodes:
+            if isinstance(child, nodes.Name):
+                names.append(child.name)
+            elif isinstance(child, nodes.Filter | nodes.Call | nodes.Getattr | nodes.Getitem):
+                names.extend(n.name for n in child.find_all(nodes.Name))
+    return names
+
+
+def referenced_columns(source: str) -> set[str]:
+    from jinja2 import meta
+
+    return meta.find_undeclared_variables(_environment().parse(source))
+
+
+class RowTemplate:
+    """A compiled formatting template bound to a dataset's columns."""
+
+    def __init__(self, source: str, columns: list[str], completion_column: str = "", *, split: bool):
+        env = _environment()
+        try:
+            self._template = env.from_string(source)
+        except TemplateSyntaxError as exc:
+            raise InvalidConfig(
+                [problem("formatting_template", f"is not valid Jinja (line {exc.lineno}: {exc.message})", "Fix it")]
+            ) from None
+        missing = sorted(referenced_columns(source) - set(columns))
+        if missing:
+            raise InvalidConfig(
+                [
+                    problem(
+                        "formatting_template",
+                        f"uses {', '.join(missing)}, which the dataset does not have (columns: {', '.join(columns)})",
+                        "Use the dataset's column names in the template",
+                    )
+                ]
+            )
+        self.completion_column = ""
+        if split:
+            if completion_column:
+                if completion_column not in columns:
+                    raise InvalidConfig(
+                        [
+                            problem(
+                                "completion_column",
+                                f"{completion_column!r} is not a column (columns: {', '.join(columns)})",
+                                "Name the column that holds the answer",
+                            )
+                        ]
+                    )
+                self.completion_column = completion_column
+            else:
+                printed = [c for c in printed_columns(source) if c in columns]
+                if not printed:
+                    raise InvalidConfig(
+                        [
+                            problem(
+                                "formatting_template",
+                                "prints no column, so there is no completion to train on",
+                                "Print the answer column with {{ column }}, or set completion_only_loss=false",
+                            )
+                        ]
+                    )
+                self.completion_column = printed[-1]
+
+    def render(self, row: dict[str, Any]) -> str:
+        try:
+            return self._template.render(**row)
+        except UndefinedError as exc:
+            raise InvalidConfig(
+                [problem("formatting_template", f"failed on a row: {exc.message}", "Check the column names")]
+            ) from None
+
+    def split(self, row: dict[str, Any]) -> tuple[str, str]:
+        """(prompt, completion) whose concatenation is exactly the rendered row."""
+        full = self.render(row)
+        marked = self.render({**row, self.completion_column: _SENTINEL})
+        cut = marked.find(_SENTINEL)
+        prompt = marked[:cut] if cut >= 0 else None
+        if prompt is None or not full.startswith(prompt):
+            raise InvalidConfig(
+                [
+                    problem(
+                        "completion_column",
+                        f"the template's output before {self.completion_column!r} depends on that column itself",
+                        "Print the completion column after everything that belongs to the prompt",
+                    )
+                ]
+            )
+        return prompt, full[len(prompt) :]

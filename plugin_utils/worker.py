@@ -1,0 +1,239 @@
+"""One training rank. Started by the parent (`python -m plugin_utils.worker RUN_DIR`, or through
+`accelerate launch -m`), it reads the run spec, loads the prepared dataset memory-mapped, builds the model
+with its LoRA adapter, and trains with TRL's SFTTrainer. Rank 0 writes progress events; every rank
+watches for the stop file and they agree on stopping through one collective per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .events import EVENTS_FILE, SPEC_FILE, STOP_FILE, EventWriter, error_file
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def _load_model(spec: dict[str, Any]):
+    from transformers import AutoModelForCausalLM
+
+    p, plan = spec["params"], spec["plan"]
+    kwargs: dict[str, Any] = {"dtype": _dtype(plan["precision"])}
+    if p["training_mode"] == "qlora":
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if plan["precision"] == "bf16" else torch.float16,
+        )
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return AutoModelForCausalLM.from_pretrained(p["model_name"], **kwargs)
+
+
+def _peft_config(p: dict[str, Any]):
+    if p["training_mode"] == "full":
+        return None
+    from peft import LoraConfig
+
+    targets = p["lora_target_modules"].strip()
+    modules: str | list[str] = (
+        "all-linear" if targets in ("", "all-linear") else [m.strip() for m in targets.split(",") if m.strip()]
+    )
+    return LoraConfig(
+        r=p["lora_r"],
+        lora_alpha=p["lora_alpha"],
+        lora_dropout=p["lora_dropout"],
+        target_modules=modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _sft_config(spec: dict[str, Any], has_eval: bool):
+    from trl import SFTConfig
+
+    p, plan = spec["params"], spec["plan"]
+    on_cpu = plan["device"] == "cpu"
+    return SFTConfig(
+        output_dir=spec["checkpoint_dir"],
+        per_device_train_batch_size=p["batch_size"],
+        per_device_eval_batch_size=p["batch_size"],
+        gradient_accumulation_steps=p["gradient_accumulation_steps"],
+        learning_rate=p["learning_rate"],
+        lr_scheduler_type=p["learning_rate_schedule"],
+        warmup_steps=p["warmup_ratio"],  # a float below 1 is a ratio of the total steps
+        num_train_epochs=p["num_train_epochs"],
+        max_steps=p["max_steps"],
+        logging_steps=p["logging_steps"],
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=p["save_steps"],
+        save_total_limit=p["save_total_limit"],
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=p["save_steps"] if has_eval else None,
+        seed=p["seed"],
+        data_seed=p["seed"],
+        bf16=plan["precision"] == "bf16",
+        fp16=plan["precision"] == "fp16",
+        use_cpu=on_cpu,  # without it, CPU ranks never join one gloo group
+        activation_checkpointing=p["gradient_checkpointing"],
+        max_length=p["maximum_sequence_length"],
+        packing=p["packing"],
+        # Rows arrive tokenized, truncated and labelled; TRL only has work left when it packs.
+        dataset_kwargs=None if p["packing"] else {"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        report_to=["wandb"] if p["log_to_wandb"] else [],
+        ddp_find_unused_parameters=False if p["training_mode"] != "full" else None,
+        ddp_timeout=1800,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+
+
+class Reporter(TrainerCallback):
+    """Rank-0 progress events, and the stop every rank agrees on."""
+
+    def __init__(self, run_dir: str, is_main: bool):
+        self.stop_path = os.path.join(run_dir, STOP_FILE)
+        self.events = EventWriter(os.path.join(run_dir, EVENTS_FILE)) if is_main else None
+        self.last_progress = 0.0
+        self.last_tokens: tuple[float, float] | None = None
+        self.stopped = False
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        if self.events:
+            self.events.emit(kind, **fields)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.emit(
+            "start",
+            world_size=args.world_size,
+            max_steps=state.max_steps,
+            global_step=state.global_step,
+            num_train_epochs=args.num_train_epochs,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.time()
+        if now - self.last_progress >= 1.0 or state.global_step >= state.max_steps:
+            self.last_progress = now
+            self.emit("progress", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
+        if _agree(os.path.exists(self.stop_path)):
+            self.stopped = True
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not self.events:
+            return
+        row = {k: v for k, v in logs.items() if isinstance(v, int | float)}
+        tokens = row.get("num_tokens")
+        if tokens is not None:
+            now = time.time()
+            if self.last_tokens and now > self.last_tokens[0]:
+                row["tokens_per_second"] = (tokens - self.last_tokens[1]) / (now - self.last_tokens[0])
+            self.last_tokens = (now, tokens)
+        self.emit("log", step=state.global_step, max_steps=state.max_steps, metrics=row)
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank when any rank says so (one tiny all-reduce per step in a distributed run)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    import torch
+
+    backend = dist.get_backend()
+    device = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _final_loss(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    train = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    return (train[-1] if train else None, evals[-1] if evals else None)
+
+
+def train(run_dir: str) -> int:
+    spec = json.loads(Path(run_dir, SPEC_FILE).read_text())
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    p = spec["params"]
+    data = load_from_disk(spec["prepared_path"])
+    tokenizer = AutoTokenizer.from_pretrained(p["model_name"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    args = _sft_config(spec, "eval" in data)
+    is_main = args.process_index == 0
+    reporter = Reporter(run_dir, is_main)
+    model = _load_model(spec)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("eval"),
+        processing_class=tokenizer,
+        peft_config=_peft_config(p),
+        callbacks=[reporter],
+    )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=spec.get("resume_from"))
+    runtime = time.time() - started
+    state = trainer.state
+    final_loss, eval_loss = _final_loss(state.log_history)
+    if reporter.stopped:
+        reporter.emit("stopped", step=state.global_step, max_steps=state.max_steps)
+        return 0
+    staging = spec["adapter_staging"]
+    trainer.save_model(staging)
+    if is_main:
+        tokenizer.save_pretrained(staging)
+        reporter.emit(
+            "done",
+            step=state.global_step,
+            max_steps=state.max_steps,
+            world_size=args.world_size,
+            final_loss=final_loss,
+            eval_loss=eval_loss,
+            train_loss=getattr(result, "training_loss", None),
+            runtime=runtime,
+            loss_history=[
+                {"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h and "step" in h
+            ],
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_dir = (argv or sys.argv[1:])[0]
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return train(run_dir)
+    except BaseException as exc:
+        summary = f"{type(exc).__name__}: {exc}".strip()
+        Path(error_file(run_dir, rank)).write_text(summary + "\n\n" + traceback.format_exc())
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
