@@ -110,9 +110,12 @@ class LegacyHost(Host):
     def start(self, params: dict[str, Any]) -> None:
         if not self.job_id:
             raise InvalidConfig([problem("job_id", "the input file names no job", "Start the run from TransformerLab")])
-        lab = _import_lab()
-        self.job = self._job(lab)
+        self._attach()
         _sync(self.job.update_job_data_field("start_time", _now()))
+
+    def _attach(self) -> None:
+        if self.job is None and self.job_id:
+            self.job = self._job(_import_lab())
 
     def _job(self, lab):
         if len(inspect.signature(lab.Job).parameters) == 1:
@@ -147,6 +150,8 @@ class LegacyHost(Host):
         return bool(data.get("stop")) or status == "STOPPING"
 
     def _finish(self, status: str, completion: str, message: str, extra: dict[str, Any] | None = None) -> None:
+        # The job exists before we run (the host made it), so a failure before start() still ends it.
+        self._attach()
         if self.job is None:
             return
         for key, value in {
@@ -245,6 +250,7 @@ class LabHost(Host):
             self.lab.error(message)
 
     def stopped(self, message):
+        self._attach()
         job = self.lab.job
         _sync(job.update_job_data_field("completion_status", "success"))
         _sync(job.update_job_data_field("completion_details", message))
@@ -269,6 +275,11 @@ class HeadlessHost(LabHost):
 
     def locations(self, p):
         return Host.locations(self, p)
+
+    def fail(self, message):
+        # A headless run whose parameters never passed made no job; there is nothing to mark.
+        if self.lab is not None:
+            super().fail(message)
 
     def register_model(self, path, p):
         # The adapter stays in output_dir (that is the result); the job gets its own registered copy.

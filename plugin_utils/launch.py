@@ -112,14 +112,29 @@ def _pump(stream, tail: collections.deque) -> None:
     stream.close()
 
 
+# What a rank reports when a sibling died first: never the root cause while another report exists.
+SECONDARY_FAILURES = (
+    "Connection closed",
+    "remote worker",
+    "Connection reset",
+    "Broken pipe",
+    "SignalException",
+    "KeyboardInterrupt",
+    "ProcessGroupNCCL",
+    "watchdog",
+)
+
+
 def _rank_failure(run_dir: str, tail: collections.deque, code: int) -> str:
-    reports = sorted(glob.glob(os.path.join(run_dir, "error-rank*.txt")))
-    for report in reports:
+    """The root cause: the first report written that is not a consequence of another rank's death."""
+    reports = []
+    for report in glob.glob(os.path.join(run_dir, "error-rank*.txt")):
+        summary = Path(report).read_text().split("\n\n", 1)[0].strip()
+        secondary = any(marker in summary for marker in SECONDARY_FAILURES)
         rank = report.rsplit("rank", 1)[1].split(".")[0]
-        text = Path(report).read_text()
-        summary = text.split("\n\n", 1)[0].strip()
-        if "KeyboardInterrupt" in summary or "SignalException" in summary:
-            continue
+        reports.append((secondary, os.stat(report).st_mtime_ns, rank, summary))
+    if reports:
+        _, _, rank, summary = min(reports)
         return f"rank {rank} failed: {summary}"
     last = [line for line in tail if line.strip()][-15:]
     detail = "\n".join(last)

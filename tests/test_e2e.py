@@ -1,0 +1,265 @@
+"""End to end: real `accelerate launch` with two CPU ranks (one gloo group), the real lab SDK on a temp
+workspace, the legacy job store of lab 0.0.98, and a rank that raises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import LEGACY_LAB, ROOT, base_config, last_json, run_main, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def lab_jobs(home: Path, experiment: str = "alpha") -> list[Path]:
+    return sorted((home / "workspace" / "experiments" / experiment / "jobs").glob("*/index.json"))
+
+
+def read_job(index: Path) -> dict:
+    return json.loads(index.read_text())
+
+
+def metrics_rows(index: Path) -> list[dict]:
+    path = index.parent / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, tmp_path):
+    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=8)
+    proc = run_main(["--config", write_config(tmp_path, config), "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = last_json(proc.stdout)
+    assert result["status"] == "COMPLETE"
+    assert result["steps"] == 8
+    adapter = Path(result["adaptor_path"])
+    assert adapter == tmp_path / "outputs" / "test-adaptor"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_summary.json"):
+        assert (adapter / name).is_file(), name
+    summary = json.loads((adapter / "training_summary.json").read_text())
+    assert summary["world_size"] == 2, "the two CPU ranks must form one gloo group"
+    assert summary["steps"] == 8
+    assert summary["versions"]["trl"] == "1.16.0"
+    assert not list(adapter.parent.glob("*.partial-*")), "no staging folder is left behind"
+
+    [index] = lab_jobs(tmp_path / "tflhome")
+    job = read_job(index)
+    assert job["id"] == result["job_id"]
+    assert job["status"] == "COMPLETE"
+    assert job["progress"] == 100
+    assert job["job_data"]["score"]["loss"] == pytest.approx(result["final_loss"])
+    rows = metrics_rows(index)
+    assert any("loss" in r.get("metrics", {}) for r in rows)
+    progress = [r["progress"] for r in rows]
+    assert progress == sorted(progress), "progress is monotonic"
+    assert job["job_data"]["parameters"]["adaptor_name"] == "test-adaptor"
+
+
+def _make_lab_job(home: Path, params: dict) -> str:
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from lab import lab
+        lab.init("exp1")
+        lab.set_config({"parameters": json.loads(sys.argv[1])})
+        sys.stderr.write(str(lab.job.id))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(params)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TFL_HOME_DIR": str(home)},
+        check=True,
+    )
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_lab_sdk_job_gets_progress_metrics_score_and_the_adapter(tiny_model, tmp_path):
+    home = tmp_path / "tflhome"
+    params = base_config(tiny_model, tmp_path, max_steps=4)
+    params.pop("output_dir")
+    job_id = _make_lab_job(home, params)
+    proc = run_main(["--json"], env={"_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = last_json(proc.stdout)
+    assert result["status"] == "COMPLETE" and result["job_id"] == job_id
+    [index] = lab_jobs(home, "exp1")
+    job = read_job(index)
+    assert job["status"] == "COMPLETE" and job["progress"] == 100
+    assert any("loss" in r.get("metrics", {}) for r in metrics_rows(index))
+    models = job["job_data"].get("models") or []
+    assert len(models) == 1 and Path(models[0], "adapter_model.safetensors").is_file()
+    assert Path(result["adaptor_path"]) == Path(models[0])
+    assert Path(index.parent, "checkpoints").is_dir()
+
+
+def _legacy_job(home: Path, job_id: str) -> Path:
+    job_dir = home / "workspace" / "jobs" / job_id
+    job_dir.mkdir(parents=True)
+    index = job_dir / "index.json"
+    index.write_text(
+        json.dumps(
+            {"id": job_id, "experiment_id": "1", "job_data": {}, "status": "RUNNING", "type": "TRAIN", "progress": 0}
+        )
+    )
+    return index
+
+
+def _run_like_the_harness(input_file: Path, home: Path, extra_env: dict | None = None):
+    # What TransformerLab's plugin_harness.py does: plugin dir on sys.path, import main, call main.main().
+    script = (
+        "import sys; sys.path.append(sys.argv[1]); sys.argv = [sys.argv[0]] + sys.argv[2:]; import main; main.main()"
+    )
+    env = {**os.environ, "TFL_HOME_DIR": str(home), "PYTHONPATH": str(LEGACY_LAB), **(extra_env or {})}
+    args = ["--plugin_dir", str(ROOT), "--input_file", str(input_file), "--experiment_name", "alpha"]
+    return subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=str(tmp_cwd(home)),
+    )
+
+
+def tmp_cwd(home: Path) -> Path:
+    return home
+
+
+def _legacy_input(tmp_path: Path, tiny_model: str, **form) -> tuple[Path, Path, Path]:
+    home = tmp_path / "tflhome"
+    index = _legacy_job(home, "7")
+    workspace = home / "workspace"
+    config = {
+        "plugin_name": "sft_trainer_trl",
+        "model_name": tiny_model,
+        "model_architecture": "LlamaForCausalLM",
+        "dataset_name": str(ROOT / "demo" / "sample_data.jsonl"),
+        "template_name": "demo",
+        "job_id": "7",
+        "type": "LoRA",
+        "adaptor_name": "legacy-adaptor",
+        "adaptor_output_dir": str(workspace / "adaptors" / "tiny" / "legacy-adaptor"),
+        "output_dir": str(workspace / "experiments" / "alpha" / "tensorboards" / "demo"),
+        "formatting_template": "Question: {{ prompt }}\nAnswer:{{ completion }}",
+        "apply_chat_template": False,
+        "chatml_formatted_column": "messages",
+        "formatting_chat_template": "",
+        "run_sweeps": False,
+        "sweep_config": {},
+        # Form values arrive as strings from the Train tab.
+        "num_processes": "2",
+        "train_device": "cpu",
+        "max_steps": "6",
+        "batch_size": "4",
+        "gradient_accumulation_steps": "1",
+        "logging_steps": "2",
+        "save_steps": "3",
+        "maximum_sequence_length": "128",
+        "learning_rate": "1e-3",
+        "gradient_checkpointing": "off",
+    }
+    config.update(form)
+    input_file = workspace / "temp" / "plugin_input_7.json"
+    input_file.parent.mkdir(parents=True)
+    input_file.write_text(json.dumps({"experiment": {"id": 1, "name": "alpha", "config": {}}, "config": config}))
+    return input_file, index, Path(config["adaptor_output_dir"])
+
+
+@pytest.mark.skipif(not LEGACY_LAB.is_dir(), reason="make setup installs the legacy lab SDK into .legacy-lab")
+def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path):
+    input_file, index, adapter = _legacy_input(tmp_path, tiny_model)
+    proc = _run_like_the_harness(input_file, tmp_path / "tflhome")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = read_job(index)
+    assert job["status"] == "COMPLETE", job
+    assert job["progress"] == 100
+    assert job["job_data"]["completion_status"] == "success"
+    assert "loss" in job["job_data"]["current_metrics"]
+    summary = json.loads((adapter / "training_summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["parameters"]["max_steps"] == 6 and summary["parameters"]["gradient_checkpointing"] is False
+    sweep_metrics = json.loads(Path(summary["parameters"]["output_dir"], "metrics.json").read_text())
+    assert sweep_metrics["train/loss"] == pytest.approx(summary["final_loss"])
+
+
+@pytest.mark.skipif(not LEGACY_LAB.is_dir(), reason="make setup installs the legacy lab SDK into .legacy-lab")
+def test_invalid_parameters_fail_the_legacy_job_with_the_same_text(tiny_model, tmp_path):
+    input_file, index, adapter = _legacy_input(tmp_path, tiny_model, max_steps="0", lora_r="lots")
+    proc = _run_like_the_harness(input_file, tmp_path / "tflhome")
+    assert proc.returncode == 2
+    job = read_job(index)
+    assert job["status"] == "FAILED"
+    details = job["job_data"]["completion_details"]
+    assert "lora_r: expected a number" in details
+    assert "lora_r" in proc.stderr
+    assert not adapter.exists()
+
+
+FAILING_RANK = textwrap.dedent(
+    """
+    # Test injection: in the rank named by SFT_TEST_FAIL_RANK, TRL's loss raises on the third step.
+    import importlib.abc, importlib.util, os, sys
+
+    class _Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "trl.trainer.sft_trainer":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            real_exec = spec.loader.exec_module
+
+            def exec_module(module):
+                real_exec(module)
+                real_loss = module.SFTTrainer.compute_loss
+                calls = []
+
+                def compute_loss(self, *args, **kwargs):
+                    calls.append(1)
+                    if len(calls) == 3:
+                        raise RuntimeError("injected failure in rank " + os.environ["RANK"])
+                    return real_loss(self, *args, **kwargs)
+
+                module.SFTTrainer.compute_loss = compute_loss
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("SFT_TEST_FAIL_RANK"):
+        sys.meta_path.insert(0, _Hook())
+    """
+)
+
+
+def test_a_rank_that_raises_fails_the_job_with_its_message_and_leaves_no_process(tiny_model, tmp_path):
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(FAILING_RANK)
+    config = base_config(tiny_model, tmp_path, num_processes=2)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    proc = run_main(
+        ["--config", write_config(tmp_path, config), "--json"],
+        env={"PYTHONPATH": str(hook_dir), "SFT_TEST_FAIL_RANK": "1"},
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    result = last_json(proc.stdout)
+    assert result["status"] == "FAILED"
+    assert "rank 1 failed: RuntimeError: injected failure in rank 1" in result["error"]
+    [index] = lab_jobs(tmp_path / "tflhome")
+    job = read_job(index)
+    assert job["status"] == "FAILED"
+    assert "injected failure in rank 1" in job["job_data"]["completion_details"]
+    assert not (tmp_path / "outputs" / "test-adaptor").exists()
+    leftovers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.pid not in before and "plugin_utils.worker" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not leftovers, leftovers
