@@ -59,6 +59,7 @@ def build(path: str | Path, *, vocab_size: int = 600, hidden: int = 64, layers: 
         pad_token_id=fast.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
+        initializer_range=0.2,  # larger logits: a LoRA on this tiny model can then lower the loss visibly
     )
     import torch
 

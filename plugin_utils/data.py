@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,9 +129,12 @@ def load_splits(name: str):
     else:
         by_split: dict[str, list[str]] = {}
         for path in paths:
+            if path.stat().st_size == 0:
+                raise InvalidConfig([problem("dataset_name", f"{path} is empty", "Give a file with training rows")])
             if path.suffix == ".jsonl":
                 _check_json_lines(path)
-            split = next((s for s in EVAL_SPLIT_NAMES if s in path.stem.lower()), "train")
+            words = set(re.split(r"[^a-z0-9]+", path.stem.lower()))
+            split = next((s for s in EVAL_SPLIT_NAMES if s in words), "train")
             by_split.setdefault("validation" if split != "train" else "train", []).append(str(path))
         if "train" not in by_split:
             by_split = {"train": by_split.pop("validation")}
@@ -138,8 +142,9 @@ def load_splits(name: str):
         try:
             splits = dict(datasets.load_dataset(builder, data_files=by_split))
         except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InvalidConfig(
-                [problem("dataset_name", f"could not read {paths[0]}: {str(exc).splitlines()[0]}", "Fix the file")]
+                [problem("dataset_name", f"could not read {paths[0]}: {reason}", "Fix the file")]
             ) from None
     train = splits.get("train") or next(iter(splits.values()), None)
     if train is None or len(train) == 0:

@@ -29,6 +29,7 @@ from .rules import Plan, rank_environment
 log = logging.getLogger("sft")
 PLUGIN_DIR = str(Path(__file__).resolve().parent.parent)
 RELAY_INTERVAL = 1.0
+METRIC_KEYS = ("loss", "eval_loss", "learning_rate", "epoch", "tokens_per_second", "grad_norm", "mean_token_accuracy")
 STOP_POLL_INTERVAL = 2.0
 STOP_GRACE_SECONDS = 300
 
@@ -42,6 +43,8 @@ class RunResult:
     final_loss: float | None = None
     eval_loss: float | None = None
     runtime: float = 0.0
+    # Seconds from this process's start to the first training step's event.
+    startup_seconds: float | None = None
     loss_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -153,8 +156,7 @@ class Watcher:
         self.last_relay = 0.0
         self.start: dict[str, Any] = {}
         self.end: dict[str, Any] | None = None
-        self.latest: dict[str, Any] = {}
-        self.started_at = time.time()
+        self.first_step_at: float | None = None
 
     def _percent(self, step: int, max_steps: int) -> int:
         if max_steps > 0:
@@ -162,40 +164,38 @@ class Watcher:
             self.percent = max(self.percent, min(99, int(100 * step / max_steps)))
         return self.percent
 
+    def _eta(self, step: int, max_steps: int) -> float | None:
+        begun, first = self.start.get("time"), self.start.get("global_step", 0)
+        if begun is None or step <= first or max_steps <= step:
+            return None
+        return (time.time() - begun) / (step - first) * (max_steps - step)
+
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
+        step = event.get("step", 0)
+        if kind in ("log", "progress") and self.first_step_at is None and step > 0:
+            self.first_step_at = event["time"]
         if kind == "start":
             self.start = event
             resumed = f", resuming at step {event['global_step']}" if event.get("global_step") else ""
             self.host.log(f"training started: {event['world_size']} process(es), {event['max_steps']} steps{resumed}")
         elif kind == "log":
             metrics = event.get("metrics", {})
-            self.latest.update(metrics)
-            pct = self._percent(event["step"], event["max_steps"])
-            row = {
-                k: metrics[k]
-                for k in (
-                    "loss",
-                    "learning_rate",
-                    "epoch",
-                    "tokens_per_second",
-                    "grad_norm",
-                    "eval_loss",
-                    "mean_token_accuracy",
-                )
-                if k in metrics
-            }
-            if "loss" in row or "eval_loss" in row:
-                self.host.progress(pct, row, event["step"])
-                self.host.log(
-                    f"step {event['step']}/{event['max_steps']}: "
-                    + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                )
-                self.last_relay = time.time()
+            if "loss" not in metrics and "eval_loss" not in metrics:
+                return  # the closing summary row; the final loss comes with the done event
+            row = {k: metrics[k] for k in METRIC_KEYS if k in metrics}
+            eta = self._eta(step, event["max_steps"])
+            if eta is not None:
+                row["eta_seconds"] = round(eta, 1)
+            self.host.progress(self._percent(step, event["max_steps"]), row, step)
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            self.host.log(f"step {step}/{event['max_steps']}: {shown}")
+            self.last_relay = time.time()
         elif kind == "progress":
-            pct = self._percent(event["step"], event["max_steps"])
+            percent = self._percent(step, event["max_steps"])
             if time.time() - self.last_relay >= RELAY_INTERVAL:
-                self.host.progress(pct, None, event["step"])
+                eta = self._eta(step, event["max_steps"])
+                self.host.progress(percent, {"eta_seconds": round(eta, 1)} if eta is not None else None, step)
                 self.last_relay = time.time()
         elif kind in ("done", "stopped"):
             self.end = event
@@ -262,7 +262,14 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
         eval_loss=end.get("eval_loss"),
         runtime=end.get("runtime", 0.0),
         loss_history=end.get("loss_history", []),
+        startup_seconds=round(watcher.first_step_at - _process_start(), 2) if watcher.first_step_at else None,
     )
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -103,6 +103,7 @@ def summary(p: dict[str, Any], plan, result, stats: dict[str, Any]) -> dict[str,
         "final_loss": result.final_loss,
         "eval_loss": result.eval_loss,
         "runtime_seconds": round(result.runtime, 2),
+        "seconds_to_first_step": result.startup_seconds,
         "dataset": stats,
         "versions": versions(),
     }

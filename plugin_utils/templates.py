@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, nodes
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import InvalidConfig, problem
 
-_SENTINEL = "\u0000\u0001COMPLETION\u0001\u0000"
+# No letters or spaces: filters such as `lower` or `trim` on the completion column leave it intact.
+_SENTINEL = "\ue000\ue001\ue000"
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
@@ -22,15 +23,15 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 
 def printed_columns(source: str) -> list[str]:
-    """Top-level names the template prints with {{ name }} (in order of appearance)."""
+    """Names the template prints in {{ ... }} outputs, in order of appearance (inside any expression)."""
     tree = _environment().parse(source)
     names = []
     for output in tree.find_all(nodes.Output):
         for child in output.nodes:
-            if isinstance(child, nodes.Name):
-                names.append(child.name)
-            elif isinstance(child, nodes.Filter | nodes.Call | nodes.Getattr | nodes.Getitem):
-                names.extend(n.name for n in child.find_all(nodes.Name))
+            if not isinstance(child, nodes.TemplateData):
+                names.extend(n.name for n in child.find_all(nodes.Name) if n.ctx == "load")
+                if isinstance(child, nodes.Name):
+                    names.append(child.name)
     return names
 
 
@@ -96,6 +97,11 @@ class RowTemplate:
         except UndefinedError as exc:
             raise InvalidConfig(
                 [problem("formatting_template", f"failed on a row: {exc.message}", "Check the column names")]
+            ) from None
+        except (TemplateError, TypeError) as exc:
+            # SecurityError (a blocked attribute escape), or {% include %} with no loader to read files.
+            raise InvalidConfig(
+                [problem("formatting_template", f"is not allowed here ({exc})", "Use only the row's columns")]
             ) from None
 
     def split(self, row: dict[str, Any]) -> tuple[str, str]:

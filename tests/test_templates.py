@@ -16,9 +16,7 @@ from plugin_utils.errors import InvalidConfig  # noqa: E402
 from plugin_utils.templates import RowTemplate, printed_columns  # noqa: E402
 
 ALPACA = (
-    "### Instruction:\n{{ instruction }}\n"
-    "{% if input %}### Input:\n{{ input }}\n{% endif %}"
-    "### Response:\n{{ output }}"
+    "### Instruction:\n{{ instruction }}\n{% if input %}### Input:\n{{ input }}\n{% endif %}### Response:\n{{ output }}"
 )
 ALPACA_COLUMNS = ["instruction", "input", "output"]
 
@@ -199,7 +197,7 @@ def test_attribute_escapes_are_rejected_when_splitting(source):
 
 def test_templates_cannot_mutate_row_values():
     template = RowTemplate("{{ items.append(1) }}{{ items }}", ["items"], split=False)
-    with pytest.raises(SecurityError):
+    with pytest.raises(InvalidConfig, match="formatting_template: is not allowed here"):
         template.render({"items": [0]})
 
 

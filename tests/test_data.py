@@ -1,0 +1,525 @@
+"""plugin_utils.data: format detection, templating, tokenization with loss masks, truncation, cache, splits.
+
+Everything runs against a real tiny byte-level BPE tokenizer built offline (demo/tiny_model.py). Its chat
+template is ChatML WITHOUT {% generation %} markers, and its EOS (<|endoftext|>) differs from the turn end
+marker (<|im_end|>).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import datasets  # noqa: E402
+
+from demo import tiny_model  # noqa: E402
+from plugin_utils import data, params  # noqa: E402
+from plugin_utils.errors import InvalidConfig  # noqa: E402
+
+SAMPLE = ROOT / "demo" / "sample_data.jsonl"
+EOS = "<|endoftext|>"
+END = "<|im_end|>"
+TEMPLATE = "Question: {{ prompt }}\nAnswer:{{ completion }}"
+
+CHAT = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "What is 9 plus 2?"},
+    {"role": "assistant", "content": "It is 11."},
+    {"role": "user", "content": "Spell stone backwards."},
+    {"role": "assistant", "content": "enots"},
+]
+SHAREGPT = [
+    {"from": "system", "value": "You are a terse assistant."},
+    {"from": "human", "value": "What is the capital of Peru?"},
+    {"from": "gpt", "value": "Lima."},
+]
+
+
+# --- fixtures and helpers --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> str:
+    return str(tiny_model.build(tmp_path_factory.mktemp("m")))
+
+
+@pytest.fixture(scope="session")
+def tok(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(autouse=True)
+def _offline_isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("SFT_PREPARED_CACHE", str(tmp_path / "prepared-cache"))
+    monkeypatch.setenv("TFL_HOME_DIR", str(tmp_path / "tflhome"))
+    monkeypatch.delenv("TFL_WORKSPACE_DIR", raising=False)
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def make_params(model_dir: str, dataset: str, **overrides) -> dict:
+    p = params.defaults()
+    p.update(model_name=model_dir, dataset_name=dataset, adaptor_name="test-adaptor", maximum_sequence_length=256)
+    p.update(overrides)
+    return p
+
+
+def saved(prepared: data.Prepared) -> datasets.DatasetDict:
+    return datasets.load_from_disk(prepared.path)
+
+
+def trained_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """Contiguous runs of tokens the loss is taken on."""
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != -100:
+            assert label == token, "a trained label must be the input token itself"
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+def decode(tok, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+def first_row(prepared: data.Prepared) -> tuple[list[int], list[int]]:
+    row = saved(prepared)["train"][0]
+    return row["input_ids"], row["labels"]
+
+
+# --- format detection ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "overrides", "fmt", "text"),
+    [
+        ([{"text": "Plain training text."}], {}, "text", "Plain training text."),
+        ([{"prompt": "Hi?", "completion": " Hello."}], {}, "prompt_completion", "Hi? Hello."),
+        (
+            [{"messages": CHAT}],
+            {},
+            "chat",
+            "".join(f"<|im_start|>{m['role']}\n{m['content']}{END}\n" for m in CHAT),
+        ),
+        (
+            [{"conversations": SHAREGPT}],
+            {},
+            "chat",
+            "<|im_start|>system\nYou are a terse assistant.<|im_end|>\n"
+            "<|im_start|>user\nWhat is the capital of Peru?<|im_end|>\n"
+            "<|im_start|>assistant\nLima.<|im_end|>\n",
+        ),
+        (
+            [{"question": "2+2?", "answer": "4", "id": 7}],
+            {"formatting_template": "Q: {{ question }}\nA: {{ answer }}"},
+            "template",
+            "Q: 2+2?\nA: 4",
+        ),
+    ],
+    ids=["text", "prompt_completion", "messages", "sharegpt", "template"],
+)
+def test_format_is_detected_and_rendered(tmp_path, model_dir, rows, overrides, fmt, text):
+    dataset = write_jsonl(tmp_path / "d.jsonl", rows)
+    prepared = data.prepare(make_params(model_dir, dataset, **overrides))
+    assert prepared.stats["format"] == fmt
+    assert prepared.samples[0]["text"] == text
+    assert prepared.stats["rows"] == prepared.stats["rows_used"] == len(rows)
+
+
+def test_sharegpt_roles_map_human_to_user_gpt_to_assistant_and_keep_system(tmp_path, model_dir, tok):
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"conversations": SHAREGPT}])
+    prepared = data.prepare(make_params(model_dir, dataset))
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    mapped = [{"role": roles[m["from"]], "content": m["value"]} for m in SHAREGPT]
+    assert prepared.samples[0]["text"] == tok.apply_chat_template(mapped, tokenize=False)
+    ids, labels = first_row(prepared)
+    runs = [decode(tok, run) for run in trained_runs(ids, labels)]
+    assert len(runs) == 1
+    assert runs[0] in ("Lima." + END, "Lima." + END + "\n")
+
+
+def test_unknown_sharegpt_role_is_invalid(tmp_path, model_dir):
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": "robot", "value": "beep"}]}])
+    with pytest.raises(InvalidConfig):
+        data.prepare(make_params(model_dir, dataset))
+
+
+def test_rows_with_no_known_format_are_invalid_naming_dataset_name(tmp_path, model_dir):
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"foo": "a", "bar": "b"}])
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, dataset))
+    assert [e.parameter for e in exc.value.errors] == ["dataset_name"]
+    assert "foo" in str(exc.value) and "bar" in str(exc.value)
+
+
+def test_apply_chat_template_wins_over_a_formatting_template(tmp_path, model_dir):
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
+    p = make_params(model_dir, dataset, apply_chat_template=True, formatting_template="{{ messages }}")
+    assert data.prepare(p).stats["format"] == "chat"
+
+
+@pytest.mark.parametrize("escape", ["{{ prompt.__class__ }}", "{{ ''.__class__.__mro__ }}"])
+def test_sandbox_escape_in_formatting_template_is_invalid_config(tmp_path, model_dir, escape):
+    # A user's template is a parameter: a blocked escape must end as InvalidConfig (exit 2), not a crash.
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?", "completion": " A."}])
+    p = make_params(model_dir, dataset, formatting_template=escape + "{{ completion }}")
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(p)
+    assert "formatting_template" in [e.parameter for e in exc.value.errors]
+
+
+# --- prompt/completion and template labels ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("completion_suffix", ["", EOS], ids=["plain", "already-ends-with-eos"])
+def test_prompt_tokens_are_masked_and_eos_ends_completion_once(tmp_path, model_dir, tok, completion_suffix):
+    prompt, completion = "What is the capital of Peru?", " The capital of Peru is Lima."
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"prompt": prompt, "completion": completion + completion_suffix}])
+    prepared = data.prepare(make_params(model_dir, dataset))
+    ids, labels = first_row(prepared)
+
+    prompt_ids = tok(prompt)["input_ids"]
+    n = len(prompt_ids)
+    assert ids[:n] == prompt_ids
+    assert labels[:n] == [-100] * n  # every prompt token masked ...
+    assert labels[n:] == ids[n:]  # ... and every completion token trained
+    assert -100 not in labels[n:]
+    assert ids[-1] == tok.eos_token_id
+    assert ids.count(tok.eos_token_id) == 1
+    assert decode(tok, ids[n:]) == completion + EOS
+    assert prepared.samples[0]["trained_text"] == completion + EOS
+    assert prepared.stats["trainable_tokens"] == len(ids) - n
+    assert prepared.stats["total_tokens"] == len(ids)
+
+
+def test_template_with_auto_completion_only_loss_splits_at_the_completion_field(tmp_path, model_dir, tok):
+    row = {"prompt": "What is 9 plus 2?", "completion": " It is 11."}
+    dataset = write_jsonl(tmp_path / "d.jsonl", [row])
+    prepared = data.prepare(make_params(model_dir, dataset, formatting_template=TEMPLATE))
+    assert prepared.stats["format"] == "template"
+    sample = prepared.samples[0]
+    assert sample["prompt"] == "Question: What is 9 plus 2?\nAnswer:"
+    assert sample["completion"] == " It is 11."
+    assert sample["trained_text"] == " It is 11." + EOS
+
+    ids, labels = first_row(prepared)
+    n = len(tok(sample["prompt"])["input_ids"])
+    assert labels[:n] == [-100] * n
+    assert labels[n:] == ids[n:]
+    assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
+
+
+def test_template_splits_at_explicit_completion_column(tmp_path, model_dir):
+    rows = [{"question": "2+2?", "answer": "4", "source": "math"}]
+    dataset = write_jsonl(tmp_path / "d.jsonl", rows)
+    p = make_params(
+        model_dir,
+        dataset,
+        formatting_template="Q: {{ question }}\nA: {{ answer }}\nSource: {{ source }}",
+        completion_column="answer",
+    )
+    sample = data.prepare(p).samples[0]
+    assert sample["prompt"] == "Q: 2+2?\nA: "
+    assert sample["trained_text"] == "4\nSource: math" + EOS
+
+
+@pytest.mark.parametrize(
+    ("rows", "overrides"),
+    [
+        ([{"prompt": "What is 9 plus 2?", "completion": " It is 11."}], {}),
+        ([{"prompt": "What is 9 plus 2?", "completion": " It is 11."}], {"formatting_template": TEMPLATE}),
+        ([{"messages": CHAT}], {}),
+    ],
+    ids=["prompt_completion", "template", "chat"],
+)
+def test_completion_only_loss_false_trains_every_token(tmp_path, model_dir, tok, rows, overrides):
+    dataset = write_jsonl(tmp_path / "d.jsonl", rows)
+    prepared = data.prepare(make_params(model_dir, dataset, completion_only_loss="false", **overrides))
+    ids, labels = first_row(prepared)
+    assert labels == ids
+    assert prepared.stats["trainable_tokens"] == prepared.stats["total_tokens"] == len(ids)
+    assert prepared.samples[0]["trained_text"] == decode(tok, ids)
+
+
+def test_text_rows_train_every_token_and_end_with_one_eos(tmp_path, model_dir, tok):
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"text": "Hello! How can I help?" + EOS}])
+    prepared = data.prepare(make_params(model_dir, dataset))
+    ids, labels = first_row(prepared)
+    assert labels == ids
+    assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
+    assert decode(tok, ids) == "Hello! How can I help?" + EOS
+
+
+def test_text_rows_with_completion_only_loss_true_are_invalid(tmp_path, model_dir):
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"text": "Plain text."}])
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, dataset, completion_only_loss="true"))
+    assert [e.parameter for e in exc.value.errors] == ["completion_only_loss"]
+
+
+@pytest.mark.parametrize(
+    ("rows", "overrides"),
+    [
+        ([{"text": "Plain text."}], {}),
+        ([{"prompt": "Q?", "completion": " A."}], {}),
+        ([{"prompt": "Q?", "completion": " A."}], {"formatting_template": TEMPLATE}),
+    ],
+    ids=["text", "prompt_completion", "template"],
+)
+def test_assistant_only_loss_on_non_chat_data_is_invalid(tmp_path, model_dir, rows, overrides):
+    dataset = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, dataset, assistant_only_loss=True, **overrides))
+    assert "assistant_only_loss" in [e.parameter for e in exc.value.errors]
+
+
+# --- chat ------------------------------------------------------------------------------------------
+
+
+def _assert_only_assistant_turns_trained(tok, ids, labels, messages, end_marker):
+    assistant = [m["content"] for m in messages if m["role"] == "assistant"]
+    runs = [decode(tok, run) for run in trained_runs(ids, labels)]
+    assert len(runs) == len(assistant), runs
+    for run, content in zip(runs, assistant, strict=True):
+        # The turn's content and the template's end marker; the newline after the marker is allowed.
+        assert run in (content + end_marker, content + end_marker + "\n"), (run, content)
+    trained_text = "".join(runs)
+    for message in messages:
+        if message["role"] != "assistant":
+            assert message["content"] not in trained_text
+    assert "<|im_start|>" not in trained_text
+    assert "user" not in trained_text and "system" not in trained_text
+
+
+def test_multi_turn_chat_trains_exactly_the_assistant_turns(tmp_path, model_dir, tok):
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
+    prepared = data.prepare(make_params(model_dir, dataset))
+    ids, labels = first_row(prepared)
+    assert decode(tok, ids) == tok.apply_chat_template(CHAT, tokenize=False)
+    _assert_only_assistant_turns_trained(tok, ids, labels, CHAT, END)
+    assert prepared.stats["trainable_tokens"] == sum(1 for label in labels if label != -100)
+
+
+def test_assistant_only_loss_trains_only_assistant_turns(tmp_path, model_dir, tok):
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
+    p = make_params(model_dir, dataset, assistant_only_loss=True, apply_chat_template=True)
+    ids, labels = first_row(data.prepare(p))
+    _assert_only_assistant_turns_trained(tok, ids, labels, CHAT, END)
+
+
+def test_formatting_chat_template_override_trains_only_assistant_turns(tmp_path, model_dir, tok):
+    override = (
+        "{% for m in messages %}### {{ m['role'] | upper }}:\n{{ m['content'] }}\n[END]\n{% endfor %}"
+        "{% if add_generation_prompt %}### ASSISTANT:\n{% endif %}"
+    )
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"dialog": CHAT}])
+    p = make_params(
+        model_dir,
+        dataset,
+        apply_chat_template=True,
+        chatml_formatted_column="dialog",
+        formatting_chat_template=override,
+    )
+    prepared = data.prepare(p)
+    assert prepared.stats["format"] == "chat"
+    assert prepared.samples[0]["text"].startswith("### SYSTEM:\nYou are a terse assistant.\n[END]\n")
+    ids, labels = first_row(prepared)
+    runs = [decode(tok, run) for run in trained_runs(ids, labels)]
+    assert runs == [m["content"] + "\n[END]\n" for m in CHAT if m["role"] == "assistant"]
+
+
+def test_apply_chat_template_without_the_column_is_invalid(tmp_path, model_dir):
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, dataset, apply_chat_template=True, chatml_formatted_column="dialog"))
+    assert [e.parameter for e in exc.value.errors] == ["chatml_formatted_column"]
+
+
+# --- cache -----------------------------------------------------------------------------------------
+
+
+def test_second_prepare_with_same_inputs_is_a_cache_hit(tmp_path, model_dir):
+    p = make_params(model_dir, str(SAMPLE), formatting_template=TEMPLATE)
+    first = data.prepare(p)
+    second = data.prepare(dict(p))
+    assert first.cached is False
+    assert second.cached is True
+    assert second.path == first.path
+    assert second.stats == first.stats
+    assert Path(first.path).is_relative_to(tmp_path / "prepared-cache")
+
+
+def test_changed_template_is_a_cache_miss(tmp_path, model_dir):
+    p = make_params(model_dir, str(SAMPLE), formatting_template=TEMPLATE)
+    first = data.prepare(p)
+    changed = data.prepare({**p, "formatting_template": "Q: {{ prompt }}\nA:{{ completion }}"})
+    assert changed.cached is False
+    assert changed.path != first.path
+    assert saved(changed)["train"][0]["input_ids"] != saved(first)["train"][0]["input_ids"]
+
+
+def test_changed_data_file_is_a_cache_miss(tmp_path, model_dir):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"prompt": "Q?", "completion": " A."}])
+    first = data.prepare(make_params(model_dir, str(path)))
+    write_jsonl(path, [{"prompt": "Q?", "completion": " B."}])
+    second = data.prepare(make_params(model_dir, str(path)))
+    assert second.cached is False and second.path != first.path
+
+
+# --- bad files -------------------------------------------------------------------------------------
+
+
+def test_malformed_jsonl_error_names_file_and_line(tmp_path, model_dir):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": \n')
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, str(path)))
+    assert [e.parameter for e in exc.value.errors] == ["dataset_name"]
+    assert str(path) in str(exc.value)
+    assert "line 3" in str(exc.value)
+
+
+def test_jsonl_line_that_is_not_an_object_is_invalid(tmp_path, model_dir):
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"text": "a"}\n[1, 2]\n')
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, str(path)))
+    assert "line 2" in str(exc.value)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"], ids=["zero-bytes", "blank-lines"])
+def test_empty_file_is_invalid(tmp_path, model_dir, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, str(path)))
+    assert [e.parameter for e in exc.value.errors] == ["dataset_name"]
+
+
+def test_missing_file_is_invalid(tmp_path, model_dir):
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, str(tmp_path / "nope" / "missing.jsonl")))
+    assert [e.parameter for e in exc.value.errors] == ["dataset_name"]
+    assert "missing.jsonl" in str(exc.value)
+
+
+def test_unsupported_file_type_is_invalid(tmp_path, model_dir):
+    path = tmp_path / "data.txt"
+    path.write_text("hello\n")
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, str(path)))
+    assert [e.parameter for e in exc.value.errors] == ["dataset_name"]
+
+
+# --- truncation ------------------------------------------------------------------------------------
+
+SHORT = {"prompt": "Hi?", "completion": " Hello."}
+LONG_PROMPT = {"prompt": "What is the capital of Peru? " * 12, "completion": " Lima."}
+LONG_COMPLETION = {"prompt": "Hi?", "completion": " The capital of Peru is Lima." * 6}
+
+
+def test_rows_whose_trained_part_is_truncated_away_are_dropped_and_counted(tmp_path, model_dir, tok):
+    rows = [SHORT] * 7 + [LONG_PROMPT] * 2 + [LONG_COMPLETION]
+    assert len(tok(LONG_PROMPT["prompt"])["input_ids"]) > 16
+    dataset = write_jsonl(tmp_path / "d.jsonl", rows)
+    prepared = data.prepare(make_params(model_dir, dataset, maximum_sequence_length=16, max_dropped_fraction=0.3))
+    stats = prepared.stats
+    assert stats["rows"] == 10
+    assert stats["dropped"] == 2
+    assert stats["truncated"] == 3
+    assert stats["rows_used"] == 8
+    train = saved(prepared)["train"]
+    assert len(train) == 8
+    for row in train:
+        assert 0 < len(row["input_ids"]) <= 16
+        assert any(label != -100 for label in row["labels"])
+    # The row with a long completion is kept, cut to the limit, still trained after its prompt.
+    cut = train[7]
+    n = len(tok(LONG_COMPLETION["prompt"])["input_ids"])
+    assert len(cut["input_ids"]) == 16
+    assert cut["labels"][:n] == [-100] * n and cut["labels"][n:] == cut["input_ids"][n:]
+
+
+def test_dropping_more_than_max_dropped_fraction_is_invalid_naming_maximum_sequence_length(tmp_path, model_dir):
+    rows = [SHORT] * 6 + [LONG_PROMPT] * 4
+    dataset = write_jsonl(tmp_path / "d.jsonl", rows)
+    p = make_params(model_dir, dataset, maximum_sequence_length=16, max_dropped_fraction=0.3)
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(p)
+    assert [e.parameter for e in exc.value.errors] == ["maximum_sequence_length"]
+    assert "4 of 10" in str(exc.value)
+    cache = tmp_path / "prepared-cache"
+    assert not cache.exists() or not any(cache.rglob("stats.json")), "a failed preparation must not be cached"
+    # The same data pass once the fraction is accepted.
+    assert data.prepare({**p, "max_dropped_fraction": 0.5}).stats["dropped"] == 4
+
+
+# --- eval split ------------------------------------------------------------------------------------
+
+
+def _row_keys(split) -> list[tuple]:
+    return sorted(tuple(ids) for ids in split["input_ids"])
+
+
+def test_eval_split_produces_an_eval_split_of_the_seeded_size(model_dir):
+    total = sum(1 for line in SAMPLE.read_text().splitlines() if line.strip())
+    whole = saved(data.prepare(make_params(model_dir, str(SAMPLE))))
+    assert set(whole) == {"train"}
+
+    p = make_params(model_dir, str(SAMPLE), eval_split=0.1, seed=42)
+    prepared = data.prepare(p)
+    assert prepared.has_eval
+    splits = saved(prepared)
+    n_eval = math.ceil(0.1 * total)
+    assert len(splits["eval"]) == n_eval == prepared.stats["eval_rows"]
+    assert len(splits["train"]) == total - n_eval == prepared.stats["rows_used"]
+    assert _row_keys(whole["train"]) == sorted(_row_keys(splits["train"]) + _row_keys(splits["eval"]))
+
+    other_seed = saved(data.prepare({**p, "seed": 7}))
+    assert len(other_seed["eval"]) == n_eval
+    assert _row_keys(other_seed["eval"]) != _row_keys(splits["eval"])
+
+
+@pytest.mark.parametrize("eval_name", ["validation.jsonl", "eval.jsonl", "test.jsonl"])
+def test_validation_file_in_a_data_folder_is_the_eval_split(tmp_path, model_dir, tok, eval_name):
+    folder = tmp_path / "data"
+    train_rows = [{"prompt": f"Train question {i}?", "completion": f" Train answer {i}."} for i in range(6)]
+    eval_rows = [{"prompt": f"Held-out question {i}?", "completion": f" Held-out answer {i}."} for i in range(3)]
+    write_jsonl(folder / "train.jsonl", train_rows)
+    write_jsonl(folder / eval_name, eval_rows)
+    prepared = data.prepare(make_params(model_dir, str(folder), eval_split=0.2))
+    assert prepared.has_eval
+    assert prepared.stats["rows"] == 6 and prepared.stats["eval_rows"] == 3
+    splits = saved(prepared)
+    assert sorted(decode(tok, ids) for ids in splits["eval"]["input_ids"]) == sorted(
+        r["prompt"] + r["completion"] + EOS for r in eval_rows
+    )
+    assert sorted(decode(tok, ids) for ids in splits["train"]["input_ids"]) == sorted(
+        r["prompt"] + r["completion"] + EOS for r in train_rows
+    )
+
+
+def test_prepared_folder_holds_only_input_ids_and_labels(model_dir):
+    splits = saved(data.prepare(make_params(model_dir, str(SAMPLE))))
+    assert splits["train"].column_names == ["input_ids", "labels"]
