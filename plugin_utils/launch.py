@@ -95,8 +95,10 @@ def command(p: dict[str, Any], plan: Plan, run_dir: str) -> list[str]:
     return [*launch, *entry]
 
 
-def rank_env(plan: Plan) -> dict[str, str]:
+def rank_env(plan: Plan, p: dict[str, Any] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if p and p["log_to_wandb"] and not env.get("WANDB_API_KEY"):
+        env.setdefault("WANDB_MODE", "offline")
     env.update(rank_environment(plan))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PLUGIN_DIR, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
@@ -211,7 +213,7 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
     log.info("launch: %s", " ".join(cmd))
     proc = subprocess.Popen(
         cmd,
-        env=rank_env(plan),
+        env=rank_env(plan, p),
         cwd=PLUGIN_DIR,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -7,6 +7,7 @@ on a laptop; machine rules are kept apart. All findings are reported at once.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,28 @@ def chat_template_wins_over_formatting_template(p):
 
 
 # --- distribution --------------------------------------------------------------------------------
+
+
+@config_rule
+def strategy_available(p):
+    if p["distributed_strategy"] != "ddp":
+        yield error(
+            "distributed_strategy",
+            f"{p['distributed_strategy']} is not available in this version of the plugin",
+            "Use ddp (LoRA adapters fit it well); qlora shrinks the base model if memory is short",
+        )
+
+
+@config_rule
+def fuse_model_available(p):
+    if p["fuse_model"]:
+        yield error("fuse_model", "merging is not available in this version", "Set fuse_model=false")
+
+
+@config_rule
+def wandb_key(p):
+    if p["log_to_wandb"] and not os.environ.get("WANDB_API_KEY"):
+        yield warning("log_to_wandb", "WANDB_API_KEY is not set: Weights & Biases runs offline", "Set the key")
 
 
 @config_rule
