@@ -98,8 +98,12 @@ class LegacyHost(Host):
             raise InvalidConfig(
                 [problem("input_file", f"cannot read {input_file} ({exc})", "Check the path")]
             ) from None
-        self.config = data.get("config", {})
-        self.experiment = data.get("experiment", {}) or {}
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise InvalidConfig(
+                [problem("input_file", f"{input_file} has no config object", "Start it from TransformerLab")]
+            )
+        self.config = data["config"]
+        self.experiment = data.get("experiment") or {}
         self.job_id = str(self.config.get("job_id", ""))
         self.job = None
         self.output_dir = self.config.get("output_dir", "")

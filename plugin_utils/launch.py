@@ -136,7 +136,7 @@ def _rank_failure(run_dir: str, tail: collections.deque, code: int) -> str:
     for report in glob.glob(os.path.join(run_dir, "error-rank*.txt")):
         summary = Path(report).read_text().split("\n\n", 1)[0].strip()
         secondary = any(marker in summary for marker in SECONDARY_FAILURES)
-        rank = report.rsplit("rank", 1)[1].split(".")[0]
+        rank = int(report.rsplit("rank", 1)[1].split(".")[0])
         reports.append((secondary, os.stat(report).st_mtime_ns, rank, summary))
     if reports:
         _, _, rank, summary = min(reports)

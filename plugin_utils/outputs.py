@@ -88,6 +88,7 @@ def write_plot(path: str, history: list[dict[str, Any]]) -> str | None:
         ],
         "layout": {"title": "Training loss", "xaxis": {"title": "step"}, "yaxis": {"title": "loss"}},
     }
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     Path(path).write_text(json.dumps(figure))
     return path
 

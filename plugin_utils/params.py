@@ -95,12 +95,18 @@ def _coerce(name: str, value: Any, spec: dict[str, Any]) -> tuple[Any, Problem |
     return value, None
 
 
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _bounds(name: str, number: float, spec: dict[str, Any]) -> Problem | None:
     low, high = spec.get("minimum"), spec.get("maximum")
     if low is not None and number < low:
-        return problem(name, f"{number:g} is below the minimum {low:g}", f"Use a value of at least {low:g}")
+        return problem(name, f"{_num(number)} is below the minimum {_num(low)}", f"Use a value of at least {_num(low)}")
     if high is not None and number > high:
-        return problem(name, f"{number:g} is above the maximum {high:g}", f"Use a value of at most {high:g}")
+        return problem(
+            name, f"{_num(number)} is above the maximum {_num(high)}", f"Use a value of at most {_num(high)}"
+        )
     return None
 
 
@@ -108,6 +114,8 @@ def _check_string(name: str, value: str, spec: dict[str, Any]) -> Problem | None
     if "enum" in spec and value not in spec["enum"]:
         choices = ", ".join(map(str, spec["enum"]))
         return problem(name, f"{value!r} is not one of {choices}", f"Pick one of: {choices}")
+    if spec.get("maxLength") and len(value) > spec["maxLength"]:
+        return problem(name, f"is {len(value)} characters long", f"Use at most {spec['maxLength']} characters")
     if spec.get("pattern") and value and not re.fullmatch(spec["pattern"], value):
         return problem(
             name,
@@ -127,6 +135,7 @@ def resolve(raw: dict[str, Any], *, headless: bool) -> tuple[dict[str, Any], lis
     errors: list[Problem] = []
     warnings: list[Problem] = []
     values = defaults()
+    failed: set[str] = set()
 
     for name, value in raw.items():
         if name not in known:
@@ -143,11 +152,12 @@ def resolve(raw: dict[str, Any], *, headless: bool) -> tuple[dict[str, Any], lis
             issue = _check_string(name, coerced, known[name])
         if issue:
             errors.append(issue)
+            failed.add(name)
         else:
             values[name] = coerced
 
     for name, spec in schema.items():
-        if spec.get("required") and values.get(name) in (None, ""):
+        if spec.get("required") and name not in failed and values.get(name) in (None, ""):
             errors.append(problem(name, "is required", f"Set {name} (see its help in the Train tab)"))
 
     if errors:

@@ -175,6 +175,16 @@ def selected_gpu_ids(p, machine: Machine) -> list[int]:
     return [int(part) for part in value.split(",") if part.isdigit()]
 
 
+def planned_gpus(p, machine: Machine) -> list:
+    """The GPUs the run will use: the selected ones, the first num_processes of them."""
+    selected = selected_gpu_ids(p, machine)
+    value = str(p["num_processes"]).strip()
+    if value.isdigit():
+        selected = selected[: int(value)]
+    by_index = {g.index: g for g in machine.usable_gpus}
+    return [by_index[i] for i in selected if i in by_index]
+
+
 @machine_rule
 def gpus_exist(p, machine: Machine):
     if p["train_device"] == "cpu":
@@ -214,7 +224,7 @@ def cpu_only_note(p, machine: Machine):
 
 @machine_rule
 def precision_supported(p, machine: Machine):
-    gpus = [g for g in machine.usable_gpus if g.index in selected_gpu_ids(p, machine)]
+    gpus = [] if p["train_device"] == "cpu" else planned_gpus(p, machine)
     if p["precision"] == "bf16" and gpus and not all(g.supports_bf16 for g in gpus):
         yield error("precision", "bf16 needs an Ampere or newer GPU", "Use precision=auto (fp16 there) or fp16")
     on_cpu = p["train_device"] == "cpu" or not machine.usable_gpus
@@ -271,20 +281,15 @@ class Plan:
 
 
 def make_plan(p: dict[str, Any], machine: Machine) -> Plan:
-    gpus = selected_gpu_ids(p, machine) if p["train_device"] != "cpu" else []
-    device = "cuda" if gpus else "cpu"
+    gpus = [] if p["train_device"] == "cpu" else planned_gpus(p, machine)
     value = str(p["num_processes"]).strip().lower()
-    count = int(value) if value.isdigit() else (len(gpus) if gpus else 1)
-    if device == "cuda":
-        gpus = gpus[:count]
+    count = int(value) if value.isdigit() else max(1, len(gpus))
     precision = p["precision"]
     if precision == "auto":
-        if device == "cpu":
-            precision = "fp32"
-        else:
-            chosen = [g for g in machine.usable_gpus if g.index in gpus]
-            precision = "bf16" if all(g.supports_bf16 for g in chosen) else "fp16"
-    return Plan(device=device, gpu_ids=gpus, num_processes=count, precision=precision)
+        precision = "fp32" if not gpus else "bf16" if all(g.supports_bf16 for g in gpus) else "fp16"
+    return Plan(
+        device="cuda" if gpus else "cpu", gpu_ids=[g.index for g in gpus], num_processes=count, precision=precision
+    )
 
 
 def check(p: dict[str, Any], machine: Machine | None, warnings: list[Problem]) -> Plan | None:
@@ -307,4 +312,6 @@ def rank_environment(plan: Plan) -> dict[str, str]:
 
     Ids are as nvidia-smi shows them, which is what CUDA_VISIBLE_DEVICES takes; an empty value hides every GPU.
     """
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in plan.gpu_ids) if plan.device == "cuda" else ""}
+    visible = ",".join(str(i) for i in plan.gpu_ids) if plan.device == "cuda" else ""
+    # CUDA numbers cards fastest first unless told otherwise; nvidia-smi numbers them by bus.
+    return {"CUDA_VISIBLE_DEVICES": visible, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}

@@ -1,0 +1,248 @@
+"""plugin_utils/host.py: reading a headless config, choosing the host for each way of starting, where
+each host puts the adapter and checkpoints, and a missing lab home as a clear error (SPEC §2, §7).
+
+Nothing here imports `lab`: the end-to-end tests drive the real SDK."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import pytest
+
+from plugin_utils import host, params
+from plugin_utils.errors import InvalidConfig
+
+
+def args(**given) -> argparse.Namespace:
+    values = {"input_file": None, "config": None, "set": None, "experiment": None}
+    values.update(given)
+    return argparse.Namespace(**values)
+
+
+def config(**overrides) -> dict:
+    p = params.defaults()
+    p.update(model_name="/models/tiny", dataset_name="/data/rows.jsonl", adaptor_name="my-adaptor")
+    p.update(overrides)
+    return p
+
+
+def write_json(path, value) -> str:
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+def only_error(caught) -> tuple[str, str]:
+    [found] = caught.value.errors
+    return found.parameter, found.message
+
+
+# --- read_config() -------------------------------------------------------------------------------------------
+
+
+def test_read_config_returns_the_object(tmp_path):
+    path = write_json(tmp_path / "run.json", {"adaptor_name": "a", "lora_r": 8})
+    assert host.read_config(path, []) == {"adaptor_name": "a", "lora_r": 8}
+
+
+def test_read_config_missing_file_names_config(tmp_path):
+    missing = str(tmp_path / "nope.json")
+    with pytest.raises(InvalidConfig) as caught:
+        host.read_config(missing, [])
+    parameter, message = only_error(caught)
+    assert parameter == "--config"
+    assert missing in message
+    assert "Check the path" in message
+
+
+def test_read_config_invalid_json_names_config(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"adaptor_name": "a",}')
+    with pytest.raises(InvalidConfig) as caught:
+        host.read_config(str(path), [])
+    parameter, message = only_error(caught)
+    assert parameter == "--config"
+    assert "is not valid JSON" in message
+
+
+@pytest.mark.parametrize("value", [[1, 2], "text", 3, None])
+def test_read_config_non_object_names_config(tmp_path, value):
+    path = write_json(tmp_path / "run.json", value)
+    with pytest.raises(InvalidConfig) as caught:
+        host.read_config(path, [])
+    parameter, message = only_error(caught)
+    assert parameter == "--config"
+    assert "is not a JSON object" in message
+
+
+@pytest.mark.parametrize("item", ["lora_r", "=8", ""])
+def test_read_config_bad_set_names_set(tmp_path, item):
+    path = write_json(tmp_path / "run.json", {})
+    with pytest.raises(InvalidConfig) as caught:
+        host.read_config(path, [item])
+    parameter, message = only_error(caught)
+    assert parameter == "--set"
+    assert "is not key=value" in message
+    assert "--set learning_rate=1e-4" in message
+
+
+def test_set_overrides_and_adds_values(tmp_path):
+    path = write_json(tmp_path / "run.json", {"lora_r": 8, "adaptor_name": "a"})
+    found = host.read_config(path, ["lora_r=32", " packing =true", "formatting_template={{ a }}={{ b }}", "seed="])
+    assert found == {
+        "lora_r": "32",  # strings, coerced later like any other value
+        "adaptor_name": "a",
+        "packing": "true",
+        "formatting_template": "{{ a }}={{ b }}",
+        "seed": "",
+    }
+
+
+def test_set_values_resolve_like_form_values(tmp_path):
+    path = write_json(tmp_path / "run.json", {"adaptor_name": "a"})
+    raw = host.read_config(path, ["lora_r=32", "learning_rate=2e-4", "packing=on"])
+    values, _ = params.resolve(raw, headless=True)
+    assert (values["lora_r"], values["learning_rate"], values["packing"]) == (32, 2e-4, True)
+
+
+# --- choose() -----------------------------------------------------------------------------------------------
+
+
+def test_choose_picks_the_legacy_host_for_an_input_file(tmp_path):
+    path = write_json(
+        tmp_path / "input.json",
+        {"experiment": {"name": "alpha"}, "config": {"job_id": 12, "adaptor_name": "a", "type": "trainer"}},
+    )
+    chosen = host.choose(args(input_file=path))
+    assert isinstance(chosen, host.LegacyHost)
+    assert chosen.kind == "legacy"
+    assert not chosen.headless
+    assert chosen.job_id == "12"
+    assert chosen.raw_params() == {"job_id": 12, "adaptor_name": "a", "type": "trainer"}
+
+
+def test_legacy_host_with_an_unreadable_input_file_names_input_file(tmp_path):
+    with pytest.raises(InvalidConfig) as caught:
+        host.choose(args(input_file=str(tmp_path / "missing.json")))
+    assert only_error(caught)[0] == "input_file"
+
+
+def test_choose_picks_the_headless_host_for_config(tmp_path):
+    path = write_json(tmp_path / "run.json", {"adaptor_name": "a"})
+    chosen = host.choose(args(config=path, set=["lora_r=4"]))
+    assert isinstance(chosen, host.HeadlessHost)
+    assert chosen.kind == "headless"
+    assert chosen.headless
+    assert chosen.experiment == "alpha"
+    assert chosen.raw_params() == {"adaptor_name": "a", "lora_r": "4"}
+
+
+def test_headless_host_takes_the_experiment_flag(tmp_path):
+    path = write_json(tmp_path / "run.json", {})
+    assert host.choose(args(config=path, experiment="beta")).experiment == "beta"
+
+
+def test_choose_picks_the_lab_host_when_a_job_id_is_set(monkeypatch):
+    monkeypatch.setenv("_TFL_JOB_ID", "42")
+    chosen = host.choose(args())
+    assert type(chosen) is host.LabHost
+    assert chosen.kind == "lab"
+    assert not chosen.headless
+    assert chosen.lab is None  # nothing imported or attached yet
+
+
+def test_choose_without_anything_is_invalid_config():
+    with pytest.raises(InvalidConfig) as caught:
+        host.choose(args())
+    parameter, message = only_error(caught)
+    assert parameter == "--config"
+    assert "no parameters given" in message
+
+
+def test_choose_with_an_empty_job_id_is_invalid_config(monkeypatch):
+    monkeypatch.setenv("_TFL_JOB_ID", "")
+    with pytest.raises(InvalidConfig):
+        host.choose(args())
+
+
+def test_choose_with_a_bad_config_reports_it_before_any_job(tmp_path):
+    path = write_json(tmp_path / "run.json", [])
+    with pytest.raises(InvalidConfig) as caught:
+        host.choose(args(config=path))
+    assert only_error(caught)[0] == "--config"
+
+
+# --- locations() ------------------------------------------------------------------------------------------
+
+
+def test_legacy_locations_use_adaptor_output_dir_and_output_dir_checkpoints(tmp_path):
+    legacy = host.LegacyHost(write_json(tmp_path / "input.json", {"config": {}}))
+    p = config(adaptor_output_dir=str(tmp_path / "models" / "adaptor"), output_dir=str(tmp_path / "job"))
+    adapter, checkpoints = legacy.locations(p)
+    assert adapter == str(tmp_path / "models" / "adaptor")
+    assert checkpoints == str(tmp_path / "job" / "checkpoints" / "my-adaptor")
+
+
+def test_legacy_locations_without_adaptor_output_dir_fall_back_to_output_dir(tmp_path):
+    legacy = host.LegacyHost(write_json(tmp_path / "input.json", {"config": {}}))
+    adapter, checkpoints = legacy.locations(config(output_dir=str(tmp_path / "job")))
+    assert adapter == str(tmp_path / "job" / "my-adaptor")
+    assert checkpoints == str(tmp_path / "job" / "checkpoints" / "my-adaptor")
+
+
+def test_headless_locations_are_under_output_dir(tmp_path):
+    headless = host.HeadlessHost({}, None)
+    adapter, checkpoints = headless.locations(config(output_dir=str(tmp_path / "out")))
+    assert adapter == str(tmp_path / "out" / "my-adaptor")
+    assert checkpoints == str(tmp_path / "out" / "checkpoints" / "my-adaptor")
+    assert headless.lab is None
+
+
+def test_headless_locations_are_absolute_for_a_relative_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    adapter, checkpoints = host.HeadlessHost({}, None).locations(config())  # output_dir ./outputs
+    assert adapter == str(tmp_path / "outputs" / "my-adaptor")
+    assert checkpoints == str(tmp_path / "outputs" / "checkpoints" / "my-adaptor")
+
+
+def test_host_locations_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    adapter, _ = host.Host().locations(config(output_dir="~/runs"))
+    assert adapter == str(tmp_path / "runs" / "my-adaptor")
+
+
+def test_empty_output_dir_means_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    adapter, _ = host.Host().locations(config(output_dir=""))
+    assert adapter == str(tmp_path / "outputs" / "my-adaptor")
+
+
+# --- the lab home -----------------------------------------------------------------------------------------
+
+
+def test_check_lab_home_accepts_existing_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFL_WORKSPACE_DIR", str(tmp_path))
+    host._check_lab_home()
+
+
+@pytest.mark.parametrize("var", ["TFL_HOME_DIR", "TFL_WORKSPACE_DIR"])
+def test_a_lab_folder_that_does_not_exist_is_invalid_config_not_an_exit(tmp_path, monkeypatch, var):
+    missing = str(tmp_path / "no-such-folder")
+    monkeypatch.setenv(var, missing)
+    with pytest.raises(InvalidConfig) as caught:
+        host._check_lab_home()
+    parameter, message = only_error(caught)
+    assert parameter == var
+    assert f"{missing} does not exist" in message
+    assert f"unset {var}" in message
+
+
+def test_a_missing_lab_home_stops_before_lab_is_imported(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFL_HOME_DIR", str(tmp_path / "gone"))
+    imported_before = "lab" in sys.modules
+    with pytest.raises(InvalidConfig):
+        host.LabHost().raw_params()
+    assert ("lab" in sys.modules) == imported_before
+    assert not os.path.exists(tmp_path / "gone")

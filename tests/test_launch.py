@@ -1,0 +1,390 @@
+"""plugin_utils/launch.py and events.py: the launch command and environment, the event file tail, the
+relay of rank-0 events to the host, and finding the root cause when a rank dies (SPEC §7)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from plugin_utils import launch, params
+from plugin_utils.events import EVENTS_FILE, EventReader, EventWriter, error_file
+from plugin_utils.rules import Plan
+
+from .conftest import ROOT
+
+CPU_ONE = Plan(device="cpu", gpu_ids=[], num_processes=1, precision="fp32")
+CPU_TWO = Plan(device="cpu", gpu_ids=[], num_processes=2, precision="fp32")
+CUDA_TWO = Plan(device="cuda", gpu_ids=[0, 1], num_processes=2, precision="bf16")
+
+
+def config(**overrides) -> dict:
+    p = params.defaults()
+    p.update(model_name="/models/tiny", dataset_name="/data/rows.jsonl", adaptor_name="my-adaptor")
+    p.update(overrides)
+    return p
+
+
+def option(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+# --- command() -----------------------------------------------------------------------------------------
+
+
+def test_one_process_is_a_plain_python_worker(tmp_path):
+    cmd = launch.command(config(), CPU_ONE, str(tmp_path))
+    assert cmd == [sys.executable, "-m", "plugin_utils.worker", str(tmp_path)]
+
+
+def test_two_processes_go_through_accelerate_launch_with_a_port(tmp_path):
+    cmd = launch.command(config(), CUDA_TWO, str(tmp_path))
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert "--multi_gpu" in cmd
+    assert option(cmd, "--num_processes") == "2"
+    assert option(cmd, "--num_machines") == "1"
+    assert option(cmd, "--machine_rank") == "0"
+    assert 0 < int(option(cmd, "--main_process_port")) < 65536
+    assert "--main_process_ip" not in cmd
+    assert cmd[-3:] == ["-m", "plugin_utils.worker", str(tmp_path)]
+
+
+def test_two_cpu_processes_also_use_accelerate_launch(tmp_path):
+    cmd = launch.command(config(), CPU_TWO, str(tmp_path))
+    assert "accelerate.commands.launch" in cmd
+    assert option(cmd, "--num_processes") == "2"
+
+
+def test_a_fixed_port_is_passed_through(tmp_path):
+    cmd = launch.command(config(main_process_port=29511), CUDA_TWO, str(tmp_path))
+    assert option(cmd, "--main_process_port") == "29511"
+
+
+def test_multi_node_arguments_pass_through_with_processes_across_all_machines(tmp_path):
+    p = config(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29500)
+    cmd = launch.command(p, CUDA_TWO, str(tmp_path))
+    assert "--multi_gpu" in cmd
+    assert option(cmd, "--num_processes") == "4"  # 2 per node x 2 nodes
+    assert option(cmd, "--num_machines") == "2"
+    assert option(cmd, "--machine_rank") == "1"
+    assert option(cmd, "--main_process_ip") == "10.0.0.1"
+    assert option(cmd, "--main_process_port") == "29500"
+
+
+def test_multi_node_with_one_process_per_node_still_uses_accelerate(tmp_path):
+    p = config(num_machines=3, machine_rank=2, main_process_ip="10.0.0.1", main_process_port=29500)
+    plan = Plan(device="cuda", gpu_ids=[0], num_processes=1, precision="bf16")
+    cmd = launch.command(p, plan, str(tmp_path))
+    assert "accelerate.commands.launch" in cmd
+    assert option(cmd, "--num_processes") == "3"
+
+
+def test_free_port_is_bindable():
+    port = launch.free_port()
+    assert 1024 <= port < 65536
+
+
+# --- rank_env() ----------------------------------------------------------------------------------------
+
+
+def test_rank_env_puts_the_plugin_dir_first_on_pythonpath(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = launch.rank_env(CPU_ONE)
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
+    assert str(ROOT) == launch.PLUGIN_DIR
+
+
+def test_rank_env_without_pythonpath_is_the_plugin_dir(monkeypatch):
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert launch.rank_env(CPU_ONE)["PYTHONPATH"] == str(ROOT)
+
+
+def test_rank_env_sets_omp_threads_shared_between_cpu_ranks(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = launch.rank_env(CPU_TWO)
+    assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_rank_env_keeps_a_users_omp_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert launch.rank_env(CPU_TWO)["OMP_NUM_THREADS"] == "3"
+
+
+def test_rank_env_on_gpus_selects_them_and_leaves_omp_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = launch.rank_env(CUDA_TWO)
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert "OMP_NUM_THREADS" not in env
+
+
+def test_rank_env_pins_pci_bus_order_so_gpu_ids_match_nvidia_smi(monkeypatch):
+    # gpu_ids are nvidia-smi indices (PCI bus order); CUDA numbers devices fastest-first unless told.
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    assert launch.rank_env(CUDA_TWO).get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+
+
+def test_rank_env_replaces_an_inherited_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    plan = Plan(device="cuda", gpu_ids=[2], num_processes=1, precision="bf16")
+    assert launch.rank_env(plan)["CUDA_VISIBLE_DEVICES"] == "2"
+
+
+def test_rank_env_is_unbuffered_and_quiet():
+    env = launch.rank_env(CPU_ONE)
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
+
+
+@pytest.mark.parametrize(("key", "mode"), [(None, "offline"), ("secret", None)])
+def test_rank_env_runs_wandb_offline_without_a_key(monkeypatch, key, mode):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    if key is None:
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_API_KEY", key)
+    assert launch.rank_env(CPU_ONE, config(log_to_wandb=True)).get("WANDB_MODE") == mode
+    assert "WANDB_MODE" not in launch.rank_env(CPU_ONE, config(log_to_wandb=False))
+
+
+# --- EventReader -----------------------------------------------------------------------------------------
+
+
+def test_event_reader_before_the_file_exists_reads_nothing(tmp_path):
+    assert EventReader(str(tmp_path / EVENTS_FILE)).read() == []
+
+
+def test_event_reader_returns_only_whole_lines(tmp_path):
+    path = tmp_path / EVENTS_FILE
+    reader = EventReader(str(path))
+    first = json.dumps({"type": "progress", "step": 1})
+    second = json.dumps({"type": "progress", "step": 2})
+    path.write_bytes((first + "\n" + second[:10]).encode())
+    assert reader.read() == [{"type": "progress", "step": 1}]
+    assert reader.read() == []
+    with open(path, "ab") as handle:
+        handle.write((second[10:] + "\n").encode())
+    assert reader.read() == [{"type": "progress", "step": 2}]
+    assert reader.read() == []
+
+
+def test_event_reader_skips_lines_that_are_not_json(tmp_path):
+    path = tmp_path / EVENTS_FILE
+    path.write_text('{"type": "start"}\nnot json\n\n{"type": "done"}\n')
+    assert [e["type"] for e in EventReader(str(path)).read()] == ["start", "done"]
+
+
+def test_event_writer_lines_are_read_back_in_order(tmp_path):
+    path = str(tmp_path / EVENTS_FILE)
+    writer = EventWriter(path)
+    reader = EventReader(path)
+    writer.emit("start", world_size=1, max_steps=4, global_step=0)
+    writer.emit("progress", step=1, max_steps=4)
+    events = reader.read()
+    writer.close()
+    assert [e["type"] for e in events] == ["start", "progress"]
+    assert events[0]["world_size"] == 1
+    assert all(isinstance(e["time"], float) for e in events)
+
+
+def test_error_file_is_per_rank(tmp_path):
+    assert error_file(str(tmp_path), 3) == os.path.join(str(tmp_path), "error-rank3.txt")
+
+
+# --- Watcher ---------------------------------------------------------------------------------------------
+
+
+class RecordingHost:
+    """A fake host: records what the watcher relays (the relay logic alone is under test here)."""
+
+    def __init__(self):
+        self.logs: list[str] = []
+        self.rows: list[tuple[int, dict | None, int | None]] = []
+        self.stop_asked = 0
+
+    def log(self, text):
+        self.logs.append(text)
+
+    def progress(self, percent, metrics, step):
+        self.rows.append((percent, metrics, step))
+
+    def should_stop(self):
+        self.stop_asked += 1
+        return False
+
+
+@pytest.fixture
+def watcher(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "RELAY_INTERVAL", 0.0)
+    return launch.Watcher(RecordingHost(), str(tmp_path), launch.StopFlag())
+
+
+def start_event(max_steps=10, global_step=0, started=None):
+    begun = time.time() - 10 if started is None else started
+    return {"type": "start", "time": begun, "world_size": 2, "max_steps": max_steps, "global_step": global_step}
+
+
+def log_event(step, max_steps=10, **metrics):
+    return {"type": "log", "time": time.time(), "step": step, "max_steps": max_steps, "metrics": metrics}
+
+
+def progress_event(step, max_steps=10):
+    return {"type": "progress", "time": time.time(), "step": step, "max_steps": max_steps}
+
+
+def test_watcher_logs_the_start(watcher):
+    watcher.handle(start_event())
+    assert watcher.host.logs == ["training started: 2 process(es), 10 steps"]
+    watcher.handle(start_event(global_step=4))
+    assert watcher.host.logs[-1] == "training started: 2 process(es), 10 steps, resuming at step 4"
+
+
+def test_watcher_relays_log_events_with_loss_as_progress_rows(watcher):
+    watcher.handle(start_event())
+    watcher.handle(log_event(5, loss=1.25, learning_rate=2e-4, epoch=0.5, num_tokens=1000.0, grad_norm=0.3))
+    [(percent, row, step)] = watcher.host.rows
+    assert percent == 50
+    assert step == 5
+    assert row["loss"] == 1.25
+    assert row["learning_rate"] == 2e-4
+    assert row["epoch"] == 0.5
+    assert row["grad_norm"] == 0.3
+    assert "num_tokens" not in row
+    # 10 s for 5 steps, 5 steps to go.
+    assert row["eta_seconds"] == pytest.approx(10.0, abs=1.0)
+    assert watcher.host.logs[-1].startswith("step 5/10: loss=1.25, learning_rate=0.0002, epoch=0.5")
+
+
+def test_watcher_relays_eval_loss_rows(watcher):
+    watcher.handle(log_event(4, eval_loss=0.9))
+    [(percent, row, step)] = watcher.host.rows
+    assert (percent, step) == (40, 4)
+    assert row["eval_loss"] == 0.9
+
+
+def test_watcher_skips_the_closing_summary_row_without_loss(watcher):
+    watcher.handle(log_event(10, train_runtime=12.5, train_loss=1.1, train_samples_per_second=3.0))
+    assert watcher.host.rows == []
+    assert watcher.host.logs == []
+
+
+def test_watcher_keeps_percent_monotonic_and_below_100(watcher):
+    watcher.handle(log_event(6, loss=1.0))
+    watcher.handle(progress_event(3))  # an older step arriving late
+    watcher.handle(progress_event(10))
+    watcher.handle(log_event(10, loss=0.5))
+    percents = [percent for percent, _, _ in watcher.host.rows]
+    assert percents == [60, 60, 99, 99]
+    assert percents == sorted(percents)
+    assert max(percents) < 100
+
+
+def test_watcher_progress_without_max_steps_stays_put(watcher):
+    watcher.handle(progress_event(3, max_steps=0))
+    assert watcher.host.rows == [(0, None, 3)]
+
+
+def test_watcher_throttles_progress_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "RELAY_INTERVAL", 3600.0)
+    w = launch.Watcher(RecordingHost(), str(tmp_path), launch.StopFlag())
+    w.handle(log_event(1, loss=2.0))
+    w.handle(progress_event(2))
+    w.handle(progress_event(3))
+    assert [step for _, _, step in w.host.rows] == [1]
+    assert w.percent == 30
+
+
+def test_watcher_records_done_and_stopped_events(watcher):
+    done = {"type": "done", "time": time.time(), "step": 10, "max_steps": 10, "world_size": 2, "final_loss": 0.4}
+    watcher.handle(done)
+    assert watcher.end == done
+    stopped = {"type": "stopped", "time": time.time(), "step": 3, "max_steps": 10}
+    watcher.handle(stopped)
+    assert watcher.end == stopped
+
+
+def test_watcher_notes_when_the_first_step_arrived(watcher):
+    watcher.handle(start_event())
+    assert watcher.first_step_at is None
+    first = progress_event(1)
+    watcher.handle(first)
+    watcher.handle(progress_event(2))
+    assert watcher.first_step_at == first["time"]
+
+
+def test_watcher_pump_reads_the_event_file(watcher, tmp_path):
+    writer = EventWriter(str(tmp_path / EVENTS_FILE))
+    writer.emit("start", world_size=1, max_steps=4, global_step=0)
+    writer.emit("log", step=2, max_steps=4, metrics={"loss": 1.5})
+    watcher.pump()
+    writer.emit("done", step=4, max_steps=4, world_size=1, final_loss=1.0)
+    writer.close()
+    watcher.pump()
+    assert [(percent, step) for percent, _, step in watcher.host.rows] == [(50, 2)]
+    assert watcher.end["final_loss"] == 1.0
+
+
+def test_stop_flag_forces_on_a_second_request():
+    stop = launch.StopFlag()
+    assert not stop.requested
+    stop.request()
+    assert stop.requested and not stop.forced
+    stop.request()
+    assert stop.forced
+
+
+# --- _rank_failure ------------------------------------------------------------------------------------------
+
+ROOT_CAUSE = "RuntimeError: CUDA out of memory"
+SECONDARY = "DistBackendError: Connection closed by peer; remote worker died"
+
+
+def write_report(run_dir, rank: int, summary: str, mtime_ns: int) -> None:
+    path = error_file(str(run_dir), rank)
+    with open(path, "w") as handle:
+        handle.write(summary + "\n\nTraceback (most recent call last):\n  ...\n")
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_rank_failure_prefers_the_root_cause_over_an_older_secondary_report(tmp_path):
+    now = time.time_ns()
+    write_report(tmp_path, 0, SECONDARY, now - 5_000_000_000)
+    write_report(tmp_path, 1, ROOT_CAUSE, now)
+    assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == f"rank 1 failed: {ROOT_CAUSE}"
+
+
+def test_rank_failure_prefers_the_root_cause_over_a_newer_secondary_report(tmp_path):
+    now = time.time_ns()
+    write_report(tmp_path, 1, ROOT_CAUSE, now - 5_000_000_000)
+    write_report(tmp_path, 0, SECONDARY, now)
+    assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == f"rank 1 failed: {ROOT_CAUSE}"
+
+
+def test_rank_failure_picks_the_earliest_of_several_root_causes(tmp_path):
+    now = time.time_ns()
+    write_report(tmp_path, 0, "ValueError: second", now)
+    write_report(tmp_path, 1, "ValueError: first", now - 1_000_000_000)
+    assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == "rank 1 failed: ValueError: first"
+
+
+def test_rank_failure_reports_a_secondary_failure_when_it_is_all_there_is(tmp_path):
+    write_report(tmp_path, 2, SECONDARY, time.time_ns())
+    assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == f"rank 2 failed: {SECONDARY}"
+
+
+def test_rank_failure_falls_back_to_the_output_tail(tmp_path):
+    tail = collections.deque([f"line {i}" for i in range(30)] + ["", "Killed"], maxlen=200)
+    message = launch._rank_failure(str(tmp_path), tail, -9)
+    assert message.startswith("a training process exited with code -9; last output:\n")
+    shown = message.split("last output:\n", 1)[1].splitlines()
+    assert len(shown) == 15
+    assert shown[-1] == "Killed"
+    assert shown[0] == "line 16"
+
+
+def test_rank_failure_without_reports_or_output_gives_the_exit_code(tmp_path):
+    assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == "a training process exited with code 1"

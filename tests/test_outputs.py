@@ -1,0 +1,215 @@
+"""plugin_utils/outputs.py: the adapter moved into place atomically with its summary, checkpoints found
+for resuming, the loss plot, and the versions recorded (SPEC §7)."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+
+from plugin_utils import outputs
+from plugin_utils.launch import RunResult
+from plugin_utils.rules import Plan
+
+from .conftest import ROOT
+
+
+def stage(final) -> str:
+    """A staged adapter as the worker leaves it: weights and tokenizer under the temporary name."""
+    staging = outputs.staging_path(str(final))
+    os.makedirs(staging)
+    with open(os.path.join(staging, "adapter_model.safetensors"), "wb") as handle:
+        handle.write(b"new weights")
+    with open(os.path.join(staging, "tokenizer.json"), "w") as handle:
+        handle.write("{}")
+    return staging
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if ".old-" in name or ".partial-" in name)
+
+
+def make_checkpoint(folder, step: int, complete: bool = True) -> str:
+    path = os.path.join(str(folder), f"checkpoint-{step}")
+    os.makedirs(path)
+    if complete:
+        with open(os.path.join(path, "trainer_state.json"), "w") as handle:
+            json.dump({"global_step": step}, handle)
+    return path
+
+
+def test_staging_path_sits_next_to_the_final_folder(tmp_path):
+    final = str(tmp_path / "my-adaptor")
+    staging = outputs.staging_path(final)
+    assert os.path.dirname(staging) == str(tmp_path)
+    assert os.path.basename(staging) == f"my-adaptor.partial-{os.getpid()}"
+    assert outputs.staging_path(final + os.sep) == staging
+
+
+def test_publish_moves_staging_into_place_with_the_summary(tmp_path):
+    final = tmp_path / "adapters" / "my-adaptor"
+    os.makedirs(final.parent)
+    staging = stage(final)
+    result = outputs.publish(staging, str(final), {"steps": 6, "final_loss": 1.5})
+    assert result == os.path.abspath(final)
+    assert not os.path.exists(staging)
+    assert (final / "adapter_model.safetensors").read_bytes() == b"new weights"
+    assert json.loads((final / outputs.SUMMARY_FILE).read_text()) == {"steps": 6, "final_loss": 1.5}
+    assert outputs.is_complete_adapter(str(final))
+    assert leftovers(final.parent) == []
+
+
+def test_publish_creates_missing_parent_folders(tmp_path):
+    staging_root = tmp_path / "staged"
+    staging_root.mkdir()
+    staging = stage(staging_root / "x")
+    final = tmp_path / "deep" / "er" / "x"
+    outputs.publish(staging, str(final), {})
+    assert outputs.is_complete_adapter(str(final))
+
+
+def test_publish_replaces_an_existing_adapter_without_leftovers(tmp_path):
+    final = tmp_path / "my-adaptor"
+    final.mkdir()
+    (final / "adapter_model.safetensors").write_bytes(b"old weights")
+    (final / "stale.txt").write_text("from the previous run")
+    (final / outputs.SUMMARY_FILE).write_text('{"steps": 1}')
+    staging = stage(final)
+    outputs.publish(staging, str(final), {"steps": 2})
+    assert (final / "adapter_model.safetensors").read_bytes() == b"new weights"
+    assert not (final / "stale.txt").exists()
+    assert json.loads((final / outputs.SUMMARY_FILE).read_text()) == {"steps": 2}
+    assert leftovers(tmp_path) == []
+    assert [name for name in os.listdir(tmp_path) if name.startswith("my-adaptor")] == ["my-adaptor"]
+
+
+def test_publish_replaces_an_empty_pre_created_folder(tmp_path):
+    final = tmp_path / "my-adaptor"
+    final.mkdir()
+    staging = stage(final)
+    outputs.publish(staging, str(final), {"steps": 3})
+    assert (final / "adapter_model.safetensors").exists()
+    assert outputs.is_complete_adapter(str(final))
+    assert leftovers(tmp_path) == []
+
+
+def test_publish_writes_values_json_cannot_hold_as_text(tmp_path):
+    final = tmp_path / "my-adaptor"
+    staging = stage(final)
+    outputs.publish(staging, str(final), {"path": tmp_path})
+    assert json.loads((final / outputs.SUMMARY_FILE).read_text()) == {"path": str(tmp_path)}
+
+
+def test_an_adapter_without_a_summary_is_not_complete(tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "adapter_model.safetensors").write_bytes(b"")
+    assert not outputs.is_complete_adapter(str(tmp_path / "half"))
+    assert not outputs.is_complete_adapter(str(tmp_path / "missing"))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def test_latest_checkpoint_of_a_missing_folder_is_none(tmp_path):
+    assert outputs.latest_checkpoint(str(tmp_path / "nothing")) is None
+
+
+def test_latest_checkpoint_picks_the_highest_complete_step(tmp_path):
+    make_checkpoint(tmp_path, 2)
+    best = make_checkpoint(tmp_path, 10)  # sorts before checkpoint-2 as text
+    make_checkpoint(tmp_path, 9)
+    assert outputs.latest_checkpoint(str(tmp_path)) == best
+
+
+def test_latest_checkpoint_ignores_checkpoints_without_trainer_state(tmp_path):
+    done = make_checkpoint(tmp_path, 3)
+    make_checkpoint(tmp_path, 6, complete=False)  # interrupted while saving
+    (tmp_path / "checkpoint-final").mkdir()
+    (tmp_path / "checkpoint-final" / "trainer_state.json").write_text("{}")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "loss_plot.json").write_text("{}")
+    assert outputs.latest_checkpoint(str(tmp_path)) == done
+
+
+def test_latest_checkpoint_with_only_incomplete_checkpoints_is_none(tmp_path):
+    make_checkpoint(tmp_path, 4, complete=False)
+    assert outputs.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_resume_point_clears_checkpoints_when_overwriting_a_complete_adapter(tmp_path):
+    adapter = tmp_path / "my-adaptor"
+    stage_dir = stage(adapter)
+    outputs.publish(stage_dir, str(adapter), {})
+    checkpoints = tmp_path / "checkpoints" / "my-adaptor"
+    make_checkpoint(checkpoints, 5)
+    assert outputs.resume_point(str(adapter), str(checkpoints), overwrite=True) is None
+    assert not checkpoints.exists()
+
+
+def test_resume_point_returns_the_latest_checkpoint_of_an_interrupted_run(tmp_path):
+    checkpoints = tmp_path / "checkpoints" / "my-adaptor"
+    make_checkpoint(checkpoints, 5)
+    latest = make_checkpoint(checkpoints, 10)
+    adapter = str(tmp_path / "my-adaptor")
+    assert outputs.resume_point(adapter, str(checkpoints), overwrite=False) == latest
+    # overwrite only discards work that a finished adapter already holds
+    assert outputs.resume_point(adapter, str(checkpoints), overwrite=True) == latest
+    assert os.path.isdir(latest)
+
+
+def test_resume_point_keeps_checkpoints_when_not_overwriting(tmp_path):
+    adapter = tmp_path / "my-adaptor"
+    outputs.publish(stage(adapter), str(adapter), {})
+    checkpoints = tmp_path / "checkpoints" / "my-adaptor"
+    latest = make_checkpoint(checkpoints, 7)
+    assert outputs.resume_point(str(adapter), str(checkpoints), overwrite=False) == latest
+
+
+def test_resume_point_without_checkpoints_is_none(tmp_path):
+    assert outputs.resume_point(str(tmp_path / "a"), str(tmp_path / "c"), overwrite=False) is None
+
+
+# --- plot, versions, summary ---------------------------------------------------------------------------------
+
+
+def test_write_plot_writes_a_plotly_figure_of_the_loss(tmp_path):
+    path = str(tmp_path / "loss_plot.json")
+    history = [{"step": 2, "loss": 2.0}, {"step": 4, "loss": 1.5}, {"step": 6, "loss": 1.2}]
+    assert outputs.write_plot(path, history) == path
+    figure = json.loads((tmp_path / "loss_plot.json").read_text())
+    [trace] = figure["data"]
+    assert trace["x"] == [2, 4, 6]
+    assert trace["y"] == [2.0, 1.5, 1.2]
+    assert trace["type"] == "scatter"
+    assert trace["mode"] == "lines"
+    assert figure["layout"]["xaxis"]["title"] == "step"
+    assert figure["layout"]["yaxis"]["title"] == "loss"
+
+
+def test_write_plot_without_history_writes_nothing(tmp_path):
+    assert outputs.write_plot(str(tmp_path / "loss_plot.json"), []) is None
+    assert not (tmp_path / "loss_plot.json").exists()
+
+
+def test_versions_include_trl_and_the_plugin():
+    found = outputs.versions()
+    assert found["trl"] == metadata.version("trl")
+    assert found["transformers"] == metadata.version("transformers")
+    assert found["plugin"] == json.loads((ROOT / "index.json").read_text())["version"]
+
+
+def test_summary_records_parameters_world_size_steps_loss_runtime_and_versions():
+    p = {"adaptor_name": "my-adaptor", "learning_rate": 2e-4}
+    plan = Plan(device="cpu", gpu_ids=[], num_processes=2, precision="fp32")
+    result = RunResult(
+        status="COMPLETE", steps=6, max_steps=6, world_size=2, final_loss=1.25, eval_loss=None, runtime=12.345
+    )
+    found = outputs.summary(p, plan, result, {"rows": 190})
+    assert found["parameters"] == p
+    assert found["plan"] == plan.as_dict()
+    assert (found["world_size"], found["steps"], found["max_steps"]) == (2, 6, 6)
+    assert found["final_loss"] == 1.25
+    assert found["runtime_seconds"] == 12.35
+    assert found["dataset"] == {"rows": 190}
+    assert "trl" in found["versions"]
+    json.dumps(found)

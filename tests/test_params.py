@@ -1,0 +1,414 @@
+"""plugin_utils/params.py: defaults from index.json, coercion of string values, bounds, enums, names,
+unknown keys (headless error vs host warning) and reporting every problem at once (SPEC §3, §5)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from plugin_utils import params
+from plugin_utils.errors import InvalidConfig
+
+from .conftest import ROOT
+
+# SPEC §3: the keys the Train tab and the host fill; never form parameters.
+SPEC_HOST_KEYS = {
+    "model_name",
+    "model_architecture",
+    "dataset_name",
+    "template_name",
+    "plugin_name",
+    "job_id",
+    "output_dir",
+    "adaptor_output_dir",
+    "run_sweeps",
+    "sweep_config",
+    "experiment_name",
+    "formatting_template",
+    "apply_chat_template",
+    "chatml_formatted_column",
+    "formatting_chat_template",
+}
+
+
+def manifest_parameters() -> dict:
+    return json.loads((ROOT / "index.json").read_text())["parameters"]
+
+
+def resolve(headless: bool = True, **values):
+    """Resolve the given values with a valid adaptor_name unless the test sets one."""
+    raw = {"adaptor_name": "my-adaptor", **values}
+    return params.resolve(raw, headless=headless)
+
+
+def errors_of(headless: bool = True, **values) -> dict[str, str]:
+    """Each failing parameter with its messages (one per line)."""
+    with pytest.raises(InvalidConfig) as caught:
+        resolve(headless=headless, **values)
+    found: dict[str, list[str]] = {}
+    for p in caught.value.errors:
+        found.setdefault(p.parameter, []).append(p.message)
+    return {name: "\n".join(messages) for name, messages in found.items()}
+
+
+# --- defaults ------------------------------------------------------------------------------------
+
+
+def test_defaults_come_from_index_json_parameters():
+    defaults = params.defaults()
+    for name, spec in manifest_parameters().items():
+        assert name in defaults
+        assert defaults[name] == spec.get("default"), name
+
+
+def test_defaults_include_host_keys_with_output_dir_defaulting_to_outputs():
+    defaults = params.defaults()
+    assert set(defaults) >= SPEC_HOST_KEYS
+    assert defaults["output_dir"] == "./outputs"
+    assert defaults["chatml_formatted_column"] == "messages"
+    assert defaults["apply_chat_template"] is False
+
+
+def test_resolving_only_a_name_gives_every_default():
+    values, warnings = resolve()
+    assert warnings == []
+    expected = params.defaults()
+    expected["adaptor_name"] = "my-adaptor"
+    assert values == expected
+
+
+# --- coercion --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "expected"),
+    [
+        ("batch_size", "4", 4),
+        ("batch_size", " 8 ", 8),
+        ("batch_size", 16.0, 16),
+        ("lora_r", "4.0", 4),
+        ("max_steps", "-1", -1),
+        ("learning_rate", "2e-4", 2e-4),
+        ("learning_rate", "0.001", 0.001),
+        ("learning_rate", 1, 1.0),
+        ("num_train_epochs", "3", 3.0),
+        ("main_process_port", "29500", 29500),
+    ],
+)
+def test_numbers_given_as_strings_are_coerced(name, raw, expected):
+    values, _ = resolve(**{name: raw})
+    assert values[name] == expected
+    assert type(values[name]) is type(expected)
+
+
+def test_integer_fields_become_int_and_number_fields_become_float():
+    values, _ = resolve(batch_size="4", learning_rate="1")
+    assert isinstance(values["batch_size"], int)
+    assert isinstance(values["learning_rate"], float)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("True", True),
+        ("on", True),
+        ("ON", True),
+        ("yes", True),
+        ("Yes", True),
+        ("1", True),
+        (" true ", True),
+        (1, True),
+        (True, True),
+        ("false", False),
+        ("FALSE", False),
+        ("off", False),
+        ("Off", False),
+        ("no", False),
+        ("NO", False),
+        ("0", False),
+        (0, False),
+        (False, False),
+    ],
+)
+def test_boolean_strings_are_coerced_in_any_case(raw, expected):
+    values, _ = resolve(packing=raw)
+    assert values["packing"] is expected
+
+
+@pytest.mark.parametrize("raw", ["maybe", "2", 2, "", "tru"])
+def test_booleans_reject_other_values_with_a_fix(raw):
+    message = errors_of(packing=raw)["packing"]
+    assert "expected true or false" in message
+    assert "true/false, on/off, yes/no or 1/0" in message
+
+
+def test_host_boolean_keys_are_coerced_too():
+    values, _ = resolve(apply_chat_template="yes", run_sweeps="0")
+    assert values["apply_chat_template"] is True
+    assert values["run_sweeps"] is False
+
+
+def test_null_means_the_default():
+    values, _ = resolve(lora_r=None, learning_rate=None, packing=None, precision=None, output_dir=None)
+    defaults = params.defaults()
+    for name in ("lora_r", "learning_rate", "packing", "precision", "output_dir"):
+        assert values[name] == defaults[name]
+
+
+def test_null_adaptor_name_is_still_required():
+    message = errors_of(adaptor_name=None)["adaptor_name"]
+    assert "is required" in message
+
+
+def test_integer_fields_reject_fractions():
+    message = errors_of(batch_size="2.5")["batch_size"]
+    assert "expected a whole number" in message
+    assert "2.5" in message
+    assert "Give an integer" in message
+
+
+@pytest.mark.parametrize("raw", ["many", "", "4 GPUs", [4], {"n": 4}])
+def test_numbers_reject_text_that_is_not_a_number(raw):
+    message = errors_of(batch_size=raw)["batch_size"]
+    assert "expected a number" in message
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_numbers_reject_real_booleans(raw):
+    assert "expected a number" in errors_of(learning_rate=raw)["learning_rate"]
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", float("nan"), float("inf")])
+def test_numbers_reject_nan_and_infinity(raw):
+    assert "finite" in errors_of(learning_rate=raw)["learning_rate"]
+
+
+def test_numbers_given_to_string_fields_become_text():
+    values, _ = resolve(gpu_ids=0, num_processes=2)
+    assert values["gpu_ids"] == "0"
+    assert values["num_processes"] == "2"
+
+
+def test_string_fields_reject_objects_and_lists():
+    assert "expected text" in errors_of(lora_target_modules=["q_proj"])["lora_target_modules"]
+
+
+def test_enum_values_are_matched_in_any_case():
+    values, _ = resolve(training_mode=" LoRA ", precision="BF16", completion_only_loss=True)
+    assert values["training_mode"] == "lora"
+    assert values["precision"] == "bf16"
+    # A JSON boolean for the auto/true/false choice is read as its text.
+    assert values["completion_only_loss"] == "true"
+
+
+# --- bounds and enums --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "what", "fix"),
+    [
+        ("batch_size", 0, "below the minimum 1", "at least 1"),
+        ("lora_r", "2000", "above the maximum 1024", "at most 1024"),
+        ("lora_dropout", 0.95, "above the maximum 0.9", "at most 0.9"),
+        ("learning_rate", 0, "below the minimum 1e-08", "at least 1e-08"),
+        ("eval_split", "0.6", "above the maximum 0.5", "at most 0.5"),
+        ("max_dropped_fraction", 1.5, "above the maximum 1", "at most 1"),
+        ("max_dropped_fraction", -0.1, "below the minimum 0", "at least 0"),
+        ("max_steps", -2, "below the minimum -1", "at least -1"),
+        ("main_process_port", 70000, "above the maximum 65535", "at most 65535"),
+    ],
+)
+def test_bounds_give_an_error_naming_the_parameter_and_the_fix(name, raw, what, fix):
+    with pytest.raises(InvalidConfig) as caught:
+        resolve(**{name: raw})
+    [found] = caught.value.errors
+    assert found.parameter == name
+    assert what in found.message
+    assert f"Use a value of {fix}" in found.message
+    assert found.line().startswith(f"{name}: ")
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("training_mode", "adapter"),
+        ("precision", "int8"),
+        ("train_device", "tpu"),
+        ("distributed_strategy", "deepspeed"),
+        ("completion_only_loss", "sometimes"),
+        ("learning_rate_schedule", "cosine-ish"),
+    ],
+)
+def test_enums_give_an_error_listing_the_choices(name, raw):
+    with pytest.raises(InvalidConfig) as caught:
+        resolve(**{name: raw})
+    [found] = caught.value.errors
+    assert found.parameter == name
+    assert repr(raw) in found.message
+    choices = ", ".join(params.form_schema()[name]["enum"])
+    assert f"Pick one of: {choices}" in found.message
+
+
+def test_values_at_the_bounds_are_accepted():
+    values, _ = resolve(eval_split=0.5, max_dropped_fraction=0, lora_dropout="0.9", batch_size=1, max_steps=-1)
+    assert values["eval_split"] == 0.5
+    assert values["max_dropped_fraction"] == 0
+    assert values["max_steps"] == -1
+
+
+# --- adaptor_name ------------------------------------------------------------------------------------
+
+
+def test_adaptor_name_is_required():
+    with pytest.raises(InvalidConfig) as caught:
+        params.resolve({}, headless=True)
+    [found] = caught.value.errors
+    assert found.parameter == "adaptor_name"
+    assert "is required" in found.message
+
+
+def test_empty_adaptor_name_is_required():
+    assert "is required" in errors_of(adaptor_name="")["adaptor_name"]
+
+
+@pytest.mark.parametrize("name", ["a/b", ".hidden", "..", ".", "../up", "a\\b", "/abs", "has space", "x:y"])
+def test_adaptor_name_pattern_rejects_paths_and_hidden_names(name):
+    message = errors_of(adaptor_name=name)["adaptor_name"]
+    assert "not a valid name" in message
+    assert "never a path" in message
+
+
+@pytest.mark.parametrize("name", ["a/b", ".hidden"])
+def test_an_invalid_adaptor_name_gets_one_error_not_also_is_required(name):
+    with pytest.raises(InvalidConfig) as caught:
+        resolve(adaptor_name=name)
+    [found] = caught.value.errors  # today a second "adaptor_name: is required" follows
+    assert found.message.startswith(f"{name!r} is not a valid name")
+
+
+@pytest.mark.parametrize("name", ["my-adaptor_1.0", "a", "_x", "-x", "Llama3.1-sft", "v2..final"])
+def test_adaptor_name_pattern_accepts_plain_names(name):
+    values, _ = resolve(adaptor_name=name)
+    assert values["adaptor_name"] == name
+
+
+def test_adaptor_name_longer_than_the_manifest_max_length_is_rejected():
+    # index.json declares maxLength 128; a longer name would also overflow file-name limits once the
+    # staging suffix is added.
+    limit = params.form_schema()["adaptor_name"]["maxLength"]
+    errors = errors_of(adaptor_name="a" * (limit + 1))
+    assert "adaptor_name" in errors
+    resolve(adaptor_name="a" * limit)
+
+
+# --- unknown keys ------------------------------------------------------------------------------------
+
+
+def test_unknown_key_headless_is_an_error_with_did_you_mean():
+    with pytest.raises(InvalidConfig) as caught:
+        resolve(learning_rat=1e-4)
+    [found] = caught.value.errors
+    assert found.parameter == "learning_rat"
+    assert "unknown parameter" in found.message
+    assert "Did you mean 'learning_rate'?" in found.message
+
+
+def test_unknown_key_without_a_close_match_points_to_index_json():
+    message = errors_of(zzzz_qqqq=1)["zzzz_qqqq"]
+    assert "unknown parameter" in message
+    assert "Did you mean" not in message
+    assert "index.json" in message
+
+
+def test_unknown_key_under_a_host_is_a_warning_not_an_error():
+    values, warnings = resolve(headless=False, learning_rat=1e-4)
+    assert "learning_rat" not in values
+    assert values["learning_rate"] == params.defaults()["learning_rate"]
+    [found] = warnings
+    assert found.parameter == "learning_rat"
+    assert "Did you mean 'learning_rate'?" in found.message
+
+
+@pytest.mark.parametrize("key", sorted(params.HOST_NOISE))
+def test_host_noise_keys_are_silent_under_a_host(key):
+    values, warnings = resolve(headless=False, **{key: "anything"})
+    assert warnings == []
+    assert key not in values
+
+
+def test_host_noise_keys_are_still_unknown_headless():
+    assert "unknown parameter" in errors_of(type="trainer")["type"]
+
+
+# --- all problems at once ------------------------------------------------------------------------------
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(InvalidConfig) as caught:
+        params.resolve(
+            {
+                "learning_rat": 1e-4,
+                "batch_size": "many",
+                "lora_r": 0,
+                "precision": "int8",
+                "packing": "maybe",
+                "max_steps": "2.5",
+            },
+            headless=True,
+        )
+    found = {p.parameter for p in caught.value.errors}
+    assert found == {"learning_rat", "batch_size", "lora_r", "precision", "packing", "max_steps", "adaptor_name"}
+    # One line each, in the `<parameter>: <what>. <fix>.` form.
+    lines = str(caught.value).splitlines()
+    assert len(lines) == len(found)
+    assert all(line.split(": ", 1)[0] in found and line.endswith(".") for line in lines)
+
+
+def test_warnings_travel_with_the_errors_under_a_host():
+    with pytest.raises(InvalidConfig) as caught:
+        params.resolve({"adaptor_name": "x", "learning_rat": 1, "batch_size": 0}, headless=False)
+    assert [p.parameter for p in caught.value.errors] == ["batch_size"]
+    assert [p.parameter for p in caught.value.warnings] == ["learning_rat"]
+
+
+# --- host keys -----------------------------------------------------------------------------------------
+
+
+def test_host_keys_are_the_spec_list():
+    assert set(params.HOST_KEYS) == SPEC_HOST_KEYS
+
+
+def test_host_keys_are_never_form_parameters():
+    assert not SPEC_HOST_KEYS & set(manifest_parameters())
+    assert not SPEC_HOST_KEYS & set(params.form_schema())
+
+
+def test_host_keys_are_accepted_headless():
+    sent = {
+        "model_name": "/models/tiny",
+        "model_architecture": "LlamaForCausalLM",
+        "dataset_name": "/data/rows.jsonl",
+        "template_name": "t",
+        "plugin_name": "sft_trainer_trl",
+        "job_id": 7,
+        "output_dir": "/out",
+        "adaptor_output_dir": "/out/adaptor",
+        "run_sweeps": "false",
+        "sweep_config": {"learning_rate": [1e-4, 2e-4]},
+        "experiment_name": "alpha",
+        "formatting_template": "{{ text }}",
+        "apply_chat_template": "true",
+        "chatml_formatted_column": "conversations",
+        "formatting_chat_template": "",
+    }
+    values, warnings = resolve(**sent)
+    assert warnings == []
+    assert values["job_id"] == "7"
+    assert values["run_sweeps"] is False
+    assert values["apply_chat_template"] is True
+    assert values["sweep_config"] == {"learning_rate": [1e-4, 2e-4]}
+    assert values["model_name"] == "/models/tiny"
+    assert values["chatml_formatted_column"] == "conversations"
