@@ -12,7 +12,6 @@ import sys
 import tempfile
 
 from plugin_utils import cli, data, host, launch, machine, outputs, params, rules
-from plugin_utils.errors import InvalidConfig, problem
 
 
 def run(args, outcome: cli.Outcome) -> None:
@@ -22,23 +21,14 @@ def run(args, outcome: cli.Outcome) -> None:
 
     outcome.host = job = host.choose(args)
     p, outcome.warnings = params.resolve(job.raw_params(), headless=job.headless)
-    plan = rules.check(p, machine.detect(), outcome.warnings)
     adapter_dir, checkpoint_dir = job.locations(p)
-    if outputs.is_complete_adapter(adapter_dir) and not p["overwrite_output"]:
-        raise InvalidConfig(
-            [
-                problem(
-                    "overwrite_output",
-                    f"{adapter_dir} already holds a finished adapter",
-                    "Pick another adaptor_name, or set overwrite_output=true to replace it",
-                )
-            ]
-        )
+    plan = rules.check(p, machine.detect(), outcome.warnings, outputs=(adapter_dir, checkpoint_dir))
     cli.report_warnings(outcome.warnings)
     if args.check:
         return cli.emit_json(args.json, cli.check_report(outcome.warnings, plan))
 
     prepared = data.prepare(p, preview=args.preview, should_stop=lambda: stop.requested)
+    rules.check_data(p, plan, prepared.stats, outcome.warnings)
     cli.report_dataset(prepared)
     if args.dry_run:
         return cli.emit_json(args.json, cli.dry_run_report(outcome.warnings, prepared))

@@ -1,15 +1,19 @@
 """Cross-parameter rules and the run plan.
 
-Each rule is a few lines: it looks at the parameters (and, for machine rules, at this machine) and
-yields `error(...)` or `warning(...)`. Configuration rules need no hardware, so a config can be checked
-on a laptop; machine rules are kept apart. All findings are reported at once.
+Each rule is a few lines: it looks at the parameters (machine rules also at this machine, output rules
+at the output folders, data rules at the prepared dataset's statistics) and yields `error(...)` or
+`warning(...)`. Configuration rules need no hardware, so a config can be checked on a laptop; machine
+rules are kept apart. All findings of a phase are reported at once. A rule's docstring is its line in
+info.md's rules table.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from .errors import InvalidConfig, Problem, problem
@@ -19,6 +23,8 @@ Finding = tuple[str, Problem]
 Rule = Callable[..., Iterator[Finding]]
 CONFIG_RULES: list[Rule] = []
 MACHINE_RULES: list[Rule] = []
+OUTPUT_RULES: list[Rule] = []
+DATA_RULES: list[Rule] = []
 
 
 def error(parameter: str, what: str, fix: str = "") -> Finding:
@@ -39,11 +45,26 @@ def machine_rule(fn: Rule) -> Rule:
     return fn
 
 
+def output_rule(fn: Rule) -> Rule:
+    OUTPUT_RULES.append(fn)
+    return fn
+
+
+def data_rule(fn: Rule) -> Rule:
+    DATA_RULES.append(fn)
+    return fn
+
+
+def all_rules() -> list[Rule]:
+    return [*CONFIG_RULES, *MACHINE_RULES, *OUTPUT_RULES, *DATA_RULES]
+
+
 # --- required inputs ---------------------------------------------------------------------------
 
 
 @config_rule
 def model_and_dataset_given(p):
+    """A model and a dataset are given."""
     if not p["model_name"]:
         yield error("model_name", "no model given", "Set model_name to a local model folder or a Hub id")
     if not p["dataset_name"]:
@@ -52,6 +73,7 @@ def model_and_dataset_given(p):
 
 @config_rule
 def adaptor_name_is_a_name(p):
+    """adaptor_name is a plain name, never a path."""
     name = p["adaptor_name"] or ""
     if "/" in name or "\\" in name or name.startswith(".") or name in ("", ".", ".."):
         yield error(
@@ -61,17 +83,78 @@ def adaptor_name_is_a_name(p):
         )
 
 
+# --- the model ----------------------------------------------------------------------------------
+
+
+@config_rule
+def model_is_reachable(p):
+    """model_name is a local model folder, or a Hub id that is cached or reachable (HF_HUB_OFFLINE=1)."""
+    name = p["model_name"]
+    if not name:
+        return
+    local = _looks_local(name)
+    if local and not os.path.isdir(os.path.expanduser(name)):
+        yield error("model_name", f"{name} is not a folder", "Give the model's folder or a Hub id")
+    elif not local and model_config(name) is None and os.environ.get("HF_HUB_OFFLINE") == "1":
+        yield error("model_name", f"{name} is not in the local Hub cache and HF_HUB_OFFLINE=1", "Download it first")
+
+
+@config_rule
+def model_is_not_an_adapter(p):
+    """model_name is a base model, not a LoRA adapter folder (TRL refuses a PeftModel plus a LoRA config)."""
+    name = os.path.expanduser(p["model_name"] or "")
+    if name and os.path.isfile(os.path.join(name, "adapter_config.json")):
+        base = _read_json(os.path.join(name, "adapter_config.json")).get("base_model_name_or_path", "its base model")
+        yield error(
+            "model_name", f"{name} is a LoRA adapter, not a model", f"Train on {base} (or fuse the adapter first)"
+        )
+
+
+@config_rule
+def sequence_fits_model(p):
+    """maximum_sequence_length is within the model's max_position_embeddings (read from config.json)."""
+    config = model_config(p["model_name"]) if p["model_name"] else None
+    limit = next((config[k] for k in ("max_position_embeddings", "n_positions") if config and config.get(k)), None)
+    if isinstance(limit, int) and p["maximum_sequence_length"] > limit:
+        yield error(
+            "maximum_sequence_length",
+            f"{p['maximum_sequence_length']} is above the model's context length {limit}",
+            f"Use at most {limit}",
+        )
+
+
+@config_rule
+def lora_not_on_lm_head(p):
+    """LoRA target modules do not include lm_head (TRL and PEFT cannot train an adapter there)."""
+    modules = {m.strip() for m in p["lora_target_modules"].split(",")}
+    if p["training_mode"] != "full" and "lm_head" in modules:
+        yield error("lora_target_modules", "lm_head cannot carry a LoRA adapter", "Remove lm_head from the list")
+
+
 # --- training length and optimisation ----------------------------------------------------------
 
 
 @config_rule
 def max_steps_not_zero(p):
+    """max_steps is not 0 (which would train nothing)."""
     if p["max_steps"] == 0:
         yield error("max_steps", "0 would train nothing", "Use -1 to train by epochs, or a positive step count")
 
 
 @config_rule
+def save_steps_within_max_steps(p):
+    """save_steps beyond max_steps leaves no checkpoint to resume from (warning)."""
+    if p["max_steps"] > 0 and p["save_steps"] > p["max_steps"]:
+        yield warning(
+            "save_steps",
+            f"{p['save_steps']} is beyond max_steps={p['max_steps']}: a stopped run has no checkpoint to resume from",
+            f"Use save_steps <= {p['max_steps']}",
+        )
+
+
+@config_rule
 def learning_rate_sane(p):
+    """A learning rate above 1e-2 is flagged (warning)."""
     if p["learning_rate"] > 1e-2:
         yield warning(
             "learning_rate",
@@ -85,6 +168,7 @@ def learning_rate_sane(p):
 
 @config_rule
 def lora_settings_ignored_in_full_mode(p):
+    """LoRA settings changed with training_mode=full are flagged as ignored (warning)."""
     if p["training_mode"] != "full":
         return
     from .params import form_schema
@@ -103,6 +187,7 @@ def lora_settings_ignored_in_full_mode(p):
 
 @config_rule
 def chat_template_wins_over_formatting_template(p):
+    """A formatting template sent with apply_chat_template is ignored: the chat template wins (warning)."""
     if p["apply_chat_template"] and p["formatting_template"].strip():
         yield warning(
             "formatting_template",
@@ -116,6 +201,7 @@ def chat_template_wins_over_formatting_template(p):
 
 @config_rule
 def strategy_available(p):
+    """distributed_strategy is one this version runs."""
     if p["distributed_strategy"] != "ddp":
         yield error(
             "distributed_strategy",
@@ -126,18 +212,21 @@ def strategy_available(p):
 
 @config_rule
 def fuse_model_available(p):
+    """fuse_model is only accepted where merging is available."""
     if p["fuse_model"]:
         yield error("fuse_model", "merging is not available in this version", "Set fuse_model=false")
 
 
 @config_rule
 def wandb_key(p):
+    """log_to_wandb without WANDB_API_KEY runs Weights & Biases offline (warning)."""
     if p["log_to_wandb"] and not os.environ.get("WANDB_API_KEY"):
         yield warning("log_to_wandb", "WANDB_API_KEY is not set: Weights & Biases runs offline", "Set the key")
 
 
 @config_rule
 def multi_node_needs_address(p):
+    """A multi-node run has the main node's address and a fixed port; machine_rank < num_machines."""
     if p["num_machines"] > 1 and not p["main_process_ip"]:
         yield error("main_process_ip", "a multi-node run needs the main node's address", "Set main_process_ip")
     if p["num_machines"] > 1 and not p["main_process_port"]:
@@ -152,6 +241,7 @@ def multi_node_needs_address(p):
 
 @config_rule
 def num_processes_is_auto_or_count(p):
+    """num_processes is auto or a positive count."""
     value = str(p["num_processes"]).strip().lower()
     if value != "auto" and not (value.isdigit() and int(value) >= 1):
         yield error("num_processes", f"{p['num_processes']!r} is neither 'auto' nor a count", "Use auto or 1, 2, ...")
@@ -159,12 +249,44 @@ def num_processes_is_auto_or_count(p):
 
 @config_rule
 def gpu_ids_is_auto_or_list(p):
+    """gpu_ids is auto or a comma list of ids."""
     value = str(p["gpu_ids"]).replace(" ", "")
     if value.lower() != "auto" and not all(part.isdigit() for part in value.split(",")):
         yield error("gpu_ids", f"{p['gpu_ids']!r} is not a list of GPU ids", "Use auto, or ids such as 0,1")
 
 
 # --- this machine ----------------------------------------------------------------------------------
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(name)) or name.count("/") > 1
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as handle:
+            value = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@lru_cache(maxsize=8)
+def model_config(name: str) -> dict[str, Any] | None:
+    """The model's config.json (local folder or the Hub cache), without loading weights or torch."""
+    folder = os.path.expanduser(name)
+    if os.path.isdir(folder):
+        path = os.path.join(folder, "config.json")
+        return _read_json(path) if os.path.isfile(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # a name that is no valid repo id
+        return None
+    return _read_json(cached) if isinstance(cached, str) else None
 
 
 def selected_gpu_ids(p, machine: Machine) -> list[int]:
@@ -187,6 +309,7 @@ def planned_gpus(p, machine: Machine) -> list:
 
 @machine_rule
 def gpus_exist(p, machine: Machine):
+    """Requested GPUs exist (within CUDA_VISIBLE_DEVICES when set); train_device=cuda has a GPU."""
     if p["train_device"] == "cpu":
         return
     usable = [g.index for g in machine.usable_gpus]
@@ -204,6 +327,7 @@ def gpus_exist(p, machine: Machine):
 
 @machine_rule
 def processes_fit_gpus(p, machine: Machine):
+    """num_processes is not above the number of selected GPUs."""
     value = str(p["num_processes"]).strip()
     if not value.isdigit():
         return
@@ -218,12 +342,14 @@ def processes_fit_gpus(p, machine: Machine):
 
 @machine_rule
 def cpu_only_note(p, machine: Machine):
+    """No GPU: the run trains on the CPU (note)."""
     if p["train_device"] == "auto" and not machine.usable_gpus:
         yield warning("train_device", "no GPU found: training on the CPU (slow beyond small models)", "")
 
 
 @machine_rule
 def precision_supported(p, machine: Machine):
+    """bf16 only on Ampere or newer GPUs; fp16 only on a GPU."""
     gpus = [] if p["train_device"] == "cpu" else planned_gpus(p, machine)
     if p["precision"] == "bf16" and gpus and not all(g.supports_bf16 for g in gpus):
         yield error("precision", "bf16 needs an Ampere or newer GPU", "Use precision=auto (fp16 there) or fp16")
@@ -234,6 +360,7 @@ def precision_supported(p, machine: Machine):
 
 @machine_rule
 def qlora_needs_cuda_and_bitsandbytes(p, machine: Machine):
+    """qlora needs a CUDA GPU and bitsandbytes."""
     if p["training_mode"] != "qlora":
         return
     if p["train_device"] == "cpu" or not machine.usable_gpus:
@@ -244,6 +371,7 @@ def qlora_needs_cuda_and_bitsandbytes(p, machine: Machine):
 
 @machine_rule
 def strategy_packages_installed(p, machine: Machine):
+    """deepspeed strategies need the deepspeed package."""
     strategy = p["distributed_strategy"]
     if strategy.startswith("deepspeed") and not has_package("deepspeed"):
         yield error(
@@ -252,10 +380,101 @@ def strategy_packages_installed(p, machine: Machine):
 
 
 @machine_rule
+def strategy_needs_several_processes(p, machine: Machine):
+    """fsdp/deepspeed with a single process shard nothing (warning)."""
+    if p["distributed_strategy"] != "ddp" and make_plan(p, machine).num_processes * p["num_machines"] == 1:
+        yield warning(
+            "distributed_strategy",
+            f"{p['distributed_strategy']} with one process shards nothing",
+            "Use ddp, or select more GPUs",
+        )
+
+
+@machine_rule
 def enough_disk(p, machine: Machine):
+    """At least 1 GiB is free where outputs go."""
     free = free_disk_gib(p["output_dir"] or ".")
     if free < 1:
         yield error("output_dir", f"only {free:.2f} GiB free there", "Free some disk space or pick another output_dir")
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+
+
+def _writable(path: str) -> bool:
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return os.access(probe, os.W_OK)
+
+
+@output_rule
+def finished_adapter_kept(p, adapter_dir: str, checkpoint_dir: str):
+    """A finished adapter of the same name is not replaced unless overwrite_output."""
+    from .outputs import is_complete_adapter
+
+    if is_complete_adapter(adapter_dir) and not p["overwrite_output"]:
+        yield error(
+            "overwrite_output",
+            f"{adapter_dir} already holds a finished adapter",
+            "Pick another adaptor_name, or set overwrite_output=true to replace it",
+        )
+
+
+@output_rule
+def outputs_writable(p, adapter_dir: str, checkpoint_dir: str):
+    """The adapter and checkpoint folders can be written."""
+    for path in (adapter_dir, checkpoint_dir):
+        if not _writable(path):
+            name = "adaptor_output_dir" if p["adaptor_output_dir"] else "output_dir"
+            yield error(name, f"{path} cannot be written", "Pick a folder you can write to")
+            return
+
+
+# --- the data (after preparation) ------------------------------------------------------------------
+
+
+def planned_steps(p, plan, rows: int) -> int:
+    if p["max_steps"] > 0:
+        return p["max_steps"]
+    batches = -(-rows // (p["batch_size"] * plan.num_processes * p["num_machines"]))
+    return max(1, int(-(-batches // p["gradient_accumulation_steps"]) * p["num_train_epochs"]))
+
+
+@data_rule
+def effective_batch_fits_dataset(p, plan, stats):
+    """An effective batch larger than the training rows is flagged (warning)."""
+    effective = p["batch_size"] * p["gradient_accumulation_steps"] * plan.num_processes * p["num_machines"]
+    if effective > stats["rows_used"]:
+        yield warning(
+            "gradient_accumulation_steps",
+            f"the effective batch ({effective}) is larger than the {stats['rows_used']} training rows",
+            "Lower batch_size or gradient_accumulation_steps",
+        )
+
+
+@data_rule
+def checkpoint_before_the_end(p, plan, stats):
+    """save_steps beyond the planned step count leaves no checkpoint to resume from (warning)."""
+    steps = planned_steps(p, plan, stats["rows_used"])
+    if p["max_steps"] <= 0 and p["save_steps"] > steps:
+        yield warning(
+            "save_steps",
+            f"{p['save_steps']} is beyond the {steps} planned steps: a stopped run has no checkpoint to resume from",
+            f"Use save_steps <= {steps}",
+        )
+
+
+def check_data(p: dict[str, Any], plan, stats: dict[str, Any], warnings: list[Problem]) -> None:
+    _collect([f for rule in DATA_RULES for f in rule(p, plan, stats)], warnings)
+
+
+def _collect(findings: list[Finding], warnings: list[Problem]) -> None:
+    errors: list[Problem] = []
+    for severity, found in findings:
+        (errors if severity == "error" else warnings).append(found)
+    if errors:
+        raise InvalidConfig(errors, warnings)
 
 
 # --- the plan -------------------------------------------------------------------------------------
@@ -292,19 +511,21 @@ def make_plan(p: dict[str, Any], machine: Machine) -> Plan:
     )
 
 
-def check(p: dict[str, Any], machine: Machine | None, warnings: list[Problem]) -> Plan | None:
-    """Run every configuration rule (and the machine rules when a machine is given); raise on errors."""
-    errors: list[Problem] = []
+def check(
+    p: dict[str, Any],
+    machine: Machine | None,
+    warnings: list[Problem],
+    outputs: tuple[str, str] | None = None,
+) -> Plan | None:
+    """Every configuration rule, plus the machine rules (given a machine) and the output rules (given the
+    adapter and checkpoint folders); raises InvalidConfig with all errors at once."""
     findings = [f for rule in CONFIG_RULES for f in rule(p)]
     if machine is not None:
         findings += [f for rule in MACHINE_RULES for f in rule(p, machine)]
-    for severity, found in findings:
-        (errors if severity == "error" else warnings).append(found)
-    if errors:
-        raise InvalidConfig(errors, warnings)
-    if machine is None:
-        return None
-    return make_plan(p, machine)
+    if outputs is not None:
+        findings += [f for rule in OUTPUT_RULES for f in rule(p, *outputs)]
+    _collect(findings, warnings)
+    return make_plan(p, machine) if machine is not None else None
 
 
 def rank_environment(plan: Plan) -> dict[str, str]:

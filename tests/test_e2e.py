@@ -263,3 +263,44 @@ def test_a_rank_that_raises_fails_the_job_with_its_message_and_leaves_no_process
         if p.pid not in before and "plugin_utils.worker" in " ".join(p.info["cmdline"] or [])
     ]
     assert not leftovers, leftovers
+
+
+def test_invalid_parameters_fail_a_lab_sdk_job_with_every_line(tiny_model, tmp_path):
+    home = tmp_path / "tflhome"
+    params = base_config(tiny_model, tmp_path, max_steps=0, lora_r="lots", precision="fp16")
+    job_id = _make_lab_job(home, params)
+    proc = run_main(["--json"], env={"_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    report = last_json(proc.stdout)
+    assert {e["parameter"] for e in report["errors"]} == {"lora_r"}  # single-value errors come first
+    [index] = lab_jobs(home, "exp1")
+    job = read_job(index)
+    assert job["status"] == "FAILED"
+    assert "lora_r: expected a number" in job["job_data"]["completion_details"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cross_parameter_errors_are_reported_together_and_fail_the_job(tiny_model, tmp_path):
+    home = tmp_path / "tflhome"
+    params = base_config(tiny_model, tmp_path, max_steps=0, precision="fp16", lora_target_modules="lm_head")
+    job_id = _make_lab_job(home, params)
+    proc = run_main(["--json"], env={"_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1"})
+    assert proc.returncode == 2
+    report = last_json(proc.stdout)
+    assert {e["parameter"] for e in report["errors"]} == {"max_steps", "precision", "lora_target_modules"}
+    details = read_job(lab_jobs(home, "exp1")[0])["job_data"]["completion_details"]
+    assert all(name in details for name in ("max_steps:", "precision:", "lora_target_modules:"))
+
+
+def test_data_errors_exit_2_and_fail_the_job_before_any_launch(tiny_model, tmp_path):
+    rows = tmp_path / "text.jsonl"
+    rows.write_text('{"text": "plain words"}\n' * 8)
+    config = base_config(
+        tiny_model, tmp_path, dataset_name=str(rows), formatting_template="", completion_only_loss="true"
+    )
+    proc = run_main(["--config", write_config(tmp_path, config), "--json"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [error] = last_json(proc.stdout)["errors"]
+    assert error["parameter"] == "completion_only_loss"
+    assert "launch:" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()

@@ -271,3 +271,17 @@ def test_defaults_resolve_without_problems():
     for name in FORM:
         if name != "adaptor_name":
             assert values[name] == PARAMETERS[name]["default"]
+
+
+def test_info_md_lists_every_rule():
+    from plugin_utils import rules
+
+    info = (ROOT / "info.md").read_text()
+    missing = [rule.__name__ for rule in rules.all_rules() if not rule.__doc__ or rule.__doc__.strip() not in info]
+    assert not missing, f"add these rules' docstrings to info.md's rules table: {missing}"
+
+
+def test_info_md_lists_every_parameter():
+    info = (ROOT / "info.md").read_text()
+    manifest = json.loads((ROOT / "index.json").read_text())
+    assert not [name for name in manifest["parameters"] if f"`{name}`" not in info]

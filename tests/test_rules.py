@@ -6,6 +6,9 @@ by hand here: a fake of what nvidia-smi and CUDA_VISIBLE_DEVICES would report. E
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from plugin_utils import params, rules
@@ -30,9 +33,14 @@ FOUR_AMPERE_TWO_VISIBLE = Machine(gpus=gpus(A100, A100, A100, A100), visible=[2,
 ALL_HIDDEN = Machine(gpus=gpus(A100, A100), visible=[], cpu_count=16)
 
 
+# A model folder holding only config.json: the rules read that file and never the weights.
+MODEL_DIR = tempfile.mkdtemp(prefix="rules-model-")
+Path(MODEL_DIR, "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096}')
+
+
 def config(**overrides) -> dict:
     p = params.defaults()
-    p.update(model_name="/models/tiny", dataset_name="/data/rows.jsonl", adaptor_name="my-adaptor")
+    p.update(model_name=MODEL_DIR, dataset_name="/data/rows.jsonl", adaptor_name="my-adaptor")
     p.update(overrides)
     return p
 
@@ -135,6 +143,13 @@ CONFIG_CASES = [
     (rules.gpu_ids_is_auto_or_list, {"gpu_ids": "0,,1"}, {("error", "gpu_ids")}),
     (rules.gpu_ids_is_auto_or_list, {"gpu_ids": ""}, {("error", "gpu_ids")}),
     (rules.gpu_ids_is_auto_or_list, {"gpu_ids": "all"}, {("error", "gpu_ids")}),
+    (rules.lora_not_on_lm_head, {}, set()),
+    (rules.lora_not_on_lm_head, {"lora_target_modules": "q_proj,v_proj"}, set()),
+    (rules.lora_not_on_lm_head, {"lora_target_modules": "q_proj, lm_head"}, {("error", "lora_target_modules")}),
+    (rules.lora_not_on_lm_head, {"lora_target_modules": "lm_head", "training_mode": "full"}, set()),
+    (rules.save_steps_within_max_steps, {"max_steps": -1, "save_steps": 500}, set()),
+    (rules.save_steps_within_max_steps, {"max_steps": 100, "save_steps": 50}, set()),
+    (rules.save_steps_within_max_steps, {"max_steps": 100, "save_steps": 200}, {("warning", "save_steps")}),
 ]
 
 
@@ -251,11 +266,157 @@ def test_enough_disk_measures_the_real_disk_here(tmp_path):
     assert findings(rules.enough_disk, p, CPU_ONLY) <= {("error", "output_dir")}
 
 
+# --- the model: config.json is read, weights never ------------------------------------------------------
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 512}')
+    return str(folder)
+
+
+def test_model_folder_that_exists_is_reachable(model_dir):
+    assert findings(rules.model_is_reachable, config(model_name=model_dir)) == set()
+
+
+def test_model_folder_that_does_not_exist_is_an_error(tmp_path):
+    p = config(model_name=str(tmp_path / "missing"))
+    assert findings(rules.model_is_reachable, p) == {("error", "model_name")}
+
+
+def test_hub_model_missing_from_the_cache_is_an_error_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    rules.model_config.cache_clear()
+    assert findings(rules.model_is_reachable, config(model_name="someone/not-cached-model")) == {
+        ("error", "model_name")
+    }
+    rules.model_config.cache_clear()
+
+
+def test_an_adapter_folder_is_not_a_model(model_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"base_model_name_or_path": "Qwen/Qwen2.5-0.5B"}')
+    assert findings(rules.model_is_not_an_adapter, config(model_name=model_dir)) == set()
+    [line] = messages(rules.model_is_not_an_adapter, config(model_name=str(adapter)))
+    assert "is a LoRA adapter" in line and "Qwen/Qwen2.5-0.5B" in line
+
+
+@pytest.mark.parametrize(("length", "expected"), [(512, set()), (513, {("error", "maximum_sequence_length")})])
+def test_sequence_length_must_fit_the_model_context(model_dir, length, expected):
+    rules.model_config.cache_clear()
+    p = config(model_name=model_dir, maximum_sequence_length=length)
+    assert findings(rules.sequence_fits_model, p) == expected
+    if expected:
+        assert "Use at most 512" in messages(rules.sequence_fits_model, p)[0]
+
+
+# --- outputs ---------------------------------------------------------------------------------------------
+
+
+def test_a_finished_adapter_is_kept_unless_overwrite_output(tmp_path):
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    (adapter / "training_summary.json").write_text("{}")
+    ckpt = str(tmp_path / "ckpt")
+    assert {(s, p.parameter) for s, p in rules.finished_adapter_kept(config(), str(adapter), ckpt)} == {
+        ("error", "overwrite_output")
+    }
+    assert not list(rules.finished_adapter_kept(config(overwrite_output=True), str(adapter), ckpt))
+    assert not list(rules.finished_adapter_kept(config(), str(tmp_path / "new"), ckpt))
+
+
+def test_output_folders_must_be_writable(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        found = list(rules.outputs_writable(config(), str(locked / "a"), str(locked / "c")))
+        # root can write anywhere; the rule is only observable as an ordinary user.
+        import os
+
+        if os.geteuid() != 0:
+            assert [(s, p.parameter) for s, p in found] == [("error", "output_dir")]
+        assert not list(rules.outputs_writable(config(), str(tmp_path / "a"), str(tmp_path / "c")))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_writability_is_judged_at_the_nearest_existing_folder(monkeypatch, tmp_path):
+    asked = []
+    monkeypatch.setattr(rules.os, "access", lambda path, mode: asked.append(path) or False)
+    found = list(rules.outputs_writable(config(), str(tmp_path / "x" / "y"), str(tmp_path / "z")))
+    assert [(s, p.parameter) for s, p in found] == [("error", "output_dir")]
+    assert asked == [str(tmp_path)]
+    found = list(rules.outputs_writable(config(adaptor_output_dir="/w/adaptors/a"), "/w/adaptors/a", "/w/c"))
+    assert found[0][1].parameter == "adaptor_output_dir"
+
+
+# --- the data (after preparation) -------------------------------------------------------------------------
+
+STATS = {"rows_used": 100}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "plan_processes", "expected"),
+    [
+        ({"batch_size": 4, "gradient_accumulation_steps": 4}, 2, set()),
+        ({"batch_size": 16, "gradient_accumulation_steps": 4}, 2, {("warning", "gradient_accumulation_steps")}),
+    ],
+)
+def test_effective_batch_larger_than_the_data_is_a_warning(overrides, plan_processes, expected):
+    plan = rules.Plan(device="cpu", gpu_ids=[], num_processes=plan_processes, precision="fp32")
+    found = rules.effective_batch_fits_dataset(config(**overrides), plan, STATS)
+    assert {(s, p.parameter) for s, p in found} == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"save_steps": 5, "num_train_epochs": 1}, set()),
+        # 100 rows / (4 x 1) = 25 batches, / 4 accumulation = 7 steps per epoch.
+        ({"save_steps": 8, "num_train_epochs": 1}, {("warning", "save_steps")}),
+        ({"save_steps": 8, "num_train_epochs": 2}, set()),
+        ({"save_steps": 800, "max_steps": 1000}, set()),
+    ],
+)
+def test_no_checkpoint_before_the_end_is_a_warning(overrides, expected):
+    plan = rules.Plan(device="cpu", gpu_ids=[], num_processes=1, precision="fp32")
+    p = config(batch_size=4, gradient_accumulation_steps=4, **overrides)
+    assert {(s, q.parameter) for s, q in rules.checkpoint_before_the_end(p, plan, STATS)} == expected
+
+
+def test_planned_steps_counts_epochs_processes_and_accumulation():
+    plan = rules.Plan(device="cuda", gpu_ids=[0, 1], num_processes=2, precision="bf16")
+    assert rules.planned_steps(config(batch_size=4, gradient_accumulation_steps=2), plan, 100) == 7
+    assert rules.planned_steps(config(max_steps=3), plan, 100) == 3
+
+
+def test_data_warnings_are_collected_and_errors_raised():
+    plan = rules.Plan(device="cpu", gpu_ids=[], num_processes=1, precision="fp32")
+    warnings = []
+    rules.check_data(config(batch_size=512, gradient_accumulation_steps=1), plan, STATS, warnings)
+    assert [w.parameter for w in warnings] == ["gradient_accumulation_steps", "save_steps"]
+
+
 def test_every_rule_has_table_cases():
     covered = {rule for rule, *_ in CONFIG_CASES} | {rule for rule, *_ in MACHINE_CASES}
     covered |= {rules.wandb_key, rules.strategy_packages_installed, rules.enough_disk}
-    assert set(rules.CONFIG_RULES) <= covered
-    assert set(rules.MACHINE_RULES) <= covered
+    covered |= {rules.model_is_reachable, rules.model_is_not_an_adapter, rules.sequence_fits_model}
+    covered |= {rules.strategy_needs_several_processes}
+    covered |= {rules.finished_adapter_kept, rules.outputs_writable}
+    covered |= {rules.effective_batch_fits_dataset, rules.checkpoint_before_the_end}
+    assert set(rules.all_rules()) <= covered
+
+
+def test_fsdp_or_deepspeed_with_one_process_is_a_warning():
+    found = rules.strategy_needs_several_processes(config(distributed_strategy="fsdp", num_processes="1"), TWO_AMPERE)
+    assert {(s, p.parameter) for s, p in found} == {("warning", "distributed_strategy")}
+    found = rules.strategy_needs_several_processes(config(distributed_strategy="fsdp"), TWO_AMPERE)
+    assert not list(found)
 
 
 def test_rule_messages_name_the_parameter_what_is_wrong_and_the_fix():

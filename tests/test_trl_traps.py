@@ -1,0 +1,148 @@
+"""Every TRL error and silent trap in shared/reference/trl-notes.md is impossible by construction or
+caught by the plugin's own check. One test each, named for the trap."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from plugin_utils import data, params, rules, worker
+from plugin_utils.errors import InvalidConfig
+from plugin_utils.machine import Gpu, Machine
+
+from .conftest import SAMPLE, TEMPLATE
+
+
+def spec(tmp_path, plan=None, **overrides):
+    p = params.defaults()
+    p.update(model_name="m", dataset_name="d", adaptor_name="a", **overrides)
+    plan = plan or {"device": "cpu", "gpu_ids": [], "num_processes": 1, "precision": "fp32"}
+    return {"params": p, "plan": plan, "checkpoint_dir": str(tmp_path / "ckpt")}
+
+
+def prepared_rows(tiny_model, **overrides):
+    p = params.defaults()
+    p.update(model_name=tiny_model, dataset_name=str(SAMPLE), adaptor_name="a", **overrides)
+    return p, data.prepare(p)
+
+
+def test_seed_error_cannot_happen_no_formatting_func_reaches_trl(tiny_model):
+    # TRL raises when a formatting function meets completion-only loss; the plugin applies the template
+    # itself and hands TRL input_ids + labels, with the prompt masked.
+    _, prepared = prepared_rows(tiny_model, formatting_template=TEMPLATE)
+    from datasets import load_from_disk
+
+    train = load_from_disk(prepared.path)["train"]
+    assert train.column_names == ["input_ids", "labels"]
+    assert any(label == -100 for label in train[0]["labels"])
+
+
+def test_trap_formatted_text_ignored_on_prompt_completion_data_cannot_happen(tiny_model):
+    # The old fix (completion_only_loss off) made TRL train on raw prompt+completion: here the
+    # trained text of a templated row is the template's rendering.
+    _, prepared = prepared_rows(tiny_model, formatting_template=TEMPLATE, completion_only_loss="false")
+    first = json.loads(SAMPLE.read_text().splitlines()[0])
+    assert prepared.samples[0]["trained_text"].startswith(f"Question: {first['prompt']}\nAnswer:")
+
+
+def test_completion_only_loss_true_on_text_rows_is_an_error_not_silent(tiny_model, tmp_path):
+    rows = tmp_path / "text.jsonl"
+    rows.write_text('{"text": "hello world"}\n' * 4)
+    p = params.defaults()
+    p.update(model_name=tiny_model, dataset_name=str(rows), adaptor_name="a", completion_only_loss="true")
+    with pytest.raises(InvalidConfig, match="completion_only_loss"):
+        data.prepare(p)
+
+
+def test_labels_are_given_so_a_completion_mask_is_never_ignored(tmp_path):
+    args = worker._sft_config(spec(tmp_path), has_eval=False)
+    assert args.dataset_kwargs == {"skip_prepare_dataset": True}  # TRL takes our labels as they are
+
+
+def test_padding_free_without_packing_is_never_set(tmp_path):
+    args = worker._sft_config(spec(tmp_path), has_eval=False)
+    assert not args.padding_free and not args.packing
+
+
+def test_packing_always_has_a_max_length(tmp_path):
+    args = worker._sft_config(spec(tmp_path, packing=True), has_eval=False)
+    assert args.packing and args.max_length == 2048
+    assert args.dataset_kwargs is None
+
+
+def test_cpu_plan_sets_use_cpu_so_bf16_is_not_assumed(tmp_path):
+    # Without use_cpu, transformers raises "Your setup doesn't support bf16/gpu" on this machine.
+    args = worker._sft_config(spec(tmp_path), has_eval=False)
+    assert args.use_cpu and not args.bf16 and not args.fp16
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fp16_and_bf16_are_never_both_on(tmp_path, precision):
+    # precision is one enum, so the plan names exactly one (fp16 needs a GPU and is refused on this machine).
+    plan = {"device": "cpu", "gpu_ids": [], "num_processes": 1, "precision": precision}
+    args = worker._sft_config(spec(tmp_path, plan=plan), has_eval=False)
+    assert (args.bf16, args.fp16) == (precision == "bf16", False)
+
+
+def test_warmup_ratio_becomes_a_fractional_warmup_steps(tmp_path):
+    args = worker._sft_config(spec(tmp_path, warmup_ratio=0.1), has_eval=False)
+    assert args.warmup_steps == pytest.approx(0.1)
+
+
+def test_report_to_is_explicit(tmp_path):
+    assert worker._sft_config(spec(tmp_path), has_eval=False).report_to in ([], "none", ["none"])
+
+
+def test_lora_on_lm_head_is_caught_before_launch():
+    p = params.defaults()
+    p.update(lora_target_modules="q_proj,lm_head")
+    assert [f[1].parameter for f in rules.lora_not_on_lm_head(p)] == ["lora_target_modules"]
+
+
+def test_a_peft_model_plus_a_lora_config_is_caught_before_launch(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    p = params.defaults()
+    p.update(model_name=str(tmp_path))
+    assert [f[1].parameter for f in rules.model_is_not_an_adapter(p)] == ["model_name"]
+
+
+def test_one_process_sees_one_gpu_so_trl_never_meets_data_parallel():
+    p = params.defaults()
+    p.update(num_processes="1")
+    two = Machine(gpus=[Gpu(0, "fake", 1, 8.0), Gpu(1, "fake", 1, 8.0)])  # a fake: no GPU exists here
+    plan = rules.make_plan(p, two)
+    assert rules.rank_environment(plan)["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def test_tokenizer_without_eos_is_an_error_naming_model_name(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    folder = tmp_path / "no-eos"
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidConfig, match="model_name: the tokenizer has no EOS token"):
+        data.load_tokenizer(str(folder))
+
+
+def test_missing_pad_token_falls_back_to_eos(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    folder = tmp_path / "no-pad"
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["pad_token"] = None
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = data.load_tokenizer(str(folder))
+    assert loaded.pad_token_id == loaded.eos_token_id
+
+
+def test_datasets_are_never_streamed_so_max_steps_is_not_required(tiny_model):
+    from datasets import Dataset, load_from_disk
+
+    _, prepared = prepared_rows(tiny_model, formatting_template=TEMPLATE)
+    assert isinstance(load_from_disk(prepared.path)["train"], Dataset)
