@@ -64,10 +64,10 @@ def dataset_text(prepared) -> str:
         f"{s['trainable_tokens']} trainable of {s['total_tokens']} tokens"
         + (" (prepared earlier, reused)" if prepared.cached else "")
     ]
-    for i, sample in enumerate(prepared.samples):
-        lines.append(
-            f"--- row {i}: full text ---\n{sample['text']}\n--- row {i}: trained on ---\n{sample['trained_text']}"
-        )
+    if prepared.marked:
+        lines.append("preview (the loss is taken on the parts between ⟦ and ⟧):")
+    for i, text in enumerate(prepared.marked):
+        lines.append(f"--- row {i} ---\n{text}")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidConfig, problem
+from .errors import InvalidConfig, StopRequested, problem
 from .templates import RowTemplate
 
 log = logging.getLogger("sft")
@@ -27,6 +27,8 @@ PREP_VERSION = "1"
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 EVAL_SPLIT_NAMES = ("validation", "valid", "eval", "test")
+# From this many rows on, preparation runs in one process per CPU (below it, starting them costs more).
+PARALLEL_ROWS = 20_000
 
 
 @dataclass
@@ -35,6 +37,8 @@ class Prepared:
     stats: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
     cached: bool = False
+    # The same rows for people: the training text with the trained parts between ⟦ and ⟧.
+    marked: list[str] = field(default_factory=list)
 
     @property
     def has_eval(self) -> bool:
@@ -131,8 +135,6 @@ def load_splits(name: str):
         for path in paths:
             if path.stat().st_size == 0:
                 raise InvalidConfig([problem("dataset_name", f"{path} is empty", "Give a file with training rows")])
-            if path.suffix == ".jsonl":
-                _check_json_lines(path)
             words = set(re.split(r"[^a-z0-9]+", path.stem.lower()))
             split = next((s for s in EVAL_SPLIT_NAMES if s in words), "train")
             by_split.setdefault("validation" if split != "train" else "train", []).append(str(path))
@@ -140,8 +142,14 @@ def load_splits(name: str):
             by_split = {"train": by_split.pop("validation")}
         builder = DATA_SUFFIXES[paths[0].suffix]
         try:
-            splits = dict(datasets.load_dataset(builder, data_files=by_split))
+            # CSV cells are text: "1." stays "1." instead of becoming a float, and empty cells stay "".
+            options = {"dtype": str, "keep_default_na": False} if builder == "csv" else {}
+            splits = dict(datasets.load_dataset(builder, data_files=by_split, **options))
         except Exception as exc:
+            # Name the file and line when a JSON Lines file is at fault (checked only on failure: it costs a pass).
+            for path in paths:
+                if path.suffix == ".jsonl":
+                    _check_json_lines(path)
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InvalidConfig(
                 [problem("dataset_name", f"could not read {paths[0]}: {reason}", "Fix the file")]
@@ -240,8 +248,16 @@ def chat_turns(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
 # --- encoding ------------------------------------------------------------------------------------
 
 
+# One piece of a row's text: (text, trained, tokenized with the tokenizer's special tokens such as BOS).
+Segment = tuple[str, bool, bool]
+
+
 class Encoder:
-    """Turns one row into (input_ids, labels, prompt, completion, text)."""
+    """Turns rows into input_ids and labels (-100 where no loss is taken).
+
+    Each row becomes segments of text, trained or not; the segments of a whole batch are tokenized in
+    two batched calls. Tokenizing the segments apart puts every prompt end on a token boundary.
+    """
 
     def __init__(self, p: dict[str, Any], fmt: str, tokenizer, columns: list[str], train_part_only: bool):
         self.fmt = fmt
@@ -260,69 +276,115 @@ class Encoder:
             if fmt == "template"
             else None
         )
+        self._specials: list[str] | None = None
 
-    def _ids(self, text: str, *, special: bool) -> list[int]:
-        return self.tok(text, add_special_tokens=special)["input_ids"]
+    # --- segments ---
 
-    def _pair(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    def _pair(self, prompt: str, completion: str) -> tuple[list[Segment], bool]:
         if self.eos and completion.endswith(self.eos):
             completion = completion[: -len(self.eos)]
-        # Tokenized apart, so the prompt ends on a token boundary; the EOS ends the completion exactly once.
-        prompt_ids = self._ids(prompt, special=True)
-        completion_ids = [*self._ids(completion, special=False), self.eos_id]
-        labels = [-100] * len(prompt_ids) + completion_ids if self.train_part_only else prompt_ids + completion_ids
-        return prompt_ids + completion_ids, labels
+        return [(prompt, False, True), (completion, True, False)], True
 
-    def _chat(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int], str]:
-        render = self.tok.apply_chat_template
-        kwargs = {"tokenize": False, "chat_template": self.chat_template}
-        full = render(messages, **kwargs)
+    def _render(self, messages, **kwargs) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, chat_template=self.chat_template, **kwargs)
+
+    def _chat(self, messages: list[dict[str, str]]) -> tuple[list[Segment], str]:
+        full = self._render(messages)
         # Assistant spans come from rendering prefixes of the conversation, so any template works,
         # with or without {% generation %} markers.
-        segments: list[tuple[str, bool]] = []
+        segments: list[Segment] = []
         done = 0
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = render(messages[:i], add_generation_prompt=True, **kwargs) if i else ""
-            after = render(messages[: i + 1], **kwargs)
+            before = self._render(messages[:i], add_generation_prompt=True) if i else ""
+            after = self._render(messages[: i + 1])
             if not (full.startswith(after) and after.startswith(before) and len(before) >= done):
-                raise ValueError("the chat template does not render conversation prefixes as prefixes")
-            segments += [(full[done : len(before)], False), (full[len(before) : len(after)], True)]
+                return self._chat_by_search(messages, full), full
+            segments += [(full[done : len(before)], False, False), (full[len(before) : len(after)], True, False)]
             done = len(after)
-        segments.append((full[done:], False))
-        ids: list[int] = []
-        labels: list[int] = []
-        for text, trained in segments:
-            if not text:
+        segments.append((full[done:], False, False))
+        return segments, full
+
+    def _special_strings(self) -> list[str]:
+        if self._specials is None:
+            found = set(self.tok.all_special_tokens) | set(self.tok.get_added_vocab())
+            self._specials = sorted((t for t in found if t), key=len, reverse=True)
+        return self._specials
+
+    def _chat_by_search(self, messages: list[dict[str, str]], full: str) -> list[Segment]:
+        """For templates whose prefixes are not prefixes of the whole (some rewrite earlier turns):
+        find each assistant message in the rendering, in order, and train it with the special tokens
+        that directly follow it (its end-of-turn marker: <|im_end|>, <|eot_id|>, </s>, ...)."""
+        segments: list[Segment] = []
+        done = 0
+        for message in messages:
+            content = message["content"]
+            if message["role"] != "assistant" or not content:
                 continue
-            piece = self._ids(text, special=False)
-            ids += piece
-            labels += piece if (trained or not self.train_part_only) else [-100] * len(piece)
-        return ids, labels, full
+            start = full.find(content, done)
+            if start < 0:
+                raise ValueError("an assistant message does not appear in the chat template's rendering")
+            stop = start + len(content)
+            while marker := next((t for t in self._special_strings() if full.startswith(t, stop)), None):
+                stop += len(marker)
+            segments += [(full[done:start], False, False), (full[start:stop], True, False)]
+            done = stop
+        segments.append((full[done:], False, False))
+        return segments
+
+    def segments(self, row: dict[str, Any]) -> tuple[list[Segment], bool, str | None, str | None, str]:
+        """(segments, whether EOS follows, prompt, completion, full text) for one row."""
+        if self.fmt == "chat":
+            segments, text = self._chat(chat_turns(row[self.chat_column]))
+            return segments, False, None, None, text
+        if self.fmt == "prompt_completion" or (self.fmt == "template" and self.train_part_only):
+            prompt, completion = (
+                (row["prompt"], row["completion"]) if self.fmt == "prompt_completion" else self.template.split(row)
+            )
+            segments, eos = self._pair(prompt, completion)
+            return segments, eos, prompt, completion, prompt + completion
+        text = self.template.render(row) if self.fmt == "template" else row["text"]
+        segments, eos = self._pair("", text)
+        return segments, eos, None, None, text
+
+    # --- tokens ---
+
+    def encode_many(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        planned = [self.segments(row) for row in rows]
+        pieces = [seg for segments, *_ in planned for seg in segments if seg[0] or seg[2]]
+        ids_special = iter(self._tokenize([text for text, _, special in pieces if special], special=True))
+        ids_plain = iter(self._tokenize([text for text, _, special in pieces if not special], special=False))
+        results = []
+        for segments, eos, prompt, completion, text in planned:
+            ids: list[int] = []
+            labels: list[int] = []
+            for piece_text, trained, special in segments:
+                if not (piece_text or special):
+                    continue
+                piece = next(ids_special) if special else next(ids_plain)
+                ids += piece
+                labels += piece if (trained or not self.train_part_only) else [-100] * len(piece)
+            if eos:
+                ids.append(self.eos_id)
+                labels.append(self.eos_id)
+            results.append(
+                {"input_ids": ids, "labels": labels, "prompt": prompt, "completion": completion, "text": text}
+            )
+        return results
 
     def encode(self, row: dict[str, Any]) -> dict[str, Any]:
-        prompt = completion = None
-        if self.fmt == "prompt_completion":
-            prompt, completion = row["prompt"], row["completion"]
-            ids, labels = self._pair(prompt, completion)
-            text = prompt + completion
-        elif self.fmt == "template":
-            if self.train_part_only:
-                prompt, completion = self.template.split(row)
-                ids, labels = self._pair(prompt, completion)
-                text = prompt + completion
-            else:
-                text = self.template.render(row)
-                ids, labels = self._pair("", text)
-                labels = list(ids)
-        elif self.fmt == "chat":
-            ids, labels, text = self._chat(chat_turns(row[self.chat_column]))
-        else:
-            text = row["text"]
-            ids, labels = self._pair("", text)
-            labels = list(ids)
-        return {"input_ids": ids, "labels": labels, "prompt": prompt, "completion": completion, "text": text}
+        return self.encode_many([row])[0]
+
+    def _tokenize(self, texts: list[str], *, special: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        # The Rust tokenizer's batch call without offsets is several times faster than the Python wrapper's
+        # (and parallel on its own); the result is the same ids.
+        backend = getattr(self.tok, "_tokenizer", None)
+        if hasattr(backend, "encode_batch_fast"):
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=special)]
+        return self.tok(texts, add_special_tokens=special)["input_ids"]
 
 
 # --- preparation ---------------------------------------------------------------------------------
@@ -384,15 +446,15 @@ def load_tokenizer(model_name: str):
     return tokenizer
 
 
-def _percentiles(lengths: list[int]) -> dict[str, int]:
-    if not lengths:
+def _percentiles(ordered) -> dict[str, int]:
+    """Percentiles of an ascending sequence of lengths."""
+    if not len(ordered):
         return {}
-    ordered = sorted(lengths)
 
     def at(q: float) -> int:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return int(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
 
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ordered[-1]}
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": int(ordered[-1])}
 
 
 def prepare(p: dict[str, Any], *, preview: int = 3, should_stop: Callable[[], bool] = lambda: False) -> Prepared:
@@ -413,11 +475,11 @@ def prepare(p: dict[str, Any], *, preview: int = 3, should_stop: Callable[[], bo
     encoder = Encoder(p, fmt, tokenizer, columns, train_part_only)
     max_len = p["maximum_sequence_length"]
 
-    samples = []
-    for row in head[:preview]:
-        encoded = _encode_checked(encoder, row, 0)
+    samples, marked = [], []
+    for encoded in _encode_checked(encoder, head[:preview], 0):
         ids, labels = encoded["input_ids"][:max_len], encoded["labels"][:max_len]
         trained = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
+        marked.append(_marked(tokenizer, ids, labels))
         samples.append(
             {
                 "prompt": encoded["prompt"],
@@ -433,7 +495,7 @@ def prepare(p: dict[str, Any], *, preview: int = 3, should_stop: Callable[[], bo
     if os.path.exists(stats_path):
         stats = json.loads(Path(stats_path).read_text())
         log.info("data: reusing the prepared dataset at %s (same data, template, tokenizer and settings)", target)
-        return Prepared(target, stats, samples, cached=True)
+        return Prepared(target, stats, samples, cached=True, marked=marked)
 
     os.makedirs(cache_root(), exist_ok=True)
     staging = f"{target}.tmp-{os.getpid()}"
@@ -446,63 +508,135 @@ def prepare(p: dict[str, Any], *, preview: int = 3, should_stop: Callable[[], bo
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Prepared(target, stats, samples)
+    return Prepared(target, stats, samples, marked=marked)
 
 
-def _encode_checked(encoder: Encoder, row: dict[str, Any], index: int) -> dict[str, Any]:
+def _marked(tokenizer, ids: list[int], labels: list[int]) -> str:
+    """Decode runs of trained and untrained tokens, the trained ones between ⟦ and ⟧."""
+    parts, run, state = [], [], None
+    for token, label in zip(ids, labels, strict=True):
+        trained = label != -100
+        if state is not None and trained != state:
+            parts.append((state, run))
+            run = []
+        state = trained
+        run.append(token)
+    if run:
+        parts.append((state, run))
+    text = (tokenizer.decode(r, skip_special_tokens=False) for _, r in parts)
+    return "".join(f"⟦{t}⟧" if trained else t for (trained, _), t in zip(parts, text, strict=True))
+
+
+def _encode_checked(encoder: Encoder, rows: list[dict[str, Any]], first_index: int) -> list[dict[str, Any]]:
     try:
-        return encoder.encode(row)
-    except (KeyError, TypeError, ValueError) as exc:
+        return encoder.encode_many(rows)
+    except (KeyError, TypeError, ValueError):
+        # Find the row at fault, so the message can name it.
+        for offset, row in enumerate(rows):
+            try:
+                encoder.encode(row)
+            except (KeyError, TypeError, ValueError) as row_exc:
+                exc, first_index = row_exc, first_index + offset
+                break
         column = "chatml_formatted_column" if encoder.fmt == "chat" else "dataset_name"
-        raise InvalidConfig([problem(column, f"row {index} could not be formatted ({exc})", "Fix that row")]) from None
+        raise InvalidConfig(
+            [problem(column, f"row {first_index} could not be formatted ({exc})", "Fix that row")]
+        ) from None
+
+
+def _column_sum(ds, column: str, predicate=None) -> int:
+    """Sum (or count, with a predicate) of a column in Arrow batches: memory stays flat with row count."""
+    import pyarrow.compute as pc
+
+    total = 0
+    for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=50_000):
+        values = batch.column(column)
+        total += int(pc.sum(predicate(values) if predicate else values).as_py() or 0)
+    return total
 
 
 def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str, should_stop) -> dict[str, Any]:
+    import numpy as np
+    import pyarrow.compute as pc
     from datasets import DatasetDict
 
     max_len = p["maximum_sequence_length"]
 
     def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "kept": [], "trained": [], "truncated": []}
         names = list(batch)
-        for offset, index in enumerate(indices):
-            encoded = _encode_checked(encoder, {n: batch[n][offset] for n in names}, index)
+        rows = [{n: batch[n][i] for n in names} for i in range(len(indices))]
+        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "trained": []}
+        for encoded in _encode_checked(encoder, rows, indices[0] if indices else 0):
             ids, labels = encoded["input_ids"], encoded["labels"]
             out["length"].append(len(ids))
-            out["truncated"].append(len(ids) > max_len)
-            ids, labels = ids[:max_len], labels[:max_len]
-            out["kept"].append(len(ids))
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["trained"].append(sum(1 for lab in labels if lab != -100))
+            out["input_ids"].append(ids[:max_len])
+            out["labels"].append(labels[:max_len])
+            out["trained"].append(sum(1 for lab in labels[:max_len] if lab != -100))
         return out
 
     rows_total = sum(len(s) for s in splits.values())
-    workers = min(os.cpu_count() or 1, 8) if rows_total >= 20_000 else None
-    tokenized = {}
-    for name, split in splits.items():
-        if should_stop():
-            from .errors import StopRequested
+    workers = min(os.cpu_count() or 1, 8) if rows_total >= PARALLEL_ROWS else None
+    work = f"{staging}.work"
+    os.makedirs(work, exist_ok=True)
+    try:
+        tokenized = {}
+        for name, split in splits.items():
+            if should_stop():
+                raise StopRequested()
+            tokenized[name] = split.map(
+                encode_batch,
+                with_indices=True,
+                batched=True,
+                batch_size=1000,
+                num_proc=workers,
+                remove_columns=split.column_names,
+                cache_file_name=os.path.join(work, f"{name}.arrow"),
+                desc=f"Preparing {name} rows",
+            )
+        stats = _statistics(tokenized, encoder.fmt, p, np, pc)
+        kept = {
+            name: ds.filter(
+                lambda t: [x > 0 for x in t],
+                input_columns="trained",
+                batched=True,
+                cache_file_name=os.path.join(work, f"{name}-kept.arrow"),
+            )
+            for name, ds in tokenized.items()
+        }
+        if "eval" not in kept and p["eval_split"] > 0:
+            parts = kept["train"].train_test_split(
+                test_size=p["eval_split"],
+                seed=p["seed"],
+                train_indices_cache_file_name=os.path.join(work, "split-train.arrow"),
+                test_indices_cache_file_name=os.path.join(work, "split-eval.arrow"),
+            )
+            kept = {"train": parts["train"], "eval": parts["test"]}
+        if len(kept["train"]) == 0:
+            raise InvalidConfig([problem("eval_split", "leaves no training rows", "Lower eval_split")])
+        if "eval" in kept and len(kept["eval"]) == 0:
+            raise InvalidConfig([problem("eval_split", "leaves no eval rows", "Raise eval_split or set it to 0")])
+        stats["rows_used"] = len(kept["train"])
+        stats["eval_rows"] = len(kept["eval"]) if "eval" in kept else 0
+        stats["trainable_tokens"] = _column_sum(kept["train"], "trained")
+        stats["total_tokens"] = _column_sum(kept["train"], "length", lambda v: pc.min_element_wise(v, max_len))
+        final = DatasetDict({name: ds.select_columns(["input_ids", "labels"]) for name, ds in kept.items()})
+        final.save_to_disk(staging)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return stats
 
-            raise StopRequested()
-        tokenized[name] = split.map(
-            encode_batch,
-            with_indices=True,
-            batched=True,
-            batch_size=1000,
-            num_proc=workers,
-            remove_columns=split.column_names,
-            desc=f"Preparing {name} rows",
-        )
 
+def _statistics(tokenized, fmt: str, p: dict[str, Any], np, pc) -> dict[str, Any]:
+    """Rows, drops and truncation of the training split; stops when too many rows lose everything."""
     train = tokenized["train"]
-    lengths = train["length"]
-    dropped = train.filter(lambda t: [x == 0 for x in t], input_columns="trained", batched=True).num_rows
+    max_len = p["maximum_sequence_length"]
+    lengths = np.sort(train.with_format("arrow")["length"].to_numpy())
+    dropped = _column_sum(train, "trained", lambda v: pc.equal(v, 0))
     stats = {
-        "format": encoder.fmt,
+        "format": fmt,
         "rows": len(train),
         "dropped": dropped,
-        "truncated": int(sum(train["truncated"])),
+        "truncated": int((lengths > max_len).sum()),
         "length_percentiles": _percentiles(lengths),
     }
     if len(train) and dropped / len(train) > p["max_dropped_fraction"]:
@@ -518,21 +652,4 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str, should_sto
                 )
             ]
         )
-    kept = {
-        name: ds.filter(lambda t: [x > 0 for x in t], input_columns="trained", batched=True)
-        for name, ds in tokenized.items()
-    }
-    if "eval" not in kept and p["eval_split"] > 0:
-        parts = kept["train"].train_test_split(test_size=p["eval_split"], seed=p["seed"])
-        kept = {"train": parts["train"], "eval": parts["test"]}
-    if len(kept["train"]) == 0:
-        raise InvalidConfig([problem("eval_split", "leaves no training rows", "Lower eval_split")])
-    if "eval" in kept and len(kept["eval"]) == 0:
-        raise InvalidConfig([problem("eval_split", "leaves no eval rows", "Raise eval_split or set it to 0")])
-    stats["rows_used"] = len(kept["train"])
-    stats["eval_rows"] = len(kept["eval"]) if "eval" in kept else 0
-    stats["trainable_tokens"] = int(sum(kept["train"]["trained"]))
-    stats["total_tokens"] = int(sum(kept["train"]["kept"]))
-    final = DatasetDict({name: ds.select_columns(["input_ids", "labels"]) for name, ds in kept.items()})
-    final.save_to_disk(staging)
     return stats

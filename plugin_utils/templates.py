@@ -45,6 +45,7 @@ class RowTemplate:
     """A compiled formatting template bound to a dataset's columns."""
 
     def __init__(self, source: str, columns: list[str], completion_column: str = "", *, split: bool):
+        self._args = (source, list(columns), completion_column, split)
         env = _environment()
         try:
             self._template = env.from_string(source)
@@ -90,6 +91,14 @@ class RowTemplate:
                         ]
                     )
                 self.completion_column = printed[-1]
+
+    # Compiled templates do not pickle; worker processes of a parallel map recompile from the source.
+    def __getstate__(self):
+        return self._args
+
+    def __setstate__(self, state):
+        source, columns, completion_column, split = state
+        self.__init__(source, columns, completion_column, split=split)
 
     def render(self, row: dict[str, Any]) -> str:
         try:

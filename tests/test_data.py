@@ -348,6 +348,24 @@ def test_formatting_chat_template_override_trains_only_assistant_turns(tmp_path,
     assert runs == [m["content"] + "\n[END]\n" for m in CHAT if m["role"] == "assistant"]
 
 
+def test_chat_template_that_rewrites_earlier_turns_still_trains_each_assistant_turn(tmp_path, model_dir, tok):
+    # Like templates that strip reasoning from earlier turns: the rendering of a prefix is not a prefix of
+    # the whole conversation's rendering (here only the last message gets "<|last|>").
+    override = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "{% if loop.last %}<|last|>{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
+    p = make_params(model_dir, dataset, apply_chat_template=True, formatting_chat_template=override)
+    ids, labels = first_row(data.prepare(p))
+    runs = [decode(tok, run) for run in trained_runs(ids, labels)]
+    contents = [m["content"] for m in CHAT if m["role"] == "assistant"]
+    assert [run.split("<|")[0] for run in runs] == contents
+    assert runs[0] == contents[0] + "<|im_end|>"  # the end-of-turn token is trained with the turn
+    assert not any("user" in run or "system" in run for run in runs)
+
+
 def test_apply_chat_template_without_the_column_is_invalid(tmp_path, model_dir):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
     with pytest.raises(InvalidConfig) as exc:
@@ -523,3 +541,72 @@ def test_validation_file_in_a_data_folder_is_the_eval_split(tmp_path, model_dir,
 def test_prepared_folder_holds_only_input_ids_and_labels(model_dir):
     splits = saved(data.prepare(make_params(model_dir, str(SAMPLE))))
     assert splits["train"].column_names == ["input_ids", "labels"]
+
+
+@pytest.mark.parametrize("fmt", ["template", "chat"])
+def test_parallel_preparation_gives_the_same_rows_as_one_process(tmp_path, model_dir, monkeypatch, fmt):
+    # Large datasets are prepared in one process per CPU: templates and tokenizers must survive pickling.
+    if fmt == "template":
+        rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(40)]
+        extra = {"formatting_template": "Q: {{ question }}\nA: {{ answer }}"}
+    else:
+        rows = [{"messages": CHAT} for _ in range(40)]
+        extra = {}
+    dataset = write_jsonl(tmp_path / "d.jsonl", rows)
+    p = make_params(model_dir, dataset, **extra)
+    single = saved(data.prepare(p))["train"]
+    monkeypatch.setattr(data, "PARALLEL_ROWS", 10)
+    monkeypatch.setenv("SFT_PREPARED_CACHE", str(tmp_path / "parallel-cache"))
+    parallel = saved(data.prepare(p))["train"]
+    assert parallel["input_ids"] == single["input_ids"]
+    assert parallel["labels"] == single["labels"]
+
+
+def _pc_rows(count: int = 6) -> list[dict]:
+    return [{"prompt": f"What is {i} plus 1?", "completion": f" {i + 1}."} for i in range(count)]
+
+
+def test_csv_and_parquet_files_load_like_jsonl(tmp_path, model_dir):
+    import pandas as pd
+
+    frame = pd.DataFrame(_pc_rows())
+    frame.to_csv(tmp_path / "rows.csv", index=False)
+    frame.to_parquet(tmp_path / "rows.parquet")
+    reference = saved(data.prepare(make_params(model_dir, write_jsonl(tmp_path / "rows.jsonl", _pc_rows()))))
+    for name in ("rows.csv", "rows.parquet"):
+        prepared = data.prepare(make_params(model_dir, str(tmp_path / name)))
+        assert prepared.stats["format"] == "prompt_completion"
+        assert saved(prepared)["train"]["labels"] == reference["train"]["labels"]
+
+
+def test_a_save_to_disk_folder_loads_with_its_validation_split(tmp_path, model_dir):
+    folder = tmp_path / "saved"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(_pc_rows(8)), "validation": datasets.Dataset.from_list(_pc_rows(2))}
+    ).save_to_disk(str(folder))
+    prepared = data.prepare(make_params(model_dir, str(folder)))
+    assert prepared.stats["rows_used"] == 8 and prepared.stats["eval_rows"] == 2
+
+
+def test_a_transformerlab_dataset_id_loads_the_files_of_its_folder(tmp_path, model_dir, monkeypatch):
+    workspace = tmp_path / "ws"
+    folder = workspace / "datasets" / "my-data"
+    folder.mkdir(parents=True)
+    (folder / "index.json").write_text('{"location": "local", "name": "my-data"}')
+    write_jsonl(folder / "my-data_train.jsonl", _pc_rows(5))
+    monkeypatch.setenv("TFL_WORKSPACE_DIR", str(workspace))
+    prepared = data.prepare(make_params(model_dir, "my-data"))
+    assert prepared.stats["rows"] == 5 and prepared.stats["format"] == "prompt_completion"
+
+
+def test_an_unknown_dataset_name_offline_is_an_error_naming_dataset_name(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setenv("TFL_WORKSPACE_DIR", str(tmp_path))
+    with pytest.raises(InvalidConfig, match="dataset_name: 'someone/some-data' is not a data file"):
+        data.prepare(make_params(model_dir, "someone/some-data"))
+
+
+def test_format_detection_looks_past_the_first_row(tmp_path, model_dir):
+    # The first row alone looks like prompt/completion; a later row has no completion string.
+    rows = [{"prompt": "a", "completion": "b", "text": "a b"}, {"prompt": "c", "completion": None, "text": "c"}]
+    prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert prepared.stats["format"] == "text"

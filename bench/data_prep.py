@@ -1,0 +1,189 @@
+"""Benchmark (run by hand): preparing alpaca-style rows with a formatting template — the plugin's
+parent-side preparation next to TRL's own formatting_func path on the same rows and tokenizer.
+
+    .venv/bin/python bench/data_prep.py [--rows 100000] [--scaling 25000,50000,100000]
+
+Each arm runs in its own process with its own datasets cache; peak memory is the highest PSS summed over
+that process tree, sampled every 20 ms. Rows/s counts the rows prepared (templated, tokenized, labelled, written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TEMPLATE = (
+    "### Instruction:\n{{ instruction }}\n{% if input %}### Input:\n{{ input }}\n{% endif %}### Response:\n{{ output }}"
+)
+WORDS = [
+    "the",
+    "a",
+    "model",
+    "data",
+    "train",
+    "answer",
+    "question",
+    "river",
+    "light",
+    "stone",
+    "music",
+    "garden",
+    "window",
+    "cloud",
+    "bread",
+    "tree",
+]
+
+PLUGIN_ARM = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import datasets, transformers  # imported before the clock starts, as in the TRL arm
+from plugin_utils import data, params
+p = params.defaults()
+p.update(model_name=sys.argv[2], dataset_name=sys.argv[3], adaptor_name="bench",
+         formatting_template=json.loads(sys.argv[4]), maximum_sequence_length=512)
+started = time.perf_counter()
+prepared = data.prepare(p)
+print(json.dumps({"seconds": time.perf_counter() - started, "rows": prepared.stats["rows_used"]}))
+"""
+
+TRL_ARM = """
+import json, sys, time
+from jinja2 import Template
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+template = Template(json.loads(sys.argv[4]))
+model = AutoModelForCausalLM.from_pretrained(sys.argv[2])
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
+rows = load_dataset("json", data_files=sys.argv[3], split="train")
+procs = int(sys.argv[5]) or None
+args = SFTConfig(output_dir=sys.argv[6], use_cpu=True, report_to=[], max_length=512, dataset_num_proc=procs)
+started = time.perf_counter()
+trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
+                     formatting_func=lambda row: template.render(**row))
+print(json.dumps({"seconds": time.perf_counter() - started, "rows": len(trainer.train_dataset)}))
+"""
+
+
+def make_rows(path: Path, count: int) -> None:
+    rng = random.Random(0)
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    with path.open("w") as handle:
+        for _ in range(count):
+            row = {
+                "instruction": words(rng.randint(6, 20)),
+                "input": words(rng.randint(0, 30)) if rng.random() < 0.5 else "",
+                "output": words(rng.randint(10, 80)),
+            }
+            handle.write(json.dumps(row) + "\n")
+
+
+def tree_memory(proc: psutil.Process) -> int:
+    """PSS summed over the process tree: forked workers' shared pages are counted once."""
+    total = 0
+    for member in [proc, *proc.children(recursive=True)]:
+        try:
+            total += member.memory_full_info().pss
+        except psutil.Error:
+            continue
+    return total
+
+
+def run_arm(cmd: list[str], env: dict[str, str]) -> dict:
+    # A fresh datasets cache per arm: no arm may reuse another's mapped files.
+    env = {**env, "HF_DATASETS_CACHE": tempfile.mkdtemp(dir=env["BENCH_TMP"])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    watched = psutil.Process(proc.pid)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, tree_memory(watched))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"arm failed:\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_mib"] = peak / 2**20
+    result["rows_per_s"] = result["rows"] / result["seconds"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--scaling", default="25000,50000,100000")
+    args = parser.parse_args()
+    from demo.tiny_model import build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "SFT_PREPARED_CACHE": str(Path(tmp, "cache")),
+            "BENCH_TMP": tmp,
+        }
+        model = str(build(Path(tmp, "model")))
+        template = json.dumps(TEMPLATE)
+        data = Path(tmp, f"rows-{args.rows}.jsonl")
+        make_rows(data, args.rows)
+        print(f"{args.rows} alpaca-style rows, template with a conditional, tiny BPE tokenizer, {os.cpu_count()} CPUs")
+        plugin = run_arm([sys.executable, "-c", PLUGIN_ARM, str(ROOT), model, str(data), template], env)
+        print(
+            f"plugin prepare()          {plugin['rows_per_s']:9.0f} rows/s  {plugin['seconds']:7.1f} s  "
+            f"peak {plugin['peak_mib']:6.0f} MiB"
+        )
+        for procs in (0, 2):
+            trl = run_arm(
+                [
+                    sys.executable,
+                    "-c",
+                    TRL_ARM,
+                    str(ROOT),
+                    model,
+                    str(data),
+                    template,
+                    str(procs),
+                    str(Path(tmp, "trl")),
+                ],
+                env,
+            )
+            print(
+                f"TRL formatting_func np={procs or 1}  {trl['rows_per_s']:9.0f} rows/s  {trl['seconds']:7.1f} s  "
+                f"peak {trl['peak_mib']:6.0f} MiB"
+            )
+        for count in [int(c) for c in args.scaling.split(",") if c]:
+            rows = Path(tmp, f"scale-{count}.jsonl")
+            make_rows(rows, count)
+            result = run_arm([sys.executable, "-c", PLUGIN_ARM, str(ROOT), model, str(rows), template], env)
+            print(f"plugin, {count:7d} rows   {result['rows_per_s']:9.0f} rows/s  peak {result['peak_mib']:6.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
