@@ -120,6 +120,17 @@ def _check_json_lines(path: Path) -> None:
                 )
 
 
+def _csv_as_text(path: Path) -> dict[str, Any]:
+    import csv
+
+    import datasets
+
+    with path.open(newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), [])
+    features = datasets.Features({column: datasets.Value("string") for column in header})
+    return {"features": features, "keep_default_na": False}
+
+
 def load_splits(name: str):
     """Load the dataset as a dict of split name -> datasets.Dataset."""
     import datasets
@@ -143,7 +154,7 @@ def load_splits(name: str):
         builder = DATA_SUFFIXES[paths[0].suffix]
         try:
             # CSV cells are text: "1." stays "1." instead of becoming a float, and empty cells stay "".
-            options = {"dtype": str, "keep_default_na": False} if builder == "csv" else {}
+            options = _csv_as_text(paths[0]) if builder == "csv" else {}
             splits = dict(datasets.load_dataset(builder, data_files=by_split, **options))
         except Exception as exc:
             # Name the file and line when a JSON Lines file is at fault (checked only on failure: it costs a pass).
