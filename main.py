@@ -17,7 +17,7 @@ from plugin_utils import cli, data, host, launch, machine, outputs, params, rule
 def run(args, outcome: cli.Outcome) -> None:
     stop = launch.StopFlag()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.request())
+        signal.signal(sig, stop.on_signal)
 
     outcome.host = job = host.choose(args)
     p, outcome.warnings = params.resolve(job.raw_params(), headless=job.headless)
@@ -27,7 +27,7 @@ def run(args, outcome: cli.Outcome) -> None:
     if args.check:
         return cli.emit_json(args.json, cli.check_report(outcome.warnings, plan))
 
-    prepared = data.prepare(p, preview=args.preview, should_stop=lambda: stop.requested)
+    prepared = data.prepare(p, preview=args.preview)
     rules.check_data(p, plan, prepared.stats, outcome.warnings)
     cli.report_dataset(prepared)
     if args.dry_run:
@@ -35,28 +35,25 @@ def run(args, outcome: cli.Outcome) -> None:
 
     job.start(p)
     job.log(cli.dataset_text(prepared))
-    resume = outputs.resume_point(adapter_dir, checkpoint_dir, overwrite=p["overwrite_output"])
-    staging = outputs.staging_path(adapter_dir)
-    with tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
+    identity = outputs.run_identity(p, plan.num_processes * p["num_machines"], prepared.key)
+    staged = outputs.Staged(adapter_dir, job.merged_location(p) if p["fuse_model"] else None)
+    with outputs.RunLock(checkpoint_dir), staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
+        resume = job.checkpoint_to_resume() or outputs.resume_point(
+            adapter_dir, checkpoint_dir, identity, overwrite=p["overwrite_output"]
+        )
+        outputs.record_run(checkpoint_dir, identity)
         spec = {
             "params": p,
             "plan": plan.as_dict(),
             "prepared_path": prepared.path,
-            "checkpoint_dir": checkpoint_dir,
-            "adapter_staging": staging,
             "resume_from": resume,
+            "checkpoint_dir": checkpoint_dir,
+            **staged.spec(),
         }
         result = launch.run(job, p, plan, spec, run_dir, stop)
-    summary = outputs.summary(p, plan, result, prepared.stats)
-    final = job.register_model(outputs.publish(staging, adapter_dir, summary), p)
+        final = staged.publish(job, p, outputs.summary(p, plan, result, prepared.stats)) if result.has_adapter else None
     plot = outputs.write_plot(f"{checkpoint_dir}/loss_plot.json", result.loss_history)
-    score = {
-        "loss": result.eval_loss if result.eval_loss is not None else result.final_loss,
-        "train_loss": result.final_loss,
-    }
-    if result.eval_loss is not None:
-        score["eval_loss"] = result.eval_loss
-    job.complete(f"Trained {result.steps} steps on {result.world_size} process(es); adapter at {final}", score, plot)
+    job.complete(outputs.completion_message(result, final), outputs.score(result), plot)
     outcome.result = {
         "status": "COMPLETE",
         "job_id": job.job_id or None,

@@ -13,12 +13,11 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidConfig, StopRequested, problem
+from .errors import InvalidConfig, problem
 from .templates import RowTemplate
 
 log = logging.getLogger("sft")
@@ -43,6 +42,11 @@ class Prepared:
     @property
     def has_eval(self) -> bool:
         return os.path.isdir(os.path.join(self.path, "eval"))
+
+    @property
+    def key(self) -> str:
+        """The fingerprint of everything that shaped these rows (the cache folder's name)."""
+        return os.path.basename(self.path)
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -468,7 +472,7 @@ def _percentiles(ordered) -> dict[str, int]:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": int(ordered[-1])}
 
 
-def prepare(p: dict[str, Any], *, preview: int = 3, should_stop: Callable[[], bool] = lambda: False) -> Prepared:
+def prepare(p: dict[str, Any], *, preview: int = 3) -> Prepared:
     """Load, format, tokenize and save the dataset; reuse the cache when nothing changed."""
     splits = load_splits(p["dataset_name"])
     train = splits["train"]
@@ -512,7 +516,7 @@ def prepare(p: dict[str, Any], *, preview: int = 3, should_stop: Callable[[], bo
     staging = f"{target}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        stats = _build(splits, encoder, p, staging, should_stop)
+        stats = _build(splits, encoder, p, staging)
         Path(staging, "stats.json").write_text(json.dumps(stats, indent=2))
         if os.path.exists(target):
             shutil.rmtree(target)
@@ -566,7 +570,7 @@ def _column_sum(ds, column: str, predicate=None) -> int:
     return total
 
 
-def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str, should_stop) -> dict[str, Any]:
+def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[str, Any]:
     import numpy as np
     import pyarrow.compute as pc
     from datasets import DatasetDict
@@ -592,8 +596,6 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str, should_sto
     try:
         tokenized = {}
         for name, split in splits.items():
-            if should_stop():
-                raise StopRequested()
             tokenized[name] = split.map(
                 encode_batch,
                 with_indices=True,

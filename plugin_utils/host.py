@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,17 @@ class Host:
     def register_model(self, path: str, p: dict[str, Any]) -> str:
         return path
 
+    def merged_location(self, p: dict[str, Any]) -> str:
+        """Where fuse_model's merged model goes."""
+        return self.locations(p)[0].rstrip(os.sep) + "-merged"
+
+    def register_merged(self, path: str, p: dict[str, Any]) -> str:
+        return path
+
+    def checkpoint_to_resume(self) -> str | None:
+        """A checkpoint the host asks us to resume from (lab SDK), else None."""
+        return None
+
     def complete(self, message: str, score: dict[str, float], plot_path: str | None) -> None:
         pass
 
@@ -130,6 +142,36 @@ class LegacyHost(Host):
     def locations(self, p):
         adapter = p["adaptor_output_dir"] or super().locations(p)[0]
         return adapter, super().locations(p)[1]
+
+    def merged_location(self, p):
+        from .data import workspace_dir
+
+        base = os.path.basename(os.path.normpath(p["model_name"]))
+        return os.path.join(workspace_dir(), "models", f"{base}_{p['adaptor_name']}")
+
+    def register_merged(self, path, p):
+        # The model folder format of TransformerLab's local models (an index.json beside the weights).
+        name = os.path.basename(path)
+        config = _read_json(os.path.join(path, "config.json"))
+        architecture = (config.get("architectures") or [p["model_architecture"] or ""])[0]
+        description = {
+            "model_id": f"TransformerLab/{name}",
+            "model_filename": ".",
+            "name": name,
+            "local_model": True,
+            "json_data": {
+                "uniqueID": f"TransformerLab/{name}",
+                "name": name,
+                "model_filename": ".",
+                "description": f"{p['model_name']} fine-tuned with adapter {p['adaptor_name']} (merged)",
+                "source": "transformerlab",
+                "architecture": architecture,
+                "huggingface_repo": "",
+                "parent_model": p["model_name"],
+            },
+        }
+        Path(path, "index.json").write_text(json.dumps(description, indent=2))
+        return path
 
     def _field(self, key: str, value: Any) -> None:
         if self.job is not None:
@@ -233,15 +275,32 @@ class LabHost(Host):
                 self.lab.update_progress(percent)
 
     def register_model(self, path, p):
+        saved = self._save_model(path, p["adaptor_name"], p)
+        shutil.rmtree(path, ignore_errors=True)  # the job's models folder now holds it
+        return saved
+
+    def merged_location(self, p):
+        self._attach()
+        return os.path.join(self._job_dir(), "merged", f"{p['adaptor_name']}-merged")
+
+    def register_merged(self, path, p):
+        saved = self._save_model(path, f"{p['adaptor_name']}-merged", p)
+        shutil.rmtree(path, ignore_errors=True)
+        return saved
+
+    def _save_model(self, path: str, name: str, p) -> str:
         with contextlib.redirect_stdout(sys.stderr):
-            saved = self.lab.save_model(
+            return self.lab.save_model(
                 path,
-                name=p["adaptor_name"],
+                name=name,
                 parent_model=p["model_name"] or None,
                 architecture=p["model_architecture"] or None,
                 pipeline_tag="text-generation",  # else the SDK asks the Hub about the parent model
             )
-        return saved
+
+    def checkpoint_to_resume(self):
+        with contextlib.redirect_stdout(sys.stderr):
+            return self.lab.get_checkpoint_to_resume()
 
     def complete(self, message, score, plot_path):
         with contextlib.redirect_stdout(sys.stderr):
@@ -287,11 +346,31 @@ class HeadlessHost(LabHost):
 
     def register_model(self, path, p):
         # The adapter stays in output_dir (that is the result); the job gets its own registered copy.
+        return self._register_copy(path, p["adaptor_name"], p)
+
+    def merged_location(self, p):
+        return Host.merged_location(self, p)
+
+    def register_merged(self, path, p):
+        return self._register_copy(path, f"{p['adaptor_name']}-merged", p)
+
+    def checkpoint_to_resume(self):
+        return None  # headless runs resume from their own checkpoint folder
+
+    def _register_copy(self, path, name, p):
         try:
-            super().register_model(path, p)
-        except Exception as exc:  # a convenience here: the adapter is already in place
-            log.warning("could not register the adapter with the workspace: %s", exc)
+            self._save_model(path, name, p)
+        except Exception as exc:  # a convenience here: the output is already in place
+            log.warning("could not register %s with the workspace: %s", name, exc)
         return path
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def read_config(path: str, overrides: list[str]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ One process needs no distributed launch; two or more go through `accelerate laun
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import json
 import logging
@@ -25,6 +26,7 @@ from typing import Any
 from .errors import RunFailed, StopRequested
 from .events import EVENTS_FILE, SPEC_FILE, STOP_FILE, EventReader
 from .rules import Plan, rank_environment
+from .strategies import mixed_precision, write_configs
 
 log = logging.getLogger("sft")
 PLUGIN_DIR = str(Path(__file__).resolve().parent.parent)
@@ -45,20 +47,33 @@ class RunResult:
     runtime: float = 0.0
     # Seconds from this process's start to the first training step's event.
     startup_seconds: float | None = None
+    resumed_from_step: int = 0
+    # False on the other nodes of a multi-node run: the main node writes the adapter.
+    has_adapter: bool = True
     loss_history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class StopFlag:
-    """Set by a signal handler or the host's stop button; read by the watch loop."""
+    """Set by a signal handler or the host's stop button; read by the watch loop.
+
+    Before the ranks start (data preparation), a signal interrupts at once: nothing has been trained,
+    and what was being written is staged and removed. Once they run, it asks them to save and stop.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self.forced = False
+        self.interrupting = True
 
     def request(self) -> None:
         if self.requested:
             self.forced = True
         self.requested = True
+
+    def on_signal(self, *_args) -> None:
+        self.request()
+        if self.interrupting:
+            raise StopRequested(0)
 
 
 def free_port() -> int:
@@ -67,15 +82,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def command(p: dict[str, Any], plan: Plan, run_dir: str) -> list[str]:
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def rendezvous_port(p: dict[str, Any]) -> int:
+    """The port the ranks meet on: the one asked for, or a free one (a busy one is replaced on one machine)."""
+    port = p["main_process_port"]
+    if not port:
+        return free_port()
+    if p["num_machines"] == 1 and not _port_free(port):
+        replacement = free_port()
+        log.warning("main_process_port %s is in use; the ranks meet on port %s instead", port, replacement)
+        return replacement
+    return port
+
+
+def command(p: dict[str, Any], plan: Plan, run_dir: str, port: int, configs: dict[str, str] | None = None) -> list[str]:
+    configs = configs or {}
     entry = ["-m", "plugin_utils.worker", run_dir]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    if "accelerate" in configs:
+        return [*launcher, "--config_file", configs["accelerate"], *entry]
     if plan.num_processes == 1 and p["num_machines"] == 1:
         return [sys.executable, *entry]
-    port = p["main_process_port"] or free_port()
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
+        *launcher,
         "--multi_gpu",
         "--num_processes",
         str(plan.num_processes * p["num_machines"]),
@@ -86,7 +123,7 @@ def command(p: dict[str, Any], plan: Plan, run_dir: str) -> list[str]:
         "--main_process_port",
         str(port),
         "--mixed_precision",
-        "no",  # precision is set in the training arguments
+        mixed_precision(plan),
         "--dynamo_backend",
         "no",
     ]
@@ -104,6 +141,8 @@ def rank_env(plan: Plan, p: dict[str, Any] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Ranks stop (and save) if this process disappears without stopping them.
+    env["SFT_PARENT_PID"] = str(os.getpid())
     if plan.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // plan.num_processes))
     return env
@@ -130,6 +169,26 @@ SECONDARY_FAILURES = (
 )
 
 
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
+OOM_ADVICE = (
+    "The GPU ran out of memory: lower batch_size (raise gradient_accumulation_steps to keep the effective "
+    "batch), lower maximum_sequence_length, turn gradient_checkpointing on, or use training_mode=qlora"
+)
+
+
+def _signal_death(tail: collections.deque) -> str | None:
+    """torch's launcher names the rank that died of a signal in its closing summary."""
+    rank = None
+    for line in tail:
+        text = line.strip()
+        if text.startswith("rank") and ":" in text:
+            rank = text.split(":", 1)[1].split("(")[0].strip()
+        if "Signal" in text and "received by PID" in text and rank is not None:
+            signal_part = text[text.index("Signal") :].split(" received")[0]
+            return f"rank {rank} was killed ({signal_part})"
+    return None
+
+
 def _rank_failure(run_dir: str, tail: collections.deque, code: int) -> str:
     """The root cause: the first report written that is not a consequence of another rank's death."""
     reports = []
@@ -138,12 +197,20 @@ def _rank_failure(run_dir: str, tail: collections.deque, code: int) -> str:
         secondary = any(marker in summary for marker in SECONDARY_FAILURES)
         rank = int(report.rsplit("rank", 1)[1].split(".")[0])
         reports.append((secondary, os.stat(report).st_mtime_ns, rank, summary))
-    if reports:
-        _, _, rank, summary = min(reports)
-        return f"rank {rank} failed: {summary}"
-    last = [line for line in tail if line.strip()][-15:]
-    detail = "\n".join(last)
-    return f"a training process exited with code {code}" + (f"; last output:\n{detail}" if detail else "")
+    reports.sort()
+    killed = _signal_death(tail)
+    if reports and not (killed and reports[0][0]):
+        _, _, rank, summary = reports[0]
+        message = f"rank {rank} failed: {summary}"
+    elif killed:
+        message = killed
+    else:
+        last = [line for line in tail if line.strip()][-15:]
+        detail = "\n".join(last)
+        message = f"a training process exited with code {code}" + (f"; last output:\n{detail}" if detail else "")
+    if any(marker in message or any(marker in line for line in tail) for marker in OOM_MARKERS):
+        message = f"{OOM_ADVICE}. ({message})"
+    return message
 
 
 class Watcher:
@@ -208,8 +275,12 @@ class Watcher:
 
 
 def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str, stop: StopFlag) -> RunResult:
+    stop.interrupting = False  # from here on a stop is passed to the ranks, which save first
+    port = rendezvous_port(p)
+    configs = write_configs(run_dir, p, plan, port)
+    spec = {**spec, "deepspeed_config": configs.get("deepspeed")}
     Path(run_dir, SPEC_FILE).write_text(json.dumps(spec, indent=2))
-    cmd = command(p, plan, run_dir)
+    cmd = command(p, plan, run_dir, port, configs)
     log.info("launch: %s", " ".join(cmd))
     proc = subprocess.Popen(
         cmd,
@@ -218,7 +289,8 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        # Its own session: a signal to our process group reaches us alone, and we stop the ranks in order.
+        # Its own session: a signal to our process group reaches us alone, and we stop the ranks in order
+        # (torch's launcher would otherwise SIGKILL them 30 s after forwarding the signal, mid-save).
         start_new_session=True,
     )
     tail: collections.deque = collections.deque(maxlen=200)
@@ -246,6 +318,7 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
         _kill_group(proc)
         raise
     finally:
+        _kill_group(proc)  # whatever of the session outlived the launcher (a rank it failed to reap)
         pump.join(timeout=5)
     watcher.pump()
     code = proc.returncode
@@ -265,6 +338,8 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
         runtime=end.get("runtime", 0.0),
         loss_history=end.get("loss_history", []),
         startup_seconds=round(watcher.first_step_at - _process_start(), 2) if watcher.first_step_at else None,
+        resumed_from_step=watcher.start.get("global_step", 0),
+        has_adapter=end.get("has_adapter", True),
     )
 
 
@@ -275,14 +350,13 @@ def _process_start() -> float:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """End the launcher and every rank: they share the session we started them in."""
-    if proc.poll() is not None:
-        return
+    """End the launcher and every rank: they share the session (and process group) we started them in."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing of the group is left
+    proc.wait()

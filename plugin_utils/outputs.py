@@ -52,25 +52,196 @@ def publish(staging: str, final: str, summary: dict[str, Any]) -> str:
     return os.path.abspath(final)
 
 
-def latest_checkpoint(folder: str) -> str | None:
-    """The newest checkpoint whose save finished (trainer_state.json is written last)."""
+def _checkpoint_complete(path: str, world_size: int) -> bool:
+    """A finished save: trainer_state.json (written last by rank 0) and every rank's RNG state."""
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return False
+    if world_size > 1:
+        return all(os.path.isfile(os.path.join(path, f"rng_state_{rank}.pth")) for rank in range(world_size))
+    return True
+
+
+def latest_checkpoint(folder: str, world_size: int = 1) -> str | None:
+    """The newest checkpoint whose save finished; one cut off mid-save is skipped."""
     if not os.path.isdir(folder):
         return None
     found = []
     for entry in os.listdir(folder):
         path = os.path.join(folder, entry)
         step = entry.removeprefix("checkpoint-")
-        if step.isdigit() and os.path.isfile(os.path.join(path, "trainer_state.json")):
+        if step.isdigit() and _checkpoint_complete(path, world_size):
             found.append((int(step), path))
     return max(found)[1] if found else None
 
 
-def resume_point(adapter_dir: str, checkpoint_dir: str, *, overwrite: bool) -> str | None:
-    """Where an interrupted run left off; a run that replaces a finished adapter starts afresh."""
-    if overwrite and is_complete_adapter(adapter_dir):
+# What a resumed run must share with the run that saved the checkpoint.
+RESUME_KEYS = (
+    "model_name",
+    "training_mode",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "maximum_sequence_length",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "learning_rate_schedule",
+    "warmup_ratio",
+    "num_train_epochs",
+    "max_steps",
+    "packing",
+    "seed",
+    "distributed_strategy",
+)
+RUN_PARAMS_FILE = "run_params.json"
+
+
+def run_identity(p: dict[str, Any], world_size: int, data_key: str) -> dict[str, Any]:
+    return {**{k: p[k] for k in RESUME_KEYS}, "world_size": world_size, "dataset": data_key}
+
+
+def resume_point(adapter_dir: str, checkpoint_dir: str, identity: dict[str, Any], *, overwrite: bool) -> str | None:
+    """Where an interrupted run left off. A run that replaces a finished adapter starts afresh; one
+    whose parameters changed in a way that matters is refused, naming them."""
+    if overwrite and (is_complete_adapter(adapter_dir) or _changed(checkpoint_dir, identity)):
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return None
-    return latest_checkpoint(checkpoint_dir)
+    latest = latest_checkpoint(checkpoint_dir, identity["world_size"])
+    if latest is None:
+        return None
+    changed = _changed(checkpoint_dir, identity)
+    if changed:
+        from .errors import InvalidConfig, problem
+
+        names = ", ".join(changed)
+        raise InvalidConfig(
+            [
+                problem(
+                    changed[0] if len(changed) == 1 else "adaptor_name",
+                    f"the checkpoint in {checkpoint_dir} was trained with other values of {names}, so it "
+                    "cannot be resumed",
+                    "Restore those values to resume, set overwrite_output=true to start afresh, or pick another "
+                    "adaptor_name",
+                )
+            ]
+        )
+    _remove_unfinished(checkpoint_dir, latest)
+    return latest
+
+
+def _changed(checkpoint_dir: str, identity: dict[str, Any]) -> list[str]:
+    path = os.path.join(checkpoint_dir, RUN_PARAMS_FILE)
+    if not os.path.isfile(path):
+        return []
+    try:
+        saved = json.loads(Path(path).read_text())
+    except ValueError:
+        return []
+    names = {"dataset": "dataset_name (its content or preparation)", "world_size": "num_processes"}
+    return [names.get(k, k) for k in identity if saved.get(k) != identity[k]]
+
+
+def _remove_unfinished(checkpoint_dir: str, keep: str) -> None:
+    """Checkpoints newer than the resume point were cut off mid-save; the trainer must not meet them."""
+    keep_step = int(os.path.basename(keep).removeprefix("checkpoint-"))
+    for entry in os.listdir(checkpoint_dir):
+        step = entry.removeprefix("checkpoint-")
+        if step.isdigit() and int(step) > keep_step:
+            shutil.rmtree(os.path.join(checkpoint_dir, entry), ignore_errors=True)
+
+
+def record_run(checkpoint_dir: str, identity: dict[str, Any]) -> None:
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    Path(checkpoint_dir, RUN_PARAMS_FILE).write_text(json.dumps(identity, indent=2))
+
+
+class RunLock:
+    """One run per output: a second run on the same checkpoint folder is refused, not interleaved.
+    The lock is the kernel's (flock), so it goes away with the process that held it."""
+
+    def __init__(self, checkpoint_dir: str):
+        self.path = os.path.join(checkpoint_dir, ".lock")
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        from .errors import InvalidConfig, problem
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise InvalidConfig(
+                [
+                    problem(
+                        "adaptor_name",
+                        f"another run ({holder}) is writing {os.path.dirname(self.path)}",
+                        "Wait for it to finish, or pick another adaptor_name",
+                    )
+                ]
+            ) from None
+        self.handle.truncate(0)
+        self.handle.write(f"pid {os.getpid()}\n")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+class Staged:
+    """The adapter (and merged model) are written under temporary names beside their final places and
+    renamed into place only when the run completes; any other ending removes them."""
+
+    def __init__(self, adapter_dir: str, merged_dir: str | None):
+        self.adapter_dir = adapter_dir
+        self.merged_dir = merged_dir
+        self.adapter_staging = staging_path(adapter_dir)
+        self.merged_staging = staging_path(merged_dir) if merged_dir else None
+
+    def spec(self) -> dict[str, Any]:
+        return {"adapter_staging": self.adapter_staging, "merged_staging": self.merged_staging}
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for path in (self.adapter_staging, self.merged_staging):
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def publish(self, job, p: dict[str, Any], summary_data: dict[str, Any]) -> str:
+        """Move the outputs into place and register them with the host; returns the adapter's path."""
+        if not os.path.isdir(self.adapter_staging):
+            raise RuntimeError(f"the training processes wrote no adapter to {self.adapter_staging}")
+        if self.merged_staging:
+            merged = publish(self.merged_staging, self.merged_dir, summary_data)
+            job.register_merged(merged, p)
+        return job.register_model(publish(self.adapter_staging, self.adapter_dir, summary_data), p)
+
+
+def score(result) -> dict[str, float]:
+    """The job's score: eval loss when there is an eval split, else the final training loss."""
+    values = {"loss": result.eval_loss if result.eval_loss is not None else result.final_loss}
+    values["train_loss"] = result.final_loss
+    if result.eval_loss is not None:
+        values["eval_loss"] = result.eval_loss
+    return values
+
+
+def completion_message(result, adapter: str | None) -> str:
+    where = f"adapter at {adapter}" if adapter else "the main node writes the adapter"
+    resumed = f", resumed at step {result.resumed_from_step}" if result.resumed_from_step else ""
+    return f"Trained {result.steps} steps on {result.world_size} process(es){resumed}; {where}"
 
 
 def write_plot(path: str, history: list[dict[str, Any]]) -> str | None:
@@ -105,6 +276,7 @@ def summary(p: dict[str, Any], plan, result, stats: dict[str, Any]) -> dict[str,
         "eval_loss": result.eval_loss,
         "runtime_seconds": round(result.runtime, 2),
         "seconds_to_first_step": result.startup_seconds,
+        "resumed_from_step": result.resumed_from_step,
         "dataset": stats,
         "versions": versions(),
     }

@@ -200,21 +200,28 @@ def chat_template_wins_over_formatting_template(p):
 
 
 @config_rule
-def strategy_available(p):
-    """distributed_strategy is one this version runs."""
-    if p["distributed_strategy"] != "ddp":
+def qlora_with_ddp_only(p):
+    """qlora runs with ddp only (sharding a 4-bit model is not supported here)."""
+    if p["training_mode"] == "qlora" and p["distributed_strategy"] != "ddp":
         yield error(
             "distributed_strategy",
-            f"{p['distributed_strategy']} is not available in this version of the plugin",
-            "Use ddp (LoRA adapters fit it well); qlora shrinks the base model if memory is short",
+            f"{p['distributed_strategy']} with training_mode=qlora is not supported",
+            "Use ddp: a 4-bit base model already fits where sharding would be needed",
         )
 
 
 @config_rule
-def fuse_model_available(p):
-    """fuse_model is only accepted where merging is available."""
-    if p["fuse_model"]:
-        yield error("fuse_model", "merging is not available in this version", "Set fuse_model=false")
+def fuse_model_explained(p):
+    """fuse_model with qlora merges into a 16-bit copy of the base; with full there is nothing to merge (warnings)."""
+    if p["fuse_model"] and p["training_mode"] == "qlora":
+        yield warning(
+            "fuse_model",
+            "the adapter is merged into a 16-bit copy of the base model loaded on the CPU (4-bit weights cannot "
+            "hold merged values); it needs about 2 bytes of RAM per parameter",
+            "",
+        )
+    if p["fuse_model"] and p["training_mode"] == "full":
+        yield warning("fuse_model", "training_mode=full trains the whole model: there is no adapter to merge", "")
 
 
 @config_rule
@@ -371,9 +378,13 @@ def qlora_needs_cuda_and_bitsandbytes(p, machine: Machine):
 
 @machine_rule
 def strategy_packages_installed(p, machine: Machine):
-    """deepspeed strategies need the deepspeed package."""
+    """deepspeed strategies need a CUDA GPU and the deepspeed package."""
     strategy = p["distributed_strategy"]
-    if strategy.startswith("deepspeed") and not has_package("deepspeed"):
+    if not strategy.startswith("deepspeed"):
+        return
+    if p["train_device"] == "cpu" or not machine.usable_gpus:
+        yield error("distributed_strategy", f"{strategy} needs CUDA GPUs", "Use ddp or fsdp on this machine")
+    elif not has_package("deepspeed"):
         yield error(
             "distributed_strategy", f"{strategy} needs deepspeed", "Reinstall with WITH_DEEPSPEED=1, or use ddp"
         )

@@ -90,7 +90,9 @@ def _sft_config(spec: dict[str, Any], has_eval: bool):
         bf16=plan["precision"] == "bf16",
         fp16=plan["precision"] == "fp16",
         use_cpu=on_cpu,  # without it, CPU ranks never join one gloo group
-        activation_checkpointing=p["gradient_checkpointing"],
+        # Under FSDP, the FSDP config checkpoints activations instead.
+        activation_checkpointing=p["gradient_checkpointing"] and p["distributed_strategy"] != "fsdp",
+        deepspeed=spec.get("deepspeed_config"),
         max_length=p["maximum_sequence_length"],
         packing=p["packing"],
         # Rows arrive tokenized, truncated and labelled; TRL only has work left when it packs.
@@ -104,8 +106,25 @@ def _sft_config(spec: dict[str, Any], has_eval: bool):
     )
 
 
+class StoppedBeforeTraining(Exception):
+    """A stop arrived while the model loaded: nothing was trained, nothing is saved."""
+
+
+def _parent_gone() -> bool:
+    parent = int(os.environ.get("SFT_PARENT_PID", "0") or 0)
+    if not parent:
+        return False
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class Reporter(TrainerCallback):
-    """Rank-0 progress events, and the stop every rank agrees on."""
+    """Progress events from each node's first rank, and the stop every rank agrees on."""
 
     def __init__(self, run_dir: str, is_main: bool):
         self.stop_path = os.path.join(run_dir, STOP_FILE)
@@ -119,6 +138,8 @@ class Reporter(TrainerCallback):
             self.events.emit(kind, **fields)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if _agree(os.path.exists(self.stop_path)):
+            raise StoppedBeforeTraining()
         self.emit(
             "start",
             world_size=args.world_size,
@@ -132,7 +153,8 @@ class Reporter(TrainerCallback):
         if now - self.last_progress >= 1.0 or state.global_step >= state.max_steps:
             self.last_progress = now
             self.emit("progress", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
-        if _agree(os.path.exists(self.stop_path)):
+        # The parent passes a stop on as a file; a parent that vanished gets the same treatment.
+        if _agree(os.path.exists(self.stop_path) or _parent_gone()):
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True
@@ -179,16 +201,15 @@ def train(run_dir: str) -> int:
     from trl import SFTTrainer
 
     p = spec["params"]
-    data = load_from_disk(spec["prepared_path"])
+    data = load_from_disk(spec["prepared_path"])  # memory-mapped: ranks share the page cache
     tokenizer = AutoTokenizer.from_pretrained(p["model_name"])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     args = _sft_config(spec, "eval" in data)
-    is_main = args.process_index == 0
-    reporter = Reporter(run_dir, is_main)
-    model = _load_model(spec)
+    is_world_main = args.process_index == 0
+    reporter = Reporter(run_dir, is_main=args.local_process_index == 0)
     trainer = SFTTrainer(
-        model=model,
+        model=_load_model(spec),
         args=args,
         train_dataset=data["train"],
         eval_dataset=data.get("eval"),
@@ -197,31 +218,54 @@ def train(run_dir: str) -> int:
         callbacks=[reporter],
     )
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=spec.get("resume_from"))
+    try:
+        result = trainer.train(resume_from_checkpoint=spec.get("resume_from"))
+    except StoppedBeforeTraining:
+        reporter.emit("stopped", step=0, max_steps=0)
+        return 0
     runtime = time.time() - started
     state = trainer.state
-    final_loss, eval_loss = _final_loss(state.log_history)
     if reporter.stopped:
         reporter.emit("stopped", step=state.global_step, max_steps=state.max_steps)
         return 0
+    final_loss, eval_loss = _final_loss(state.log_history)
     staging = spec["adapter_staging"]
-    trainer.save_model(staging)
-    if is_main:
+    trainer.save_model(staging)  # every rank takes part (sharded strategies gather); rank 0 writes
+    if is_world_main:
         tokenizer.save_pretrained(staging)
-        reporter.emit(
-            "done",
-            step=state.global_step,
-            max_steps=state.max_steps,
-            world_size=args.world_size,
-            final_loss=final_loss,
-            eval_loss=eval_loss,
-            train_loss=getattr(result, "training_loss", None),
-            runtime=runtime,
-            loss_history=[
-                {"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h and "step" in h
-            ],
-        )
+    if p["fuse_model"] and p["training_mode"] != "full" and is_world_main:
+        del trainer
+        merge_adapter(spec, staging, tokenizer)
+    reporter.emit(
+        "done",
+        step=state.global_step,
+        max_steps=state.max_steps,
+        world_size=args.world_size,
+        final_loss=final_loss,
+        eval_loss=eval_loss,
+        train_loss=getattr(result, "training_loss", None),
+        runtime=runtime,
+        has_adapter=is_world_main,
+        loss_history=[{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h and "step" in h],
+    )
     return 0
+
+
+def merge_adapter(spec: dict[str, Any], adapter_dir: str, tokenizer) -> None:
+    """Write the base model with the adapter merged in. The base is reloaded unquantized on the CPU: a
+    4-bit (QLoRA) base cannot hold merged weights, and the GPUs may still be busy."""
+    import gc
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    gc.collect()
+    plan = spec["plan"]
+    dtype = _dtype(plan["precision"] if plan["precision"] != "fp16" else "bf16")
+    base = AutoModelForCausalLM.from_pretrained(spec["params"]["model_name"], dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(spec["merged_staging"])
+    tokenizer.save_pretrained(spec["merged_staging"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,12 +37,12 @@ def option(cmd: list[str], flag: str) -> str:
 
 
 def test_one_process_is_a_plain_python_worker(tmp_path):
-    cmd = launch.command(config(), CPU_ONE, str(tmp_path))
+    cmd = launch.command(config(), CPU_ONE, str(tmp_path), 29500)
     assert cmd == [sys.executable, "-m", "plugin_utils.worker", str(tmp_path)]
 
 
 def test_two_processes_go_through_accelerate_launch_with_a_port(tmp_path):
-    cmd = launch.command(config(), CUDA_TWO, str(tmp_path))
+    cmd = launch.command(config(), CUDA_TWO, str(tmp_path), 29500)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert "--multi_gpu" in cmd
     assert option(cmd, "--num_processes") == "2"
@@ -54,19 +54,30 @@ def test_two_processes_go_through_accelerate_launch_with_a_port(tmp_path):
 
 
 def test_two_cpu_processes_also_use_accelerate_launch(tmp_path):
-    cmd = launch.command(config(), CPU_TWO, str(tmp_path))
+    cmd = launch.command(config(), CPU_TWO, str(tmp_path), 29500)
     assert "accelerate.commands.launch" in cmd
     assert option(cmd, "--num_processes") == "2"
 
 
-def test_a_fixed_port_is_passed_through(tmp_path):
-    cmd = launch.command(config(main_process_port=29511), CUDA_TWO, str(tmp_path))
-    assert option(cmd, "--main_process_port") == "29511"
+def test_a_fixed_free_port_is_kept_and_a_busy_one_replaced_on_one_machine():
+    import socket
+
+    free = launch.free_port()
+    assert launch.rendezvous_port(config(main_process_port=free)) == free
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        replaced = launch.rendezvous_port(config(main_process_port=taken))
+        assert replaced != taken and 0 < replaced < 65536
+        # Across machines every node must use the same port, so it is never changed there.
+        assert launch.rendezvous_port(config(main_process_port=taken, num_machines=2)) == taken
+    assert launch.rendezvous_port(config()) > 0  # 0 picks a free port
 
 
 def test_multi_node_arguments_pass_through_with_processes_across_all_machines(tmp_path):
     p = config(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29500)
-    cmd = launch.command(p, CUDA_TWO, str(tmp_path))
+    cmd = launch.command(p, CUDA_TWO, str(tmp_path), 29500)
     assert "--multi_gpu" in cmd
     assert option(cmd, "--num_processes") == "4"  # 2 per node x 2 nodes
     assert option(cmd, "--num_machines") == "2"
@@ -78,7 +89,7 @@ def test_multi_node_arguments_pass_through_with_processes_across_all_machines(tm
 def test_multi_node_with_one_process_per_node_still_uses_accelerate(tmp_path):
     p = config(num_machines=3, machine_rank=2, main_process_ip="10.0.0.1", main_process_port=29500)
     plan = Plan(device="cuda", gpu_ids=[0], num_processes=1, precision="bf16")
-    cmd = launch.command(p, plan, str(tmp_path))
+    cmd = launch.command(p, plan, str(tmp_path), 29500)
     assert "accelerate.commands.launch" in cmd
     assert option(cmd, "--num_processes") == "3"
 
@@ -339,7 +350,7 @@ def test_stop_flag_forces_on_a_second_request():
 
 # --- _rank_failure ------------------------------------------------------------------------------------------
 
-ROOT_CAUSE = "RuntimeError: CUDA out of memory"
+ROOT_CAUSE = "RuntimeError: expected scalar type Float"
 SECONDARY = "DistBackendError: Connection closed by peer; remote worker died"
 
 
@@ -388,3 +399,27 @@ def test_rank_failure_falls_back_to_the_output_tail(tmp_path):
 
 def test_rank_failure_without_reports_or_output_gives_the_exit_code(tmp_path):
     assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == "a training process exited with code 1"
+
+
+def test_cuda_out_of_memory_is_explained_with_the_parameters_to_lower(tmp_path):
+    write_report(tmp_path, 1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", time.time_ns())
+    message = launch._rank_failure(str(tmp_path), collections.deque(), 1)
+    assert message.startswith("The GPU ran out of memory: lower batch_size")
+    assert "rank 1 failed: torch.OutOfMemoryError" in message
+
+
+def test_a_rank_killed_by_a_signal_is_named_from_the_launcher_summary(tmp_path):
+    tail = collections.deque(
+        [
+            "Root Cause (first observed failure):",
+            "[0]:",
+            "  time      : 2026-11-28_03:00:00",
+            "  host      : localhost",
+            "  rank      : 1 (local_rank: 1)",
+            "  exitcode  : -9 (pid: 4242)",
+            "  error_file: <N/A>",
+            "  traceback : Signal 9 (SIGKILL) received by PID 4242",
+        ]
+    )
+    write_report(tmp_path, 0, "RuntimeError: Connection closed by peer ... remote worker", time.time_ns())
+    assert launch._rank_failure(str(tmp_path), tail, 1) == "rank 1 was killed (Signal 9 (SIGKILL))"

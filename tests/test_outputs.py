@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from importlib import metadata
+
+import pytest
 
 from plugin_utils import outputs
 from plugin_utils.launch import RunResult
@@ -27,6 +30,9 @@ def stage(final) -> str:
 
 def leftovers(folder) -> list[str]:
     return sorted(name for name in os.listdir(folder) if ".old-" in name or ".partial-" in name)
+
+
+IDENTITY = {"model_name": "m", "world_size": 1, "dataset": "k"}
 
 
 def make_checkpoint(folder, step: int, complete: bool = True) -> str:
@@ -142,7 +148,7 @@ def test_resume_point_clears_checkpoints_when_overwriting_a_complete_adapter(tmp
     outputs.publish(stage_dir, str(adapter), {})
     checkpoints = tmp_path / "checkpoints" / "my-adaptor"
     make_checkpoint(checkpoints, 5)
-    assert outputs.resume_point(str(adapter), str(checkpoints), overwrite=True) is None
+    assert outputs.resume_point(str(adapter), str(checkpoints), IDENTITY, overwrite=True) is None
     assert not checkpoints.exists()
 
 
@@ -151,9 +157,9 @@ def test_resume_point_returns_the_latest_checkpoint_of_an_interrupted_run(tmp_pa
     make_checkpoint(checkpoints, 5)
     latest = make_checkpoint(checkpoints, 10)
     adapter = str(tmp_path / "my-adaptor")
-    assert outputs.resume_point(adapter, str(checkpoints), overwrite=False) == latest
+    assert outputs.resume_point(adapter, str(checkpoints), IDENTITY, overwrite=False) == latest
     # overwrite only discards work that a finished adapter already holds
-    assert outputs.resume_point(adapter, str(checkpoints), overwrite=True) == latest
+    assert outputs.resume_point(adapter, str(checkpoints), IDENTITY, overwrite=True) == latest
     assert os.path.isdir(latest)
 
 
@@ -162,11 +168,11 @@ def test_resume_point_keeps_checkpoints_when_not_overwriting(tmp_path):
     outputs.publish(stage(adapter), str(adapter), {})
     checkpoints = tmp_path / "checkpoints" / "my-adaptor"
     latest = make_checkpoint(checkpoints, 7)
-    assert outputs.resume_point(str(adapter), str(checkpoints), overwrite=False) == latest
+    assert outputs.resume_point(str(adapter), str(checkpoints), IDENTITY, overwrite=False) == latest
 
 
 def test_resume_point_without_checkpoints_is_none(tmp_path):
-    assert outputs.resume_point(str(tmp_path / "a"), str(tmp_path / "c"), overwrite=False) is None
+    assert outputs.resume_point(str(tmp_path / "a"), str(tmp_path / "c"), IDENTITY, overwrite=False) is None
 
 
 # --- plot, versions, summary ---------------------------------------------------------------------------------
@@ -213,3 +219,66 @@ def test_summary_records_parameters_world_size_steps_loss_runtime_and_versions()
     assert found["dataset"] == {"rows": 190}
     assert "trl" in found["versions"]
     json.dumps(found)
+
+
+def test_resume_is_refused_when_parameters_that_matter_changed(tmp_path):
+    from plugin_utils.errors import InvalidConfig
+
+    checkpoints = tmp_path / "c"
+    make_checkpoint(checkpoints, 4)
+    outputs.record_run(str(checkpoints), {**IDENTITY, "learning_rate": 1e-4})
+    with pytest.raises(InvalidConfig, match=r"learning_rate.*cannot be resumed"):
+        outputs.resume_point(
+            str(tmp_path / "a"), str(checkpoints), {**IDENTITY, "learning_rate": 2e-4}, overwrite=False
+        )
+    # overwrite_output starts afresh instead
+    assert (
+        outputs.resume_point(str(tmp_path / "a"), str(checkpoints), {**IDENTITY, "learning_rate": 2e-4}, overwrite=True)
+        is None
+    )
+    assert not checkpoints.exists()
+
+
+def test_a_checkpoint_missing_a_ranks_rng_state_is_incomplete(tmp_path):
+    older = make_checkpoint(tmp_path, 2)
+    for rank in (0, 1):
+        open(os.path.join(older, f"rng_state_{rank}.pth"), "w").close()
+    newer = make_checkpoint(tmp_path, 4)
+    open(os.path.join(newer, "rng_state_0.pth"), "w").close()  # rank 1 never finished saving
+    assert outputs.latest_checkpoint(str(tmp_path), world_size=2) == older
+    identity = {**IDENTITY, "world_size": 2}
+    assert outputs.resume_point(str(tmp_path / "a"), str(tmp_path), identity, overwrite=False) == older
+    assert not os.path.exists(newer), "a checkpoint cut off mid-save is removed before resuming"
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lock(tmp_path):
+    import subprocess
+
+    from plugin_utils.errors import InvalidConfig
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]);"
+            "from plugin_utils.outputs import RunLock; lock = RunLock(sys.argv[2]).__enter__();"
+            "print('held', flush=True);"
+            "time.sleep(30)",
+            str(ROOT),
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(InvalidConfig, match=r"adaptor_name: another run \(pid \d+\) is writing"),
+            outputs.RunLock(str(tmp_path)),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with outputs.RunLock(str(tmp_path)):  # released with the process that held it
+        pass

@@ -101,11 +101,17 @@ CONFIG_CASES = [
         {"apply_chat_template": True, "formatting_template": "{{ text }}"},
         {("warning", "formatting_template")},
     ),
-    (rules.strategy_available, {"distributed_strategy": "ddp"}, set()),
-    (rules.strategy_available, {"distributed_strategy": "fsdp"}, {("error", "distributed_strategy")}),
-    (rules.strategy_available, {"distributed_strategy": "deepspeed_zero3"}, {("error", "distributed_strategy")}),
-    (rules.fuse_model_available, {"fuse_model": False}, set()),
-    (rules.fuse_model_available, {"fuse_model": True}, {("error", "fuse_model")}),
+    (rules.qlora_with_ddp_only, {"training_mode": "qlora"}, set()),
+    (rules.qlora_with_ddp_only, {"distributed_strategy": "fsdp"}, set()),
+    (
+        rules.qlora_with_ddp_only,
+        {"training_mode": "qlora", "distributed_strategy": "fsdp"},
+        {("error", "distributed_strategy")},
+    ),
+    (rules.fuse_model_explained, {"fuse_model": True}, set()),
+    (rules.fuse_model_explained, {"fuse_model": False, "training_mode": "qlora"}, set()),
+    (rules.fuse_model_explained, {"fuse_model": True, "training_mode": "qlora"}, {("warning", "fuse_model")}),
+    (rules.fuse_model_explained, {"fuse_model": True, "training_mode": "full"}, {("warning", "fuse_model")}),
     (rules.multi_node_needs_address, {}, set()),
     (
         rules.multi_node_needs_address,
@@ -550,3 +556,8 @@ def test_check_keeps_warnings_alongside_errors():
 def test_check_without_a_machine_runs_only_config_rules():
     # A config can be checked on a laptop: machine rules (fp16 on CPU here) are skipped.
     assert rules.check(config(precision="fp16", gpu_ids="7"), None, []) is None
+
+
+def test_deepspeed_needs_cuda_gpus():
+    found = rules.strategy_packages_installed(config(distributed_strategy="deepspeed_zero2"), CPU_ONLY)
+    assert [(s, p.parameter, "CUDA" in p.message) for s, p in found] == [("error", "distributed_strategy", True)]

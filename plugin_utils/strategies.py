@@ -1,0 +1,89 @@
+"""Distributed strategies: the accelerate launcher arguments and the generated FSDP / DeepSpeed configs.
+
+- ddp: `accelerate launch --multi_gpu` (a full model copy per process; the right choice for LoRA).
+- fsdp: an accelerate FSDP2 config file (parameters, gradients and optimizer state sharded).
+- deepspeed_zero2 / deepspeed_zero3: a DeepSpeed config handed to the training arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+ACCELERATE_CONFIG = "accelerate_config.json"
+DEEPSPEED_CONFIG = "deepspeed_config.json"
+
+
+def mixed_precision(plan) -> str:
+    return {"bf16": "bf16", "fp16": "fp16"}.get(plan.precision, "no")
+
+
+def fsdp_config(p: dict[str, Any], plan, port: int) -> dict[str, Any]:
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "FSDP",
+        "num_processes": plan.num_processes * p["num_machines"],
+        "num_machines": p["num_machines"],
+        "machine_rank": p["machine_rank"],
+        "main_process_ip": p["main_process_ip"] or None,
+        "main_process_port": port,
+        "mixed_precision": mixed_precision(plan),
+        "use_cpu": plan.device == "cpu",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "fsdp_config": {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": True,
+            "fsdp_offload_params": False,
+            "fsdp_cpu_ram_efficient_loading": True,
+            # A full state dict on rank 0: adapters and checkpoints save as in a single-process run.
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
+            # FSDP checkpoints activations itself; the Trainer's own checkpointing is then turned off.
+            "fsdp_activation_checkpointing": bool(p["gradient_checkpointing"]),
+        },
+    }
+
+
+def deepspeed_config(p: dict[str, Any]) -> dict[str, Any]:
+    stage = 3 if p["distributed_strategy"] == "deepspeed_zero3" else 2
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+    }
+    if stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size="auto",
+            stage3_param_persistence_threshold="auto",
+            # Saving an adapter or model needs the full weights gathered on rank 0.
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+
+
+def write_configs(run_dir: str, p: dict[str, Any], plan, port: int) -> dict[str, str]:
+    """Write what the strategy needs into the run folder; returns {'accelerate'|'deepspeed': path}."""
+    written = {}
+    strategy = p["distributed_strategy"]
+    if strategy == "fsdp":
+        path = os.path.join(run_dir, ACCELERATE_CONFIG)
+        with open(path, "w") as handle:
+            json.dump(fsdp_config(p, plan, port), handle, indent=2)
+        written["accelerate"] = path
+    elif strategy.startswith("deepspeed"):
+        path = os.path.join(run_dir, DEEPSPEED_CONFIG)
+        with open(path, "w") as handle:
+            json.dump(deepspeed_config(p), handle, indent=2)
+        written["deepspeed"] = path
+    return written
