@@ -177,9 +177,12 @@ OOM_ADVICE = (
 
 
 def _signal_death(tail: collections.deque) -> str | None:
-    """torch's launcher names the rank that died of a signal in its closing summary."""
+    """torch's launcher names the rank that died of a signal in its closing summary ("Root Cause" first:
+    the other ranks were then ended by the launcher itself)."""
+    lines = list(tail)
+    starts = [i for i, line in enumerate(lines) if "Root Cause" in line]
     rank = None
-    for line in tail:
+    for line in lines[starts[-1] :] if starts else lines:
         text = line.strip()
         if text.startswith("rank") and ":" in text:
             rank = text.split(":", 1)[1].split("(")[0].strip()

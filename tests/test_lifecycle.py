@@ -1,0 +1,260 @@
+"""Run lifecycle with real signals and real killed processes on two CPU ranks: stop and resume, a rank
+killed with SIGKILL, a stop during data preparation or before the first step, the legacy stop flag,
+FSDP on gloo, merging, and two "nodes" on one machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .conftest import ROOT, base_config, last_json, write_config
+from .test_e2e import _legacy_input, lab_jobs, metrics_rows, read_job
+
+pytestmark = pytest.mark.slow
+
+
+class Running:
+    """main.py started in its own process group, as TransformerLab's runner starts it."""
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=str(ROOT),
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self.stdout = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in line for line in self.lines):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"never saw {text!r}; output:\n{''.join(self.lines[-40:])}")
+
+    def finish(self, timeout: float = 180) -> int:
+        # stderr belongs to the reader thread; only stdout is read here.
+        self.stdout = self.proc.stdout.read()
+        self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return self.proc.returncode
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+
+def workers_left(before: set[int]) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.pid not in before and ("plugin_utils.worker" in cmdline or "accelerate.commands.launch" in cmdline):
+            found.append(proc)
+    return found
+
+
+def existing_pids() -> set[int]:
+    return {p.pid for p in psutil.process_iter()}
+
+
+def test_sigterm_to_the_group_saves_a_checkpoint_and_the_next_run_resumes_to_the_planned_steps(tiny_model, tmp_path):
+    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=150, logging_steps=1, save_steps=1000)
+    path = write_config(tmp_path, config)
+    run = Running(["--config", path, "--json"])
+    run.wait_for("step 5/150")
+    sent = time.time()
+    os.killpg(run.proc.pid, signal.SIGTERM)
+    assert run.finish() == 3, run.stderr[-3000:]
+    latency = time.time() - sent
+    print(f"stop latency (SIGTERM to exit, 2 CPU ranks): {latency:.2f} s")
+    assert last_json(run.stdout)["status"] == "STOPPED"
+    [index] = lab_jobs(tmp_path / "tflhome")
+    assert read_job(index)["status"] == "STOPPED"
+    checkpoints = sorted((tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 5 <= stopped_at < 150
+    assert (checkpoints[0] / "trainer_state.json").is_file() and (checkpoints[0] / "optimizer.pt").is_file()
+    assert not (tmp_path / "outputs" / "test-adaptor").exists(), "a stopped run publishes no adapter"
+
+    resumed = Running(["--config", path, "--json"])
+    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    result = last_json(resumed.stdout)
+    assert result["status"] == "COMPLETE" and result["steps"] == 150
+    summary = json.loads((tmp_path / "outputs" / "test-adaptor" / "training_summary.json").read_text())
+    assert summary["resumed_from_step"] == stopped_at and summary["max_steps"] == 150
+    second = [i for i in lab_jobs(tmp_path / "tflhome") if i != index]
+    steps = [row["step"] for row in metrics_rows(second[0]) if "loss" in row.get("metrics", {})]
+    assert min(steps) == stopped_at + 1, "no step is trained twice or skipped"
+    assert max(steps) == 150
+
+
+def test_sigint_to_main_alone_stops_and_reports_stopped(tiny_model, tmp_path):
+    config = base_config(tiny_model, tmp_path, max_steps=400, logging_steps=1, save_steps=1000)
+    run = Running(["--config", write_config(tmp_path, config), "--json"])
+    run.wait_for("step 3/400")
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 3, run.stderr[-3000:]
+    assert last_json(run.stdout)["status"] == "STOPPED"
+    assert list((tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
+
+
+def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_path):
+    before = existing_pids()
+    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=3000, logging_steps=1, save_steps=10000)
+    run = Running(["--config", write_config(tmp_path, config), "--json"])
+    run.wait_for("step 3/3000")
+    ranks = [
+        p
+        for p in workers_left(before)
+        if p.environ().get("RANK") == "1" and "plugin_utils.worker" in " ".join(p.cmdline())
+    ]
+    assert len(ranks) == 1
+    killed = time.time()
+    ranks[0].kill()
+    assert run.finish() == 1, run.stderr[-3000:]
+    print(f"dead rank detected and run ended in {time.time() - killed:.2f} s")
+    result = last_json(run.stdout)
+    assert result["status"] == "FAILED"
+    assert "rank 1" in result["error"] and ("SIGKILL" in result["error"] or "exit" in result["error"])
+    [index] = lab_jobs(tmp_path / "tflhome")
+    job = read_job(index)
+    assert job["status"] == "FAILED" and "rank 1" in job["job_data"]["completion_details"]
+    time.sleep(0.5)
+    assert not workers_left(before), "no orphan processes"
+    assert not (tmp_path / "outputs" / "test-adaptor").exists()
+
+
+def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(tiny_model, tmp_path):
+    rows = tmp_path / "many.jsonl"
+    with rows.open("w") as handle:
+        for i in range(120_000):
+            handle.write(json.dumps({"prompt": f"What is {i} plus {i}? " * 3, "completion": f" {2 * i}."}) + "\n")
+    config = base_config(tiny_model, tmp_path, dataset_name=str(rows), formatting_template="")
+    run = Running(["--config", write_config(tmp_path, config), "--json"])
+    run.wait_for("data: 120000 rows")
+    time.sleep(1.0)
+    os.killpg(run.proc.pid, signal.SIGTERM)
+    assert run.finish(timeout=60) == 3, run.stderr[-3000:]
+    assert last_json(run.stdout)["status"] == "STOPPED"
+    cache = tmp_path / "prepared"
+    assert not list(cache.glob("*/stats.json")), "no prepared dataset was published"
+    assert not list(cache.glob("*.tmp-*")), "the staging folder was removed"
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_stop_before_the_first_step_trains_nothing_and_saves_nothing(tiny_model, tmp_path):
+    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=50)
+    run = Running(["--config", write_config(tmp_path, config), "--json"])
+    run.wait_for("launch:")
+    os.killpg(run.proc.pid, signal.SIGTERM)
+    assert run.finish() == 3, run.stderr[-3000:]
+    assert last_json(run.stdout)["status"] == "STOPPED"
+    assert not list((tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
+    assert not (tmp_path / "outputs" / "test-adaptor").exists()
+
+
+def test_the_legacy_stop_flag_stops_the_run(tiny_model, tmp_path):
+    input_file, index, adapter = _legacy_input(
+        tmp_path, tiny_model, max_steps="3000", logging_steps="1", save_steps="100000"
+    )
+    env = {"TFL_HOME_DIR": str(tmp_path / "tflhome"), "PYTHONPATH": str(ROOT / ".legacy-lab")}
+    script = (
+        "import sys; sys.path.append(sys.argv[1]); sys.argv = [sys.argv[0]] + sys.argv[2:]; import main; main.main()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(ROOT), "--plugin_dir", str(ROOT), "--input_file", str(input_file)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+    deadline = time.time() + 120
+    while read_job(index).get("progress", 0) < 1 and time.time() < deadline:
+        time.sleep(0.2)
+    job = read_job(index)
+    job["job_data"]["stop"] = True  # what the Stop button does in TransformerLab 0.31
+    index.write_text(json.dumps(job))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-3000:]
+    assert read_job(index)["status"] == "STOPPED"
+    assert not adapter.exists()
+
+
+def test_fsdp_trains_on_two_cpu_ranks(tiny_model, tmp_path):
+    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=4, distributed_strategy="fsdp")
+    run = Running(["--config", write_config(tmp_path, config), "--json"])
+    assert run.finish() == 0, run.stderr[-3000:]
+    assert "--config_file" in run.stderr
+    adapter = Path(last_json(run.stdout)["adaptor_path"])
+    summary = json.loads((adapter / "training_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+
+def test_fuse_model_writes_a_merged_model_that_loads_and_is_registered(tiny_model, tmp_path):
+    config = base_config(tiny_model, tmp_path, max_steps=2, fuse_model=True)
+    run = Running(["--config", write_config(tmp_path, config), "--json"])
+    assert run.finish() == 0, run.stderr[-3000:]
+    merged = tmp_path / "outputs" / "test-adaptor-merged"
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+    assert not (merged / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    [index] = lab_jobs(tmp_path / "tflhome")
+    assert len(read_job(index)["job_data"]["models"]) == 2
+
+
+def test_two_nodes_on_one_machine_train_one_model(tiny_model, tmp_path):
+    port = 29611
+    runs = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        (node / "tflhome").mkdir()
+        config = base_config(
+            tiny_model,
+            node,
+            num_processes=1,
+            max_steps=4,
+            num_machines=2,
+            machine_rank=rank,
+            main_process_ip="127.0.0.1",
+            main_process_port=port,
+        )
+        runs.append(
+            Running(
+                ["--config", write_config(node, config), "--json"],
+                env={"TFL_HOME_DIR": str(node / "tflhome"), "SFT_PREPARED_CACHE": str(node / "prepared")},
+            )
+        )
+    codes = [run.finish() for run in runs]
+    assert codes == [0, 0], "\n".join(run.stderr[-2000:] for run in runs)
+    main_node, other = (last_json(run.stdout) for run in runs)
+    summary = json.loads(Path(main_node["adaptor_path"], "training_summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert other["status"] == "COMPLETE" and other["adaptor_path"] is None
