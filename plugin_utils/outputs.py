@@ -221,12 +221,22 @@ class Staged:
 
     def publish(self, job, p: dict[str, Any], summary_data: dict[str, Any]) -> str:
         """Move the outputs into place and register them with the host; returns the adapter's path."""
+        from .errors import RunFailed
+
         if not os.path.isdir(self.adapter_staging):
-            raise RuntimeError(f"the training processes wrote no adapter to {self.adapter_staging}")
-        if self.merged_staging:
-            merged = publish(self.merged_staging, self.merged_dir, summary_data)
+            raise RunFailed(f"the training processes wrote no adapter to {self.adapter_staging}")
+        try:
+            adapter = publish(self.adapter_staging, self.adapter_dir, summary_data)
+            merged = publish(self.merged_staging, self.merged_dir, summary_data) if self.merged_staging else None
+        except OSError as exc:
+            raise RunFailed(
+                f"could not write the outputs ({exc.strerror or exc}: {exc.filename or self.adapter_dir}); "
+                "free disk space or fix the folder's permissions, then run again to resume"
+            ) from None
+        # Registered only once everything is in place: a failure above leaves nothing half-registered.
+        if merged:
             job.register_merged(merged, p)
-        return job.register_model(publish(self.adapter_staging, self.adapter_dir, summary_data), p)
+        return job.register_model(adapter, p)
 
 
 def score(result) -> dict[str, float]:

@@ -282,3 +282,30 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lo
         holder.wait()
     with outputs.RunLock(str(tmp_path)):  # released with the process that held it
         pass
+
+
+def test_a_write_failure_while_publishing_is_a_clear_failure_and_registers_nothing(tmp_path, monkeypatch):
+    from plugin_utils.errors import RunFailed
+
+    registered = []
+
+    class Job:
+        def register_model(self, path, p):
+            registered.append(path)
+            return path
+
+        register_merged = register_model
+
+    staged = outputs.Staged(str(tmp_path / "a"), str(tmp_path / "a-merged"))
+    os.makedirs(staged.adapter_staging)
+    os.makedirs(staged.merged_staging)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "a-merged"))
+
+    real_replace = os.replace
+    monkeypatch.setattr(outputs.os, "replace", lambda a, b: full_disk() if "merged" in b else real_replace(a, b))
+    with staged, pytest.raises(RunFailed, match="No space left on device"):
+        staged.publish(Job(), {}, {})
+    assert registered == []
+    assert not os.path.exists(staged.merged_staging) and not os.path.exists(staged.adapter_staging)
