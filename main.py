@@ -19,17 +19,20 @@ def run(args, outcome: cli.Outcome) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop.on_signal)
 
+    clock = cli.Clock()
     outcome.host = job = host.choose(args)
     p, outcome.warnings = params.resolve(job.raw_params(), headless=job.headless)
     adapter_dir, checkpoint_dir = job.locations(p)
     plan = rules.check(p, machine.detect(), outcome.warnings, outputs=(adapter_dir, checkpoint_dir))
     cli.report_warnings(outcome.warnings)
+    clock.mark("validated")
     if args.check:
         return cli.emit_json(args.json, cli.check_report(outcome.warnings, plan))
 
     prepared = data.prepare(p, preview=args.preview)
     rules.check_data(p, plan, prepared.stats, outcome.warnings)
     cli.report_dataset(prepared)
+    clock.mark("data_prepared")
     if args.dry_run:
         return cli.emit_json(args.json, cli.dry_run_report(outcome.warnings, prepared))
 
@@ -38,8 +41,8 @@ def run(args, outcome: cli.Outcome) -> None:
     identity = outputs.run_identity(p, plan.num_processes * p["num_machines"], prepared.key)
     staged = outputs.Staged(adapter_dir, job.merged_location(p) if p["fuse_model"] else None)
     with outputs.RunLock(checkpoint_dir), staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
-        resume = job.checkpoint_to_resume() or outputs.resume_point(
-            adapter_dir, checkpoint_dir, identity, overwrite=p["overwrite_output"]
+        resume = outputs.resume_point(
+            adapter_dir, checkpoint_dir, identity, overwrite=p["overwrite_output"], requested=job.checkpoint_to_resume()
         )
         outputs.record_run(checkpoint_dir, identity)
         spec = {
@@ -51,7 +54,11 @@ def run(args, outcome: cli.Outcome) -> None:
             **staged.spec(),
         }
         result = launch.run(job, p, plan, spec, run_dir, stop)
-        final = staged.publish(job, p, outputs.summary(p, plan, result, prepared.stats)) if result.has_adapter else None
+        final = (
+            staged.publish(job, p, outputs.summary(p, plan, result, prepared.stats, clock.marks))
+            if result.has_adapter
+            else None
+        )
     plot = outputs.write_plot(f"{checkpoint_dir}/loss_plot.json", result.loss_history)
     job.complete(outputs.completion_message(result, final), outputs.score(result), plot)
     outcome.result = {

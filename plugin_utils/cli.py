@@ -52,6 +52,21 @@ def report_warnings(warnings: list[Problem]) -> None:
         log.warning("warning: %s", w.line())
 
 
+class Clock:
+    """Seconds since this process started, at each stage: the start-up breakdown in training_summary.json."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.started = psutil.Process().create_time()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        import time
+
+        self.marks[name] = round(time.time() - self.started, 2)
+
+
 def check_report(warnings: list[Problem], plan) -> dict[str, Any]:
     return {"ok": True, "errors": [], "warnings": [w.as_dict() for w in warnings], "plan": plan.as_dict()}
 

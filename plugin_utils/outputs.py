@@ -101,33 +101,42 @@ def run_identity(p: dict[str, Any], world_size: int, data_key: str) -> dict[str,
     return {**{k: p[k] for k in RESUME_KEYS}, "world_size": world_size, "dataset": data_key}
 
 
-def resume_point(adapter_dir: str, checkpoint_dir: str, identity: dict[str, Any], *, overwrite: bool) -> str | None:
-    """Where an interrupted run left off. A run that replaces a finished adapter starts afresh; one
-    whose parameters changed in a way that matters is refused, naming them."""
+def resume_point(
+    adapter_dir: str, checkpoint_dir: str, identity: dict[str, Any], *, overwrite: bool, requested: str | None = None
+) -> str | None:
+    """Where an interrupted run left off (or the checkpoint the host asks for). A run that replaces a
+    finished adapter starts afresh; one whose parameters changed in a way that matters is refused, naming them."""
+    if requested:
+        _refuse_if_changed(os.path.dirname(requested.rstrip(os.sep)), identity)
+        return requested
     if overwrite and (is_complete_adapter(adapter_dir) or _changed(checkpoint_dir, identity)):
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         return None
     latest = latest_checkpoint(checkpoint_dir, identity["world_size"])
     if latest is None:
         return None
-    changed = _changed(checkpoint_dir, identity)
-    if changed:
-        from .errors import InvalidConfig, problem
-
-        names = ", ".join(changed)
-        raise InvalidConfig(
-            [
-                problem(
-                    changed[0] if len(changed) == 1 else "adaptor_name",
-                    f"the checkpoint in {checkpoint_dir} was trained with other values of {names}, so it "
-                    "cannot be resumed",
-                    "Restore those values to resume, set overwrite_output=true to start afresh, or pick another "
-                    "adaptor_name",
-                )
-            ]
-        )
+    _refuse_if_changed(checkpoint_dir, identity)
     _remove_unfinished(checkpoint_dir, latest)
     return latest
+
+
+def _refuse_if_changed(checkpoint_dir: str, identity: dict[str, Any]) -> None:
+    changed = _changed(checkpoint_dir, identity)
+    if not changed:
+        return
+    from .errors import InvalidConfig, problem
+
+    names = ", ".join(changed)
+    raise InvalidConfig(
+        [
+            problem(
+                changed[0] if len(changed) == 1 else "adaptor_name",
+                f"the checkpoint in {checkpoint_dir} was trained with other values of {names}, so it cannot be resumed",
+                "Restore those values to resume, set overwrite_output=true to start afresh, or pick another "
+                "adaptor_name",
+            )
+        ]
+    )
 
 
 def _changed(checkpoint_dir: str, identity: dict[str, Any]) -> list[str]:
@@ -274,7 +283,9 @@ def write_plot(path: str, history: list[dict[str, Any]]) -> str | None:
     return path
 
 
-def summary(p: dict[str, Any], plan, result, stats: dict[str, Any]) -> dict[str, Any]:
+def summary(
+    p: dict[str, Any], plan, result, stats: dict[str, Any], startup: dict[str, float] | None = None
+) -> dict[str, Any]:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "parameters": p,
@@ -286,6 +297,8 @@ def summary(p: dict[str, Any], plan, result, stats: dict[str, Any]) -> dict[str,
         "eval_loss": result.eval_loss,
         "runtime_seconds": round(result.runtime, 2),
         "seconds_to_first_step": result.startup_seconds,
+        # Seconds from process start at which each stage ended.
+        "startup": {**(startup or {}), "first_step": result.startup_seconds},
         "resumed_from_step": result.resumed_from_step,
         "dataset": stats,
         "versions": versions(),

@@ -173,18 +173,24 @@ class Reporter(TrainerCallback):
         self.emit("log", step=state.global_step, max_steps=state.max_steps, metrics=row)
 
 
+_STOP_GROUP = None
+
+
 def _agree(flag: bool) -> bool:
-    """True on every rank when any rank says so (one tiny all-reduce per step in a distributed run)."""
+    """True on every rank when any rank says so: one 1-element all-reduce per step. It runs over a
+    CPU (gloo) group even when training uses NCCL, so checking never waits for the GPU's queue."""
+    global _STOP_GROUP
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
     import torch
 
-    backend = dist.get_backend()
-    device = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu"
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    if _STOP_GROUP is None:
+        # Created by every rank at the same call (the first check, at train begin).
+        _STOP_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_STOP_GROUP)
     return bool(value.item())
 
 

@@ -61,18 +61,18 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     assert job["job_data"]["parameters"]["adaptor_name"] == "test-adaptor"
 
 
-def _make_lab_job(home: Path, params: dict) -> str:
+def _make_lab_job(home: Path, params: dict, **job_data) -> str:
     script = textwrap.dedent(
         """
         import json, sys
         from lab import lab
         lab.init("exp1")
-        lab.set_config({"parameters": json.loads(sys.argv[1])})
+        lab.set_config({"parameters": json.loads(sys.argv[1]), **json.loads(sys.argv[2])})
         sys.stderr.write(str(lab.job.id))
         """
     )
     proc = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(params)],
+        [sys.executable, "-c", script, json.dumps(params), json.dumps(job_data)],
         capture_output=True,
         text=True,
         env={**os.environ, "TFL_HOME_DIR": str(home)},

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from .conftest import ROOT, base_config, last_json, write_config
-from .test_e2e import _legacy_input, lab_jobs, metrics_rows, read_job
+from .test_e2e import _legacy_input, _make_lab_job, lab_jobs, metrics_rows, read_job
 
 pytestmark = pytest.mark.slow
 
@@ -258,3 +258,32 @@ def test_two_nodes_on_one_machine_train_one_model(tiny_model, tmp_path):
     summary = json.loads(Path(main_node["adaptor_path"], "training_summary.json").read_text())
     assert summary["world_size"] == 2
     assert other["status"] == "COMPLETE" and other["adaptor_path"] is None
+
+
+def test_a_lab_job_resumes_from_the_checkpoint_transformerlab_names(tiny_model, tmp_path):
+    home = tmp_path / "tflhome"
+    params = base_config(tiny_model, tmp_path, max_steps=120, logging_steps=1, save_steps=1000)
+    params.pop("output_dir")
+    first = _make_lab_job(home, params)
+    run = Running(["--json"], env={"_TFL_JOB_ID": first, "_TFL_EXPERIMENT_ID": "exp1"})
+    run.wait_for("step 5/120")
+    os.killpg(run.proc.pid, signal.SIGTERM)
+    assert run.finish() == 3, run.stderr[-3000:]
+    [first_index] = lab_jobs(home, "exp1")
+    [checkpoint] = (first_index.parent / "checkpoints").glob("checkpoint-*")
+    stopped_at = int(checkpoint.name.split("-")[1])
+
+    second = _make_lab_job(home, params, parent_job_id=first, resumed_from_checkpoint=checkpoint.name)
+    run = Running(["--json"], env={"_TFL_JOB_ID": second, "_TFL_EXPERIMENT_ID": "exp1"})
+    assert run.finish() == 0, run.stderr[-3000:]
+    assert f"resuming at step {stopped_at}" in run.stderr
+    result = last_json(run.stdout)
+    assert result["steps"] == 120
+
+    # A changed parameter that shapes the run is refused, naming it.
+    third = _make_lab_job(
+        home, {**params, "learning_rate": 5e-4}, parent_job_id=first, resumed_from_checkpoint=checkpoint.name
+    )
+    run = Running(["--json"], env={"_TFL_JOB_ID": third, "_TFL_EXPERIMENT_ID": "exp1"})
+    assert run.finish() == 2
+    assert "learning_rate" in last_json(run.stdout)["errors"][0]["message"]
