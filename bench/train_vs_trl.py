@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     elapsed = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{proc.stderr[-3000:]}")

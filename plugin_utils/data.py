@@ -448,10 +448,24 @@ def cache_root() -> str:
     return os.environ.get("SFT_PREPARED_CACHE", default)
 
 
-def load_tokenizer(model_name: str):
-    from transformers import AutoTokenizer
+# Tokenizer classes that are the generic fast tokenizer: loaded directly, without AutoTokenizer's model
+# config machinery (which imports torch and costs the parent a second or more before the launch).
+GENERIC_TOKENIZERS = {"PreTrainedTokenizerFast", "TokenizersBackend"}
 
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
+
+def load_tokenizer(model_name: str):
+    config_path = Path(os.path.expanduser(model_name), "tokenizer_config.json")
+    generic = False
+    if config_path.is_file() and Path(config_path.parent, "tokenizer.json").is_file():
+        try:
+            generic = json.loads(config_path.read_text()).get("tokenizer_class") in GENERIC_TOKENIZERS
+        except ValueError:
+            generic = False
+    if generic:
+        from transformers import PreTrainedTokenizerFast as loader
+    else:
+        from transformers import AutoTokenizer as loader
+    tokenizer = loader.from_pretrained(model_name)
     if tokenizer.eos_token_id is None:
         raise InvalidConfig(
             [problem("model_name", "the tokenizer has no EOS token", "Use a model whose tokenizer defines one")]

@@ -50,6 +50,9 @@ class RunResult:
     resumed_from_step: int = 0
     # False on the other nodes of a multi-node run: the main node writes the adapter.
     has_adapter: bool = True
+    peak_gpu_memory_mib: float | None = None
+    # When rank 0 started, imported its libraries, loaded the model, built the trainer (seconds from our start).
+    rank_startup: dict[str, float] = field(default_factory=dict)
     loss_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -341,8 +344,10 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
         runtime=end.get("runtime", 0.0),
         loss_history=end.get("loss_history", []),
         startup_seconds=round(watcher.first_step_at - _process_start(), 2) if watcher.first_step_at else None,
+        rank_startup={k: round(v - _process_start(), 2) for k, v in watcher.start.get("marks", {}).items()},
         resumed_from_step=watcher.start.get("global_step", 0),
         has_adapter=end.get("has_adapter", True),
+        peak_gpu_memory_mib=end.get("peak_gpu_memory_mib"),
     )
 
 

@@ -298,8 +298,9 @@ def summary(
         "runtime_seconds": round(result.runtime, 2),
         "seconds_to_first_step": result.startup_seconds,
         # Seconds from process start at which each stage ended.
-        "startup": {**(startup or {}), "first_step": result.startup_seconds},
+        "startup": {**(startup or {}), **result.rank_startup, "first_step": result.startup_seconds},
         "resumed_from_step": result.resumed_from_step,
+        "peak_gpu_memory_mib": result.peak_gpu_memory_mib,
         "dataset": stats,
         "versions": versions(),
     }

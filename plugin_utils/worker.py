@@ -132,6 +132,7 @@ class Reporter(TrainerCallback):
         self.last_progress = 0.0
         self.last_tokens: tuple[float, float] | None = None
         self.stopped = False
+        self.marks: dict[str, float] = {}
 
     def emit(self, kind: str, **fields: Any) -> None:
         if self.events:
@@ -146,6 +147,7 @@ class Reporter(TrainerCallback):
             max_steps=state.max_steps,
             global_step=state.global_step,
             num_train_epochs=args.num_train_epochs,
+            marks=self.marks,
         )
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -202,9 +204,14 @@ def _final_loss(history: list[dict[str, Any]]) -> tuple[float | None, float | No
 
 def train(run_dir: str) -> int:
     spec = json.loads(Path(run_dir, SPEC_FILE).read_text())
+    import psutil
+
+    marks = {"rank_started": psutil.Process().create_time()}  # absolute times; the parent makes them relative
     from datasets import load_from_disk
     from transformers import AutoTokenizer
     from trl import SFTTrainer
+
+    marks["libraries_imported"] = time.time()
 
     p = spec["params"]
     data = load_from_disk(spec["prepared_path"])  # memory-mapped: ranks share the page cache
@@ -214,8 +221,10 @@ def train(run_dir: str) -> int:
     args = _sft_config(spec, "eval" in data)
     is_world_main = args.process_index == 0
     reporter = Reporter(run_dir, is_main=args.local_process_index == 0)
+    model = _load_model(spec)
+    marks["model_loaded"] = time.time()
     trainer = SFTTrainer(
-        model=_load_model(spec),
+        model=model,
         args=args,
         train_dataset=data["train"],
         eval_dataset=data.get("eval"),
@@ -223,6 +232,8 @@ def train(run_dir: str) -> int:
         peft_config=_peft_config(p),
         callbacks=[reporter],
     )
+    marks["trainer_ready"] = time.time()
+    reporter.marks = marks
     started = time.time()
     try:
         result = trainer.train(resume_from_checkpoint=spec.get("resume_from"))
@@ -252,9 +263,18 @@ def train(run_dir: str) -> int:
         train_loss=getattr(result, "training_loss", None),
         runtime=runtime,
         has_adapter=is_world_main,
+        peak_gpu_memory_mib=_peak_gpu_memory_mib(),
         loss_history=[{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h and "step" in h],
     )
     return 0
+
+
+def _peak_gpu_memory_mib() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def merge_adapter(spec: dict[str, Any], adapter_dir: str, tokenizer) -> None:
