@@ -16,6 +16,25 @@ SAMPLE = ROOT / "demo" / "sample_data.jsonl"
 LEGACY_LAB = ROOT / ".legacy-lab"
 TEMPLATE = "Question: {{ prompt }}\nAnswer:{{ completion }}"
 
+# SPEC §3: the keys the Train tab and the host fill; never form parameters.
+SPEC_HOST_KEYS = {
+    "model_name",
+    "model_architecture",
+    "dataset_name",
+    "template_name",
+    "plugin_name",
+    "job_id",
+    "output_dir",
+    "adaptor_output_dir",
+    "run_sweeps",
+    "sweep_config",
+    "experiment_name",
+    "formatting_template",
+    "apply_chat_template",
+    "chatml_formatted_column",
+    "formatting_chat_template",
+}
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

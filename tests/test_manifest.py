@@ -10,7 +10,7 @@ import pytest
 
 from plugin_utils import params
 
-from .conftest import ROOT
+from .conftest import ROOT, SPEC_HOST_KEYS
 
 # TransformerLab's plugin manifest schema (draft-07), copied here so the suite runs anywhere.
 SCHEMA = {
@@ -103,23 +103,7 @@ CHOICES = {
     "distributed_strategy": ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"],
 }
 
-HOST_KEYS = [
-    "model_name",
-    "model_architecture",
-    "dataset_name",
-    "template_name",
-    "plugin_name",
-    "job_id",
-    "output_dir",
-    "adaptor_output_dir",
-    "run_sweeps",
-    "sweep_config",
-    "experiment_name",
-    "formatting_template",
-    "apply_chat_template",
-    "chatml_formatted_column",
-    "formatting_chat_template",
-]
+HOST_KEYS = sorted(SPEC_HOST_KEYS)
 
 ARCHITECTURES = [
     "LlamaForCausalLM",

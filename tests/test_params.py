@@ -10,26 +10,7 @@ import pytest
 from plugin_utils import params
 from plugin_utils.errors import InvalidConfig
 
-from .conftest import ROOT
-
-# SPEC §3: the keys the Train tab and the host fill; never form parameters.
-SPEC_HOST_KEYS = {
-    "model_name",
-    "model_architecture",
-    "dataset_name",
-    "template_name",
-    "plugin_name",
-    "job_id",
-    "output_dir",
-    "adaptor_output_dir",
-    "run_sweeps",
-    "sweep_config",
-    "experiment_name",
-    "formatting_template",
-    "apply_chat_template",
-    "chatml_formatted_column",
-    "formatting_chat_template",
-}
+from .conftest import ROOT, SPEC_HOST_KEYS
 
 
 def manifest_parameters() -> dict:
