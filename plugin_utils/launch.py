@@ -220,12 +220,10 @@ def _rank_failure(run_dir: str, tail: collections.deque, code: int) -> str:
 
 
 class Watcher:
-    """Relays events to the host and decides the run's outcome."""
+    """Relays rank events to the host and keeps what the run's outcome needs (start, end, first step)."""
 
-    def __init__(self, host, run_dir: str, stop: StopFlag):
+    def __init__(self, host, run_dir: str):
         self.host = host
-        self.run_dir = run_dir
-        self.stop = stop
         self.reader = EventReader(os.path.join(run_dir, EVENTS_FILE))
         self.percent = 0
         self.last_relay = 0.0
@@ -302,7 +300,7 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
     tail: collections.deque = collections.deque(maxlen=200)
     pump = threading.Thread(target=_pump, args=(proc.stdout, tail), daemon=True)
     pump.start()
-    watcher = Watcher(host, run_dir, stop)
+    watcher = Watcher(host, run_dir)
     last_poll = 0.0
     stop_sent_at: float | None = None
     try:

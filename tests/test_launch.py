@@ -231,7 +231,7 @@ class RecordingHost:
 @pytest.fixture
 def watcher(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "RELAY_INTERVAL", 0.0)
-    return launch.Watcher(RecordingHost(), str(tmp_path), launch.StopFlag())
+    return launch.Watcher(RecordingHost(), str(tmp_path))
 
 
 def start_event(max_steps=10, global_step=0, started=None):
@@ -301,7 +301,7 @@ def test_watcher_progress_without_max_steps_stays_put(watcher):
 
 def test_watcher_throttles_progress_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "RELAY_INTERVAL", 3600.0)
-    w = launch.Watcher(RecordingHost(), str(tmp_path), launch.StopFlag())
+    w = launch.Watcher(RecordingHost(), str(tmp_path))
     w.handle(log_event(1, loss=2.0))
     w.handle(progress_event(2))
     w.handle(progress_event(3))
