@@ -304,3 +304,13 @@ def test_data_errors_exit_2_and_fail_the_job_before_any_launch(tiny_model, tmp_p
     assert error["parameter"] == "completion_only_loss"
     assert "launch:" not in proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_packing_trains_on_two_cpu_ranks(tiny_model, tmp_path):
+    # BFD packing with padding-free batches: TRL packs the prepared rows (under main-process-first, so once).
+    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=4, packing=True)
+    proc = run_main(["--config", write_config(tmp_path, config), "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = last_json(proc.stdout)
+    summary = json.loads(Path(result["adaptor_path"], "training_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
