@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -630,7 +631,21 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
             )
             for name, ds in tokenized.items()
         }
+        if len(kept["train"]) == 0:
+            raise InvalidConfig([problem("dataset_name", "no row has anything left to train on", "Check the data")])
         if "eval" not in kept and p["eval_split"] > 0:
+            rows = len(kept["train"])
+            held_out = math.ceil(p["eval_split"] * rows)
+            if held_out >= rows:
+                raise InvalidConfig(
+                    [
+                        problem(
+                            "eval_split",
+                            f"{p['eval_split']:g} of {rows} rows leaves no training rows",
+                            "Lower eval_split, or set it to 0",
+                        )
+                    ]
+                )
             parts = kept["train"].train_test_split(
                 test_size=p["eval_split"],
                 seed=p["seed"],
@@ -638,10 +653,10 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
                 test_indices_cache_file_name=os.path.join(work, "split-eval.arrow"),
             )
             kept = {"train": parts["train"], "eval": parts["test"]}
-        if len(kept["train"]) == 0:
-            raise InvalidConfig([problem("eval_split", "leaves no training rows", "Lower eval_split")])
         if "eval" in kept and len(kept["eval"]) == 0:
-            raise InvalidConfig([problem("eval_split", "leaves no eval rows", "Raise eval_split or set it to 0")])
+            raise InvalidConfig(
+                [problem("eval_split", "the validation split has no row left to evaluate", "Check that split's rows")]
+            )
         stats["rows_used"] = len(kept["train"])
         stats["eval_rows"] = len(kept["eval"]) if "eval" in kept else 0
         stats["trainable_tokens"] = _column_sum(kept["train"], "trained")

@@ -610,3 +610,23 @@ def test_format_detection_looks_past_the_first_row(tmp_path, model_dir):
     rows = [{"prompt": "a", "completion": "b", "text": "a b"}, {"prompt": "c", "completion": None, "text": "c"}]
     prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
     assert prepared.stats["format"] == "text"
+
+
+def test_an_eval_split_that_leaves_no_training_rows_is_an_error(tmp_path, model_dir):
+    dataset = write_jsonl(tmp_path / "d.jsonl", _pc_rows(1))
+    with pytest.raises(InvalidConfig, match=r"eval_split: 0\.5 of 1 rows leaves no training rows"):
+        data.prepare(make_params(model_dir, dataset, eval_split=0.5))
+
+
+def test_an_eval_split_always_holds_out_at_least_one_row(tmp_path, model_dir):
+    prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", _pc_rows(5)), eval_split=0.01))
+    assert (prepared.stats["rows_used"], prepared.stats["eval_rows"]) == (4, 1)
+
+
+def test_a_validation_file_whose_rows_are_all_cut_away_is_an_error(tmp_path, model_dir):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", _pc_rows(4))
+    write_jsonl(folder / "validation.jsonl", [{"prompt": "word " * 400, "completion": " x"}])
+    with pytest.raises(InvalidConfig, match="eval_split: the validation split has no row left"):
+        data.prepare(make_params(model_dir, str(folder), maximum_sequence_length=64))
