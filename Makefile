@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 LEGACY_LAB := .legacy-lab
+LEGACY_LAB_032 := .legacy-lab-0.1.1
 
 .PHONY: setup demo test lint format clean
 
@@ -13,9 +14,10 @@ $(STAMP): setup.sh requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	. $(VENV)/bin/activate && bash setup.sh
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
-	@# The lab SDK of TransformerLab 0.31 (legacy job store), kept apart for the legacy-host tests.
-	rm -rf $(LEGACY_LAB)
+	@# The lab SDKs of TransformerLab 0.31 and 0.32 (legacy job store), kept apart for the legacy-host tests.
+	rm -rf $(LEGACY_LAB) $(LEGACY_LAB_032)
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --target $(LEGACY_LAB) transformerlab==0.0.98
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --target $(LEGACY_LAB_032) transformerlab==0.1.1
 	@touch $@
 
 demo: setup
@@ -35,4 +37,4 @@ format:
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(LEGACY_LAB) demo/workspace
+	rm -rf $(VENV) $(LEGACY_LAB) $(LEGACY_LAB_032) demo/workspace

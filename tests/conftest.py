@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "demo" / "sample_data.jsonl"
 LEGACY_LAB = ROOT / ".legacy-lab"
+LEGACY_LAB_032 = ROOT / ".legacy-lab-0.1.1"
 TEMPLATE = "Question: {{ prompt }}\nAnswer:{{ completion }}"
 
 # SPEC §3: the keys the Train tab and the host fill; never form parameters.

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import LEGACY_LAB, ROOT, base_config, last_json, run_main, write_config
+from .conftest import LEGACY_LAB, LEGACY_LAB_032, ROOT, base_config, last_json, run_main, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -112,12 +112,12 @@ def _legacy_job(home: Path, job_id: str) -> Path:
     return index
 
 
-def _run_like_the_harness(input_file: Path, home: Path, extra_env: dict | None = None):
+def _run_like_the_harness(input_file: Path, home: Path, lab_dir: Path = LEGACY_LAB):
     # What TransformerLab's plugin_harness.py does: plugin dir on sys.path, import main, call main.main().
     script = (
         "import sys; sys.path.append(sys.argv[1]); sys.argv = [sys.argv[0]] + sys.argv[2:]; import main; main.main()"
     )
-    env = {**os.environ, "TFL_HOME_DIR": str(home), "PYTHONPATH": str(LEGACY_LAB), **(extra_env or {})}
+    env = {**os.environ, "TFL_HOME_DIR": str(home), "PYTHONPATH": str(lab_dir)}
     args = ["--plugin_dir", str(ROOT), "--input_file", str(input_file), "--experiment_name", "alpha"]
     return subprocess.run(
         [sys.executable, "-c", script, str(ROOT), *args],
@@ -173,10 +173,15 @@ def _legacy_input(tmp_path: Path, tiny_model: str, **form) -> tuple[Path, Path, 
     return input_file, index, Path(config["adaptor_output_dir"])
 
 
-@pytest.mark.skipif(not LEGACY_LAB.is_dir(), reason="make setup installs the legacy lab SDK into .legacy-lab")
-def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path):
+# The lab SDKs that TransformerLab 0.31 and 0.32 put in a plugin's venv; `make setup` installs both.
+LEGACY_SDKS = {"0.0.98 (TransformerLab 0.31)": LEGACY_LAB, "0.1.1 (TransformerLab 0.32)": LEGACY_LAB_032}
+
+
+@pytest.mark.parametrize("lab_dir", list(LEGACY_SDKS.values()), ids=list(LEGACY_SDKS))
+def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path, lab_dir):
+    assert lab_dir.is_dir(), "make setup installs the legacy lab SDKs"
     input_file, index, adapter = _legacy_input(tmp_path, tiny_model)
-    proc = _run_like_the_harness(input_file, tmp_path / "tflhome")
+    proc = _run_like_the_harness(input_file, tmp_path / "tflhome", lab_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = read_job(index)
     assert job["status"] == "COMPLETE", job
@@ -190,7 +195,6 @@ def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path):
     assert sweep_metrics["train/loss"] == pytest.approx(summary["final_loss"])
 
 
-@pytest.mark.skipif(not LEGACY_LAB.is_dir(), reason="make setup installs the legacy lab SDK into .legacy-lab")
 def test_invalid_parameters_fail_the_legacy_job_with_the_same_text(tiny_model, tmp_path):
     input_file, index, adapter = _legacy_input(tmp_path, tiny_model, max_steps="0", lora_r="lots")
     proc = _run_like_the_harness(input_file, tmp_path / "tflhome")
