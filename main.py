@@ -21,9 +21,10 @@ def run(args, outcome: cli.Outcome) -> None:
 
     clock = cli.Clock()
     outcome.host = job = host.choose(args)
-    p, outcome.warnings = params.resolve(job.raw_params(), headless=job.headless)
-    adapter_dir, checkpoint_dir = job.locations(p)
-    plan = rules.check(p, machine.detect(), outcome.warnings, outputs=(adapter_dir, checkpoint_dir))
+    p, outcome.warnings, errors = params.resolve_all(job.raw_params(), headless=job.headless)
+    locations = job.locations(p) if params.usable(p, errors, "adaptor_name") else None
+    plan = rules.check(p, machine.detect(), outcome.warnings, locations, prior=errors)
+    adapter_dir, checkpoint_dir = locations  # check() passed, so the name was usable
     cli.report_warnings(outcome.warnings)
     clock.mark("validated")
     if args.check:

@@ -130,6 +130,20 @@ def resolve(raw: dict[str, Any], *, headless: bool) -> tuple[dict[str, Any], lis
 
     Returns the parameters and the warnings; raises InvalidConfig with every error found.
     """
+    values, warnings, errors = resolve_all(raw, headless=headless)
+    if errors:
+        raise InvalidConfig(errors, warnings)
+    return values, warnings
+
+
+def usable(values: dict[str, Any], errors: list[Problem], name: str) -> bool:
+    """The parameter has a value of its own that passed its single-value checks."""
+    return values.get(name) not in (None, "") and all(e.parameter != name for e in errors)
+
+
+def resolve_all(raw: dict[str, Any], *, headless: bool) -> tuple[dict[str, Any], list[Problem], list[Problem]]:
+    """Like resolve(), but returns the errors instead of raising: values that failed keep their defaults,
+    so the cross-parameter rules can still run and every problem is reported in one go."""
     schema = form_schema()
     known = {**HOST_KEYS, **schema}
     errors: list[Problem] = []
@@ -159,7 +173,4 @@ def resolve(raw: dict[str, Any], *, headless: bool) -> tuple[dict[str, Any], lis
     for name, spec in schema.items():
         if spec.get("required") and name not in failed and values.get(name) in (None, ""):
             errors.append(problem(name, "is required", f"Set {name} (see its help in the Train tab)"))
-
-    if errors:
-        raise InvalidConfig(errors, warnings)
-    return values, warnings
+    return values, warnings, errors

@@ -527,15 +527,20 @@ def check(
     machine: Machine | None,
     warnings: list[Problem],
     outputs: tuple[str, str] | None = None,
+    prior: list[Problem] | None = None,
 ) -> Plan | None:
     """Every configuration rule, plus the machine rules (given a machine) and the output rules (given the
-    adapter and checkpoint folders); raises InvalidConfig with all errors at once."""
+    adapter and checkpoint folders); raises InvalidConfig with all errors at once. `prior` holds the
+    single-value errors found before: those parameters hold their defaults here, so findings about them
+    are left out rather than reported twice or wrongly."""
     findings = [f for rule in CONFIG_RULES for f in rule(p)]
     if machine is not None:
         findings += [f for rule in MACHINE_RULES for f in rule(p, machine)]
     if outputs is not None:
         findings += [f for rule in OUTPUT_RULES for f in rule(p, *outputs)]
-    _collect(findings, warnings)
+    failed = {problem.parameter for problem in prior or []}
+    findings = [(severity, found) for severity, found in findings if found.parameter not in failed]
+    _collect([("error", problem) for problem in prior or []] + findings, warnings)
     return make_plan(p, machine) if machine is not None else None
 
 

@@ -276,11 +276,13 @@ def test_invalid_parameters_fail_a_lab_sdk_job_with_every_line(tiny_model, tmp_p
     proc = run_main(["--json"], env={"_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     report = last_json(proc.stdout)
-    assert {e["parameter"] for e in report["errors"]} == {"lora_r"}  # single-value errors come first
+    # Single-value and cross-parameter problems come together, each once.
+    assert sorted(e["parameter"] for e in report["errors"]) == ["lora_r", "max_steps", "precision"]
     [index] = lab_jobs(home, "exp1")
     job = read_job(index)
     assert job["status"] == "FAILED"
-    assert "lora_r: expected a number" in job["job_data"]["completion_details"]
+    details = job["job_data"]["completion_details"]
+    assert all(f"{name}:" in details for name in ("lora_r", "max_steps", "precision"))
     assert "Traceback" not in proc.stderr
 
 

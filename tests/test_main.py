@@ -53,3 +53,20 @@ def test_dry_run_previews_the_trained_text(tiny_model, tmp_path):
     assert first["text"] == f"Question: {first_row['prompt']}\nAnswer:{first_row['completion']}"
     assert first["trained_text"] == first_row["completion"] + "<|endoftext|>"
     assert not (tmp_path / "tflhome" / "workspace").exists()
+
+
+def test_a_bad_adaptor_name_is_reported_with_the_other_problems(tiny_model, tmp_path):
+    config = base_config(tiny_model, tmp_path, adaptor_name="../escape", max_steps=0, lora_r="many")
+    proc = run_main(["--config", write_config(tmp_path, config), "--check", "--json"])
+    assert proc.returncode == 2, proc.stderr
+    errors = last_json(proc.stdout)["errors"]
+    assert sorted(e["parameter"] for e in errors) == ["adaptor_name", "lora_r", "max_steps"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_adaptor_name_is_required(tiny_model, tmp_path):
+    config = base_config(tiny_model, tmp_path)
+    config.pop("adaptor_name")
+    proc = run_main(["--config", write_config(tmp_path, config), "--check", "--json"])
+    assert proc.returncode == 2
+    assert last_json(proc.stdout)["errors"][0]["parameter"] == "adaptor_name"
