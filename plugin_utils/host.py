@@ -119,6 +119,7 @@ class LegacyHost(Host):
         self.job_id = str(self.config.get("job_id", ""))
         self.job = None
         self.output_dir = self.config.get("output_dir", "")
+        self._writer = None
 
     def raw_params(self) -> dict[str, Any]:
         return dict(self.config)
@@ -187,6 +188,23 @@ class LegacyHost(Host):
         _sync(self.job.update_progress(percent))
         if metrics:
             self._field("current_metrics", {**metrics, "step": step})
+            self._tensorboard(metrics, step)
+
+    def _tensorboard(self, metrics: dict[str, float], step: int | None) -> None:
+        """TransformerLab 0.31's Train tab charts a job from TensorBoard logs under its output_dir."""
+        if not self.output_dir:
+            return
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            folder = os.path.join(self.output_dir, f"job_{self.job_id}_{self.config.get('template_name') or 'sft'}")
+            self._writer = SummaryWriter(folder)
+            self._field("tensorboard_output_dir", self.output_dir)
+        for name, value in metrics.items():
+            if name != "eta_seconds":
+                tag = f"eval/{name.removeprefix('eval_')}" if name.startswith("eval_") else f"train/{name}"
+                self._writer.add_scalar(tag, value, step or 0)
+        self._writer.flush()
 
     def should_stop(self) -> bool:
         if self.job is None:
@@ -196,6 +214,8 @@ class LegacyHost(Host):
         return bool(data.get("stop")) or status == "STOPPING"
 
     def _finish(self, status: str, completion: str, message: str, extra: dict[str, Any] | None = None) -> None:
+        if self._writer is not None:
+            self._writer.close()
         # The job exists before we run (the host made it), so a failure before start() still ends it.
         self._attach()
         if self.job is None:

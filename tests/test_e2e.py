@@ -100,6 +100,23 @@ def test_lab_sdk_job_gets_progress_metrics_score_and_the_adapter(tiny_model, tmp
     assert Path(index.parent, "checkpoints").is_dir()
 
 
+def tensorboard_events(path: Path) -> list:
+    """The records of a TensorBoard event file (TFRecord framing: length, crc, payload, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events, data, offset = [], path.read_bytes(), 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        payload = data[offset + 12 : offset + 12 + length]
+        offset += 12 + length + 4
+        event = event_pb2.Event()
+        event.ParseFromString(payload)
+        events.append(event)
+    return events
+
+
 def _legacy_job(home: Path, job_id: str) -> Path:
     job_dir = home / "workspace" / "jobs" / job_id
     job_dir.mkdir(parents=True)
@@ -193,6 +210,11 @@ def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path, lab_d
     assert summary["parameters"]["max_steps"] == 6 and summary["parameters"]["gradient_checkpointing"] is False
     sweep_metrics = json.loads(Path(summary["parameters"]["output_dir"], "metrics.json").read_text())
     assert sweep_metrics["train/loss"] == pytest.approx(summary["final_loss"])
+    # The 0.31 Train tab charts TensorBoard logs found through job_data["tensorboard_output_dir"].
+    assert job["job_data"]["tensorboard_output_dir"] == summary["parameters"]["output_dir"]
+    [events] = Path(summary["parameters"]["output_dir"], "job_7_demo").glob("events.out.tfevents.*")
+    tags = {value.tag for event in tensorboard_events(events) for value in event.summary.value}
+    assert {"train/loss", "train/learning_rate"} <= tags
 
 
 def test_invalid_parameters_fail_the_legacy_job_with_the_same_text(tiny_model, tmp_path):
