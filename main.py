@@ -15,7 +15,7 @@ from plugin_utils import cli, data, host, launch, machine, outputs, params, rule
 
 
 def run(args, outcome: cli.Outcome) -> None:
-    stop = launch.StopFlag()
+    outcome.stop = stop = launch.StopFlag()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop.on_signal)
 

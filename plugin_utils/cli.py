@@ -109,11 +109,15 @@ class Outcome:
         self.host = None
         self.warnings: list[Problem] = []
         self.result: dict[str, Any] = {}
+        self.stop = None
 
     def finish(self, exc: BaseException | None) -> int:
         json_on = self.args.json
         if exc is None:
             return EXIT_OK
+        if self.stop is not None and self.stop.requested and self.stop.interrupting:
+            # A stop before the ranks started interrupts whatever ran (a worker pool may break first).
+            exc = StopRequested(0)
         if isinstance(exc, InvalidConfig):
             lines = [p.line() for p in exc.errors]
             for line in lines:

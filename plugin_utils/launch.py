@@ -67,13 +67,19 @@ class StopFlag:
         self.requested = False
         self.forced = False
         self.interrupting = True
+        self.pid = os.getpid()
 
     def request(self) -> None:
         if self.requested:
             self.forced = True
         self.requested = True
 
-    def on_signal(self, *_args) -> None:
+    def on_signal(self, signum, _frame=None) -> None:
+        if os.getpid() != self.pid:
+            # A forked data-preparation worker inherited this handler: it just ends, as by default.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.request()
         if self.interrupting:
             raise StopRequested(0)

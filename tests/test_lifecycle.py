@@ -147,7 +147,8 @@ def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_
     assert not (tmp_path / "outputs" / "test-adaptor").exists()
 
 
-def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(tiny_model, tmp_path):
+@pytest.mark.parametrize("to_group", [True, False], ids=["group", "main-alone"])
+def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(tiny_model, tmp_path, to_group):
     rows = tmp_path / "many.jsonl"
     with rows.open("w") as handle:
         for i in range(120_000):
@@ -156,7 +157,11 @@ def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(t
     run = Running(["--config", write_config(tmp_path, config), "--json"])
     run.wait_for("data: 120000 rows")
     time.sleep(1.0)
-    os.killpg(run.proc.pid, signal.SIGTERM)
+    # Preparation runs in worker processes here (one per CPU): they must end with it, never hang.
+    if to_group:
+        os.killpg(run.proc.pid, signal.SIGTERM)
+    else:
+        run.proc.send_signal(signal.SIGTERM)
     assert run.finish(timeout=60) == 3, run.stderr[-3000:]
     assert last_json(run.stdout)["status"] == "STOPPED"
     cache = tmp_path / "prepared"
