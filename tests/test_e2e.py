@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -23,6 +24,12 @@ def lab_jobs(home: Path, experiment: str = "alpha") -> list[Path]:
 
 
 def read_job(index: Path) -> dict:
+    # The lab SDK rewrites index.json in place (truncate, then write): a read can land in between.
+    for _ in range(100):
+        try:
+            return json.loads(index.read_text())
+        except ValueError:
+            time.sleep(0.02)
     return json.loads(index.read_text())
 
 

@@ -189,21 +189,26 @@ def test_the_legacy_stop_flag_stops_the_run(tiny_model, tmp_path):
     script = (
         "import sys; sys.path.append(sys.argv[1]); sys.argv = [sys.argv[0]] + sys.argv[2:]; import main; main.main()"
     )
+    log = tmp_path / "harness.log"
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(ROOT), "--plugin_dir", str(ROOT), "--input_file", str(input_file)],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
+        stderr=subprocess.STDOUT,
+        stdout=log.open("w"),  # as the host does: the output goes to the job's output file, never a full pipe
         env={**os.environ, **env},
     )
     deadline = time.time() + 120
     while read_job(index).get("progress", 0) < 1 and time.time() < deadline:
         time.sleep(0.2)
-    job = read_job(index)
-    job["job_data"]["stop"] = True  # what the Stop button does in TransformerLab 0.31
-    index.write_text(json.dumps(job))
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err[-3000:]
+    # What the Stop button does in TransformerLab 0.31. The job file has no lock and the plugin rewrites it
+    # with each progress update, so (like the host) keep the flag set until the run ends.
+    while proc.poll() is None and time.time() < deadline:
+        job = read_job(index)
+        if not job["job_data"].get("stop"):
+            job["job_data"]["stop"] = True
+            index.write_text(json.dumps(job))
+        time.sleep(0.5)
+    proc.wait(timeout=120)
+    assert proc.returncode == 3, log.read_text()[-3000:]
     assert read_job(index)["status"] == "STOPPED"
     assert not adapter.exists()
 
