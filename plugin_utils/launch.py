@@ -158,10 +158,17 @@ def rank_env(plan: Plan, p: dict[str, Any] | None = None) -> dict[str, str]:
 
 
 def _pump(stream, tail: collections.deque) -> None:
+    """Echo the ranks' output and keep its tail. It always drains the pipe, even once our own stderr is
+    gone (a closed terminal or log reader): ranks blocked on a full pipe would hang the run."""
+    echo = True
     for raw in iter(stream.readline, b""):
         line = raw.decode("utf-8", "replace").rstrip("\n")
         tail.append(line)
-        sys.stderr.write(line + "\n")
+        if echo:
+            try:
+                sys.stderr.write(line + "\n")
+            except (OSError, ValueError):
+                echo = False
     stream.close()
 
 

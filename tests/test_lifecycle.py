@@ -297,3 +297,22 @@ def test_a_lab_job_resumes_from_the_checkpoint_transformerlab_names(tiny_model, 
     run = Running(["--json"], env={"_TFL_JOB_ID": third, "_TFL_EXPERIMENT_ID": "exp1"})
     assert run.finish() == 2
     assert "learning_rate" in last_json(run.stdout)["errors"][0]["message"]
+
+
+def test_a_run_whose_stderr_reader_went_away_still_completes(tiny_model, tmp_path):
+    # The ranks' output flows through main.py; with its stderr gone it must keep draining their pipe.
+    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=400, logging_steps=1)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--config", write_config(tmp_path, config), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
+    )
+    for line in proc.stderr:
+        if "launch:" in line:
+            break
+    proc.stderr.close()
+    out = proc.stdout.read()
+    assert proc.wait(timeout=180) == 0
+    assert last_json(out)["status"] == "COMPLETE"
