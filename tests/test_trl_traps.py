@@ -115,29 +115,24 @@ def test_one_process_sees_one_gpu_so_trl_never_meets_data_parallel():
     assert rules.rank_environment(plan)["CUDA_VISIBLE_DEVICES"] == "0"
 
 
-def test_tokenizer_without_eos_is_an_error_naming_model_name(tiny_model, tmp_path):
+def tokenizer_without(tiny_model: str, folder, token: str) -> str:
+    """A copy of the tiny model's tokenizer whose config leaves `token` (eos_token, pad_token) unset."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    folder = tmp_path / "no-eos"
-    tokenizer.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["eos_token"] = None
+    config[token] = None
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_tokenizer_without_eos_is_an_error_naming_model_name(tiny_model, tmp_path):
     with pytest.raises(InvalidConfig, match="model_name: the tokenizer has no EOS token"):
-        data.load_tokenizer(str(folder))
+        data.load_tokenizer(tokenizer_without(tiny_model, tmp_path / "no-eos", "eos_token"))
 
 
 def test_missing_pad_token_falls_back_to_eos(tiny_model, tmp_path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    folder = tmp_path / "no-pad"
-    tokenizer.save_pretrained(folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["pad_token"] = None
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    loaded = data.load_tokenizer(str(folder))
+    loaded = data.load_tokenizer(tokenizer_without(tiny_model, tmp_path / "no-pad", "pad_token"))
     assert loaded.pad_token_id == loaded.eos_token_id
 
 
