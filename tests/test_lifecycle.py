@@ -240,7 +240,9 @@ def test_fuse_model_writes_a_merged_model_that_loads_and_is_registered(tiny_mode
 
 
 def test_two_nodes_on_one_machine_train_one_model(tiny_model, tmp_path):
-    port = 29611
+    from plugin_utils.launch import free_port
+
+    port = free_port()  # fixed for both nodes, as multi-node runs need
     runs = []
     for rank in (0, 1):
         node = tmp_path / f"node{rank}"
