@@ -31,14 +31,14 @@ def run(args, outcome: cli.Outcome) -> None:
         return cli.emit_json(args.json, cli.check_report(outcome.warnings, plan))
 
     prepared = data.prepare(p, preview=args.preview)
-    rules.check_data(p, plan, prepared.stats, outcome.warnings)
-    cli.report_dataset(prepared)
+    cli.report_warnings(rules.check_data(p, plan, prepared.stats, outcome.warnings))
     clock.mark("data_prepared")
     if args.dry_run:
+        cli.report_dataset(prepared)
         return cli.emit_json(args.json, cli.dry_run_report(outcome.warnings, prepared))
 
     job.start(p)
-    job.log(cli.dataset_text(prepared))
+    job.log(cli.dataset_text(prepared))  # to the job's log and, like every host log line, to stderr
     identity = outputs.run_identity(p, plan.num_processes * p["num_machines"], prepared.key)
     staged = outputs.Staged(adapter_dir, job.merged_location(p) if p["fuse_model"] else None)
     with outputs.RunLock(checkpoint_dir), staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:

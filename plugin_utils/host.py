@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidConfig, problem
+from .rules import model_config
 
 log = logging.getLogger("sft")
 
@@ -153,7 +154,7 @@ class LegacyHost(Host):
     def register_merged(self, path, p):
         # The model folder format of TransformerLab's local models (an index.json beside the weights).
         name = os.path.basename(path)
-        config = _read_json(os.path.join(path, "config.json"))
+        config = model_config(path) or {}
         architecture = (config.get("architectures") or [p["model_architecture"] or ""])[0]
         description = {
             "model_id": f"TransformerLab/{name}",
@@ -177,10 +178,6 @@ class LegacyHost(Host):
     def _field(self, key: str, value: Any) -> None:
         if self.job is not None:
             _sync(self.job.update_job_data_field(key, value))
-
-    def log(self, text: str) -> None:
-        # The harness appends our stdout/stderr to the job's output file.
-        super().log(text)
 
     def progress(self, percent, metrics, step):
         if self.job is None:
@@ -383,14 +380,6 @@ class HeadlessHost(LabHost):
         except Exception as exc:  # a convenience here: the output is already in place
             log.warning("could not register %s with the workspace: %s", name, exc)
         return path
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def read_config(path: str, overrides: list[str]) -> dict[str, Any]:

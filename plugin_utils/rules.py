@@ -476,8 +476,11 @@ def checkpoint_before_the_end(p, plan, stats):
         )
 
 
-def check_data(p: dict[str, Any], plan, stats: dict[str, Any], warnings: list[Problem]) -> None:
+def check_data(p: dict[str, Any], plan, stats: dict[str, Any], warnings: list[Problem]) -> list[Problem]:
+    """The data rules; their warnings are added to `warnings` and returned (errors raise)."""
+    before = len(warnings)
     _collect([f for rule in DATA_RULES for f in rule(p, plan, stats)], warnings)
+    return warnings[before:]
 
 
 def _collect(findings: list[Finding], warnings: list[Problem]) -> None:
