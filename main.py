@@ -25,6 +25,7 @@ def run(args, outcome: cli.Outcome) -> None:
     locations = job.locations(p) if params.usable(p, errors, "adaptor_name") else None
     plan = rules.check(p, machine.detect(), outcome.warnings, locations, prior=errors)
     adapter_dir, checkpoint_dir = locations  # check() passed, so the name was usable
+    p = plan.settled(p)  # `auto` speed switches become what this run does
     cli.report_warnings(outcome.warnings)
     clock.mark("validated")
     if args.check:
@@ -39,6 +40,7 @@ def run(args, outcome: cli.Outcome) -> None:
 
     job.start(p)
     job.log(cli.dataset_text(prepared))  # to the job's log and, like every host log line, to stderr
+    job.log(cli.speed_text(plan))
     identity = outputs.run_identity(p, plan.num_processes * p["num_machines"], prepared.key)
     staged = outputs.Staged(adapter_dir, job.merged_location(p) if p["fuse_model"] else None)
     with outputs.RunLock(checkpoint_dir), staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:

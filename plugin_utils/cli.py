@@ -86,6 +86,11 @@ def dataset_text(prepared) -> str:
     return "\n".join(lines)
 
 
+def speed_text(plan) -> str:
+    s = plan.speed
+    return "\n".join([f"speed settings ({plan.device}, {plan.precision}):", *(f"  {why}" for why in s.reasons)])
+
+
 def report_dataset(prepared) -> None:
     log.info("%s", dataset_text(prepared))
 

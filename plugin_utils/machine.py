@@ -27,6 +27,7 @@ class Machine:
     # What CUDA_VISIBLE_DEVICES allows, as nvidia-smi indices; None when unset.
     visible: list[int] | None = None
     cpu_count: int = 1
+    ram_bytes: float | None = None
 
     @property
     def usable_gpus(self) -> list[Gpu]:
@@ -81,8 +82,17 @@ def _visible_devices() -> list[int] | None:
     return ids
 
 
+def _ram_bytes() -> float | None:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def detect() -> Machine:
-    return Machine(gpus=_query_nvidia_smi(), visible=_visible_devices(), cpu_count=os.cpu_count() or 1)
+    return Machine(
+        gpus=_query_nvidia_smi(), visible=_visible_devices(), cpu_count=os.cpu_count() or 1, ram_bytes=_ram_bytes()
+    )
 
 
 def free_disk_gib(path: str) -> float:

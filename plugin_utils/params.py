@@ -88,8 +88,15 @@ def _coerce(name: str, value: Any, spec: dict[str, Any]) -> tuple[Any, Problem |
     if kind == "string":
         if isinstance(value, dict | list):
             return value, problem(name, f"expected text, got {type(value).__name__}", "Give a string")
+        enum = [str(e).lower() for e in spec.get("enum", [])]
+        if "true" in enum and "false" in enum:  # auto/true/false switches take every boolean spelling
+            if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
+                return ("true" if value else "false"), None
+            word = str(value).strip().lower()
+            if word in _TRUE | _FALSE:
+                return ("true" if word in _TRUE else "false"), None
         text = str(value)
-        if "enum" in spec and text.strip().lower() in [str(e).lower() for e in spec["enum"]]:
+        if text.strip().lower() in enum:
             text = text.strip().lower()
         return text, None
     return value, None

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from . import speed
 from .errors import InvalidConfig, Problem, problem
 from .machine import Machine, free_disk_gib, has_package
+from .speed import Speed
 
 Finding = tuple[str, Problem]
 Rule = Callable[..., Iterator[Finding]]
@@ -402,6 +404,24 @@ def strategy_needs_several_processes(p, machine: Machine):
 
 
 @machine_rule
+def packing_without_flash_attention(p, machine: Machine):
+    """packing=true without flash-attention, on a GPU or above 2048 tokens per batch, is likely slower (warning)."""
+    if p["packing"] != "true":
+        return
+    plan = make_plan(p, machine)
+    gpus = planned_gpus(p, machine) if plan.device == "cuda" else []
+    if not speed.flash_attention_usable(plan.device, gpus, plan.precision) and speed.masked_packing_is_slow(
+        p, plan.device
+    ):
+        yield warning(
+            "packing",
+            "without flash-attention, packed rows are kept apart by a mask over the whole batch "
+            f"({p['batch_size'] * p['maximum_sequence_length']} tokens): correct, but likely slower than padding",
+            "Install flash-attn on an Ampere or newer GPU, or use packing=auto",
+        )
+
+
+@machine_rule
 def enough_disk(p, machine: Machine):
     """At least 1 GiB is free where outputs go."""
     free = free_disk_gib(p["output_dir"] or ".")
@@ -467,7 +487,10 @@ def effective_batch_fits_dataset(p, plan, stats):
 @data_rule
 def checkpoint_before_the_end(p, plan, stats):
     """save_steps beyond the planned step count leaves no checkpoint to resume from (warning)."""
-    steps = planned_steps(p, plan, stats["rows_used"])
+    rows = stats["rows_used"]
+    if plan.speed.packing and stats.get("total_tokens"):
+        rows = -(-stats["total_tokens"] // p["maximum_sequence_length"])  # packs hold about this many rows
+    steps = planned_steps(p, plan, rows)
     if p["max_steps"] <= 0 and p["save_steps"] > steps:
         yield warning(
             "save_steps",
@@ -503,6 +526,7 @@ class Plan:
     num_processes: int
     precision: str
     notes: list[str] = field(default_factory=list)
+    speed: Speed = field(default_factory=Speed)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -510,7 +534,12 @@ class Plan:
             "gpu_ids": self.gpu_ids,
             "num_processes": self.num_processes,
             "precision": self.precision,
+            "speed": self.speed.as_dict(),
         }
+
+    def settled(self, p: dict[str, Any]) -> dict[str, Any]:
+        """The parameters with their `auto` speed switches replaced by what this run does."""
+        return {**p, "packing": self.speed.packing, "gradient_checkpointing": self.speed.gradient_checkpointing}
 
 
 def make_plan(p: dict[str, Any], machine: Machine) -> Plan:
@@ -544,7 +573,22 @@ def check(
     failed = {problem.parameter for problem in prior or []}
     findings = [(severity, found) for severity, found in findings if found.parameter not in failed]
     _collect([("error", problem) for problem in prior or []] + findings, warnings)
-    return make_plan(p, machine) if machine is not None else None
+    if machine is None:
+        return None
+    plan = make_plan(p, machine)
+    gpus = planned_gpus(p, machine) if plan.device == "cuda" else []
+    plan.speed = speed.choose(
+        p,
+        device=plan.device,
+        gpus=gpus,
+        precision=plan.precision,
+        world_size=plan.num_processes * p["num_machines"],
+        cpu_count=machine.cpu_count,
+        processes_here=plan.num_processes,
+        model_config=model_config(p["model_name"]) if p["model_name"] else None,
+        ram_bytes=machine.ram_bytes,
+    )
+    return plan
 
 
 def rank_environment(plan: Plan) -> dict[str, str]:

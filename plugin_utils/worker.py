@@ -29,7 +29,7 @@ def _load_model(spec: dict[str, Any]):
     from transformers import AutoModelForCausalLM
 
     p, plan = spec["params"], spec["plan"]
-    kwargs: dict[str, Any] = {"dtype": _dtype(plan["precision"])}
+    kwargs: dict[str, Any] = {"dtype": _dtype(plan["precision"]), "attn_implementation": _speed(spec)["attention"]}
     if p["training_mode"] == "qlora":
         import torch
         from transformers import BitsAndBytesConfig
@@ -41,7 +41,28 @@ def _load_model(spec: dict[str, Any]):
             bnb_4bit_compute_dtype=torch.bfloat16 if plan["precision"] == "bf16" else torch.float16,
         )
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    return AutoModelForCausalLM.from_pretrained(p["model_name"], **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(p["model_name"], **kwargs)
+    except (ValueError, ImportError) as exc:
+        if kwargs["attn_implementation"] == "sdpa":
+            raise
+        # An architecture without flash-attention support: SDPA still trains it, packed rows included.
+        print(f"flash-attention is not usable for this model ({exc}); using SDPA", file=sys.stderr, flush=True)
+        kwargs["attn_implementation"] = "sdpa"
+        return AutoModelForCausalLM.from_pretrained(p["model_name"], **kwargs)
+
+
+def _speed(spec: dict[str, Any]) -> dict[str, Any]:
+    """The speed settings chosen before launch (plugin_utils/speed.py); older specs carry none."""
+    p = spec["params"]
+    return spec["plan"].get("speed") or {
+        "attention": "sdpa",
+        "packing": p["packing"] in (True, "true"),
+        "gradient_checkpointing": p["gradient_checkpointing"] in (True, "true"),
+        "liger": False,
+        "tf32": False,
+        "dataloader_workers": 0,
+    }
 
 
 def _peft_config(p: dict[str, Any]):
@@ -68,6 +89,7 @@ def _sft_config(spec: dict[str, Any], has_eval: bool):
 
     p, plan = spec["params"], spec["plan"]
     on_cpu = plan["device"] == "cpu"
+    speed = _speed(spec)
     return SFTConfig(
         output_dir=spec["checkpoint_dir"],
         per_device_train_batch_size=p["batch_size"],
@@ -91,15 +113,19 @@ def _sft_config(spec: dict[str, Any], has_eval: bool):
         fp16=plan["precision"] == "fp16",
         use_cpu=on_cpu,  # without it, CPU ranks never join one gloo group
         # Under FSDP, the FSDP config checkpoints activations instead.
-        activation_checkpointing=p["gradient_checkpointing"] and p["distributed_strategy"] != "fsdp",
+        activation_checkpointing=speed["gradient_checkpointing"] and p["distributed_strategy"] != "fsdp",
         deepspeed=spec.get("deepspeed_config"),
         max_length=p["maximum_sequence_length"],
-        packing=p["packing"],
+        packing=speed["packing"],
         # Rows arrive tokenized, truncated and labelled; TRL only has work left when it packs.
-        dataset_kwargs=None if p["packing"] else {"skip_prepare_dataset": True},
+        dataset_kwargs=None if speed["packing"] else {"skip_prepare_dataset": True},
         remove_unused_columns=False,
         report_to=["wandb"] if p["log_to_wandb"] else [],
         ddp_find_unused_parameters=False if p["training_mode"] != "full" else None,
+        use_liger_kernel=speed["liger"],
+        tf32=True if speed["tf32"] else None,
+        dataloader_num_workers=speed["dataloader_workers"],
+        dataloader_persistent_workers=speed["dataloader_workers"] > 0,
         ddp_timeout=1800,
         disable_tqdm=True,
         save_only_model=False,

@@ -40,6 +40,7 @@ def metrics_rows(index: Path) -> list[dict]:
 
 def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, tmp_path):
     config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=8)
+    del config["gradient_checkpointing"]  # auto: decided from the memory estimate
     proc = run_main(["--config", write_config(tmp_path, config), "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = last_json(proc.stdout)
@@ -54,6 +55,11 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     assert summary["steps"] == 8
     assert summary["versions"]["trl"] == "1.16.0"
     assert not list(adapter.parent.glob("*.partial-*")), "no staging folder is left behind"
+    speed = summary["plan"]["speed"]
+    # auto on 2 CPU ranks, 4 x 128 tokens per batch: packed (a cheap mask keeps rows apart), no checkpointing.
+    assert (speed["attention"], speed["packing"], speed["gradient_checkpointing"]) == ("sdpa", True, False)
+    assert summary["parameters"]["packing"] is True and summary["parameters"]["gradient_checkpointing"] is False
+    assert "speed settings (cpu, fp32):" in proc.stderr and "gradient checkpointing: off (about" in proc.stderr
 
     [index] = lab_jobs(tmp_path / "tflhome")
     job = read_job(index)

@@ -104,7 +104,7 @@ def test_set_values_resolve_like_form_values(tmp_path):
     path = write_json(tmp_path / "run.json", {"adaptor_name": "a"})
     raw = host.read_config(path, ["lora_r=32", "learning_rate=2e-4", "packing=on"])
     values, _ = params.resolve(raw, headless=True)
-    assert (values["lora_r"], values["learning_rate"], values["packing"]) == (32, 2e-4, True)
+    assert (values["lora_r"], values["learning_rate"], values["packing"]) == (32, 2e-4, "true")
 
 
 # --- choose() -----------------------------------------------------------------------------------------------

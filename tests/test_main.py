@@ -23,7 +23,11 @@ def test_check_reports_the_plan_without_torch_or_a_job(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = last_json(proc.stdout)
     assert report["ok"] is True and report["errors"] == []
-    assert report["plan"] == {"device": "cpu", "gpu_ids": [], "num_processes": 2, "precision": "fp32"}
+    plan = {k: v for k, v in report["plan"].items() if k != "speed"}
+    assert plan == {"device": "cpu", "gpu_ids": [], "num_processes": 2, "precision": "fp32"}
+    speed = report["plan"]["speed"]
+    assert (speed["attention"], speed["packing"], speed["gradient_checkpointing"]) == ("sdpa", True, False)
+    assert any(why.startswith("gradient checkpointing: off (set)") for why in speed["reasons"])
     assert not (tmp_path / "tflhome" / "workspace").exists(), "--check creates no job"
     assert not (tmp_path / "outputs").exists()
 

@@ -115,13 +115,13 @@ def test_integer_fields_become_int_and_number_fields_become_float():
     ],
 )
 def test_boolean_strings_are_coerced_in_any_case(raw, expected):
-    values, _ = resolve(packing=raw)
-    assert values["packing"] is expected
+    values, _ = resolve(overwrite_output=raw)
+    assert values["overwrite_output"] is expected
 
 
 @pytest.mark.parametrize("raw", ["maybe", "2", 2, "", "tru"])
 def test_booleans_reject_other_values_with_a_fix(raw):
-    message = errors_of(packing=raw)["packing"]
+    message = errors_of(overwrite_output=raw)["overwrite_output"]
     assert "expected true or false" in message
     assert "true/false, on/off, yes/no or 1/0" in message
 
