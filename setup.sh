@@ -2,7 +2,9 @@
 # Installs the plugin's pinned dependencies into the ACTIVE Python environment.
 # TransformerLab runs this inside the plugin's own venv, which uv made without pip: then `uv pip` installs.
 # torch and the lab SDK (transformerlab) belong to the host: kept when present, installed only when absent.
-# Optional: WITH_DEEPSPEED=1 also installs deepspeed; WITH_BITSANDBYTES=1 installs bitsandbytes (QLoRA).
+# Optional: WITH_DEEPSPEED=1 also installs deepspeed; WITH_BITSANDBYTES=1 installs bitsandbytes (QLoRA);
+# WITH_LIGER=1 installs liger-kernel (fused Triton kernels, used on GPUs when installed). flash-attn is not
+# installed here: its wheel must match the host's torch and CUDA; the plugin uses it when it is importable.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -48,5 +50,8 @@ if [ "${WITH_DEEPSPEED:-0}" = "1" ]; then
 fi
 if [ "${WITH_BITSANDBYTES:-0}" = "1" ]; then
   install "bitsandbytes==0.50.2"
+fi
+if [ "${WITH_LIGER:-0}" = "1" ]; then
+  install "liger-kernel==0.8.5"
 fi
 echo "setup.sh: done"

@@ -19,6 +19,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -59,10 +61,27 @@ class PeakRss:
         return self.peak
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run(cmd: list[str], env: dict[str, str]) -> tuple[str, int]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     rss = PeakRss(proc.pid)
-    out, err = proc.communicate(timeout=900)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        # `trl sft` twice left one rank waiting forever after it had trained and saved; its numbers are in.
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        if "train_runtime" not in out + err:
+            raise SystemExit(f"{cmd[:4]} hung:\n{err[-3000:]}") from None
+        print(f"  ({Path(cmd[0]).name} {cmd[1]}: a process did not exit after training; killed)", flush=True)
+        return out + err, rss.stop()
     peak = rss.stop()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{err[-3000:]}")
@@ -121,6 +140,8 @@ def trl(tmp: Path, env: dict[str, str], model: str, data: Path, *extra: str) -> 
         "--multi_gpu",
         "--num_processes",
         "2",
+        "--main_process_port",  # a fresh port per run: back-to-back runs on 29500 hung once here
+        str(free_port()),
         "--model_name_or_path",
         model,
         "--dataset_name",
@@ -200,11 +221,16 @@ def main() -> None:
         print(f"{psutil.cpu_count()} CPUs; 2 CPU ranks; 4-layer/128-hidden Llama-shaped model; LoRA r=16 all-linear")
 
         if "packing" in only:
-            cases = (("bundled rows", short, 128, 2), ("mixed-length rows", mixed, 512, 1), ("mixed", mixed, 1024, 1))
+            cases = (
+                ("bundled rows", short, 128, 2),
+                ("mixed-length rows", mixed, 256, 1),
+                ("mixed-length rows", mixed, 512, 1),
+                ("mixed-length rows", mixed, 1024, 1),
+            )
             for label, data, length, epochs in cases:
                 common = {"maximum_sequence_length": length, "num_train_epochs": epochs, "max_steps": -1}
                 compare(
-                    f"packing, {label} (max length {length}, {epochs} epoch(s), the same rows either way)",
+                    f"packing, {label} (max length {length}: {4 * length} tokens per packed batch, {epochs} epoch(s))",
                     {
                         "packing off": lambda d=data, c=common: plugin(tmp, env, model, d, packing=False, **c),
                         "packing on (BFD, padding-free)": lambda d=data, c=common: plugin(

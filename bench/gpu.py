@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 WORDS = [f"w{i}" for i in range(3000)]
+BATCH = 4
 
 
 def build_model(path: Path, smoke: bool) -> dict:
@@ -78,12 +80,14 @@ def build_model(path: Path, smoke: bool) -> dict:
     return {"params": sum(p.numel() for p in model.parameters()), **shape}
 
 
-def make_rows(path: Path, rows: int, words: int, prompt_words: int = 40) -> None:
+def make_rows(path: Path, rows: int, max_words: int, prompt_words: int = 40) -> None:
+    """Prompt/completion rows whose lengths spread evenly up to about the sequence length, so that padding
+    and packing matter as they do on real SFT data."""
     rng = random.Random(1)
     with path.open("w") as handle:
         for _ in range(rows):
             prompt = " ".join(rng.choice(WORDS) for _ in range(prompt_words))
-            completion = " " + " ".join(rng.choice(WORDS) for _ in range(words))
+            completion = " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(max_words // 16, max_words)))
             handle.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
 
 
@@ -118,41 +122,61 @@ class GpuMemory:
         self._thread.join()
 
 
-def plugin_arm(tmp: Path, model: Path, data: Path, steps: int, seq: int, smoke: bool, **overrides) -> dict:
+def plugin_arm(tmp: Path, model: Path, data: Path, seq: int, smoke: bool, hide: str = "", **overrides) -> dict:
+    """One epoch through the plugin, headless; `hide` lists packages the plugin must treat as missing."""
     out = tmp / f"out-{time.time_ns()}"
     config = {
         "model_name": str(model),
         "dataset_name": str(data),
         "adaptor_name": "bench",
         "output_dir": str(out),
-        "max_steps": steps,
+        "num_train_epochs": 1,
         "maximum_sequence_length": seq,
         "logging_steps": 5,
         "save_steps": 100000,
         "num_processes": 1,
         "train_device": "cpu" if smoke else "cuda",
-        "batch_size": 4,
+        "batch_size": BATCH,
         "gradient_accumulation_steps": 1,
+        "learning_rate": 2e-4,
+        "lora_r": 16,
+        "lora_alpha": 32,
         **overrides,
     }
     path = tmp / "run.json"
     path.write_text(json.dumps(config))
+    env = {**os.environ, "SFT_TRAINER_DISABLE": hide}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), "--config", str(path)], capture_output=True, text=True
+        [sys.executable, str(ROOT / "main.py"), "--config", str(path)], capture_output=True, text=True, env=env
     )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     summary = json.loads((out / "bench" / "training_summary.json").read_text())
-    return {"seconds": summary["runtime_seconds"], "steps": summary["steps"], "batch": config["batch_size"]}
+    shutil.rmtree(out, ignore_errors=True)
+    speed = summary["plan"]["speed"]
+    return {
+        "seconds": summary["runtime_seconds"],
+        "tokens": summary["dataset"]["total_tokens"],
+        "settings": f"{speed['attention']}, packing {'on' if speed['packing'] else 'off'}, checkpointing "
+        f"{'on' if speed['gradient_checkpointing'] else 'off'}, liger {'on' if speed['liger'] else 'off'}",
+    }
 
 
-def trl_arm(tmp: Path, model: Path, data: Path, steps: int, seq: int, smoke: bool) -> dict:
+def trl_arm(
+    tmp: Path, model: Path, data: Path, seq: int, smoke: bool, tokens: int, checkpointing: bool, like: str = ""
+) -> dict:
+    """One epoch of `trl sft` with the same LoRA settings; `tokens` is the epoch's token count. `like` holds
+    the plugin arm's settings line, whose attention kernel and packing are copied."""
+    extra = []
+    if like.startswith("flash_attention_2"):
+        extra += ["--attn_implementation", "flash_attention_2"]
+    if "packing on" in like:
+        extra += ["--packing", "true"]
     trl = Path(sys.executable).with_name("trl")
     if not trl.exists() and importlib.util.find_spec("trl") is None:
         return {"error": "trl is not installed"}
     cmd = [
-        str(trl) if trl.exists() else sys.executable,
-        *([] if trl.exists() else ["-m", "trl.cli"]),
+        *([str(trl)] if trl.exists() else [sys.executable, "-m", "trl.cli"]),
         "sft",
         "--model_name_or_path",
         str(model),
@@ -168,46 +192,56 @@ def trl_arm(tmp: Path, model: Path, data: Path, steps: int, seq: int, smoke: boo
         "--lora_target_modules",
         "all-linear",
         "--per_device_train_batch_size",
-        "4",
-        "--max_steps",
-        str(steps),
+        str(BATCH),
+        "--num_train_epochs",
+        "1",
         "--max_length",
         str(seq),
         "--learning_rate",
         "2e-4",
-        "--lr_scheduler_type",
-        "cosine",
         "--logging_steps",
         "5",
         "--save_strategy",
         "no",
         "--report_to",
         "none",
+        "--gradient_checkpointing",
+        "true" if checkpointing else "false",
         "--output_dir",
         str(tmp / f"trl-{time.time_ns()}"),
         *(["--use_cpu"] if smoke else ["--bf16"]),
+        *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = re.findall(r"'train_runtime': '?([0-9.]+)", proc.stdout + proc.stderr)
     if proc.returncode != 0 or not found:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
-    return {"seconds": float(found[-1]), "steps": steps, "batch": 4}
+    return {
+        "seconds": float(found[-1]),
+        "tokens": tokens,
+        "settings": f"{'flash_attention_2' if '--attn_implementation' in extra else 'sdpa'}, packing "
+        f"{'on' if '--packing' in extra else 'off'}, checkpointing {'on' if checkpointing else 'off'}",
+    }
 
 
-def report(name: str, result: dict, seq: int, shape: dict, peak_flops: float | None, memory: int | None) -> None:
+def report(name: str, result: dict, shape: dict, seq: int, peak_flops: float | None, memory: int | None) -> None:
     if "error" in result:
-        print(f"{name:44s} not measured: {result['error'][:120]}")
+        print(f"{name:52s} not measured: {result['error'][:160]}", flush=True)
         return
-    tokens_per_s = result["steps"] * result["batch"] * seq / result["seconds"]
+    tokens_per_s = result["tokens"] / result["seconds"]
     flops_per_token = 6 * shape["params"] + 12 * shape["num_hidden_layers"] * shape["hidden_size"] * seq
     mfu = f"{100 * tokens_per_s * flops_per_token / peak_flops:5.1f}%" if peak_flops else "  n/a"
     mem = f"{memory / 1024:6.1f} GiB" if memory else "     n/a"
-    print(f"{name:44s} {tokens_per_s:10.0f} tok/s   peak {mem}   MFU {mfu}")
+    print(
+        f"{name:52s} {tokens_per_s:9.0f} tok/s  {result['seconds']:7.1f} s  peak {mem}  MFU {mfu}  "
+        f"[{result['settings']}]",
+        flush=True,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     seq = 128 if args.smoke else 2048
@@ -221,49 +255,71 @@ def main() -> None:
         data_dir = tmp / "data"
         data_dir.mkdir()
         data = data_dir / "train.jsonl"
-        make_rows(
-            data,
-            rows=64 if args.smoke else 2000,
-            words=80 if args.smoke else 1400,
-            prompt_words=8 if args.smoke else 40,
-        )
+        rows = 32 if args.smoke else args.rows
+        make_rows(data, rows=rows, max_words=80 if args.smoke else 1500, prompt_words=8 if args.smoke else 40)
         peak_flops, device = None, "cpu (smoke)"
         if not args.smoke:
             import torch
 
             device = torch.cuda.get_device_name(0)
             peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
+        have = {
+            name: importlib.util.find_spec(name) is not None for name in ("flash_attn", "liger_kernel", "bitsandbytes")
+        }
         print(
-            f"{device}: model {shape['params'] / 1e6:.0f}M parameters, {seq}-token sequences, {args.steps} steps,"
-            " batch 4, LoRA r=16 all-linear"
+            f"{device}: model {shape['params'] / 1e6:.0f}M parameters, {rows} rows of up to {seq} tokens, one epoch "
+            f"per arm, batch {BATCH}, LoRA r=16 all-linear; installed: "
+            + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in have.items()),
+            flush=True,
         )
+
+        def missing(package: str) -> dict:
+            return {"error": f"{package} is not installed"}
+
+        def plugin(**kw):
+            return lambda: plugin_arm(tmp, model, data, seq, args.smoke, **kw)
+
+        defaults = plugin()()
+        tokens = defaults.get("tokens", 0)
+        default_checkpointing = "checkpointing on" in defaults.get("settings", "")
         arms = [
+            ("plugin, gradient checkpointing on", plugin(gradient_checkpointing="true")),
+            ("plugin, gradient checkpointing off", plugin(gradient_checkpointing="false")),
+            ("plugin, packing on", plugin(packing="true")),
+            ("plugin, packing off", plugin(packing="false")),
             (
-                "plugin defaults (gradient checkpointing on)",
-                lambda: plugin_arm(tmp, model, data, args.steps, seq, args.smoke),
+                "plugin defaults without flash-attention",
+                plugin(hide="flash_attn") if have["flash_attn"] else lambda: missing("flash-attn"),
             ),
             (
-                "plugin, gradient checkpointing off",
-                lambda: plugin_arm(tmp, model, data, args.steps, seq, args.smoke, gradient_checkpointing=False),
+                "plugin defaults without liger kernels",
+                plugin(hide="liger_kernel") if have["liger_kernel"] else lambda: missing("liger-kernel"),
             ),
-            ("plugin, packing on", lambda: plugin_arm(tmp, model, data, args.steps, seq, args.smoke, packing=True)),
-            ("trl sft (same settings)", lambda: trl_arm(tmp, model, data, args.steps, seq, args.smoke)),
             (
-                "TransformerLab multi-GPU plugin: qlora+packing",
-                lambda: (
-                    plugin_arm(tmp, model, data, args.steps, seq, args.smoke, training_mode="qlora", packing=True)
-                    if importlib.util.find_spec("bitsandbytes")
-                    else {"error": "bitsandbytes is not installed"}
+                "trl sft, the plugin's settings",
+                lambda: trl_arm(
+                    tmp, model, data, seq, args.smoke, tokens, default_checkpointing, defaults.get("settings", "")
                 ),
             ),
+            (
+                "trl sft, its default checkpointing (on)",
+                lambda: trl_arm(tmp, model, data, seq, args.smoke, tokens, True),
+            ),
+            (
+                "TransformerLab multi-GPU plugin config: qlora + packing",
+                plugin(training_mode="qlora", packing="true")
+                if have["bitsandbytes"]
+                else lambda: missing("bitsandbytes"),
+            ),
         ]
+        report("plugin defaults (auto)", defaults, shape, seq, peak_flops, None)
         for name, arm in arms:
             if args.smoke:
-                report(name, arm(), seq, shape, peak_flops, None)
+                report(name, arm(), shape, seq, peak_flops, None)
                 continue
             with GpuMemory() as memory:
                 result = arm()
-            report(name, result, seq, shape, peak_flops, memory.peak)
+            report(name, result, shape, seq, peak_flops, memory.peak)
         if not args.smoke:
             lora = 16 * 2 * shape["num_hidden_layers"] * (4 * shape["hidden_size"] + 3 * shape["intermediate_size"])
             print(

@@ -46,7 +46,6 @@ def main() -> int:
         "maximum_sequence_length": 128,
         "logging_steps": 25,
         "save_steps": 100,
-        "gradient_checkpointing": False,
         "eval_split": 0.1,
     }
     config_path = WORKSPACE / "demo_config.json"

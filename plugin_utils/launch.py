@@ -188,7 +188,7 @@ SECONDARY_FAILURES = (
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
 OOM_ADVICE = (
     "The GPU ran out of memory: lower batch_size (raise gradient_accumulation_steps to keep the effective "
-    "batch), lower maximum_sequence_length, turn gradient_checkpointing on, or use training_mode=qlora"
+    "batch), lower maximum_sequence_length, set gradient_checkpointing=true, or use training_mode=qlora"
 )
 
 

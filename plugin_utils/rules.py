@@ -405,7 +405,7 @@ def strategy_needs_several_processes(p, machine: Machine):
 
 @machine_rule
 def packing_without_flash_attention(p, machine: Machine):
-    """packing=true without flash-attention, on a GPU or above 2048 tokens per batch, is likely slower (warning)."""
+    """packing=true without flash-attention, on a GPU or above 1024 tokens per batch, is likely slower (warning)."""
     if p["packing"] != "true":
         return
     plan = make_plan(p, machine)

@@ -5,19 +5,28 @@ reason the run log shows. BENCHMARKS.md holds the figures behind each choice.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .machine import Gpu, has_package
 
+
+def kernel_installed(name: str) -> bool:
+    """An optional kernel package (flash_attn, liger_kernel) is installed and not listed in SFT_TRAINER_DISABLE,
+    the comma list that makes the plugin treat a package as missing (a broken install, or a comparison)."""
+    disabled = {part.strip() for part in os.environ.get("SFT_TRAINER_DISABLE", "").split(",")}
+    return name not in disabled and has_package(name)
+
+
 GIB = 2**30
 # Gradient checkpointing stays off only when the estimate times this margin fits this share of the memory.
-ESTIMATE_MARGIN = 1.3
+ESTIMATE_MARGIN = 1.5
 MEMORY_SHARE = 0.85
 # Without flash-attention, packed rows are kept apart by a mask over the whole flattened batch, whose cost
-# grows with its square: on 2 CPU ranks packing was 1.8x faster at 512 tokens per batch, even at 2,048 and
-# 1.6x slower at 4,096 (BENCHMARKS.md).
-MASKED_PACKING_LIMIT = 2048
+# grows with its square: on 2 CPU ranks packing took 0.61x the time of padding at 512 tokens per batch,
+# 0.90x at 1,024, 1.02x at 2,048 and 1.61x at 4,096 (BENCHMARKS.md).
+MASKED_PACKING_LIMIT = 1024
 # CUDA context, cuBLAS workspaces and allocator slack per GPU.
 RUNTIME_OVERHEAD = 1.5 * GIB
 
@@ -115,9 +124,12 @@ def estimate_memory(
     # gate, up, activation and down inputs; adapters with dropout keep a dropped copy of each adapted input.
     per_layer = width * (6 * h + s["q_dim"] + 2 * s["kv_dim"] + 4 * inter * min(s["experts"], 2))
     if p["training_mode"] != "full" and p["lora_dropout"] > 0:
-        per_layer += width * (4 * h + inter)
+        # A dropped copy of each adapted linear's input (q, k, v, o, gate, up: hidden wide; down: intermediate)
+        # and its one-byte mask.
+        per_layer += (width + 1) * (6 * h + inter)
     # Checkpointing keeps each layer's input and recomputes one layer at a time.
     activations = tokens * (layers * h * width + per_layer) if checkpointing else tokens * layers * per_layer
+    activations += tokens * width * (4 * h + 2 * inter)  # gradients in flight during the backward pass
     # Logits in the compute dtype, their fp32 copy for the loss and its gradient; Liger fuses them away.
     logits = 0 if liger else tokens * s["vocab"] * (width + 4 + 4)
     return weights + states + activations + logits + RUNTIME_OVERHEAD
@@ -131,7 +143,7 @@ def masked_packing_is_slow(p: dict[str, Any], device: str) -> bool:
 def flash_attention_usable(device: str, gpus: list[Gpu], precision: str) -> bool:
     """flash-attn is installed and can run here: CUDA, Ampere or newer, half precision."""
     ampere = device == "cuda" and bool(gpus) and all(g.compute_capability >= 8.0 for g in gpus)
-    return ampere and precision in ("bf16", "fp16") and has_package("flash_attn")
+    return ampere and precision in ("bf16", "fp16") and kernel_installed("flash_attn")
 
 
 def choose(
@@ -159,7 +171,7 @@ def choose(
             "on the CPU"
             if not cuda
             else "flash-attn is not installed"
-            if not has_package("flash_attn")
+            if not kernel_installed("flash_attn")
             else "it needs an Ampere or newer GPU and bf16/fp16"
         )
         why.append(f"attention: PyTorch SDPA (flash-attention not used: {missing})")
@@ -190,7 +202,7 @@ def choose(
         speed.packing = p["packing"] == "true"
         why.append(f"packing: {'on' if speed.packing else 'off'} (set)")
 
-    speed.liger = cuda and has_package("liger_kernel")
+    speed.liger = cuda and kernel_installed("liger_kernel")
     if speed.liger:
         why.append("liger kernels: on (installed): fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy")
 
@@ -228,6 +240,12 @@ def choose(
         speed.dataloader_workers = max(0, min(2, cpu_count // max(1, processes_here) - 1))
     why.append(
         f"dataloader workers: {speed.dataloader_workers} per process"
-        + (" (batches are built while the GPU computes)" if speed.dataloader_workers else "")
+        + (
+            " (batches are built while the GPU computes)"
+            if speed.dataloader_workers
+            else " (on the CPU they would take cores from training)"
+            if not cuda
+            else ""
+        )
     )
     return speed

@@ -75,14 +75,14 @@ def test_on_the_cpu_auto_means_sdpa_no_packing_no_workers_no_tf32(monkeypatch):
 
 
 def test_on_the_cpu_auto_packs_small_batches_where_the_mask_is_cheap(monkeypatch):
-    small = config(batch_size=4, maximum_sequence_length=512)
+    small = config(batch_size=4, maximum_sequence_length=256)
     s = choose(small, device="cpu", precision="fp32", monkeypatch=monkeypatch)
     assert s.packing
-    assert any("mask over the batch's 2048 tokens" in why for why in s.reasons)
+    assert any("mask over the batch's 1024 tokens" in why for why in s.reasons)
     large = config(batch_size=4, maximum_sequence_length=1024)
     s = choose(large, device="cpu", precision="fp32", monkeypatch=monkeypatch)
     assert not s.packing
-    assert any("batch of 4096 tokens, slower than padding above 2048" in why for why in s.reasons)
+    assert any("batch of 4096 tokens, slower than padding above 1024" in why for why in s.reasons)
 
 
 def test_flash_attention_installed_on_ampere_turns_packing_tf32_and_workers_on(monkeypatch):
@@ -113,6 +113,15 @@ def test_liger_only_when_installed_and_on_cuda(monkeypatch):
     assert not choose(config(), monkeypatch=monkeypatch).liger
     cpu = choose(config(), device="cpu", precision="fp32", installed={"liger_kernel"}, monkeypatch=monkeypatch)
     assert not cpu.liger
+
+
+def test_sft_trainer_disable_hides_an_installed_kernel(monkeypatch):
+    monkeypatch.setenv("SFT_TRAINER_DISABLE", "flash_attn, liger_kernel")
+    s = choose(config(), installed={"flash_attn", "liger_kernel"}, monkeypatch=monkeypatch)
+    assert (s.attention, s.liger) == ("sdpa", False)
+    monkeypatch.setenv("SFT_TRAINER_DISABLE", "liger_kernel")
+    s = choose(config(), installed={"flash_attn", "liger_kernel"}, monkeypatch=monkeypatch)
+    assert (s.attention, s.liger) == ("flash_attention_2", False)
 
 
 def test_explicit_values_win_over_auto(monkeypatch):
@@ -274,3 +283,14 @@ def test_packed_padding_free_rows_give_the_loss_of_separate_rows(tiny_model, att
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         separate = [model(input_ids=torch.tensor([r]), use_cache=False).logits for r in rows]
     assert torch.allclose(packed, torch.cat(separate, dim=1), atol=1e-5)
+
+
+def test_a_model_that_cannot_use_flash_attention_falls_back_to_sdpa(tiny_model, capfd):
+    # Here flash-attn is not installed, so transformers refuses flash_attention_2 just as it does for an
+    # architecture without support: the worker loads the model with SDPA and says so.
+    p = config(model_name=tiny_model)
+    chosen = speed.Speed(attention="flash_attention_2").as_dict()
+    plan = {"device": "cpu", "gpu_ids": [], "num_processes": 1, "precision": "fp32", "speed": chosen}
+    model = worker._load_model({"params": p, "plan": plan})
+    assert model.config._attn_implementation == "sdpa"
+    assert "flash-attention is not usable for this model" in capfd.readouterr().err
