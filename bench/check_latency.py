@@ -70,6 +70,7 @@ def main() -> None:
                     "output_dir": tmp,
                     "num_processes": 2,
                     "train_device": "cpu",
+                    "maximum_sequence_length": 256,  # within the tiny model's 512 positions
                 }
             )
         )

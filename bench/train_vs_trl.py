@@ -83,6 +83,7 @@ def main() -> None:
                     "logging_steps": 10,
                     "save_steps": 100000,
                     "gradient_checkpointing": False,
+                    "packing": False,  # trl sft does not pack by default: same settings on both sides
                     "warmup_ratio": 0.0,
                     "learning_rate_schedule": "linear",
                 }
