@@ -29,7 +29,7 @@ def _load_model(spec: dict[str, Any]):
     from transformers import AutoModelForCausalLM
 
     p, plan = spec["params"], spec["plan"]
-    kwargs: dict[str, Any] = {"dtype": _dtype(plan["precision"]), "attn_implementation": _speed(spec)["attention"]}
+    kwargs: dict[str, Any] = {"dtype": _dtype(plan["precision"]), "attn_implementation": plan["speed"]["attention"]}
     if p["training_mode"] == "qlora":
         import torch
         from transformers import BitsAndBytesConfig
@@ -50,19 +50,6 @@ def _load_model(spec: dict[str, Any]):
         print(f"flash-attention is not usable for this model ({exc}); using SDPA", file=sys.stderr, flush=True)
         kwargs["attn_implementation"] = "sdpa"
         return AutoModelForCausalLM.from_pretrained(p["model_name"], **kwargs)
-
-
-def _speed(spec: dict[str, Any]) -> dict[str, Any]:
-    """The speed settings chosen before launch (plugin_utils/speed.py); older specs carry none."""
-    p = spec["params"]
-    return spec["plan"].get("speed") or {
-        "attention": "sdpa",
-        "packing": p["packing"] in (True, "true"),
-        "gradient_checkpointing": p["gradient_checkpointing"] in (True, "true"),
-        "liger": False,
-        "tf32": False,
-        "dataloader_workers": 0,
-    }
 
 
 def _peft_config(p: dict[str, Any]):
@@ -89,7 +76,7 @@ def _sft_config(spec: dict[str, Any], has_eval: bool):
 
     p, plan = spec["params"], spec["plan"]
     on_cpu = plan["device"] == "cpu"
-    speed = _speed(spec)
+    speed = plan["speed"]  # packing and gradient checkpointing arrive settled in the parameters
     return SFTConfig(
         output_dir=spec["checkpoint_dir"],
         per_device_train_batch_size=p["batch_size"],
@@ -113,12 +100,12 @@ def _sft_config(spec: dict[str, Any], has_eval: bool):
         fp16=plan["precision"] == "fp16",
         use_cpu=on_cpu,  # without it, CPU ranks never join one gloo group
         # Under FSDP, the FSDP config checkpoints activations instead.
-        activation_checkpointing=speed["gradient_checkpointing"] and p["distributed_strategy"] != "fsdp",
+        activation_checkpointing=p["gradient_checkpointing"] and p["distributed_strategy"] != "fsdp",
         deepspeed=spec.get("deepspeed_config"),
         max_length=p["maximum_sequence_length"],
-        packing=speed["packing"],
+        packing=p["packing"],
         # Rows arrive tokenized, truncated and labelled; TRL only has work left when it packs.
-        dataset_kwargs=None if speed["packing"] else {"skip_prepare_dataset": True},
+        dataset_kwargs=None if p["packing"] else {"skip_prepare_dataset": True},
         remove_unused_columns=False,
         report_to=["wandb"] if p["log_to_wandb"] else [],
         ddp_find_unused_parameters=False if p["training_mode"] != "full" else None,

@@ -248,7 +248,7 @@ def test_planned_steps_count_packs_when_packing():
 
 
 def test_the_worker_passes_the_speed_settings_to_trl(tmp_path):
-    p = config()
+    p = config(packing=True, gradient_checkpointing=False)  # settled, as main.py hands them on
     chosen = speed.Speed(packing=True, gradient_checkpointing=False, dataloader_workers=2).as_dict()
     plan = {"device": "cpu", "gpu_ids": [], "num_processes": 1, "precision": "fp32", "speed": chosen}
     args = worker._sft_config({"params": p, "plan": plan, "checkpoint_dir": str(tmp_path)}, has_eval=False)

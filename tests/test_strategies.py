@@ -77,8 +77,9 @@ def test_deepspeed_zero2_and_zero3_configs(tmp_path):
 
 def test_the_worker_leaves_activation_checkpointing_to_fsdp(tmp_path):
     from plugin_utils import worker
+    from plugin_utils.speed import Speed
 
-    plan = {"device": "cpu", "gpu_ids": [], "num_processes": 2, "precision": "fp32"}
+    plan = {"device": "cpu", "gpu_ids": [], "num_processes": 2, "precision": "fp32", "speed": Speed().as_dict()}
     spec = {
         "params": config(distributed_strategy="fsdp", gradient_checkpointing=True),
         "plan": plan,

@@ -10,14 +10,18 @@ import pytest
 from plugin_utils import data, params, rules, worker
 from plugin_utils.errors import InvalidConfig
 from plugin_utils.machine import Gpu, Machine
+from plugin_utils.speed import Speed
 
 from .conftest import SAMPLE, TEMPLATE
 
 
 def spec(tmp_path, plan=None, **overrides):
+    # What main.py hands the worker: parameters with packing and checkpointing settled, a plan with its speed.
     p = params.defaults()
-    p.update(model_name="m", dataset_name="d", adaptor_name="a", **overrides)
+    p.update(model_name="m", dataset_name="d", adaptor_name="a", packing=False, gradient_checkpointing=True)
+    p.update(overrides)
     plan = plan or {"device": "cpu", "gpu_ids": [], "num_processes": 1, "precision": "fp32"}
+    plan = {"speed": Speed().as_dict(), **plan}
     return {"params": p, "plan": plan, "checkpoint_dir": str(tmp_path / "ckpt")}
 
 
