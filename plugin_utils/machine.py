@@ -17,8 +17,12 @@ class Gpu:
     compute_capability: float
 
     @property
-    def supports_bf16(self) -> bool:
+    def ampere_or_newer(self) -> bool:
         return self.compute_capability >= 8.0
+
+    @property
+    def supports_bf16(self) -> bool:
+        return self.ampere_or_newer
 
 
 @dataclass

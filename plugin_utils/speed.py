@@ -6,7 +6,7 @@ reason the run log shows. BENCHMARKS.md holds the figures behind each choice.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .machine import Gpu, has_package
@@ -42,15 +42,7 @@ class Speed:
     reasons: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "attention": self.attention,
-            "packing": self.packing,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "liger": self.liger,
-            "tf32": self.tf32,
-            "dataloader_workers": self.dataloader_workers,
-            "reasons": list(self.reasons),
-        }
+        return asdict(self)
 
 
 def _shape(config: dict[str, Any]) -> dict[str, int] | None:
@@ -76,15 +68,20 @@ def _shape(config: dict[str, Any]) -> dict[str, int] | None:
     }
 
 
-def parameter_count(config: dict[str, Any]) -> int | None:
-    s = _shape(config)
-    if s is None:
-        return None
+def _embeddings(s: dict[str, int]) -> int:
+    return s["vocab"] * s["hidden"] * (1 if s["tied"] else 2)
+
+
+def _parameters(s: dict[str, int]) -> int:
     h = s["hidden"]
     attention = h * s["q_dim"] * 2 + h * s["kv_dim"] * 2
     mlp = 3 * h * s["intermediate"] * s["experts"]
-    embeddings = s["vocab"] * h * (1 if s["tied"] else 2)
-    return s["layers"] * (attention + mlp + 2 * h) + embeddings
+    return s["layers"] * (attention + mlp + 2 * h) + _embeddings(s)
+
+
+def parameter_count(config: dict[str, Any]) -> int | None:
+    s = _shape(config)
+    return None if s is None else _parameters(s)
 
 
 def estimate_memory(
@@ -100,12 +97,11 @@ def estimate_memory(
     micro-batch of batch_size x maximum_sequence_length tokens, logits and the loss. An upper-side estimate
     (every row at full length); None when config.json lacks the sizes."""
     s = _shape(config)
-    params = parameter_count(config)
-    if s is None or params is None:
+    if s is None:
         return None
+    params, embeddings = _parameters(s), _embeddings(s)
     h, layers, inter = s["hidden"], s["layers"], s["intermediate"]
     width = 2 if precision in ("bf16", "fp16") else 4
-    embeddings = s["vocab"] * h * (1 if s["tied"] else 2)
     sharded = p["distributed_strategy"] in ("fsdp", "deepspeed_zero3")
     # 4-bit blocks with their scales under qlora; embeddings stay in the compute dtype.
     quantized = p["training_mode"] == "qlora"
@@ -140,10 +136,13 @@ def masked_packing_is_slow(p: dict[str, Any], device: str) -> bool:
     return device == "cuda" or p["batch_size"] * p["maximum_sequence_length"] > MASKED_PACKING_LIMIT
 
 
+def _ampere(device: str, gpus: list[Gpu]) -> bool:
+    return device == "cuda" and bool(gpus) and all(g.ampere_or_newer for g in gpus)
+
+
 def flash_attention_usable(device: str, gpus: list[Gpu], precision: str) -> bool:
     """flash-attn is installed and can run here: CUDA, Ampere or newer, half precision."""
-    ampere = device == "cuda" and bool(gpus) and all(g.compute_capability >= 8.0 for g in gpus)
-    return ampere and precision in ("bf16", "fp16") and kernel_installed("flash_attn")
+    return _ampere(device, gpus) and precision in ("bf16", "fp16") and kernel_installed("flash_attn")
 
 
 def choose(
@@ -161,7 +160,6 @@ def choose(
     speed = Speed()
     why = speed.reasons
     cuda = device == "cuda"
-    ampere = cuda and bool(gpus) and all(g.compute_capability >= 8.0 for g in gpus)
 
     if flash_attention_usable(device, gpus, precision):
         speed.attention = "flash_attention_2"
@@ -232,8 +230,8 @@ def choose(
                 f"{budget / GIB:.1f} GiB available)"
             )
 
-    speed.tf32 = ampere
-    if ampere:
+    speed.tf32 = _ampere(device, gpus)
+    if speed.tf32:
         why.append("tf32: on for float32 matmuls (Ampere or newer)")
 
     if cuda:
