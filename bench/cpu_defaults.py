@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import train_runtime, trl_sft_command  # noqa: E402
+
 STEPS = 40
 
 
@@ -59,12 +60,6 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         return self.peak
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(cmd: list[str], env: dict[str, str]) -> tuple[str, int]:
@@ -134,49 +129,10 @@ def plugin(tmp: Path, env: dict[str, str], model: str, data: Path, **overrides) 
 
 
 def trl(tmp: Path, env: dict[str, str], model: str, data: Path, *extra: str) -> dict:
-    cmd = [
-        str(Path(sys.executable).with_name("trl")),
-        "sft",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",  # a fresh port per run: back-to-back runs on 29500 hung once here
-        str(free_port()),
-        "--model_name_or_path",
-        model,
-        "--dataset_name",
-        str(data.parent),
-        "--use_cpu",
-        "--use_peft",
-        "--lora_r",
-        "16",
-        "--lora_alpha",
-        "32",
-        "--lora_target_modules",
-        "all-linear",
-        "--per_device_train_batch_size",
-        "4",
-        "--max_steps",
-        str(STEPS),
-        "--max_length",
-        "128",
-        "--learning_rate",
-        "1e-3",
-        "--logging_steps",
-        "10",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--gradient_checkpointing",
-        "false",
-        "--output_dir",
-        str(tmp / f"trl-{time.time_ns()}"),
-        *extra,
-    ]
-    output, peak = run(cmd, env)
-    found = re.findall(r"'train_runtime': '?([0-9.]+)", output)
-    return {"runtime": float(found[-1]), "steps": STEPS, "peak_mib": peak / 2**20}
+    output_dir = str(tmp / f"trl-{time.time_ns()}")
+    options = {"max_length": 128, "learning_rate": 1e-3, "steps": STEPS, "cpu_ranks": 2, "extra": extra}
+    output, peak = run(trl_sft_command(model, str(data.parent), output_dir, **options), env)
+    return {"runtime": train_runtime(output), "steps": STEPS, "peak_mib": peak / 2**20}
 
 
 def compare(title: str, arms: dict[str, object], runs: int, unit: str) -> None:

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import train_runtime, trl_available, trl_sft_command  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 WORDS = [f"w{i}" for i in range(3000)]
@@ -167,57 +168,31 @@ def trl_arm(
 ) -> dict:
     """One epoch of `trl sft` with the same LoRA settings; `tokens` is the epoch's token count. `like` holds
     the plugin arm's settings line, whose attention kernel and packing are copied."""
+    if not trl_available():
+        return {"error": "trl is not installed"}
     extra = []
     if like.startswith("flash_attention_2"):
         extra += ["--attn_implementation", "flash_attention_2"]
     if "packing on" in like:
         extra += ["--packing", "true"]
-    trl = Path(sys.executable).with_name("trl")
-    if not trl.exists() and importlib.util.find_spec("trl") is None:
-        return {"error": "trl is not installed"}
-    cmd = [
-        *([str(trl)] if trl.exists() else [sys.executable, "-m", "trl.cli"]),
-        "sft",
-        "--model_name_or_path",
+    cmd = trl_sft_command(
         str(model),
-        "--dataset_name",
         str(data.parent),
-        "--use_peft",
-        "--lora_r",
-        "16",
-        "--lora_alpha",
-        "32",
-        "--lora_dropout",
-        "0.05",
-        "--lora_target_modules",
-        "all-linear",
-        "--per_device_train_batch_size",
-        str(BATCH),
-        "--num_train_epochs",
-        "1",
-        "--max_length",
-        str(seq),
-        "--learning_rate",
-        "2e-4",
-        "--logging_steps",
-        "5",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--gradient_checkpointing",
-        "true" if checkpointing else "false",
-        "--output_dir",
         str(tmp / f"trl-{time.time_ns()}"),
-        *(["--use_cpu"] if smoke else ["--bf16"]),
-        *extra,
-    ]
+        max_length=seq,
+        learning_rate=2e-4,
+        batch=BATCH,
+        cpu_ranks=1 if smoke else 0,
+        checkpointing=checkpointing,
+        logging_steps=5,
+        extra=extra,
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = re.findall(r"'train_runtime': '?([0-9.]+)", proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not found:
+    seconds = train_runtime(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or seconds is None:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
     return {
-        "seconds": float(found[-1]),
+        "seconds": seconds,
         "tokens": tokens,
         "settings": f"{'flash_attention_2' if '--attn_implementation' in extra else 'sdpa'}, packing "
         f"{'on' if '--packing' in extra else 'off'}, checkpointing {'on' if checkpointing else 'off'}",

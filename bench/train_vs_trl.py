@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -24,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import train_runtime, trl_sft_command  # noqa: E402
+
 
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     started = time.perf_counter()
@@ -32,11 +33,6 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{proc.stderr[-3000:]}")
     return elapsed, proc.stdout + proc.stderr
-
-
-def train_runtime(output: str) -> float:
-    found = re.findall(r"'train_runtime': '([0-9.]+)'", output) or re.findall(r"'train_runtime': ([0-9.]+)", output)
-    return float(found[-1])
 
 
 def main() -> None:
@@ -90,49 +86,15 @@ def main() -> None:
             )
         )
         plugin_cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(config)]
-        trl_cmd = [
-            str(Path(sys.executable).with_name("trl")),
-            "sft",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--model_name_or_path",
+        trl_cmd = trl_sft_command(
             model,
-            "--dataset_name",
             str(data_dir),
-            "--use_cpu",
-            "--use_peft",
-            "--lora_r",
-            str(common["r"]),
-            "--lora_alpha",
-            str(common["alpha"]),
-            "--lora_dropout",
-            "0.05",
-            "--lora_target_modules",
-            "all-linear",
-            "--per_device_train_batch_size",
-            str(common["batch"]),
-            "--gradient_accumulation_steps",
-            "1",
-            "--learning_rate",
-            str(common["lr"]),
-            "--lr_scheduler_type",
-            "linear",
-            "--max_steps",
-            str(args.steps),
-            "--max_length",
-            str(common["length"]),
-            "--logging_steps",
-            "10",
-            "--save_strategy",
-            "no",
-            "--report_to",
-            "none",
-            "--gradient_checkpointing",
-            "false",
-            "--output_dir",
             str(Path(tmp, "trl-out")),
-        ]
+            max_length=common["length"],
+            learning_rate=common["lr"],
+            steps=args.steps,
+            cpu_ranks=2,
+        )
         results: dict[str, list[tuple[float, float]]] = {"plugin": [], "trl": []}
         for _ in range(args.runs):
             for name, cmd in (("plugin", plugin_cmd), ("trl", trl_cmd)):

@@ -1,0 +1,88 @@
+"""What the benchmarks share: the `trl sft` command they compare the plugin with, and reading its result."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import socket
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def trl_available() -> bool:
+    return Path(sys.executable).with_name("trl").exists() or importlib.util.find_spec("trl") is not None
+
+
+def trl_sft_command(
+    model: str,
+    data_dir: str,
+    output_dir: str,
+    *,
+    max_length: int,
+    learning_rate: float,
+    batch: int = 4,
+    steps: int | None = None,
+    cpu_ranks: int = 0,
+    checkpointing: bool = False,
+    logging_steps: int = 10,
+    extra: tuple[str, ...] | list[str] = (),
+) -> list[str]:
+    """`trl sft` with the LoRA settings every benchmark uses (r=16, alpha 32, dropout 0.05, all-linear, linear
+    schedule, no saving), `batch` rows per process. `steps` None trains one epoch. `cpu_ranks` > 0 runs that many
+    CPU processes (from 2 on, in one gloo group launched on a port of its own: back-to-back runs on the
+    default 29500 hung once); 0 runs one bf16 GPU process."""
+    trl = Path(sys.executable).with_name("trl")
+    launch = ["--multi_gpu", "--num_processes", str(cpu_ranks), "--main_process_port", str(free_port())]
+    return [
+        *([str(trl)] if trl.exists() else [sys.executable, "-m", "trl.cli"]),
+        "sft",
+        *(launch if cpu_ranks > 1 else []),
+        "--model_name_or_path",
+        model,
+        "--dataset_name",
+        data_dir,
+        "--use_peft",
+        "--lora_r",
+        "16",
+        "--lora_alpha",
+        "32",
+        "--lora_dropout",
+        "0.05",
+        "--lora_target_modules",
+        "all-linear",
+        "--per_device_train_batch_size",
+        str(batch),
+        "--gradient_accumulation_steps",
+        "1",
+        "--learning_rate",
+        str(learning_rate),
+        "--lr_scheduler_type",
+        "linear",
+        *(["--max_steps", str(steps)] if steps else ["--num_train_epochs", "1"]),
+        "--max_length",
+        str(max_length),
+        "--logging_steps",
+        str(logging_steps),
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--gradient_checkpointing",
+        "true" if checkpointing else "false",
+        "--output_dir",
+        output_dir,
+        *(["--use_cpu"] if cpu_ranks else ["--bf16"]),
+        *extra,
+    ]
+
+
+def train_runtime(output: str) -> float | None:
+    """The trainer's own train_runtime from `trl sft` output (quoted or not, by transformers version)."""
+    found = re.findall(r"'train_runtime': '?([0-9.]+)", output)
+    return float(found[-1]) if found else None
