@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import socket
 import sys
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from plugin_utils.launch import free_port
 
 
 def trl_available() -> bool:
