@@ -345,6 +345,7 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
     if code != 0 or watcher.end is None:
         raise RunFailed(_rank_failure(run_dir, tail, code))
     end = watcher.end
+    began = _process_start()
     return RunResult(
         status="COMPLETE",
         steps=end["step"],
@@ -354,8 +355,8 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
         eval_loss=end.get("eval_loss"),
         runtime=end.get("runtime", 0.0),
         loss_history=end.get("loss_history", []),
-        startup_seconds=round(watcher.first_step_at - _process_start(), 2) if watcher.first_step_at else None,
-        rank_startup={k: round(v - _process_start(), 2) for k, v in watcher.start.get("marks", {}).items()},
+        startup_seconds=round(watcher.first_step_at - began, 2) if watcher.first_step_at else None,
+        rank_startup={k: round(v - began, 2) for k, v in watcher.start.get("marks", {}).items()},
         resumed_from_step=watcher.start.get("global_step", 0),
         has_adapter=end.get("has_adapter", True),
         peak_gpu_memory_mib=end.get("peak_gpu_memory_mib"),
