@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .errors import InvalidConfig, RunFailed, problem
+
 SUMMARY_FILE = "training_summary.json"
 LIBRARIES = ("trl", "transformers", "accelerate", "peft", "datasets", "torch", "transformerlab")
 
@@ -61,16 +63,17 @@ def _checkpoint_complete(path: str, world_size: int) -> bool:
     return True
 
 
+def _checkpoints(folder: str) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint-N folder in `folder`."""
+    if not os.path.isdir(folder):
+        return []
+    steps = [(entry.removeprefix("checkpoint-"), entry) for entry in os.listdir(folder)]
+    return [(int(step), os.path.join(folder, entry)) for step, entry in steps if step.isdigit()]
+
+
 def latest_checkpoint(folder: str, world_size: int = 1) -> str | None:
     """The newest checkpoint whose save finished; one cut off mid-save is skipped."""
-    if not os.path.isdir(folder):
-        return None
-    found = []
-    for entry in os.listdir(folder):
-        path = os.path.join(folder, entry)
-        step = entry.removeprefix("checkpoint-")
-        if step.isdigit() and _checkpoint_complete(path, world_size):
-            found.append((int(step), path))
+    found = [(step, path) for step, path in _checkpoints(folder) if _checkpoint_complete(path, world_size)]
     return max(found)[1] if found else None
 
 
@@ -124,8 +127,6 @@ def _refuse_if_changed(checkpoint_dir: str, identity: dict[str, Any]) -> None:
     changed = _changed(checkpoint_dir, identity)
     if not changed:
         return
-    from .errors import InvalidConfig, problem
-
     names = ", ".join(changed)
     raise InvalidConfig(
         [
@@ -154,10 +155,9 @@ def _changed(checkpoint_dir: str, identity: dict[str, Any]) -> list[str]:
 def _remove_unfinished(checkpoint_dir: str, keep: str) -> None:
     """Checkpoints newer than the resume point were cut off mid-save; the trainer must not meet them."""
     keep_step = int(os.path.basename(keep).removeprefix("checkpoint-"))
-    for entry in os.listdir(checkpoint_dir):
-        step = entry.removeprefix("checkpoint-")
-        if step.isdigit() and int(step) > keep_step:
-            shutil.rmtree(os.path.join(checkpoint_dir, entry), ignore_errors=True)
+    for step, path in _checkpoints(checkpoint_dir):
+        if step > keep_step:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def record_run(checkpoint_dir: str, identity: dict[str, Any]) -> None:
@@ -175,8 +175,6 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         import fcntl
-
-        from .errors import InvalidConfig, problem
 
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.handle = open(self.path, "a+")
@@ -230,8 +228,6 @@ class Staged:
 
     def publish(self, job, p: dict[str, Any], summary_data: dict[str, Any]) -> str:
         """Move the outputs into place and register them with the host; returns the adapter's path."""
-        from .errors import RunFailed
-
         if not os.path.isdir(self.adapter_staging):
             raise RunFailed(f"the training processes wrote no adapter to {self.adapter_staging}")
         try:
