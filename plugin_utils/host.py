@@ -36,6 +36,15 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
 
 
+def _end_job(job, status: str, completion: str, message: str, extra: dict[str, Any] | None = None) -> None:
+    """Close a job the way TransformerLab's job store reads it: details first, then the final status."""
+    for key, value in {"completion_status": completion, "completion_details": message, "end_time": _now()}.items():
+        _sync(job.update_job_data_field(key, value))
+    for key, value in (extra or {}).items():
+        _sync(job.update_job_data_field(key, value))
+    _sync(job.update_status(status))
+
+
 def _check_lab_home() -> None:
     # Importing `lab` exits the process when these name a missing folder; say so instead.
     for var in ("TFL_HOME_DIR", "TFL_WORKSPACE_DIR"):
@@ -215,19 +224,12 @@ class LegacyHost(Host):
             self._writer.close()
         # The job exists before we run (the host made it), so a failure before start() still ends it.
         self._attach()
-        if self.job is None:
-            return
-        for key, value in {
-            "completion_status": completion,
-            "completion_details": message,
-            "end_time": _now(),
-            **(extra or {}),
-        }.items():
-            self._field(key, value)
-        _sync(self.job.update_status(status))
+        if self.job is not None:
+            _end_job(self.job, status, completion, message, extra)
 
     def complete(self, message, score, plot_path):
-        _sync(self.job.update_progress(100)) if self.job else None
+        if self.job is not None:
+            _sync(self.job.update_progress(100))
         extra = {"score": json.dumps(score)}
         if plot_path:
             extra["plot_data_path"] = plot_path
@@ -324,18 +326,13 @@ class LabHost(Host):
             self.lab.finish(message, score=score, plot_data_path=plot_path)
 
     def fail(self, message):
-        if self.lab is None:
-            self._attach()
+        self._attach()
         with contextlib.redirect_stdout(sys.stderr):
             self.lab.error(message)
 
     def stopped(self, message):
         self._attach()
-        job = self.lab.job
-        _sync(job.update_job_data_field("completion_status", "success"))
-        _sync(job.update_job_data_field("completion_details", message))
-        _sync(job.update_job_data_field("end_time", _now()))
-        _sync(job.update_status("STOPPED"))
+        _end_job(self.lab.job, "STOPPED", "success", message)
 
 
 class HeadlessHost(LabHost):
