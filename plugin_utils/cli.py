@@ -10,6 +10,7 @@ import traceback
 from typing import Any
 
 from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_STOPPED, InvalidConfig, Problem, RunFailed, StopRequested
+from .events import process_start
 
 log = logging.getLogger("sft")
 
@@ -56,9 +57,7 @@ class Clock:
     """Seconds since this process started, at each stage: the start-up breakdown in training_summary.json."""
 
     def __init__(self) -> None:
-        import psutil
-
-        self.started = psutil.Process().create_time()
+        self.started = process_start()
         self.marks: dict[str, float] = {}
 
     def mark(self, name: str) -> None:

@@ -15,6 +15,13 @@ EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"
 
 
+def process_start() -> float:
+    """When this process started (epoch seconds): start-up stages are timed from it, in parent and ranks."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def error_file(run_dir: str, rank: int) -> str:
     """Where a failing rank leaves its exception for the parent."""
     return os.path.join(run_dir, f"error-rank{rank}.txt")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RunFailed, StopRequested
-from .events import EVENTS_FILE, SPEC_FILE, STOP_FILE, EventReader
+from .events import EVENTS_FILE, SPEC_FILE, STOP_FILE, EventReader, process_start
 from .rules import Plan, rank_environment
 from .strategies import mixed_precision, write_configs
 
@@ -345,7 +345,7 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
     if code != 0 or watcher.end is None:
         raise RunFailed(_rank_failure(run_dir, tail, code))
     end = watcher.end
-    began = _process_start()
+    began = process_start()
     return RunResult(
         status="COMPLETE",
         steps=end["step"],
@@ -361,12 +361,6 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
         has_adapter=end.get("has_adapter", True),
         peak_gpu_memory_mib=end.get("peak_gpu_memory_mib"),
     )
-
-
-def _process_start() -> float:
-    import psutil
-
-    return psutil.Process().create_time()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .events import EVENTS_FILE, SPEC_FILE, STOP_FILE, EventWriter, error_file
+from .events import EVENTS_FILE, SPEC_FILE, STOP_FILE, EventWriter, error_file, process_start
 
 
 def _dtype(precision: str):
@@ -217,9 +217,7 @@ def _final_loss(history: list[dict[str, Any]]) -> tuple[float | None, float | No
 
 def train(run_dir: str) -> int:
     spec = json.loads(Path(run_dir, SPEC_FILE).read_text())
-    import psutil
-
-    marks = {"rank_started": psutil.Process().create_time()}  # absolute times; the parent makes them relative
+    marks = {"rank_started": process_start()}  # absolute times; the parent makes them relative
     from datasets import load_from_disk
     from transformers import AutoTokenizer
     from trl import SFTTrainer
