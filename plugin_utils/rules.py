@@ -306,12 +306,18 @@ def selected_gpu_ids(p, machine: Machine) -> list[int]:
     return [int(part) for part in value.split(",") if part.isdigit()]
 
 
+def asked_processes(p) -> int | None:
+    """num_processes as a count; None for auto (or for a value its own rule refuses)."""
+    value = str(p["num_processes"]).strip()
+    return int(value) if value.isdigit() else None
+
+
 def planned_gpus(p, machine: Machine) -> list:
     """The GPUs the run will use: the selected ones, the first num_processes of them."""
     selected = selected_gpu_ids(p, machine)
-    value = str(p["num_processes"]).strip()
-    if value.isdigit():
-        selected = selected[: int(value)]
+    count = asked_processes(p)
+    if count is not None:
+        selected = selected[:count]
     by_index = {g.index: g for g in machine.usable_gpus}
     return [by_index[i] for i in selected if i in by_index]
 
@@ -337,14 +343,14 @@ def gpus_exist(p, machine: Machine):
 @machine_rule
 def processes_fit_gpus(p, machine: Machine):
     """num_processes is not above the number of selected GPUs."""
-    value = str(p["num_processes"]).strip()
-    if not value.isdigit():
+    count = asked_processes(p)
+    if count is None:
         return
     gpus = selected_gpu_ids(p, machine) if p["train_device"] != "cpu" else []
-    if gpus and int(value) > len(gpus):
+    if gpus and count > len(gpus):
         yield error(
             "num_processes",
-            f"{value} processes but only {len(gpus)} GPU(s) selected",
+            f"{count} processes but only {len(gpus)} GPU(s) selected",
             f"Use num_processes={len(gpus)} or auto (one process per GPU)",
         )
 
@@ -544,8 +550,9 @@ class Plan:
 
 def make_plan(p: dict[str, Any], machine: Machine) -> Plan:
     gpus = [] if p["train_device"] == "cpu" else planned_gpus(p, machine)
-    value = str(p["num_processes"]).strip().lower()
-    count = int(value) if value.isdigit() else max(1, len(gpus))
+    count = asked_processes(p)
+    if count is None:
+        count = max(1, len(gpus))
     precision = p["precision"]
     if precision == "auto":
         precision = "fp32" if not gpus else "bf16" if all(g.supports_bf16 for g in gpus) else "fp16"
