@@ -586,7 +586,6 @@ def _column_sum(ds, column: str, predicate=None) -> int:
 
 
 def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[str, Any]:
-    import numpy as np
     import pyarrow.compute as pc
     from datasets import DatasetDict
 
@@ -621,7 +620,7 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
                 cache_file_name=os.path.join(work, f"{name}.arrow"),
                 desc=f"Preparing {name} rows",
             )
-        stats = _statistics(tokenized, encoder.fmt, p, np, pc)
+        stats = _statistics(tokenized, encoder.fmt, p)
         kept = {
             name: ds.filter(
                 lambda t: [x > 0 for x in t],
@@ -668,8 +667,11 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
     return stats
 
 
-def _statistics(tokenized, fmt: str, p: dict[str, Any], np, pc) -> dict[str, Any]:
+def _statistics(tokenized, fmt: str, p: dict[str, Any]) -> dict[str, Any]:
     """Rows, drops and truncation of the training split; stops when too many rows lose everything."""
+    import numpy as np
+    import pyarrow.compute as pc
+
     train = tokenized["train"]
     max_len = p["maximum_sequence_length"]
     lengths = np.sort(train.with_format("arrow")["length"].to_numpy())
