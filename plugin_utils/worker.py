@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .data import load_tokenizer
 from .events import EVENTS_FILE, SPEC_FILE, STOP_FILE, EventWriter, error_file, process_start
 
 
@@ -219,16 +220,13 @@ def train(run_dir: str) -> int:
     spec = json.loads(Path(run_dir, SPEC_FILE).read_text())
     marks = {"rank_started": process_start()}  # absolute times; the parent makes them relative
     from datasets import load_from_disk
-    from transformers import AutoTokenizer
     from trl import SFTTrainer
 
     marks["libraries_imported"] = time.time()
 
     p = spec["params"]
     data = load_from_disk(spec["prepared_path"])  # memory-mapped: ranks share the page cache
-    tokenizer = AutoTokenizer.from_pretrained(p["model_name"])
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(p["model_name"])  # as the parent loaded it to prepare the rows
     args = _sft_config(spec, "eval" in data)
     is_world_main = args.process_index == 0
     reporter = Reporter(run_dir, is_main=args.local_process_index == 0)
