@@ -148,7 +148,8 @@ class Outcome:
             message = str(exc)
         else:
             message = f"{type(exc).__name__}: {exc}"
-            log.error("%s", traceback.format_exc())
+            # finish() runs after the except block has ended: format the exception itself, not "the current" one.
+            log.error("%s", "".join(traceback.format_exception(exc)).rstrip())
         log.error("training failed: %s", message)
         self._fail_job(message)
         emit_json(json_on, {**self.result, "status": "FAILED", "job_id": self._job_id(), "error": message})

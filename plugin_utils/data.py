@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import chat
+from .chat import ChatRenderer, RowProblem
 from .errors import InvalidConfig, problem
 from .templates import RowTemplate
 
 log = logging.getLogger("sft")
 
-PREP_VERSION = "1"
+PREP_VERSION = "2"
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 EVAL_SPLIT_NAMES = ("validation", "valid", "eval", "test")
 # From this many rows on, preparation runs in one process per CPU (below it, starting them costs more).
 PARALLEL_ROWS = 20_000
@@ -153,9 +154,9 @@ def load_splits(name: str):
                 raise InvalidConfig([problem("dataset_name", f"{path} is empty", "Give a file with training rows")])
             words = set(re.split(r"[^a-z0-9]+", path.stem.lower()))
             split = next((s for s in EVAL_SPLIT_NAMES if s in words), "train")
-            by_split.setdefault("validation" if split != "train" else "train", []).append(str(path))
+            by_split.setdefault(split, []).append(str(path))
         if "train" not in by_split:
-            by_split = {"train": by_split.pop("validation")}
+            by_split = {"train": [f for files in by_split.values() for f in files]}
         builder = DATA_SUFFIXES[paths[0].suffix]
         try:
             # CSV cells are text: "1." stays "1." instead of becoming a float, and empty cells stay "".
@@ -174,45 +175,81 @@ def load_splits(name: str):
     if train is None or len(train) == 0:
         raise InvalidConfig([problem("dataset_name", f"{name} has no rows", "Give a dataset with training rows")])
     result = {"train": train}
-    for split in EVAL_SPLIT_NAMES:
-        if split in splits and split != "train" and len(splits[split]):
-            result["eval"] = splits[split]
-            break
+    own = next((name for name in EVAL_SPLIT_NAMES if name in splits and name != "train"), None)
+    if own is not None:
+        result[own] = splits[own]
     return result
+
+
+def choose_eval(splits: dict[str, Any], eval_split: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The splits to prepare, and how evaluation is done.
+
+    eval_split 0 means no evaluation: a split the dataset brings (validation, valid, eval or test) is
+    left out. Above 0, that split is the evaluation set when there is one (eval_split's fraction is not
+    applied then); without one, a seeded eval_split fraction of the training rows is held out."""
+    own = next((name for name in splits if name != "train"), None)
+    info: dict[str, Any] = {"eval_source": None, "own_eval_split": own, "own_eval_rows": len(splits[own]) if own else 0}
+    if eval_split <= 0:
+        return {"train": splits["train"]}, info
+    if own is not None:
+        info["eval_source"] = f"split {own!r}"
+        return {"train": splits["train"], "eval": splits[own]}, info
+    info["eval_source"] = f"held out ({eval_split:g} of the training rows)"
+    return {"train": splits["train"]}, info
 
 
 # --- formats -------------------------------------------------------------------------------------
 
 
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str)
+def _values(rows: list[dict[str, Any]], column: str) -> list[Any]:
+    """The non-null values of a column among the rows looked at (a null is a bad row, found later by number)."""
+    return [r.get(column) for r in rows if r.get(column) is not None]
 
 
-def detect_format(p: dict[str, Any], columns: list[str], rows: list[dict[str, Any]]) -> tuple[str, str]:
-    """(format, why). Looks at several rows, not just the first."""
-    chat_column = p["chatml_formatted_column"] or "messages"
-    if p["apply_chat_template"]:
-        for column in (chat_column, "messages", "conversations"):
-            if column in columns:
-                return "chat", f"apply_chat_template is on and the rows have a {column!r} column"
+def chat_column(p: dict[str, Any], columns: list[str]) -> str | None:
+    """The column holding conversations: chatml_formatted_column, else `messages` or ShareGPT `conversations`.
+
+    A column named explicitly that the data lack is an error when apply_chat_template asks for it."""
+    asked = p["chatml_formatted_column"] or "messages"
+    if asked in columns:
+        return asked
+    if asked != "messages" and p["apply_chat_template"]:
         raise InvalidConfig(
             [
                 problem(
                     "chatml_formatted_column",
-                    f"no {chat_column!r} column for apply_chat_template (columns: {', '.join(columns)})",
+                    f"{asked!r} is not a column of the dataset (columns: {', '.join(columns)})",
                     "Name the column that holds the conversations",
                 )
             ]
         )
+    return next((c for c in ("messages", "conversations") if c in columns), None)
+
+
+def detect_format(p: dict[str, Any], columns: list[str], rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """(format, why), from the columns and the types of their values in several rows, not just the first."""
+    chat = chat_column(p, columns)
+    if p["apply_chat_template"]:
+        if chat is None:
+            raise InvalidConfig(
+                [
+                    problem(
+                        "chatml_formatted_column",
+                        f"no 'messages' column for apply_chat_template (columns: {', '.join(columns)})",
+                        "Name the column that holds the conversations",
+                    )
+                ]
+            )
+        return "chat", f"apply_chat_template is on and the rows have a {chat!r} column"
     if p["formatting_template"].strip():
         return "template", "a formatting_template was given"
-    pairs = "prompt" in columns and "completion" in columns
-    if pairs and all(_is_str(r.get("prompt")) and _is_str(r.get("completion")) for r in rows):
-        return "prompt_completion", "the rows have string 'prompt' and 'completion' columns"
-    for column in ("messages", "conversations"):
-        if column in columns and all(isinstance(r.get(column), list) for r in rows):
-            return "chat", f"the rows have a {column!r} list of turns"
-    if "text" in columns and all(_is_str(r.get("text")) for r in rows):
+    if "prompt" in columns and "completion" in columns:
+        if any(isinstance(v, list) for v in _values(rows, "prompt") + _values(rows, "completion")):
+            return "chat_prompt_completion", "the rows have 'prompt' and 'completion' lists of messages"
+        return "prompt_completion", "the rows have 'prompt' and 'completion' columns"
+    if chat is not None:
+        return "chat", f"the rows have a {chat!r} column of conversations"
+    if "text" in columns:
         return "text", "the rows have a 'text' column"
     raise InvalidConfig(
         [
@@ -225,11 +262,14 @@ def detect_format(p: dict[str, Any], columns: list[str], rows: list[dict[str, An
     )
 
 
+CHAT_FORMATS = ("chat", "chat_prompt_completion")
+
+
 def resolve_loss_mode(p: dict[str, Any], fmt: str) -> tuple[bool, list, list[str]]:
     """Whether only the completion/assistant part is trained; data rules that depend on the format."""
     errors, notes = [], []
     mode = p["completion_only_loss"]
-    if p["assistant_only_loss"] and fmt != "chat":
+    if p["assistant_only_loss"] and fmt not in CHAT_FORMATS:
         errors.append(
             problem("assistant_only_loss", f"needs chat rows but the data are {fmt}", "Set assistant_only_loss=false")
         )
@@ -248,31 +288,79 @@ def resolve_loss_mode(p: dict[str, Any], fmt: str) -> tuple[bool, list, list[str
     return (mode != "false" or p["assistant_only_loss"]), errors, notes
 
 
-def chat_turns(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
-    turns = []
-    for message in messages:
-        if "role" in message:
-            turns.append({"role": message["role"], "content": message.get("content") or ""})
-        else:
-            role = SHAREGPT_ROLES.get(str(message.get("from", "")).lower())
-            if role is None:
-                raise ValueError(f"unknown ShareGPT role {message.get('from')!r}")
-            turns.append({"role": role, "content": message.get("value") or ""})
-    return turns
+def _text_value(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    if isinstance(value, str):
+        return value
+    if value is None:
+        raise RowProblem("dataset_name", column, "is empty (null)", f"Give every row a {column}, or remove the row")
+    raise RowProblem(
+        "dataset_name", column, f"holds a {type(value).__name__} ({str(value)[:40]}), not text", "Make it a string"
+    )
 
 
 # --- encoding ------------------------------------------------------------------------------------
 
 
-# One piece of a row's text: (text, trained, tokenized with the tokenizer's special tokens such as BOS).
-Segment = tuple[str, bool, bool]
+@dataclass
+class Planned:
+    """One row before tokenization: its full text and the character spans the loss is taken on."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    chat: bool  # rendered by a chat template, which writes its own BOS/EOS: tokenized without adding any
+    prompt: str | None = None
+    completion: str | None = None
+    empty: bool = False  # an empty answer (completion or assistant turn)
+    no_answer: bool = False  # nothing to train at all (a conversation without an assistant turn)
+    reasoning_dropped: bool = False
+    open_turn: bool = False  # an assistant turn that ends without a special token to stop on
+
+
+def untrimmed(tokenizer):
+    """The tokenizer's Rust backend with offsets that keep whitespace (`trim_offsets` off).
+
+    Byte-level post-processors trim spaces from offsets; a token of spaces then covers no characters and
+    could not be placed. The ids are the same: `trim_offsets` changes offsets only."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        raise InvalidConfig(
+            [
+                problem(
+                    "model_name",
+                    "the tokenizer has no fast (Rust) version, whose offsets token-exact labels need",
+                    "Give the model a tokenizer.json (save_pretrained of its fast tokenizer writes one)",
+                )
+            ]
+        )
+    state = json.loads(backend.to_str())
+    found = []
+
+    def untrim(node):
+        if isinstance(node, dict):
+            if node.get("trim_offsets"):
+                node["trim_offsets"] = False
+                found.append(node)
+            for value in node.values():
+                untrim(value)
+        elif isinstance(node, list):
+            for value in node:
+                untrim(value)
+
+    untrim(state.get("post_processor"))
+    return Tokenizer.from_str(json.dumps(state)) if found else backend
 
 
 class Encoder:
     """Turns rows into input_ids and labels (-100 where no loss is taken).
 
-    Each row becomes segments of text, trained or not; the segments of a whole batch are tokenized in
-    two batched calls. Tokenizing the segments apart puts every prompt end on a token boundary.
+    Each row is rendered to one text with the character spans to train. The text is tokenized in one call,
+    exactly as at inference, and a token is trained when at least one character it covers lies in a
+    trained span. Tokens the tokenizer adds itself (BOS, an appended EOS) cover no characters: a leading
+    one is never trained, a trailing one closes the row and is trained. The model's EOS ends every
+    non-chat row exactly once; a chat template writes its own end-of-turn tokens.
     """
 
     def __init__(self, p: dict[str, Any], fmt: str, tokenizer, columns: list[str], train_part_only: bool):
@@ -281,126 +369,137 @@ class Encoder:
         self.train_part_only = train_part_only
         self.eos_id = tokenizer.eos_token_id
         self.eos = tokenizer.eos_token or ""
-        self.chat_column = (
-            next(c for c in (p["chatml_formatted_column"] or "messages", "messages", "conversations") if c in columns)
-            if fmt == "chat"
-            else None
-        )
-        self.chat_template = p["formatting_chat_template"].strip() or None
+        self.bos = tokenizer.bos_token or ""
+        self.chat_column = chat_column(p, columns) if fmt == "chat" else None
+        self.chat = None
+        if fmt in CHAT_FORMATS:
+            template = p["formatting_chat_template"].strip() or None
+            if template is None and not getattr(tokenizer, "chat_template", None):
+                raise InvalidConfig(
+                    [
+                        problem(
+                            "formatting_chat_template",
+                            "the model's tokenizer has no chat template to render the conversations with",
+                            "Give one in formatting_chat_template, or use a model that ships one",
+                        )
+                    ]
+                )
+            self.chat = ChatRenderer(tokenizer, template, self.chat_column or "prompt/completion")
+        self.tools_column = "tools" if "tools" in columns and fmt in CHAT_FORMATS else None
         self.template = (
             RowTemplate(p["formatting_template"], columns, p["completion_column"], split=train_part_only)
             if fmt == "template"
             else None
         )
-        self._specials: list[str] | None = None
+        self.backend = untrimmed(tokenizer)
 
-    # --- segments ---
+    # --- text and spans ---
 
-    def _pair(self, prompt: str, completion: str) -> tuple[list[Segment], bool]:
+    def _pair(self, prompt: str, completion: str) -> Planned:
         if self.eos and completion.endswith(self.eos):
             completion = completion[: -len(self.eos)]
-        return [(prompt, False, True), (completion, True, False)], True
+        text = prompt + completion
+        start = len(prompt) if self.train_part_only else 0
+        return Planned(text, [(start, len(text))], False, prompt, completion, empty=not completion.strip())
 
-    def _render(self, messages, **kwargs) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, chat_template=self.chat_template, **kwargs)
+    def _conversation(self, messages: list[dict[str, Any]], tools, first: int = 0) -> Planned:
+        if not self.train_part_only:
+            text = self.chat.render(messages, tools)
+            return Planned(text, [(0, len(text))], True)
+        rendered = self.chat.locate(messages, tools, first=first)
+        turns = rendered.turns
+        return Planned(
+            rendered.text,
+            [(t.start, t.end) for t in turns],
+            True,
+            empty=any(t.empty for t in turns),
+            no_answer=not turns,
+            reasoning_dropped=any(t.reasoning_dropped for t in turns),
+            open_turn=any(not t.closed for t in turns),
+        )
 
-    def _chat(self, messages: list[dict[str, str]]) -> tuple[list[Segment], str]:
-        full = self._render(messages)
-        # Assistant spans come from rendering prefixes of the conversation, so any template works,
-        # with or without {% generation %} markers.
-        segments: list[Segment] = []
-        done = 0
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = self._render(messages[:i], add_generation_prompt=True) if i else ""
-            after = self._render(messages[: i + 1])
-            if not (full.startswith(after) and after.startswith(before) and len(before) >= done):
-                return self._chat_by_search(messages, full), full
-            segments += [(full[done : len(before)], False, False), (full[len(before) : len(after)], True, False)]
-            done = len(after)
-        segments.append((full[done:], False, False))
-        return segments, full
-
-    def _special_strings(self) -> list[str]:
-        if self._specials is None:
-            found = set(self.tok.all_special_tokens) | set(self.tok.get_added_vocab())
-            self._specials = sorted((t for t in found if t), key=len, reverse=True)
-        return self._specials
-
-    def _chat_by_search(self, messages: list[dict[str, str]], full: str) -> list[Segment]:
-        """For templates whose prefixes are not prefixes of the whole (some rewrite earlier turns):
-        find each assistant message in the rendering, in order, and train it with the special tokens
-        that directly follow it (its end-of-turn marker: <|im_end|>, <|eot_id|>, </s>, ...)."""
-        segments: list[Segment] = []
-        done = 0
-        for message in messages:
-            content = message["content"]
-            if message["role"] != "assistant" or not content:
-                continue
-            start = full.find(content, done)
-            if start < 0:
-                raise ValueError("an assistant message does not appear in the chat template's rendering")
-            stop = start + len(content)
-            while marker := next((t for t in self._special_strings() if full.startswith(t, stop)), None):
-                stop += len(marker)
-            segments += [(full[done:start], False, False), (full[start:stop], True, False)]
-            done = stop
-        segments.append((full[done:], False, False))
-        return segments
-
-    def segments(self, row: dict[str, Any]) -> tuple[list[Segment], bool, str | None, str | None, str]:
-        """(segments, whether EOS follows, prompt, completion, full text) for one row."""
-        if self.fmt == "chat":
-            segments, text = self._chat(chat_turns(row[self.chat_column]))
-            return segments, False, None, None, text
-        if self.fmt == "prompt_completion" or (self.fmt == "template" and self.train_part_only):
-            prompt, completion = (
-                (row["prompt"], row["completion"]) if self.fmt == "prompt_completion" else self.template.split(row)
-            )
-            segments, eos = self._pair(prompt, completion)
-            return segments, eos, prompt, completion, prompt + completion
-        text = self.template.render(row) if self.fmt == "template" else row["text"]
-        segments, eos = self._pair("", text)
-        return segments, eos, None, None, text
+    def plan(self, row: dict[str, Any]) -> Planned:
+        """The row's full text and its trained character spans."""
+        if self.fmt in CHAT_FORMATS:
+            tools = chat.tools_of(row.get(self.tools_column), "tools") if self.tools_column else None
+            if self.fmt == "chat":
+                return self._conversation(chat.normalize(row[self.chat_column], self.chat_column), tools)
+            prompt = chat.normalize(row["prompt"], "prompt")
+            return self._conversation(prompt + chat.normalize(row["completion"], "completion"), tools, len(prompt))
+        if self.fmt == "prompt_completion":
+            return self._pair(_text_value(row, "prompt"), _text_value(row, "completion"))
+        if self.fmt == "template" and self.train_part_only:
+            return self._pair(*self.template.split(row))
+        text = self.template.render(row) if self.fmt == "template" else _text_value(row, "text")
+        planned = self._pair("", text)
+        planned.prompt = planned.completion = None
+        planned.empty = False
+        return planned
 
     # --- tokens ---
 
     def encode_many(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        planned = [self.segments(row) for row in rows]
-        pieces = [seg for segments, *_ in planned for seg in segments if seg[0] or seg[2]]
-        ids_special = iter(self._tokenize([text for text, _, special in pieces if special], special=True))
-        ids_plain = iter(self._tokenize([text for text, _, special in pieces if not special], special=False))
+        planned = [self.plan(row) for row in rows]
+        encodings = self._tokenize(planned)
         results = []
-        for segments, eos, prompt, completion, text in planned:
-            ids: list[int] = []
-            labels: list[int] = []
-            for piece_text, trained, special in segments:
-                if not (piece_text or special):
-                    continue
-                piece = next(ids_special) if special else next(ids_plain)
-                ids += piece
-                labels += piece if (trained or not self.train_part_only) else [-100] * len(piece)
-            if eos:
-                ids.append(self.eos_id)
-                labels.append(self.eos_id)
+        for item, encoding in zip(planned, encodings, strict=True):
+            ids, labels = self._labels(item, encoding)
             results.append(
-                {"input_ids": ids, "labels": labels, "prompt": prompt, "completion": completion, "text": text}
+                {
+                    "input_ids": ids,
+                    "labels": labels,
+                    "prompt": item.prompt,
+                    "completion": item.completion,
+                    "text": item.text,
+                    "planned": item,
+                }
             )
         return results
 
     def encode(self, row: dict[str, Any]) -> dict[str, Any]:
         return self.encode_many([row])[0]
 
-    def _tokenize(self, texts: list[str], *, special: bool) -> list[list[int]]:
-        if not texts:
-            return []
-        # The Rust tokenizer's batch call without offsets is several times faster than the Python wrapper's
-        # (and parallel on its own); the result is the same ids.
-        backend = getattr(self.tok, "_tokenizer", None)
-        if hasattr(backend, "encode_batch_fast"):
-            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=special)]
-        return self.tok(texts, add_special_tokens=special)["input_ids"]
+    def _tokenize(self, planned: list[Planned]) -> list:
+        """One tokenizer call per row's whole text (batched): chat renderings as they are, other rows with
+        the tokenizer's own special tokens unless the text already starts with BOS."""
+        plain = [i for i, item in enumerate(planned) if item.chat or (self.bos and item.text.startswith(self.bos))]
+        plain_set = set(plain)
+        special = [i for i in range(len(planned)) if i not in plain_set]
+        out: list = [None] * len(planned)
+        for indices, add in ((plain, False), (special, True)):
+            if indices:
+                texts = [planned[i].text for i in indices]
+                for i, encoding in zip(indices, self.backend.encode_batch(texts, add_special_tokens=add), strict=True):
+                    out[i] = encoding
+        return out
+
+    def _labels(self, item: Planned, encoding) -> tuple[list[int], list[int]]:
+        import numpy as np
+
+        ids = list(encoding.ids)
+        n = len(ids)
+        trained = np.zeros(n, dtype=bool)
+        if n:
+            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(n, 2)
+            starts = offsets[:, 0]
+            ends = np.maximum(offsets[:, 1], starts + 1)  # a token covering no character sits at its start
+            for start, end in item.spans:
+                if end > start:
+                    trained |= (starts < end) & (ends > start)
+            added = np.asarray(encoding.special_tokens_mask, dtype=bool)
+            trained &= ~added
+            if not item.chat:
+                # Tokens the tokenizer appended after the text (an EOS) close the row.
+                tail = n
+                while tail > 0 and added[tail - 1]:
+                    tail -= 1
+                if tail > 0 or not added.all():
+                    trained[tail:] = True
+        labels = np.where(trained, np.asarray(ids, dtype=np.int64), -100).tolist()
+        if not item.chat and (not ids or ids[-1] != self.eos_id):
+            ids.append(self.eos_id)
+            labels.append(self.eos_id)
+        return ids, labels
 
 
 # --- preparation ---------------------------------------------------------------------------------
@@ -489,7 +588,7 @@ def _percentiles(ordered) -> dict[str, int]:
 
 def prepare(p: dict[str, Any], *, preview: int = 3) -> Prepared:
     """Load, format, tokenize and save the dataset; reuse the cache when nothing changed."""
-    splits = load_splits(p["dataset_name"])
+    splits, eval_info = choose_eval(load_splits(p["dataset_name"]), p["eval_split"])
     train = splits["train"]
     columns = list(train.column_names)
     head = [train[i] for i in range(min(len(train), 64))]
@@ -500,13 +599,14 @@ def prepare(p: dict[str, Any], *, preview: int = 3) -> Prepared:
     log.info("data: %s rows, format %s (%s)", len(train), fmt, why)
     for note in notes:
         log.info("data: %s", note)
+    log.info("data: evaluation: %s", _eval_text(eval_info))
 
     tokenizer = load_tokenizer(p["model_name"])
     encoder = Encoder(p, fmt, tokenizer, columns, train_part_only)
     max_len = p["maximum_sequence_length"]
 
     samples, marked = [], []
-    for encoded in _encode_checked(encoder, head[:preview], 0):
+    for encoded in _encode_checked(encoder, head[:preview], 0, "train"):
         ids, labels = encoded["input_ids"][:max_len], encoded["labels"][:max_len]
         trained = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
         marked.append(_marked(tokenizer, ids, labels))
@@ -516,6 +616,7 @@ def prepare(p: dict[str, Any], *, preview: int = 3) -> Prepared:
                 "completion": encoded["completion"],
                 "text": encoded["text"],
                 "trained_text": tokenizer.decode(trained, skip_special_tokens=False),
+                "trained_tokens": tokenizer.convert_ids_to_tokens(trained),
             }
         )
 
@@ -531,7 +632,7 @@ def prepare(p: dict[str, Any], *, preview: int = 3) -> Prepared:
     staging = f"{target}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        stats = _build(splits, encoder, p, staging)
+        stats = {**_build(splits, encoder, p, staging), **eval_info}
         Path(staging, "stats.json").write_text(json.dumps(stats, indent=2))
         if os.path.exists(target):
             shutil.rmtree(target)
@@ -539,6 +640,14 @@ def prepare(p: dict[str, Any], *, preview: int = 3) -> Prepared:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Prepared(target, stats, samples, marked=marked)
+
+
+def _eval_text(info: dict[str, Any]) -> str:
+    if info["eval_source"]:
+        return info["eval_source"]
+    if info["own_eval_split"]:
+        return f"none (eval_split is 0; the dataset's {info['own_eval_split']!r} split is not used)"
+    return "none (eval_split is 0)"
 
 
 def _marked(tokenizer, ids: list[int], labels: list[int]) -> str:
@@ -557,21 +666,18 @@ def _marked(tokenizer, ids: list[int], labels: list[int]) -> str:
     return "".join(f"⟦{t}⟧" if trained else t for (trained, _), t in zip(parts, text, strict=True))
 
 
-def _encode_checked(encoder: Encoder, rows: list[dict[str, Any]], first_index: int) -> list[dict[str, Any]]:
+def _encode_checked(encoder: Encoder, rows: list[dict[str, Any]], first_index: int, split: str) -> list[dict]:
+    """Encode rows; a bad row is an error naming its number (counted from 1), its column and the fix."""
     try:
         return encoder.encode_many(rows)
-    except (KeyError, TypeError, ValueError):
-        # Find the row at fault, so the message can name it.
+    except RowProblem:
         for offset, row in enumerate(rows):
             try:
                 encoder.encode(row)
-            except (KeyError, TypeError, ValueError) as row_exc:
-                exc, first_index = row_exc, first_index + offset
-                break
-        column = "chatml_formatted_column" if encoder.fmt == "chat" else "dataset_name"
-        raise InvalidConfig(
-            [problem(column, f"row {first_index} could not be formatted ({exc})", "Fix that row")]
-        ) from None
+            except RowProblem as exc:
+                where = f"row {first_index + offset + 1}" + (f" of the {split!r} split" if split != "train" else "")
+                raise InvalidConfig([problem(exc.parameter, f"{where}, {exc}", exc.fix)]) from None
+        raise
 
 
 def _column_sum(ds, column: str, predicate=None) -> int:
@@ -591,17 +697,25 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
 
     max_len = p["maximum_sequence_length"]
 
-    def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        names = list(batch)
-        rows = [{n: batch[n][i] for n in names} for i in range(len(indices))]
-        out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "trained": []}
-        for encoded in _encode_checked(encoder, rows, indices[0] if indices else 0):
-            ids, labels = encoded["input_ids"], encoded["labels"]
-            out["length"].append(len(ids))
-            out["input_ids"].append(ids[:max_len])
-            out["labels"].append(labels[:max_len])
-            out["trained"].append(sum(1 for lab in labels[:max_len] if lab != -100))
-        return out
+    flags = ("empty", "no_answer", "reasoning_dropped", "open_turn")
+
+    def encoder_for(split: str):
+        def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+            names = list(batch)
+            rows = [{n: batch[n][i] for n in names} for i in range(len(indices))]
+            out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "trained": []}
+            out.update({flag: [] for flag in flags})
+            for encoded in _encode_checked(encoder, rows, indices[0] if indices else 0, split):
+                ids, labels = encoded["input_ids"], encoded["labels"]
+                out["length"].append(len(ids))
+                out["input_ids"].append(ids[:max_len])
+                out["labels"].append(labels[:max_len])
+                out["trained"].append(sum(1 for lab in labels[:max_len] if lab != -100))
+                for flag in flags:
+                    out[flag].append(int(getattr(encoded["planned"], flag)))
+            return out
+
+        return encode_batch
 
     rows_total = sum(len(s) for s in splits.values())
     workers = min(os.cpu_count() or 1, 8) if rows_total >= PARALLEL_ROWS else None
@@ -611,7 +725,7 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
         tokenized = {}
         for name, split in splits.items():
             tokenized[name] = split.map(
-                encode_batch,
+                encoder_for(name),
                 with_indices=True,
                 batched=True,
                 batch_size=1000,
@@ -631,7 +745,12 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
             for name, ds in tokenized.items()
         }
         if len(kept["train"]) == 0:
-            raise InvalidConfig([problem("dataset_name", "no row has anything left to train on", "Check the data")])
+            what = (
+                "no row has an assistant turn to train on"
+                if stats["no_answer"] == stats["rows"]
+                else "no row has anything left to train on"
+            )
+            raise InvalidConfig([problem("dataset_name", what, "Check the data")])
         if "eval" not in kept and p["eval_split"] > 0:
             rows = len(kept["train"])
             held_out = math.ceil(p["eval_split"] * rows)
@@ -682,7 +801,15 @@ def _statistics(tokenized, fmt: str, p: dict[str, Any]) -> dict[str, Any]:
         "dropped": dropped,
         "truncated": int((lengths > max_len).sum()),
         "length_percentiles": _percentiles(lengths),
+        # Rows with an empty answer, nothing to train, reasoning the template left out, or an assistant turn
+        # ending without a special token; the data rules turn these into warnings.
+        "empty_answers": _column_sum(train, "empty"),
+        "no_answer": _column_sum(train, "no_answer"),
+        "reasoning_dropped": _column_sum(train, "reasoning_dropped"),
+        "open_turns": _column_sum(train, "open_turn"),
     }
+    # Rows that had something to train and lost all of it to truncation (not rows that had nothing).
+    dropped -= stats["no_answer"]
     if len(train) and dropped / len(train) > p["max_dropped_fraction"]:
         pct = stats["length_percentiles"]
         raise InvalidConfig(

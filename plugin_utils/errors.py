@@ -37,6 +37,10 @@ class InvalidConfig(Exception):
         self.warnings = list(warnings or [])
         super().__init__("\n".join(p.line() for p in self.errors))
 
+    def __reduce__(self):
+        # Raised inside dataset worker processes too: it must cross back to the parent whole.
+        return (InvalidConfig, (self.errors, self.warnings))
+
 
 class StopRequested(Exception):
     """The user asked the run to stop (signal or the host's stop flag)."""

@@ -8,18 +8,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError, nodes
+from jinja2 import StrictUndefined, TemplateError, TemplateNotFound, TemplateSyntaxError, UndefinedError, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .chat import RowProblem
 from .errors import InvalidConfig, problem
 
 # No letters or spaces: filters such as `lower` or `trim` on the completion column leave it intact.
 _SENTINEL = "\ue000\ue001\ue000"
 
 
+def _blank_none(value: Any) -> Any:
+    # A null cell prints as nothing, never as the word "None" (`{% if input %}` already treats it as empty).
+    return "" if value is None else value
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
     # No loader: {% include %}/{% import %} cannot reach files. The sandbox blocks attribute escapes.
-    return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    return ImmutableSandboxedEnvironment(
+        undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False, finalize=_blank_none
+    )
+
+
+def syntax_problem(parameter: str, source: str) -> str | None:
+    """What is wrong with a template's Jinja syntax, or None (no rendering, no torch: fit for --check)."""
+    try:
+        _environment().parse(source)
+    except TemplateSyntaxError as exc:
+        return f"is not valid Jinja (line {exc.lineno}: {exc.message})"
+    return None
 
 
 def printed_columns(source: str) -> list[str]:
@@ -104,17 +122,26 @@ class RowTemplate:
         try:
             return self._template.render(**row)
         except UndefinedError as exc:
-            raise InvalidConfig(
-                [problem("formatting_template", f"failed on a row: {exc.message}", "Check the column names")]
+            raise RowProblem("formatting_template", "", f"failed: {exc.message}", "Check the names it uses") from None
+        except (SecurityError, TemplateNotFound) as exc:
+            # A blocked attribute escape, or {% include %} with no loader to read files.
+            raise RowProblem(
+                "formatting_template", "", f"is not allowed here ({exc})", "Use only the row's columns"
             ) from None
-        except (TemplateError, TypeError) as exc:
-            # SecurityError (a blocked attribute escape), or {% include %} with no loader to read files.
-            raise InvalidConfig(
-                [problem("formatting_template", f"is not allowed here ({exc})", "Use only the row's columns")]
-            ) from None
+        except (TemplateError, TypeError, ValueError, ArithmeticError) as exc:
+            # The template's own logic failing on this row's values (raise_exception, a filter on a number).
+            raise RowProblem("formatting_template", "", f"failed ({exc})", "Fix the row or the template") from None
 
     def split(self, row: dict[str, Any]) -> tuple[str, str]:
         """(prompt, completion) whose concatenation is exactly the rendered row."""
+        answer = row.get(self.completion_column)
+        if answer is None:
+            raise RowProblem(
+                "completion_column",
+                self.completion_column,
+                "is empty (null), so the row has no completion",
+                "Give every row its answer, or remove the row",
+            )
         full = self.render(row)
         marked = self.render({**row, self.completion_column: _SENTINEL})
         cut = marked.find(_SENTINEL)

@@ -240,7 +240,10 @@ def test_template_splits_at_explicit_completion_column(tmp_path, model_dir):
     )
     sample = data.prepare(p).samples[0]
     assert sample["prompt"] == "Q: 2+2?\nA: "
-    assert sample["trained_text"] == "4\nSource: math" + EOS
+    # The byte-level token " 4" straddles the split (its space is the prompt's): it holds an answer
+    # character, so it is trained whole; the prompt's other tokens are not.
+    assert sample["trained_tokens"][0] == "Ġ4"
+    assert sample["trained_text"] == " 4\nSource: math" + EOS
 
 
 @pytest.mark.parametrize(
@@ -345,7 +348,10 @@ def test_formatting_chat_template_override_trains_only_assistant_turns(tmp_path,
     assert prepared.samples[0]["text"].startswith("### SYSTEM:\nYou are a terse assistant.\n[END]\n")
     ids, labels = first_row(prepared)
     runs = [decode(tok, run) for run in trained_runs(ids, labels)]
-    assert runs == [m["content"] + "\n[END]\n" for m in CHAT if m["role"] == "assistant"]
+    # A plain-text end marker is trained with the turn; the newline after it is not the model's to write.
+    assert runs == [m["content"] + "\n[END]" for m in CHAT if m["role"] == "assistant"]
+    # No special token closes the turns: the model has no stop token to learn, and the statistics say so.
+    assert prepared.stats["open_turns"] == 1
 
 
 def test_chat_template_that_rewrites_earlier_turns_still_trains_each_assistant_turn(tmp_path, model_dir, tok):
@@ -584,7 +590,9 @@ def test_a_save_to_disk_folder_loads_with_its_validation_split(tmp_path, model_d
     datasets.DatasetDict(
         {"train": datasets.Dataset.from_list(_pc_rows(8)), "validation": datasets.Dataset.from_list(_pc_rows(2))}
     ).save_to_disk(str(folder))
-    prepared = data.prepare(make_params(model_dir, str(folder)))
+    unused = data.prepare(make_params(model_dir, str(folder)))
+    assert unused.stats["eval_rows"] == 0 and unused.stats["own_eval_split"] == "validation"
+    prepared = data.prepare(make_params(model_dir, str(folder), eval_split=0.1))
     assert prepared.stats["rows_used"] == 8 and prepared.stats["eval_rows"] == 2
 
 
@@ -605,11 +613,13 @@ def test_an_unknown_dataset_name_offline_is_an_error_naming_dataset_name(tmp_pat
         data.prepare(make_params(model_dir, "someone/some-data"))
 
 
-def test_format_detection_looks_past_the_first_row(tmp_path, model_dir):
-    # The first row alone looks like prompt/completion; a later row has no completion string.
-    rows = [{"prompt": "a", "completion": "b", "text": "a b"}, {"prompt": "c", "completion": None, "text": "c"}]
-    prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
-    assert prepared.stats["format"] == "text"
+def test_a_null_in_the_first_row_does_not_hide_the_format(tmp_path, model_dir):
+    rows = [{"prompt": None, "completion": "b"}, *_pc_rows(3)]
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert [e.line() for e in exc.value.errors] == [
+        "dataset_name: row 1, column 'prompt' is empty (null). Give every row a prompt, or remove the row."
+    ]
 
 
 def test_an_eval_split_that_leaves_no_training_rows_is_an_error(tmp_path, model_dir):
@@ -629,4 +639,4 @@ def test_a_validation_file_whose_rows_are_all_cut_away_is_an_error(tmp_path, mod
     write_jsonl(folder / "train.jsonl", _pc_rows(4))
     write_jsonl(folder / "validation.jsonl", [{"prompt": "word " * 400, "completion": " x"}])
     with pytest.raises(InvalidConfig, match="eval_split: the validation split has no row left"):
-        data.prepare(make_params(model_dir, str(folder), maximum_sequence_length=64))
+        data.prepare(make_params(model_dir, str(folder), maximum_sequence_length=64, eval_split=0.1))

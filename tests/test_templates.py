@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from plugin_utils.chat import RowProblem  # noqa: E402
 from plugin_utils.errors import InvalidConfig  # noqa: E402
 from plugin_utils.templates import RowTemplate, printed_columns  # noqa: E402
 
@@ -181,7 +182,7 @@ def _must_not_render(source: str, columns: list[str], row: dict, split: bool) ->
         template = RowTemplate(source, columns, split=split)
     except InvalidConfig:
         return
-    with pytest.raises((SecurityError, InvalidConfig)):
+    with pytest.raises((SecurityError, InvalidConfig, RowProblem), match=r"not allowed|unsafe"):
         template.split(row) if split else template.render(row)
 
 
@@ -197,8 +198,9 @@ def test_attribute_escapes_are_rejected_when_splitting(source):
 
 def test_templates_cannot_mutate_row_values():
     template = RowTemplate("{{ items.append(1) }}{{ items }}", ["items"], split=False)
-    with pytest.raises(InvalidConfig, match="formatting_template: is not allowed here"):
+    with pytest.raises(RowProblem, match="is not allowed here") as exc:
         template.render({"items": [0]})
+    assert exc.value.parameter == "formatting_template"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,370 @@
+"""Chat rows: conversations as people store them, rendered by the chat template, and the characters of
+every assistant turn located from the template's own structure, never by searching for the answer's text.
+
+Where an assistant turn is, in the rendering of the whole conversation:
+- its fields: the conversation is rendered again with that message's content (and reasoning, and tool-call
+  arguments) replaced by a marker that cannot occur in real text. The two renderings differ exactly where
+  the template printed those fields, however it rewrote them (trimmed, reasoning stripped, system folded in);
+- its start: where the generation prompt for that turn ends (render the turns before it with
+  add_generation_prompt). Text the template puts between the generation prompt and the content (a space,
+  an empty <think></think>) is the model's to produce, so it is trained;
+- its end: the text the template emits right after the message when the message is the last one, as far as
+  the whole conversation emits the same text, through its last special token (<|im_end|>, <|eot_id|>, </s>,
+  <|end|>). What belongs to the next turn (its role markers) is never part of it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = {"system", "developer", "user", "assistant", "tool", "ipython", "function"}
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
+# Characters of Unicode's private use area: no tokenizer's text contains them by accident.
+MARK = "\ue000\ue001mark\ue001\ue000"
+
+
+class RowProblem(ValueError):
+    """A row that cannot be used: the parameter to name, the data column at fault, what is wrong and the fix.
+    The caller adds the row number."""
+
+    def __init__(self, parameter: str, column: str, what: str, fix: str):
+        super().__init__(parameter, column, what, fix)
+        self.parameter, self.column, self.what, self.fix = parameter, column, what, fix
+
+    def __str__(self) -> str:
+        return f"column {self.column!r} {self.what}" if self.column else self.what
+
+
+CHAT = "chatml_formatted_column"
+
+
+def _text_of(content: Any, where: str, column: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        # OpenAI's list of parts; text parts joined by newlines, as vLLM's OpenAI server joins them.
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RowProblem(
+                    CHAT,
+                    column,
+                    f"{where} has a content part of type {kind!r}; only text parts can be trained here",
+                    "Keep only text parts in the content lists",
+                )
+        return "\n".join(texts)
+    raise RowProblem(
+        CHAT, column, f"{where} has content of type {type(content).__name__}, not text", "Make it a string"
+    )
+
+
+def normalize(value: Any, column: str) -> list[dict[str, Any]]:
+    """The messages of one row with every field kept, roles mapped, content made text.
+
+    Accepts role/content and ShareGPT from/value messages, a JSON string holding the list (CSV cells),
+    and OpenAI content lists of text parts. Fields that are null are left out: Arrow gives every message
+    every field any message has, and a template testing `'tool_calls' in message` must not see them.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RowProblem(
+                CHAT,
+                column,
+                "holds text that is not a JSON list of messages",
+                "Store a list of {role, content} objects",
+            ) from None
+    if value is None:
+        raise RowProblem(CHAT, column, "is empty (null)", "Give every row a list of messages, or remove the row")
+    if not isinstance(value, list):
+        raise RowProblem(
+            CHAT,
+            column,
+            f"holds a {type(value).__name__}, not a list of messages",
+            "Store a list of {role, content} objects",
+        )
+    messages = []
+    for number, raw in enumerate(value, 1):
+        where = f"message {number}"
+        if not isinstance(raw, dict):
+            raise RowProblem(CHAT, column, f"{where} is not an object", "Make every message a {role, content} object")
+        message = {k: v for k, v in raw.items() if v is not None and k not in ("from", "value")}
+        role = raw.get("role") if raw.get("role") is not None else raw.get("from")
+        if not isinstance(role, str) or not role:
+            raise RowProblem(CHAT, column, f"{where} has no role", "Give every message a role (or ShareGPT 'from')")
+        name = ROLE_ALIASES.get(role.strip().lower(), role.strip().lower())
+        if name not in ROLES:
+            raise RowProblem(
+                CHAT,
+                column,
+                f"{where} has the unknown role {role!r}",
+                "Use system, user, assistant or tool (human, gpt, model and bot are mapped)",
+            )
+        content = raw.get("content") if "content" in raw and raw.get("content") is not None else raw.get("value")
+        message["role"] = name
+        message["content"] = _text_of(content, where, column)
+        if not message.get("tool_calls"):
+            message.pop("tool_calls", None)
+        messages.append(message)
+    return messages
+
+
+def tools_of(value: Any, column: str) -> list | None:
+    """A row's tool definitions (TRL's `tools` column), given to the chat template as `tools`."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RowProblem(
+                CHAT, column, "holds text that is not JSON", "Store the tool definitions as a JSON list"
+            ) from None
+    if not isinstance(value, list):
+        raise RowProblem(CHAT, column, "is not a list of tool definitions", "Store the tool definitions as a list")
+    return value or None
+
+
+def _marked(message: dict[str, Any]) -> dict[str, Any]:
+    """The message with every field the model writes replaced by MARK."""
+    marked = {**message, "content": MARK}
+    if isinstance(message.get("reasoning_content"), str):
+        marked["reasoning_content"] = MARK
+    if message.get("tool_calls"):
+        calls = []
+        for call in message["tool_calls"]:
+            call = dict(call) if isinstance(call, dict) else call
+            if isinstance(call, dict):
+                holder = call
+                if isinstance(call.get("function"), dict):
+                    holder = call["function"] = dict(call["function"])
+                if "arguments" in holder:
+                    holder["arguments"] = {MARK: MARK} if isinstance(holder["arguments"], dict) else MARK
+            calls.append(call)
+        marked["tool_calls"] = calls
+    return marked
+
+
+def common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix (binary search over slices: C comparisons, not a Python loop)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def common_suffix(a: str, b: str, limit: int) -> int:
+    lo, hi = 0, min(len(a), len(b), limit)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid :] == b[len(b) - mid :]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def differing(text: str, other: str) -> tuple[int, int]:
+    """(start, end) of the part of `text` that differs from `other`: their common prefix and suffix removed."""
+    start = common_prefix(text, other)
+    return start, len(text) - common_suffix(text, other, min(len(text), len(other)) - start)
+
+
+@dataclass
+class Turn:
+    """One assistant turn located in the rendering: the trained characters and what was seen on the way."""
+
+    start: int
+    end: int
+    empty: bool = False
+    closed: bool = True  # ends with a special token the model can learn to stop on
+    reasoning_dropped: bool = False
+
+
+@dataclass
+class Rendered:
+    text: str
+    turns: list[Turn] = field(default_factory=list)
+
+
+class ChatRenderer:
+    """Renders conversations with the tokenizer's chat template (or an override), exactly as
+    `apply_chat_template` does at inference, and locates each assistant turn."""
+
+    def __init__(self, tokenizer, chat_template: str | None, column: str):
+        self.tok = tokenizer
+        self.template = chat_template
+        self.column = column
+        specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+        ordered = sorted((s for s in specials if s), key=len, reverse=True)
+        self._special = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
+
+    def render(self, messages: list[dict[str, Any]], tools: list | None = None, *, generation: bool = False) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(
+                messages,
+                tools=tools,
+                tokenize=False,
+                chat_template=self.template,
+                add_generation_prompt=generation,
+            )
+        except (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            # raise_exception(...) in a template raises TemplateError with the template's own words.
+            reason = str(exc).strip() or type(exc).__name__
+            raise RowProblem(
+                CHAT,
+                self.column,
+                f"the chat template refused this conversation ({reason})",
+                "Fix the conversation, or set formatting_chat_template to a template that accepts it",
+            ) from None
+
+    def _try(self, messages, tools, *, generation: bool = False) -> str | None:
+        try:
+            return self.render(messages, tools, generation=generation)
+        except RowProblem:
+            return None
+
+    def _pieces(self, text: str):
+        """The text as special tokens and the runs of text between them, in order."""
+        pos = 0
+        if self._special is not None:
+            for match in self._special.finditer(text):
+                if match.start() > pos:
+                    yield text[pos : match.start()]
+                yield match.group()
+                pos = match.end()
+        if pos < len(text):
+            yield text[pos:]
+
+    def closing(self, own_tail: str, after: str) -> tuple[int, bool]:
+        """How much of `after`, the text that follows an answer's fields in the whole rendering, closes that
+        answer; and whether it closes with a special token the model can learn to stop on.
+
+        `own_tail` is what the template emits after the fields when the message is the last one. The
+        closing text is the run of pieces of `after` that the template also emits there, in order (a
+        template may add something before them only when the message is last), through the last special
+        token; without one, the matched text up to trailing whitespace."""
+        own = list(self._pieces(own_tail))
+        at, matched, closed_at = 0, 0, None
+        for piece in self._pieces(after):
+            try:
+                at = own.index(piece, at) + 1
+            except ValueError:
+                # Plain text runs on into the next turn where no special token separates them.
+                if at < len(own) and piece.startswith(own[at]):
+                    matched += len(own[at])
+                break
+            matched += len(piece)
+            if self._special is not None and self._special.fullmatch(piece):
+                closed_at = matched
+        if closed_at is not None:
+            return closed_at, True
+        return len(after[:matched].rstrip()), False
+
+    def _lead(self, messages, i: int, gen: str | None, full: str, a: int, alone: _Alone) -> int:
+        """How many characters before the fields belong to the turn when its history was rewritten (so the
+        generation prompt is not a prefix of the whole rendering): what the template puts between its
+        generation prompt and the content when this message is the last one (a space, an empty
+        <think></think>), where the whole rendering has the same text."""
+        text, (a_alone, _) = alone.rendered(), alone.fields()
+        if gen is None:
+            return 0
+        if text.startswith(gen) and len(gen) <= a_alone:
+            allowance = a_alone - len(gen)
+        else:
+            # The history differs even there: find the generation prompt's own header before the fields.
+            before = self._try(messages[:i], alone.tools)
+            header = gen[len(before) :] if before is not None and gen.startswith(before) else ""
+            found = text.rfind(header, 0, a_alone) if header else -1
+            allowance = a_alone - (found + len(header)) if found >= 0 else 0
+        return common_suffix(full[:a], text[:a_alone], allowance)
+
+    def locate(self, messages: list[dict[str, Any]], tools: list | None = None, *, first: int = 0) -> Rendered:
+        """The rendering and the assistant turns from message `first` on (TRL's conversational
+        prompt/completion rows train only the completion's turns)."""
+        full = self.render(messages, tools)
+        rendered = Rendered(full)
+        done = 0
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant" or i < first:
+                continue
+            marked = _marked(message)
+            a, b = differing(full, self.render([*messages[:i], marked, *messages[i + 1 :]], tools))
+            alone = _Alone(self, messages[: i + 1], marked, tools)
+            if i == len(messages) - 1:
+                alone.text, alone.span = full, (a, b)
+
+            gen = self._try(messages[:i], tools, generation=True)
+            if gen is not None and len(gen) <= a and full.startswith(gen):
+                start = len(gen)
+            else:
+                start = a - self._lead(messages, i, gen, full, a, alone)
+
+            text = alone.rendered()
+            b_alone = b if text.startswith(full[:b]) else alone.fields()[1]
+            closing, closed = self.closing(text[b_alone:], full[b:])
+            end = b + closing
+
+            start = max(start, done)
+            if a < done or end < start:
+                raise RowProblem(
+                    CHAT,
+                    self.column,
+                    "the chat template renders the assistant turns out of order",
+                    "Use a chat template that renders messages in order",
+                )
+            # Empty: the template rendered nothing of the message's fields (an empty answer, or tool calls it ignores).
+            turn = Turn(start, end, empty=not full[a:b].strip())
+            turn.closed = closed
+            turn.reasoning_dropped = _reasoning_dropped(message, full[start:end])
+            rendered.turns.append(turn)
+            done = end
+        return rendered
+
+
+class _Alone:
+    """The conversation cut after one assistant message (that message last), rendered when needed, and
+    where that message's fields are in it."""
+
+    def __init__(self, renderer: ChatRenderer, messages, marked, tools):
+        self.renderer, self.messages, self.marked, self.tools = renderer, messages, marked, tools
+        self.text: str | None = None
+        self.span: tuple[int, int] | None = None
+
+    def rendered(self) -> str:
+        if self.text is None:
+            self.text = self.renderer.render(self.messages, self.tools)
+        return self.text
+
+    def fields(self) -> tuple[int, int]:
+        if self.span is None:
+            self.span = differing(self.rendered(), self.renderer.render([*self.messages[:-1], self.marked], self.tools))
+        return self.span
+
+
+def _reasoning_dropped(message: dict[str, Any], trained: str) -> bool:
+    """Whether the message carried reasoning that the template did not render into its turn."""
+    reasoning = message.get("reasoning_content")
+    if not isinstance(reasoning, str) or not reasoning.strip():
+        content = message["content"]
+        if "</think>" not in content:
+            return False
+        reasoning = content.split("</think>")[0].split("<think>")[-1]
+    return bool(reasoning.strip()) and reasoning.strip() not in trained
