@@ -41,6 +41,19 @@ class RowProblem(ValueError):
 CHAT = "chatml_formatted_column"
 
 
+def kind(value: Any) -> str:
+    """A value's type in a user's words."""
+    if isinstance(value, bool):
+        return "a true/false value"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
 def _text_of(content: Any, where: str, column: str) -> str:
     if content is None:
         return ""
@@ -55,17 +68,15 @@ def _text_of(content: Any, where: str, column: str) -> str:
             elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             else:
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                part_kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise RowProblem(
                     CHAT,
                     column,
-                    f"{where} has a content part of type {kind!r}; only text parts can be trained here",
+                    f"{where} has a content part of type {part_kind!r}; only text parts can be trained here",
                     "Keep only text parts in the content lists",
                 )
         return "\n".join(texts)
-    raise RowProblem(
-        CHAT, column, f"{where} has content of type {type(content).__name__}, not text", "Make it a string"
-    )
+    raise RowProblem(CHAT, column, f"{where} has {kind(content)} as content, not text", "Make it a string")
 
 
 def normalize(value: Any, column: str) -> list[dict[str, Any]]:
@@ -91,7 +102,7 @@ def normalize(value: Any, column: str) -> list[dict[str, Any]]:
         raise RowProblem(
             CHAT,
             column,
-            f"holds a {type(value).__name__}, not a list of messages",
+            f"holds {kind(value)}, not a list of messages",
             "Store a list of {role, content} objects",
         )
     messages = []
@@ -279,19 +290,24 @@ class ChatRenderer:
         return len(after[:matched].rstrip()), False
 
     def _lead(self, messages, i: int, gen: str | None, full: str, a: int, alone: _Alone) -> int:
-        """How many characters before the fields belong to the turn when its history was rewritten (so the
-        generation prompt is not a prefix of the whole rendering): what the template puts between its
-        generation prompt and the content when this message is the last one (a space, an empty
-        <think></think>), where the whole rendering has the same text."""
-        text, (a_alone, _) = alone.rendered(), alone.fields()
+        """How many characters before the fields belong to the turn when the generation prompt is not a
+        prefix of the whole rendering."""
         if gen is None:
             return 0
+        before = self._try(messages[:i], alone.tools)
+        header = gen[len(before) :] if before is not None and gen.startswith(before) else None
+        if header is not None and len(before) <= a and full.startswith(before):
+            # Same history, but the template writes the turn's header differently when the turn is there
+            # (DeepSeek-R1's generation prompt adds "<think>\n"): the header's text is not trained, what
+            # follows it up to the fields is.
+            return a - len(before) - common_prefix(header, full[len(before) : a])
+        # History rewritten before this turn (a system message folded into the last user turn): keep what
+        # the template puts between its generation prompt and the fields when this message is the last one
+        # (a space, an empty <think></think>), where the whole rendering has the same text.
+        text, (a_alone, _) = alone.rendered(), alone.fields()
         if text.startswith(gen) and len(gen) <= a_alone:
             allowance = a_alone - len(gen)
         else:
-            # The history differs even there: find the generation prompt's own header before the fields.
-            before = self._try(messages[:i], alone.tools)
-            header = gen[len(before) :] if before is not None and gen.startswith(before) else ""
             found = text.rfind(header, 0, a_alone) if header else -1
             allowance = a_alone - (found + len(header)) if found >= 0 else 0
         return common_suffix(full[:a], text[:a_alone], allowance)

@@ -95,7 +95,7 @@ def report_dataset(prepared) -> None:
 
 
 def dry_run_report(warnings: list[Problem], prepared) -> dict[str, Any]:
-    keys = ("format", "rows", "rows_used", "dropped", "truncated", "trainable_tokens", "total_tokens")
+    keys = ("format", "rows", "rows_used", "dropped", "truncated", "trainable_tokens", "total_tokens", "eval_rows")
     return {
         "ok": True,
         "errors": [],

@@ -294,9 +294,7 @@ def _text_value(row: dict[str, Any], column: str) -> str:
         return value
     if value is None:
         raise RowProblem("dataset_name", column, "is empty (null)", f"Give every row a {column}, or remove the row")
-    raise RowProblem(
-        "dataset_name", column, f"holds a {type(value).__name__} ({str(value)[:40]}), not text", "Make it a string"
-    )
+    raise RowProblem("dataset_name", column, f"holds {chat.kind(value)} ({str(value)[:40]}), not text", "Make it text")
 
 
 # --- encoding ------------------------------------------------------------------------------------

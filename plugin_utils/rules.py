@@ -20,6 +20,7 @@ from . import speed
 from .errors import InvalidConfig, Problem, problem
 from .machine import Machine, free_disk_gib, has_package
 from .speed import Speed
+from .templates import chat_syntax_problem, syntax_problem
 
 Finding = tuple[str, Problem]
 Rule = Callable[..., Iterator[Finding]]
@@ -199,6 +200,18 @@ def chat_template_wins_over_formatting_template(p):
 
 
 # --- distribution --------------------------------------------------------------------------------
+
+
+@config_rule
+def templates_are_valid_jinja(p):
+    """formatting_template and formatting_chat_template are valid Jinja (parsed, not rendered)."""
+    for parameter, check in (
+        ("formatting_template", syntax_problem),
+        ("formatting_chat_template", chat_syntax_problem),
+    ):
+        found = check(p[parameter]) if p[parameter].strip() else None
+        if found:
+            yield error(parameter, found, "Fix the template")
 
 
 @config_rule
@@ -502,6 +515,61 @@ def checkpoint_before_the_end(p, plan, stats):
             "save_steps",
             f"{p['save_steps']} is beyond the {steps} planned steps: a stopped run has no checkpoint to resume from",
             f"Use save_steps <= {steps}",
+        )
+
+
+@data_rule
+def evaluation_named(p, plan, stats):
+    """The dataset's own eval split replaces eval_split's fraction; at eval_split 0 it is unused (warnings)."""
+    own, rows = stats.get("own_eval_split"), stats.get("own_eval_rows", 0)
+    if own and p["eval_split"] > 0:
+        yield warning(
+            "eval_split",
+            f"{p['eval_split']:g} is not applied: the dataset's own {own!r} split ({rows} rows) is the evaluation set",
+            "Set eval_split to 0 to train without evaluation",
+        )
+    elif own:
+        yield warning(
+            "eval_split",
+            f"the dataset's {own!r} split ({rows} rows) is not used because eval_split is 0",
+            "Set eval_split above 0 to evaluate on it",
+        )
+
+
+@data_rule
+def rows_with_nothing_to_train(p, plan, stats):
+    """Rows without an assistant turn are left out, and rows whose answer is empty are counted (warnings)."""
+    if stats.get("no_answer"):
+        yield warning(
+            "dataset_name",
+            f"{stats['no_answer']} of {stats['rows']} rows have no assistant turn and are left out",
+            "Check their roles (assistant, or gpt/model/bot)",
+        )
+    if stats.get("empty_answers"):
+        yield warning(
+            "dataset_name",
+            f"{stats['empty_answers']} of {stats['rows']} rows have an empty answer (or tool calls the chat "
+            "template does not render): only the end of that turn is trained",
+            "Fill in or remove those rows",
+        )
+
+
+@data_rule
+def chat_template_keeps_answers(p, plan, stats):
+    """Reasoning a chat template leaves out, and turns it closes without a stop token, are counted (warnings)."""
+    if stats.get("reasoning_dropped"):
+        yield warning(
+            "formatting_chat_template",
+            f"the chat template leaves out the reasoning of assistant turns in {stats['reasoning_dropped']} of "
+            f"{stats['rows']} rows, so that reasoning is not trained (it is trained as the template renders it)",
+            "To train it, give a formatting_chat_template that keeps reasoning in every turn",
+        )
+    if stats.get("open_turns"):
+        yield warning(
+            "formatting_chat_template",
+            f"the chat template ends assistant turns without a special token in {stats['open_turns']} of "
+            f"{stats['rows']} rows, so the model never learns to stop",
+            "Give a formatting_chat_template that closes each assistant turn with {{ eos_token }}",
         )
 
 

@@ -6,10 +6,11 @@ prints last (`{{ column }}`). Everything the template renders from that field on
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from jinja2 import StrictUndefined, TemplateError, TemplateNotFound, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.exceptions import SecurityError
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .chat import RowProblem
@@ -31,7 +32,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
     )
 
 
-def syntax_problem(parameter: str, source: str) -> str | None:
+def syntax_problem(source: str) -> str | None:
     """What is wrong with a template's Jinja syntax, or None (no rendering, no torch: fit for --check)."""
     try:
         _environment().parse(source)
@@ -157,3 +158,29 @@ class RowTemplate:
                 ]
             )
         return prompt, full[len(prompt) :]
+
+
+class _GenerationTag(Extension):
+    """Lets `{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) parse; rendering
+    happens in transformers, which defines the tag itself."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def chat_syntax_problem(source: str) -> str | None:
+    """What is wrong with a chat template's Jinja syntax, or None; parsed the way transformers compiles
+    chat templates (loop controls, the generation tag), without importing it."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment as Sandbox
+
+    try:
+        Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, "jinja2.ext.loopcontrols"]).parse(
+            source
+        )
+    except TemplateSyntaxError as exc:
+        return f"is not valid Jinja (line {exc.lineno}: {exc.message})"
+    return None

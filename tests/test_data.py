@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 import datasets  # noqa: E402
 
 from demo import tiny_model  # noqa: E402
-from plugin_utils import data, params  # noqa: E402
+from plugin_utils import data, params, rules  # noqa: E402
 from plugin_utils.errors import InvalidConfig  # noqa: E402
 
 SAMPLE = ROOT / "demo" / "sample_data.jsonl"
@@ -640,3 +640,215 @@ def test_a_validation_file_whose_rows_are_all_cut_away_is_an_error(tmp_path, mod
     write_jsonl(folder / "validation.jsonl", [{"prompt": "word " * 400, "completion": " x"}])
     with pytest.raises(InvalidConfig, match="eval_split: the validation split has no row left"):
         data.prepare(make_params(model_dir, str(folder), maximum_sequence_length=64, eval_split=0.1))
+
+
+# --- messy real rows: every bad row named, wherever it is ---------------------------------------------
+
+
+def _write_csv(path: Path, rows: list[dict]) -> str:
+    import csv
+
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def _chat_rows(count: int) -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ({"text": 5}, "dataset_name: row 101, column 'text' holds a number (5), not text. Make it text."),
+        (
+            {"text": None},
+            "dataset_name: row 101, column 'text' is empty (null). Give every row a text, or remove the row.",
+        ),
+        ({"text": ["a"]}, "dataset_name: row 101, column 'text' holds a list (['a']), not text. Make it text."),
+    ],
+    ids=["number", "null", "list"],
+)
+def test_a_bad_text_value_far_past_the_first_rows_names_its_row(tmp_path, model_dir, bad, expected):
+    rows = [{"text": f"Row {i}."} for i in range(150)]
+    rows[100] = bad
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, str(path)))
+    assert [e.line() for e in exc.value.errors] == [expected]
+
+
+def test_a_null_completion_far_past_the_first_rows_names_its_row(tmp_path, model_dir):
+    rows = _pc_rows(150)
+    rows[120]["completion"] = None
+    with pytest.raises(InvalidConfig, match=r"dataset_name: row 121, column 'completion' is empty \(null\)"):
+        data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+
+
+def test_a_csv_messages_column_holding_json_text_is_parsed(tmp_path, model_dir, tok):
+    rows = [{"messages": json.dumps(r["messages"])} for r in _chat_rows(80)]
+    prepared = data.prepare(make_params(model_dir, _write_csv(tmp_path / "d.csv", rows)))
+    assert prepared.stats["format"] == "chat" and prepared.stats["rows_used"] == 80
+    assert prepared.samples[0]["trained_text"] == "Answer 0." + END
+
+
+def test_a_csv_messages_cell_that_is_not_json_names_its_row(tmp_path, model_dir):
+    rows = [{"messages": json.dumps(r["messages"])} for r in _chat_rows(80)]
+    rows[70]["messages"] = "[{'role': 'user'"
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, _write_csv(tmp_path / "d.csv", rows)))
+    assert [e.line() for e in exc.value.errors] == [
+        "chatml_formatted_column: row 71, column 'messages' holds text that is not a JSON list of messages. "
+        "Store a list of {role, content} objects."
+    ]
+
+
+def test_a_template_that_refuses_a_row_is_an_error_with_its_own_words(tmp_path, model_dir):
+    rows = _chat_rows(90)
+    rows[85]["messages"] = [{"role": "system", "content": "Be brief."}, *rows[85]["messages"]]
+    gemma2 = (ROOT / "tests" / "fixtures" / "chat_templates" / "gemma-2.jinja").read_text()
+    p = make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows), formatting_chat_template=gemma2)
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(p)
+    [line] = [e.line() for e in exc.value.errors]
+    assert line.startswith("chatml_formatted_column: row 86, column 'messages' the chat template refused this")
+    assert "System role not supported" in line
+
+
+def test_a_null_in_a_formatting_template_prints_nothing_never_none(tmp_path, model_dir):
+    rows = [
+        {"instruction": "Say hi.", "input": None, "output": "hi"},
+        {"instruction": "Add.", "input": "1+1", "output": "2"},
+    ]
+    template = "{{ instruction }}\n{% if input %}Input: {{ input }}\n{% endif %}Context: {{ input }}|\n{{ output }}"
+    prepared = data.prepare(
+        make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows), formatting_template=template)
+    )
+    assert prepared.samples[0]["text"] == "Say hi.\nContext: |\nhi"
+    assert "None" not in prepared.samples[0]["text"]
+
+
+def test_a_null_completion_field_of_a_template_names_its_row(tmp_path, model_dir):
+    rows = [{"q": f"q{i}", "a": f"a{i}"} for i in range(70)]
+    rows[66]["a"] = None
+    p = make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows), formatting_template="Q: {{ q }} A: {{ a }}")
+    with pytest.raises(InvalidConfig, match=r"completion_column: row 67, column 'a' is empty \(null\)"):
+        data.prepare(p)
+
+
+@pytest.mark.parametrize("role", ["model", "gpt", "bot", "GPT"])
+def test_assistant_role_aliases_inside_messages_are_trained(tmp_path, model_dir, tok, role):
+    rows = [{"messages": [{"role": "human", "content": "Hi?"}, {"role": role, "content": "Hello."}]}]
+    prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert prepared.samples[0]["trained_text"] == "Hello." + END
+    assert prepared.samples[0]["text"].startswith("<|im_start|>user\nHi?")
+
+
+def test_an_unknown_role_is_an_error_naming_it(tmp_path, model_dir):
+    rows = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "narrator", "content": "x"}]}]
+    with pytest.raises(InvalidConfig, match="message 2 has the unknown role 'narrator'"):
+        data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+
+
+def test_openai_content_parts_are_joined(tmp_path, model_dir):
+    content = [{"type": "text", "text": "First part."}, {"type": "text", "text": "Second part."}]
+    rows = [{"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "Ok."}]}]
+    prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert "First part.\nSecond part." in prepared.samples[0]["text"]
+
+
+def test_trl_conversational_prompt_completion_is_a_format(tmp_path, model_dir):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "Capital of Peru?"}],
+            "completion": [{"role": "assistant", "content": "Lima."}],
+        }
+    ]
+    prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert prepared.stats["format"] == "chat_prompt_completion"
+    assert prepared.samples[0]["trained_text"] == "Lima." + END
+
+
+def test_message_fields_reach_the_template(tmp_path, model_dir):
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}{% if m.name is defined %}({{ m.name }}){% endif %}\n"
+        "{% if m.tool_calls is defined %}{% for c in m.tool_calls %}CALL {{ c.function.name }} "
+        "{{ c.function.arguments | tojson }}{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"city": "Lima"}}}
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "lookup", "content": "sunny"},
+                {"role": "assistant", "content": "Sunny."},
+            ]
+        },
+        # Arrow gives this row's messages the fields of the row above, as nulls: they must not reach the template.
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+    ]
+    p = make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows), formatting_chat_template=template)
+    prepared = data.prepare(p, preview=2)
+    first, second = prepared.samples
+    assert first["trained_text"] == 'CALL lookup {"city": "Lima"}' + END + "Sunny." + END
+    assert "<|im_start|>tool(lookup)sunny" in first["text"]  # chat templates trim the newline after a tag
+    assert second["trained_text"] == "Hello." + END and "CALL" not in second["text"]
+
+
+def test_empty_answers_and_rows_without_answers_are_counted_and_warned(tmp_path, model_dir):
+    rows = [
+        *_chat_rows(3),
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": ""}]},
+        {"messages": [{"role": "user", "content": "Anyone?"}]},
+    ]
+    p = make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows))
+    prepared = data.prepare(p)
+    assert (prepared.stats["empty_answers"], prepared.stats["no_answer"], prepared.stats["rows_used"]) == (1, 1, 4)
+    warnings = [w.line() for _, w in rules.rows_with_nothing_to_train(p, None, prepared.stats)]
+    assert warnings == [
+        "dataset_name: 1 of 5 rows have no assistant turn and are left out. "
+        "Check their roles (assistant, or gpt/model/bot).",
+        "dataset_name: 1 of 5 rows have an empty answer (or tool calls the chat template does not render): "
+        "only the end of that turn is trained. Fill in or remove those rows.",
+    ]
+
+
+def test_a_named_chat_column_that_does_not_exist_is_an_error_listing_the_columns(tmp_path, model_dir):
+    dataset = write_jsonl(tmp_path / "d.jsonl", _chat_rows(2))
+    with pytest.raises(InvalidConfig) as exc:
+        data.prepare(make_params(model_dir, dataset, apply_chat_template=True, chatml_formatted_column="dialog"))
+    assert [e.line() for e in exc.value.errors] == [
+        "chatml_formatted_column: 'dialog' is not a column of the dataset (columns: messages). "
+        "Name the column that holds the conversations."
+    ]
+
+
+@pytest.mark.parametrize("eval_split", [0, 0.2])
+def test_a_dataset_split_and_eval_split_follow_the_written_rule(tmp_path, model_dir, eval_split):
+    folder = tmp_path / "saved"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(_pc_rows(10)), "test": datasets.Dataset.from_list(_pc_rows(3))}
+    ).save_to_disk(str(folder))
+    p = make_params(model_dir, str(folder), eval_split=eval_split)
+    prepared = data.prepare(p)
+    warnings = [w.line() for _, w in rules.evaluation_named(p, None, prepared.stats)]
+    if eval_split == 0:
+        assert prepared.stats["eval_rows"] == 0 and not prepared.has_eval
+        assert warnings == [
+            "eval_split: the dataset's 'test' split (3 rows) is not used because eval_split is 0. "
+            "Set eval_split above 0 to evaluate on it."
+        ]
+    else:
+        assert prepared.stats["eval_rows"] == 3 and prepared.stats["rows_used"] == 10
+        assert warnings == [
+            "eval_split: 0.2 is not applied: the dataset's own 'test' split (3 rows) is the evaluation set. "
+            "Set eval_split to 0 to train without evaluation."
+        ]

@@ -63,6 +63,22 @@ def messages(rule, p, machine=None) -> list[str]:
 # --- configuration rules, table-driven: (rule, overrides, expected findings) ----------------------------
 
 CONFIG_CASES = [
+    (rules.templates_are_valid_jinja, {"formatting_template": "Q: {{ q }} A: {{ a }}"}, set()),
+    (rules.templates_are_valid_jinja, {"formatting_template": "Q: {{ q } A"}, {("error", "formatting_template")}),
+    (
+        rules.templates_are_valid_jinja,
+        # transformers' own tags parse: loop controls and {% generation %}.
+        {
+            "formatting_chat_template": "{% for m in messages %}{% if m.x %}{% break %}{% endif %}"
+            "{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+        },
+        set(),
+    ),
+    (
+        rules.templates_are_valid_jinja,
+        {"formatting_chat_template": "{% for m in messages %}{{ m.content }}"},
+        {("error", "formatting_chat_template")},
+    ),
     (rules.model_and_dataset_given, {}, set()),
     (rules.model_and_dataset_given, {"model_name": ""}, {("error", "model_name")}),
     (rules.model_and_dataset_given, {"dataset_name": ""}, {("error", "dataset_name")}),
@@ -419,7 +435,25 @@ def test_every_rule_has_table_cases():
     covered |= {rules.strategy_needs_several_processes, rules.packing_without_flash_attention}
     covered |= {rules.finished_adapter_kept, rules.outputs_writable}
     covered |= {rules.effective_batch_fits_dataset, rules.checkpoint_before_the_end}
+    covered |= {rules.chat_template_keeps_answers}
+    # In test_data.py, on real prepared datasets:
+    covered |= {rules.evaluation_named, rules.rows_with_nothing_to_train}
     assert set(rules.all_rules()) <= covered
+
+
+@pytest.mark.parametrize(
+    ("stats", "expected"),
+    [
+        ({"rows": 10}, []),
+        ({"rows": 10, "reasoning_dropped": 4}, ["in 4 of 10 rows, so that reasoning is not trained"]),
+        ({"rows": 10, "open_turns": 10}, ["without a special token in 10 of 10 rows, so the model never learns"]),
+    ],
+)
+def test_chat_templates_that_drop_reasoning_or_never_stop_are_flagged(stats, expected):
+    found = [w.line() for _, w in rules.chat_template_keeps_answers(config(), None, stats)]
+    assert len(found) == len(expected)
+    for line, part in zip(found, expected, strict=True):
+        assert line.startswith("formatting_chat_template: the chat template") and part in line
 
 
 def test_fsdp_or_deepspeed_with_one_process_is_a_warning():

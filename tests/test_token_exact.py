@@ -1,0 +1,331 @@
+"""Token-exact training data, proven on real chat templates and real tokenizers (SPEC §4).
+
+The property test renders conversations of several shapes for every published chat template in
+fixtures/chat_templates × two real tokenizer kinds (byte-level BPE; Llama-2/Mistral SentencePiece with a
+dummy prefix and byte fallback), and checks at token level:
+- input_ids are exactly what `apply_chat_template(..., tokenize=True)` gives at inference;
+- labels are -100 or the token itself;
+- no token of a user, system or tool message, and no role marker, is ever trained;
+- every answer the template renders is trained, each turn closed by its end-of-turn token;
+- an answer whose words also fill the question trains exactly the same tokens.
+A conversation the template itself refuses is a RowProblem (exit 2 with the row), never a wrong row.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import real_tokenizers as rt  # noqa: E402
+
+from plugin_utils import chat, data, params  # noqa: E402
+from plugin_utils.chat import RowProblem  # noqa: E402
+
+# Words that appear only in user, system and tool messages: none of them may ever be trained.
+PROMPT_WORDS = ["Zebra", "Quartz", "Violin", "Walrus", "Maple", "Cobalt", "Falcon", "Nectar"]
+
+
+def _user(i: int, extra: str = "") -> dict:
+    return {"role": "user", "content": f"{PROMPT_WORDS[i % len(PROMPT_WORDS)]} question {i}?{extra}"}
+
+
+SHAPES: dict[str, list[dict]] = {
+    "single": [_user(0), {"role": "assistant", "content": "The answer is four."}],
+    "system": [
+        {"role": "system", "content": "Cobalt rules apply."},
+        _user(1),
+        {"role": "assistant", "content": "Sure, here it is."},
+    ],
+    "multi-turn": [
+        {"role": "system", "content": "Falcon mode."},
+        _user(2),
+        {"role": "assistant", "content": "First answer."},
+        _user(3),
+        {"role": "assistant", "content": "Second answer."},
+        _user(4),
+        {"role": "assistant", "content": "Third answer."},
+    ],
+    "assistant-first": [
+        {"role": "assistant", "content": "Hello, how can I help?"},
+        _user(5),
+        {"role": "assistant", "content": "Glad to help."},
+    ],
+    "repeated-answer": [
+        _user(6, " Answer yes or no: yes"),
+        {"role": "assistant", "content": "yes"},
+        _user(7, " yes yes yes"),
+        {"role": "assistant", "content": "yes"},
+    ],
+    "tool-calls": [
+        _user(0, " What is the weather in Paris?"),
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call00001",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "name": "get_weather", "tool_call_id": "call00001", "content": "Walrus 20 degrees"},
+        {"role": "assistant", "content": "It is 20 degrees."},
+    ],
+    "reasoning": [
+        _user(1),
+        {"role": "assistant", "content": "<think>\nearly thought\n</think>\n\nEarly answer."},
+        _user(2),
+        {"role": "assistant", "content": "<think>\nlate thought\n</think>\n\nLate answer."},
+    ],
+    "reasoning-field": [
+        _user(3),
+        {"role": "assistant", "content": "Early answer.", "reasoning_content": "early thought"},
+        _user(4),
+        {"role": "assistant", "content": "Late answer.", "reasoning_content": "late thought"},
+    ],
+    "trailing-newlines": [_user(5), {"role": "assistant", "content": "An answer.\n\n"}, _user(6)],
+    "unicode": [_user(7, " Grüße 😀"), {"role": "assistant", "content": "Grüße aus Köln 你好 😀 naïve."}],
+}
+
+# Tokens an assistant turn may contain: its end-of-turn markers and the family's added content tokens.
+CLOSERS = {
+    "llama-3.1": {"<|eot_id|>", "<|eom_id|>", "<|python_tag|>"},
+    "llama-3.2": {"<|eot_id|>", "<|eom_id|>", "<|python_tag|>"},
+    "gemma-2": {"<end_of_turn>"},
+    "gemma-3": {"<end_of_turn>"},
+    "mistral-v0.3": {"</s>", "[TOOL_CALLS]"},
+    "mistral-v0.1": {"</s>"},
+    "llama-2": {"</s>"},
+    "phi-3": {"<|end|>", "<|endoftext|>"},
+    "phi-3.5": {"<|end|>", "<|endoftext|>"},
+    "qwen2.5": {"<|im_end|>"},
+    "qwen3": {"<|im_end|>"},
+    "qwen3-original": {"<|im_end|>"},
+    "deepseek-r1-distill": {"<｜end▁of▁sentence｜>"},
+    "smollm3": {"<|im_end|>"},
+    "solar": set(),
+    "zephyr": {"</s>"},
+}
+CONTENT_TOKENS = {"<think>", "</think>", "<tool_call>", "</tool_call>"}
+TEMPLATES = sorted(path.stem for path in rt.FIXTURES.glob("*.jinja"))
+
+
+def test_every_fixture_template_has_a_family():
+    assert set(TEMPLATES) == set(rt.FAMILIES) == set(CLOSERS)
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {
+        "byte-bpe": rt.byte_bpe_dir(root / "bpe"),
+        "sentencepiece": rt.sentencepiece_dir(root / "spm", "tokenizer.model.v1"),
+    }
+
+
+@pytest.fixture(scope="session")
+def family_tokenizers(bases):
+    cache = {}
+
+    def get(base: str, family: str):
+        if (base, family) not in cache:
+            cache[base, family] = rt.for_family(bases[base], family)
+        return cache[base, family]
+
+    return get
+
+
+def _encoder(tok, columns=("messages",), **overrides):
+    p = {**params.defaults(), **overrides}
+    fmt = "chat_prompt_completion" if "prompt" in columns else "chat"
+    return data.Encoder(p, fmt, tok, list(columns), train_part_only=True)
+
+
+def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    runs, run = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != -100:
+            run.append(token)
+        elif run:
+            runs.append(run)
+            run = []
+    return [*runs, run] if run else runs
+
+
+def _answer(message: dict) -> str:
+    """The part of an answer every template renders: the final answer without reasoning, stripped."""
+    return message["content"].split("</think>")[-1].strip()
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("family", TEMPLATES)
+@pytest.mark.parametrize("base", ["byte-bpe", "sentencepiece"])
+def test_chat_rows_train_exactly_the_assistant_tokens(family_tokenizers, base, family, shape):
+    tok = family_tokenizers(base, family)
+    messages = chat.normalize(json.loads(json.dumps(SHAPES[shape])), "messages")
+    encoder = _encoder(tok)
+    try:
+        inference = tok.apply_chat_template(messages, tokenize=True)["input_ids"]
+    except Exception as exc:  # the template refuses this conversation: so must the plugin, in its words
+        with pytest.raises(RowProblem, match="the chat template refused this conversation") as refused:
+            encoder.encode({"messages": messages})
+        assert str(exc).strip() in str(refused.value)
+        return
+    encoded = encoder.encode({"messages": messages})
+    ids, labels = encoded["input_ids"], encoded["labels"]
+
+    assert ids == inference  # exactly the tokens of inference, one tokenization
+    assert all(label in (-100, token) for token, label in zip(ids, labels, strict=True))
+
+    specials = set(tok.all_special_tokens) | set(tok.get_added_vocab())
+    trained_pieces = [tok.convert_ids_to_tokens(run) for run in _runs(ids, labels)]
+    flat = [piece for run in trained_pieces for piece in run]
+    assert not [p for p in flat if p in specials and p not in CLOSERS[family] | CONTENT_TOKENS], trained_pieces
+
+    trained_text = "".join(tok.decode(run) for run in _runs(ids, labels))
+    for word in PROMPT_WORDS:
+        assert word not in trained_text, (word, trained_text)
+    full = encoded["text"]
+    for message in messages:
+        answer = _answer(message)
+        if message["role"] == "assistant" and answer and answer in full:
+            assert answer.replace(" ", "") in trained_text.replace(" ", ""), (answer, trained_text)
+
+    assistant_turns = sum(1 for m in messages if m["role"] == "assistant")
+    if rt.FAMILIES[family]["ends"]:
+        runs = _runs(ids, labels)
+        assert len(runs) == assistant_turns, trained_pieces
+        for run in trained_pieces:
+            assert run[-1] in CLOSERS[family], run  # each turn is closed by its end-of-turn token
+        assert not encoded["planned"].open_turn
+    else:
+        assert encoded["planned"].open_turn  # no stop token to learn: flagged for the warning
+
+
+@pytest.mark.parametrize("family", TEMPLATES)
+@pytest.mark.parametrize("base", ["byte-bpe", "sentencepiece"])
+def test_an_answer_repeated_in_the_question_trains_the_same_tokens(family_tokenizers, base, family):
+    tok = family_tokenizers(base, family)
+    plain = [_user(0), {"role": "assistant", "content": "yes"}, _user(1), {"role": "assistant", "content": "no"}]
+    echoed = [
+        _user(0, " yes or no? yes, yes."),
+        {"role": "assistant", "content": "yes"},
+        _user(1, " no no yes no"),
+        {"role": "assistant", "content": "no"},
+    ]
+    encoder = _encoder(tok)
+    try:
+        first, second = (encoder.encode({"messages": conversation}) for conversation in (plain, echoed))
+    except RowProblem:
+        pytest.skip(f"{family} refuses this conversation shape")
+    trained = [
+        [token for token, label in zip(e["input_ids"], e["labels"], strict=True) if label != -100]
+        for e in (first, second)
+    ]
+    assert trained[0] == trained[1]
+    assert trained[0]
+
+
+def test_trl_conversational_prompt_completion_trains_only_the_completion(family_tokenizers):
+    tok = family_tokenizers("byte-bpe", "qwen2.5")
+    prompt = [_user(0), {"role": "assistant", "content": "Earlier answer."}, _user(1)]
+    completion = [{"role": "assistant", "content": "The real answer."}]
+    encoded = _encoder(tok, columns=("prompt", "completion")).encode({"prompt": prompt, "completion": completion})
+    assert encoded["input_ids"] == tok.apply_chat_template(prompt + completion, tokenize=True)["input_ids"]
+    runs = [tok.decode(run) for run in _runs(encoded["input_ids"], encoded["labels"])]
+    assert runs == ["The real answer.<|im_end|>"]
+
+
+# --- prompt/completion, template and text rows on a SentencePiece tokenizer ---------------------------
+
+
+@pytest.fixture(scope="session")
+def spm_appending_eos(tmp_path_factory) -> Path:
+    """Mistral-7B v0.1's Llama-2-style tokenizer, set to append EOS itself (add_eos_token)."""
+    return rt.sentencepiece_dir(tmp_path_factory.mktemp("spm-eos"), "tokenizer.model.v1", add_eos_token=True)
+
+
+def _text_encoder(tok, fmt: str, columns: list[str], **overrides):
+    p = {**params.defaults(), **overrides}
+    train_part_only, _, _ = data.resolve_loss_mode(p, fmt)
+    return data.Encoder(p, fmt, tok, columns, train_part_only)
+
+
+def test_a_completion_is_tokenized_with_its_prompt_not_on_its_own(bases):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(bases["sentencepiece"]))
+    prompt, completion = "### Response:\n", "hi there"
+    # The bug this replaces: tokenized apart, the completion gets a dummy-prefix "▁hi" never seen at inference.
+    assert tok.convert_ids_to_tokens(tok(completion, add_special_tokens=False)["input_ids"])[0] == "▁hi"
+    encoded = _text_encoder(tok, "prompt_completion", ["prompt", "completion"]).encode(
+        {"prompt": prompt, "completion": completion}
+    )
+    assert encoded["input_ids"] == tok(prompt + completion)["input_ids"] + [tok.eos_token_id]
+    trained = [t for t, lab in zip(encoded["input_ids"], encoded["labels"], strict=True) if lab != -100]
+    assert tok.convert_ids_to_tokens(trained) == ["hi", "▁there", "</s>"]
+    assert encoded["labels"][0] == -100 and encoded["input_ids"][0] == tok.bos_token_id  # BOS once, not trained
+
+
+@pytest.mark.parametrize(
+    ("fmt", "row", "overrides"),
+    [
+        ("prompt_completion", {"prompt": "Question: 2+2?\nAnswer:", "completion": " 4"}, {}),
+        ("prompt_completion", {"prompt": "Question: 2+2?\nAnswer:", "completion": " 4</s>"}, {}),
+        ("text", {"text": "Just some text."}, {}),
+        ("template", {"q": "2+2?", "a": "4"}, {"formatting_template": "Q: {{ q }}\nA: {{ a }}"}),
+    ],
+    ids=["pair", "pair-typed-eos", "text", "template"],
+)
+def test_a_tokenizer_that_appends_eos_gets_exactly_one(spm_appending_eos, fmt, row, overrides):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(spm_appending_eos))
+    assert tok("x")["input_ids"][-1] == tok.eos_token_id  # the tokenizer really appends EOS
+    encoded = _text_encoder(tok, fmt, list(row), **overrides).encode(row)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id
+    assert ids.count(tok.bos_token_id) == 1 and labels[0] == -100
+    assert ids == tok(encoded["text"])["input_ids"]  # one call, the tokenizer's own BOS and EOS
+    pieces = tok.convert_ids_to_tokens([t for t, lab in zip(ids, labels, strict=True) if lab != -100])
+    assert "<s>" not in pieces
+
+
+def test_the_boundary_rule_trains_a_token_that_straddles_the_answer_start(bases):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(bases["byte-bpe"]))
+    # The answer starts inside the token " yes" (its space belongs to the prompt).
+    encoded = _text_encoder(tok, "prompt_completion", ["prompt", "completion"]).encode(
+        {"prompt": "Answer: ", "completion": "yes"}
+    )
+    pieces = tok.convert_ids_to_tokens(encoded["input_ids"])
+    trained = [p for p, lab in zip(pieces, encoded["labels"], strict=True) if lab != -100]
+    assert trained == ["Ġyes", "<|endoftext|>"]
+    # A token wholly inside the prompt, even right before the answer, is not trained.
+    encoded = _text_encoder(tok, "prompt_completion", ["prompt", "completion"]).encode(
+        {"prompt": "Answer:", "completion": " yes"}
+    )
+    pieces = tok.convert_ids_to_tokens(encoded["input_ids"])
+    assert [p for p, lab in zip(pieces, encoded["labels"], strict=True) if lab != -100] == ["Ġyes", "<|endoftext|>"]
+    assert pieces[-3] == ":"
+
+
+def test_whitespace_tokens_inside_an_answer_are_trained_despite_trimmed_offsets(bases):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(bases["byte-bpe"]))  # GPT-2's post-processor trims offsets
+    completion = " a\n\n\n  b   "
+    encoded = _text_encoder(tok, "prompt_completion", ["prompt", "completion"]).encode(
+        {"prompt": "Q:", "completion": completion}
+    )
+    trained = [t for t, lab in zip(encoded["input_ids"], encoded["labels"], strict=True) if lab != -100]
+    assert tok.decode(trained) == completion + tok.eos_token
