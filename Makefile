@@ -14,6 +14,9 @@ $(STAMP): setup.sh requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	. $(VENV)/bin/activate && bash setup.sh
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	@# Real SentencePiece tokenizer models for the data tests; only its data files are read, so none of its
+	@# runtime dependencies are needed.
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps mistral-common==1.13.1
 	@# The lab SDKs of TransformerLab 0.31 and 0.32 (legacy job store), kept apart for the legacy-host tests.
 	rm -rf $(LEGACY_LAB) $(LEGACY_LAB_032)
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --target $(LEGACY_LAB) transformerlab==0.0.98

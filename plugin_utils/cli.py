@@ -82,6 +82,11 @@ def dataset_text(prepared) -> str:
         lines.append("preview (the loss is taken on the parts between ⟦ and ⟧):")
     for i, text in enumerate(prepared.marked):
         lines.append(f"--- row {i} ---\n{text}")
+        pieces = prepared.samples[i]["trained_tokens"] if i < len(prepared.samples) else []
+        if pieces:
+            # The tokenizer's own pieces: a stray leading space or a role marker cannot hide here.
+            shown = " ".join(repr(piece) for piece in pieces[:32]) + (" ..." if len(pieces) > 32 else "")
+            lines.append(f"trained tokens ({len(pieces)}): {shown}")
     return "\n".join(lines)
 
 

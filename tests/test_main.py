@@ -56,7 +56,52 @@ def test_dry_run_previews_the_trained_text(tiny_model, tmp_path):
     first_row = json.loads((ROOT / "demo" / "sample_data.jsonl").read_text().splitlines()[0])
     assert first["text"] == f"Question: {first_row['prompt']}\nAnswer:{first_row['completion']}"
     assert first["trained_text"] == first_row["completion"] + "<|endoftext|>"
+    assert "".join(first["trained_tokens"]).replace("Ġ", " ") == first_row["completion"] + "<|endoftext|>"
+    assert report["dataset"]["eval_rows"] == 0
     assert not (tmp_path / "tflhome" / "workspace").exists()
+
+
+def test_a_bad_row_deep_in_the_data_is_exit_2_naming_it(tiny_model, tmp_path):
+    rows = [json.loads(line) for line in (ROOT / "demo" / "sample_data.jsonl").read_text().splitlines()]
+    rows[150]["completion"] = 42
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text("\n".join(json.dumps({**r, "completion": str(r["completion"])}) for r in rows[:150]))
+    with data_file.open("a") as handle:
+        handle.write("\n" + json.dumps({"prompt": "p", "completion": None}))
+    config = base_config(tiny_model, tmp_path, dataset_name=str(data_file), formatting_template="")
+    proc = run_main(["--config", write_config(tmp_path, config), "--dry-run", "--json"])
+    assert proc.returncode == 2, proc.stderr
+    assert last_json(proc.stdout)["errors"] == [
+        {
+            "parameter": "dataset_name",
+            "message": "row 151, column 'completion' is empty (null). Give every row a completion, or remove the row.",
+        }
+    ]
+    assert "Traceback" not in proc.stderr and "training failed" not in proc.stderr
+
+
+def test_check_refuses_a_chat_template_that_is_not_jinja(tiny_model, tmp_path):
+    config = base_config(tiny_model, tmp_path, formatting_chat_template="{% for m in messages %}{{ m.content }")
+    proc = run_main(["--config", write_config(tmp_path, config), "--check", "--json"])
+    assert proc.returncode == 2
+    [error] = last_json(proc.stdout)["errors"]
+    assert error["parameter"] == "formatting_chat_template" and error["message"].startswith("is not valid Jinja")
+
+
+def test_an_unexpected_failure_logs_its_real_traceback(caplog):
+    import argparse
+
+    from plugin_utils import cli
+
+    try:
+        {}["missing"]
+    except KeyError as exc:
+        caught = exc
+    outcome = cli.Outcome(argparse.Namespace(json=False, check=False, dry_run=False))
+    assert outcome.finish(caught) == 1  # reported after the except block ended, as main() does
+    err = caplog.text
+    assert "Traceback (most recent call last)" in err and "KeyError: 'missing'" in err
+    assert "NoneType: None" not in err
 
 
 def test_a_bad_adaptor_name_is_reported_with_the_other_problems(tiny_model, tmp_path):
