@@ -1,5 +1,6 @@
 """Benchmark (run by hand): preparing alpaca-style rows with a formatting template — the plugin's
-parent-side preparation next to TRL's own formatting_func path on the same rows and tokenizer.
+parent-side preparation next to TRL's own formatting_func path on the same rows and tokenizer, and next to
+the bare fast tokenizer on the same rendered texts (the limit: tokenization alone).
 
     .venv/bin/python bench/data_prep.py [--rows 100000] [--scaling 25000,50000,100000]
 
@@ -77,6 +78,22 @@ started = time.perf_counter()
 trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
                      formatting_func=lambda row: template.render(**row))
 print(json.dumps({"seconds": time.perf_counter() - started, "rows": len(trainer.train_dataset)}))
+"""
+
+# The physical limit: the tokenizer alone on the same rendered texts (rendered before the clock starts),
+# in the Rust batch call without offsets; and the same call with offsets, which token-exact labels need.
+BARE_ARM = """
+import json, sys, time
+from jinja2 import Template
+from transformers import PreTrainedTokenizerFast
+template = Template(json.loads(sys.argv[4]))
+rows = [json.loads(line) for line in open(sys.argv[3])]
+texts = [template.render(**row) for row in rows]
+backend = PreTrainedTokenizerFast.from_pretrained(sys.argv[2])._tokenizer
+started = time.perf_counter()
+encoded = backend.encode_batch(texts, add_special_tokens=True) if sys.argv[5] == "offsets" else (
+    backend.encode_batch_fast(texts, add_special_tokens=True))
+print(json.dumps({"seconds": time.perf_counter() - started, "rows": len(encoded)}))
 """
 
 
@@ -159,6 +176,12 @@ def main() -> None:
             f"plugin prepare()          {plugin['rows_per_s']:9.0f} rows/s  {plugin['seconds']:7.1f} s  "
             f"peak {plugin['peak_mib']:6.0f} MiB"
         )
+        for variant in ("fast", "offsets"):
+            bare = run_arm([sys.executable, "-c", BARE_ARM, str(ROOT), model, str(data), template, variant], env)
+            print(
+                f"bare tokenizer ({variant:7s})  {bare['rows_per_s']:9.0f} rows/s  {bare['seconds']:7.1f} s  "
+                f"(plugin / bare: {plugin['seconds'] / bare['seconds']:.2f}x)"
+            )
         for procs in (0, 2):
             trl = run_arm(
                 [

@@ -472,32 +472,40 @@ class Encoder:
         return out
 
     def _labels(self, item: Planned, encoding) -> tuple[list[int], list[int]]:
-        import numpy as np
-
         ids = list(encoding.ids)
-        n = len(ids)
-        trained = np.zeros(n, dtype=bool)
-        if n:
-            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(n, 2)
-            starts = offsets[:, 0]
-            ends = np.maximum(offsets[:, 1], starts + 1)  # a token covering no character sits at its start
-            for start, end in item.spans:
-                if end > start:
-                    trained |= (starts < end) & (ends > start)
-            added = np.asarray(encoding.special_tokens_mask, dtype=bool)
-            trained &= ~added
-            if not item.chat:
-                # Tokens the tokenizer appended after the text (an EOS) close the row.
-                tail = n
-                while tail > 0 and added[tail - 1]:
-                    tail -= 1
-                if tail > 0 or not added.all():
-                    trained[tail:] = True
-        labels = np.where(trained, np.asarray(ids, dtype=np.int64), -100).tolist()
-        if not item.chat and (not ids or ids[-1] != self.eos_id):
-            ids.append(self.eos_id)
-            labels.append(self.eos_id)
+        added = encoding.special_tokens_mask
+        labels = [-100] * len(ids)
+        for start, end in item.spans:
+            tokens = _tokens_of(encoding, added, start, end)
+            if tokens:
+                labels[tokens[0] : tokens[1]] = ids[tokens[0] : tokens[1]]
+        if not item.chat:
+            # Tokens the tokenizer appended after the text (an EOS) close the row.
+            k = len(ids)
+            while k > 0 and added[k - 1]:
+                k -= 1
+            if 0 < k < len(ids):
+                labels[k:] = ids[k:]
+            if not ids or ids[-1] != self.eos_id:
+                ids.append(self.eos_id)
+                labels.append(self.eos_id)
         return ids, labels
+
+
+def _tokens_of(encoding, added: list[int], start: int, end: int) -> tuple[int, int] | None:
+    """[first, last + 1) of the tokens covering at least one character of text[start:end], the tokenizer's
+    own added tokens excepted; None when no token covers any. Rust look-ups at the span's edges, no loop
+    over the row's tokens."""
+    first = next((t for c in range(start, end) if (t := encoding.char_to_token(c)) is not None), None)
+    if first is None:
+        return None
+    last = next(t for c in range(end - 1, start - 1, -1) if (t := encoding.char_to_token(c)) is not None)
+    # Several tokens can cover one character (a character split into bytes): take all of them.
+    while first > 0 and not added[first - 1] and (encoding.token_to_chars(first - 1) or (0, 0))[1] > start:
+        first -= 1
+    while last + 1 < len(added) and not added[last + 1] and (encoding.token_to_chars(last + 1) or (end, end))[0] < end:
+        last += 1
+    return first, last + 1
 
 
 # --- preparation ---------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The property test renders conversations of several shapes for every published chat template in
 fixtures/chat_templates × two real tokenizer kinds (byte-level BPE; Llama-2/Mistral SentencePiece with a
-dummy prefix and byte fallback), and checks at token level:
+dummy prefix and byte fallback; plus Mistral's instruct tokenizer with control tokens for the [INST]
+templates), and checks at token level:
 - input_ids are exactly what `apply_chat_template(..., tokenize=True)` gives at inference;
 - labels are -100 or the token itself;
 - no token of a user, system or tool message, and no role marker, is ever trained;
@@ -128,6 +129,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     return {
         "byte-bpe": rt.byte_bpe_dir(root / "bpe"),
         "sentencepiece": rt.sentencepiece_dir(root / "spm", "tokenizer.model.v1"),
+        "mistral-instruct-v3": rt.sentencepiece_dir(root / "v3", "mistral_instruct_tokenizer_240323.model.v3"),
     }
 
 
@@ -169,7 +171,19 @@ def _answer(message: dict) -> str:
 @pytest.mark.parametrize("family", TEMPLATES)
 @pytest.mark.parametrize("base", ["byte-bpe", "sentencepiece"])
 def test_chat_rows_train_exactly_the_assistant_tokens(family_tokenizers, base, family, shape):
-    tok = family_tokenizers(base, family)
+    _check_chat_row(family_tokenizers(base, family), family, shape)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("family", ["mistral-v0.1", "mistral-v0.3", "llama-2"])
+def test_mistral_templates_on_the_instruct_tokenizer_with_control_tokens(bases, family, shape):
+    """Mistral's instruct tokenizer v3, whose [INST], [/INST] and tool tokens are real control tokens."""
+    tok = rt.for_family(bases["mistral-instruct-v3"], family)
+    assert tok.convert_ids_to_tokens(tok("[INST]", add_special_tokens=False)["input_ids"]) == ["[INST]"]
+    _check_chat_row(tok, family, shape)
+
+
+def _check_chat_row(tok, family: str, shape: str) -> None:
     messages = chat.normalize(json.loads(json.dumps(SHAPES[shape])), "messages")
     encoder = _encoder(tok)
     try:
@@ -329,3 +343,29 @@ def test_whitespace_tokens_inside_an_answer_are_trained_despite_trimmed_offsets(
     )
     trained = [t for t, lab in zip(encoded["input_ids"], encoded["labels"], strict=True) if lab != -100]
     assert tok.decode(trained) == completion + tok.eos_token
+
+
+def test_a_model_folder_with_only_a_sentencepiece_model_prepares_token_exact(tmp_path):
+    """A Llama-2/Mistral-style folder (tokenizer.model + tokenizer_config.json naming LlamaTokenizer, no
+    tokenizer.json) through the whole preparation: loaded with AutoTokenizer, one tokenization per row."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(rt.mistral_common_file("tokenizer.model.v1").read_bytes())
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
+    rows = [{"prompt": "### Response:\n", "completion": "hi there"}, {"prompt": "Q: yes?\nA:", "completion": " yes"}]
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text("\n".join(json.dumps(r) for r in rows))
+    p = {**params.defaults(), "model_name": str(folder), "dataset_name": str(dataset), "adaptor_name": "a"}
+    prepared = data.prepare(p)
+    first, second = prepared.samples
+    assert first["trained_tokens"] == ["hi", "▁there", "</s>"]
+    assert second["trained_tokens"] == ["▁yes", "</s>"]
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    import datasets
+
+    saved = datasets.load_from_disk(prepared.path)["train"]
+    assert saved[0]["input_ids"] == tok(rows[0]["prompt"] + rows[0]["completion"])["input_ids"] + [tok.eos_token_id]
