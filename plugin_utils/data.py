@@ -707,8 +707,8 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
 
     def encoder_for(split: str):
         def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-            names = list(batch)
-            rows = [{n: batch[n][i] for n in names} for i in range(len(indices))]
+            columns = {name: batch[name] for name in batch}
+            rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
             out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "trained": []}
             out.update({flag: [] for flag in flags})
             for encoded in _encode_checked(encoder, rows, indices[0] if indices else 0, split):
@@ -716,7 +716,8 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
                 out["length"].append(len(ids))
                 out["input_ids"].append(ids[:max_len])
                 out["labels"].append(labels[:max_len])
-                out["trained"].append(sum(1 for lab in labels[:max_len] if lab != -100))
+                kept = labels[:max_len]
+                out["trained"].append(len(kept) - kept.count(-100))
                 for flag in flags:
                     out[flag].append(int(getattr(encoded["planned"], flag)))
             return out

@@ -54,6 +54,13 @@ def printed_columns(source: str) -> list[str]:
     return names
 
 
+def _printed_once_plainly(source: str, column: str) -> bool:
+    """Whether the column's only appearance in the template is one bare `{{ column }}` output."""
+    tree = _environment().parse(source)
+    uses = [n for n in tree.find_all(nodes.Name) if n.name == column]
+    return len(uses) == 1 and any(c is uses[0] for out in tree.find_all(nodes.Output) for c in out.nodes)
+
+
 def referenced_columns(source: str) -> set[str]:
     from jinja2 import meta
 
@@ -84,6 +91,7 @@ class RowTemplate:
                 ]
             )
         self.completion_column = ""
+        self.printed_plainly = False
         if split:
             if completion_column:
                 if completion_column not in columns:
@@ -110,6 +118,7 @@ class RowTemplate:
                         ]
                     )
                 self.completion_column = printed[-1]
+            self.printed_plainly = _printed_once_plainly(source, self.completion_column)
 
     # Compiled templates do not pickle; worker processes of a parallel map recompile from the source.
     def __getstate__(self):
@@ -143,19 +152,20 @@ class RowTemplate:
                 "is empty (null), so the row has no completion",
                 "Give every row its answer, or remove the row",
             )
-        full = self.render(row)
         marked = self.render({**row, self.completion_column: _SENTINEL})
         cut = marked.find(_SENTINEL)
+        if self.printed_plainly:
+            # The column's one use is a bare {{ column }}: the row's text is the marked text with the value in
+            # place of the marker (what Jinja prints for it), so one rendering is enough.
+            return marked[:cut], str(answer) + marked[cut + len(_SENTINEL) :]
+        full = self.render(row)
         prompt = marked[:cut] if cut >= 0 else None
         if prompt is None or not full.startswith(prompt):
-            raise InvalidConfig(
-                [
-                    problem(
-                        "completion_column",
-                        f"the template's output before {self.completion_column!r} depends on that column itself",
-                        "Print the completion column after everything that belongs to the prompt",
-                    )
-                ]
+            raise RowProblem(
+                "completion_column",
+                "",
+                f"the template's output before {self.completion_column!r} depends on that column itself",
+                "Print the completion column after everything that belongs to the prompt",
             )
         return prompt, full[len(prompt) :]
 

@@ -222,3 +222,31 @@ def test_templates_cannot_read_files(source):
     with pytest.raises(Exception):  # noqa: B017 - any failure is fine; rendering the file is not
         rendered = template.render({"prompt": "x"})
     assert rendered is None or secret not in rendered
+
+
+@pytest.mark.parametrize(
+    ("source", "plain"),
+    [
+        ("Q: {{ q }}\nA: {{ a }}", True),
+        ("Q: {{ q }}\nA: {{ a }} (end)", True),
+        ("Q: {{ q }}\nA: {{ a | trim }}", False),
+        ("Q: {{ q }}{% if a %}\nA: {{ a }}{% endif %}", False),
+        ("Q: {{ q }}\nA: {{ a }} / {{ a }}", False),
+    ],
+)
+def test_one_rendering_splits_exactly_like_two(source, plain):
+    rows = [{"q": "2+2?", "a": " 4 "}, {"q": "x", "a": ""}, {"q": "y", "a": 7}, {"q": "z", "a": "line\nline"}]
+    fast = RowTemplate(source, ["q", "a"], "a", split=True)
+    assert fast.printed_plainly is plain
+    slow = RowTemplate(source, ["q", "a"], "a", split=True)
+    slow.printed_plainly = False
+    for row in rows:
+        outcomes = []
+        for template in (fast, slow):
+            try:
+                outcomes.append(template.split(row))
+            except RowProblem as exc:  # `{% if a %}` with an empty answer: the prompt depends on it
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1]
+        if isinstance(outcomes[0], tuple):
+            assert "".join(outcomes[0]) == fast.render(row)
