@@ -150,8 +150,9 @@ def tools_of(value: Any, column: str) -> list | None:
 def _marked(message: dict[str, Any]) -> dict[str, Any]:
     """The message with every field the model writes replaced by MARK."""
     marked = {**message, "content": MARK}
-    if isinstance(message.get("reasoning_content"), str):
-        marked["reasoning_content"] = MARK
+    for reasoning in ("reasoning_content", "thinking"):  # Qwen3/DeepSeek's field, gpt-oss's field
+        if isinstance(message.get(reasoning), str) and message[reasoning]:
+            marked[reasoning] = MARK
     if message.get("tool_calls"):
         calls = []
         for call in message["tool_calls"]:
@@ -377,7 +378,7 @@ class _Alone:
 
 def _reasoning_dropped(message: dict[str, Any], trained: str) -> bool:
     """Whether the message carried reasoning that the template did not render into its turn."""
-    reasoning = message.get("reasoning_content")
+    reasoning = message.get("reasoning_content") or message.get("thinking")
     if not isinstance(reasoning, str) or not reasoning.strip():
         content = message["content"]
         if "</think>" not in content:
