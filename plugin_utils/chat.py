@@ -22,6 +22,10 @@ from typing import Any
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "ipython", "function"}
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
+# Special tokens that open a turn rather than close one: a header, a start or beginning marker, a role.
+_OPENER = re.compile(
+    r"(?i)start|begin|header|\[INST\]|user|system|assistant|human|chatbot|^<[|｜]?(model|bot|tool)[|｜]?>$"
+)
 # Characters of Unicode's private use area: no tokenizer's text contains them by accident.
 MARK = "\ue000\ue001mark\ue001\ue000"
 
@@ -265,30 +269,56 @@ class ChatRenderer:
         if pos < len(text):
             yield text[pos:]
 
-    def closing(self, own_tail: str, after: str) -> tuple[int, bool]:
+    def closing(self, own_tail: str, after: str, previous_closer: str | None = None) -> tuple[int, bool]:
         """How much of `after`, the text that follows an answer's fields in the whole rendering, closes that
         answer; and whether it closes with a special token the model can learn to stop on.
 
         `own_tail` is what the template emits after the fields when the message is the last one. The
         closing text is the run of pieces of `after` that the template also emits there, in order (a
         template may add something before them only when the message is last), through the last special
-        token; without one, the matched text up to trailing whitespace."""
+        token; without one, the matched text up to trailing whitespace. It never reaches a token that
+        opens a turn (a template that always ends with the assistant's header emits one there too).
+        `previous_closer` is the special token that closed the message before this turn: a template that
+        closes a final answer differently (gpt-oss: <|return|>, else <|end|>) closes this one with it."""
         own = list(self._pieces(own_tail))
         at, matched, closed_at = 0, 0, None
         for piece in self._pieces(after):
+            special = self._is_special(piece)
+            if special and self._opens_turn(piece):
+                break
             try:
                 at = own.index(piece, at) + 1
             except ValueError:
+                if matched == 0 and special and piece == previous_closer:
+                    matched = closed_at = len(piece)
+                    continue
                 # Plain text runs on into the next turn where no special token separates them.
                 if at < len(own) and piece.startswith(own[at]):
                     matched += len(own[at])
                 break
             matched += len(piece)
-            if self._special is not None and self._special.fullmatch(piece):
+            if special:
                 closed_at = matched
         if closed_at is not None:
             return closed_at, True
         return len(after[:matched].rstrip()), False
+
+    def _opens_turn(self, token: str) -> bool:
+        return token == self.tok.bos_token or bool(_OPENER.search(token))
+
+    def closer_before(self, text: str) -> str | None:
+        """The special token that closed an earlier message: the last one followed (whitespace aside) by a
+        special token that opens a turn."""
+        pieces = [p for p in self._pieces(text) if p.strip()]
+        for k in range(len(pieces) - 2, -1, -1):
+            current, following = pieces[k], pieces[k + 1]
+            closes = self._is_special(current) and not self._opens_turn(current)
+            if closes and self._is_special(following) and self._opens_turn(following):
+                return current
+        return None
+
+    def _is_special(self, piece: str) -> bool:
+        return self._special is not None and self._special.fullmatch(piece) is not None
 
     def _lead(self, messages, i: int, gen: str | None, full: str, a: int, alone: _Alone) -> int:
         """How many characters before the fields belong to the turn when the generation prompt is not a
@@ -337,6 +367,8 @@ class ChatRenderer:
             text = alone.rendered()
             b_alone = b if text.startswith(full[:b]) else alone.fields()[1]
             closing, closed = self.closing(text[b_alone:], full[b:])
+            if not closed and i < len(messages) - 1:
+                closing, closed = self.closing(text[b_alone:], full[b:], self.closer_before(full[:start]))
             end = b + closing
 
             start = max(start, done)

@@ -73,6 +73,48 @@ FAMILIES: dict[str, dict] = {
     "smollm3": dict(eos="<|im_end|>", specials=["<|im_start|>", "<|im_end|>"], added=["<think>", "</think>"]),
     "solar": dict(bos="<s>", eos="</s>", specials=[], ends=False),
     "zephyr": dict(bos="<s>", eos="</s>", specials=["<|user|>", "<|assistant|>", "<|system|>"], header="<|user|>"),
+    "gpt-oss": dict(
+        eos="<|return|>",
+        specials=["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>", "<|final|>"],
+    ),
+    "command-r7b": dict(
+        bos="<BOS_TOKEN>",
+        eos="<|END_OF_TURN_TOKEN|>",
+        specials=[
+            "<|START_OF_TURN_TOKEN|>",
+            "<|END_OF_TURN_TOKEN|>",
+            "<|USER_TOKEN|>",
+            "<|CHATBOT_TOKEN|>",
+            "<|SYSTEM_TOKEN|>",
+            "<|START_RESPONSE|>",
+            "<|END_RESPONSE|>",
+            "<|START_THINKING|>",
+            "<|END_THINKING|>",
+            "<|START_ACTION|>",
+            "<|END_ACTION|>",
+            "<|START_TOOL_RESULT|>",
+            "<|END_TOOL_RESULT|>",
+        ],
+    ),
+    "granite-3.3": dict(
+        eos="<|end_of_text|>",
+        specials=["<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", "<|tool_call|>"],
+    ),
+    "kimi-k2": dict(
+        eos="<|im_end|>",
+        specials=[
+            "<|im_user|>",
+            "<|im_assistant|>",
+            "<|im_system|>",
+            "<|im_middle|>",
+            "<|im_end|>",
+            "<|tool_calls_section_begin|>",
+            "<|tool_calls_section_end|>",
+            "<|tool_call_begin|>",
+            "<|tool_call_argument_begin|>",
+            "<|tool_call_end|>",
+        ],
+    ),
 }
 for _family in FAMILIES.values():
     _family.setdefault("ends", True)

@@ -114,8 +114,33 @@ CLOSERS = {
     "smollm3": {"<|im_end|>"},
     "solar": set(),
     "zephyr": {"</s>"},
+    "gpt-oss": {"<|end|>", "<|return|>", "<|call|>"},
+    "command-r7b": {"<|END_OF_TURN_TOKEN|>"},
+    "granite-3.3": {"<|end_of_text|>"},
+    "kimi-k2": {"<|im_end|>"},
 }
 CONTENT_TOKENS = {"<think>", "</think>", "<tool_call>", "</tool_call>"}
+# Special tokens some templates write inside an assistant turn, between its header and its end.
+FAMILY_CONTENT = {
+    # The final message of a turn with reasoning restarts as "<|start|>assistant<|channel|>final...".
+    "gpt-oss": {"<|channel|>", "<|message|>", "<|start|>"},
+    "command-r7b": {
+        "<|START_RESPONSE|>",
+        "<|END_RESPONSE|>",
+        "<|START_THINKING|>",
+        "<|END_THINKING|>",
+        "<|START_ACTION|>",
+        "<|END_ACTION|>",
+    },
+    "granite-3.3": {"<|tool_call|>"},
+    "kimi-k2": {
+        "<|tool_calls_section_begin|>",
+        "<|tool_call_begin|>",
+        "<|tool_call_argument_begin|>",
+        "<|tool_call_end|>",
+        "<|tool_calls_section_end|>",
+    },
+}
 TEMPLATES = sorted(path.stem for path in rt.FIXTURES.glob("*.jinja"))
 
 
@@ -202,7 +227,8 @@ def _check_chat_row(tok, family: str, shape: str) -> None:
     specials = set(tok.all_special_tokens) | set(tok.get_added_vocab())
     trained_pieces = [tok.convert_ids_to_tokens(run) for run in _runs(ids, labels)]
     flat = [piece for run in trained_pieces for piece in run]
-    assert not [p for p in flat if p in specials and p not in CLOSERS[family] | CONTENT_TOKENS], trained_pieces
+    allowed = CLOSERS[family] | CONTENT_TOKENS | FAMILY_CONTENT.get(family, set())
+    assert not [p for p in flat if p in specials and p not in allowed], trained_pieces
 
     trained_text = "".join(tok.decode(run) for run in _runs(ids, labels))
     for word in PROMPT_WORDS:
