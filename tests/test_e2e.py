@@ -355,3 +355,53 @@ def test_packing_trains_on_two_cpu_ranks(tiny_model, tmp_path):
     result = last_json(proc.stdout)
     summary = json.loads(Path(result["adaptor_path"], "training_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
+
+
+def test_chat_rows_with_a_published_template_train_end_to_end(tiny_model, tmp_path):
+    """Messages as datasets hold them (a tool call, a `gpt` role, a validation file) through a real run:
+    Qwen2.5's published chat template, two CPU ranks, evaluation on the dataset's own split."""
+    template = (ROOT / "tests" / "fixtures" / "chat_templates" / "qwen2.5.jinja").read_text()
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"city": "Lima"}}}
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Weather {i}?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "sunny"},
+                {"role": "gpt", "content": f"Sunny, {i}."},
+            ]
+        }
+        for i in range(24)
+    ]
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:20]))
+    (folder / "validation.jsonl").write_text("\n".join(json.dumps(r) for r in rows[20:]))
+    config = base_config(
+        tiny_model,
+        tmp_path,
+        dataset_name=str(folder),
+        formatting_template="",
+        formatting_chat_template=template,
+        num_processes=2,
+        max_steps=4,
+        save_steps=2,
+        eval_split=0.1,
+        maximum_sequence_length=256,
+    )
+    dry = run_main(["--config", write_config(tmp_path, config), "--dry-run", "--json"])
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    report = last_json(dry.stdout)
+    assert report["dataset"]["format"] == "chat"
+    assert (report["dataset"]["rows_used"], report["dataset"]["eval_rows"]) == (20, 4)
+    assert report["samples"][0]["trained_text"] == (
+        '<tool_call>\n{"name": "lookup", "arguments": {"city": "Lima"}}\n</tool_call><|im_end|>Sunny, 0.<|im_end|>'
+    )
+    assert [w["parameter"] for w in report["warnings"]] == ["eval_split"]  # its own split replaces the fraction
+
+    proc = run_main(["--config", write_config(tmp_path, config), "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = last_json(proc.stdout)
+    assert result["status"] == "COMPLETE" and result["steps"] == 4
+    summary = json.loads((Path(result["adaptor_path"]) / "training_summary.json").read_text())
+    assert summary["world_size"] == 2
