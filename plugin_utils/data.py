@@ -333,6 +333,8 @@ def untrimmed(tokenizer):
                 )
             ]
         )
+    if "trim_offsets=True" not in repr(backend.post_processor):
+        return backend  # most tokenizers (Llama 3, Qwen) keep whitespace in offsets: no copy to make
     state = json.loads(backend.to_str())
     found = []
 

@@ -170,10 +170,16 @@ def family_tokenizers(bases):
     return get
 
 
-def _encoder(tok, columns=("messages",), **overrides):
-    p = {**params.defaults(), **overrides}
-    fmt = "chat_prompt_completion" if "prompt" in columns else "chat"
-    return data.Encoder(p, fmt, tok, list(columns), train_part_only=True)
+_ENCODERS: dict = {}
+
+
+def _encoder(tok, columns=("messages",)):
+    """One encoder per tokenizer and format, as one preparation has (building one copies the tokenizer)."""
+    key = (id(tok), columns)
+    if key not in _ENCODERS:
+        fmt = "chat_prompt_completion" if "prompt" in columns else "chat"
+        _ENCODERS[key] = (tok, data.Encoder(params.defaults(), fmt, tok, list(columns), train_part_only=True))
+    return _ENCODERS[key][1]
 
 
 def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:
