@@ -304,6 +304,8 @@ class ChatRenderer:
         return len(after[:matched].rstrip()), False
 
     def _opens_turn(self, token: str) -> bool:
+        if token == self.tok.eos_token:  # never, even where BOS and EOS are one token (GPT-2, Granite)
+            return False
         return token == self.tok.bos_token or bool(_OPENER.search(token))
 
     def closer_before(self, text: str) -> str | None:

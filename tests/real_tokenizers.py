@@ -97,6 +97,7 @@ FAMILIES: dict[str, dict] = {
         ],
     ),
     "granite-3.3": dict(
+        bos="<|end_of_text|>",  # as Granite's tokenizer has it: BOS and EOS are one token
         eos="<|end_of_text|>",
         specials=["<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", "<|tool_call|>"],
     ),
