@@ -541,7 +541,13 @@ def _fingerprint(p: dict[str, Any], model_path: str, data_name: str) -> str:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
     model_dir = Path(model_path)
-    tokenizer_files = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+    tokenizer_files = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "tokenizer.model",  # SentencePiece-only models (Llama-2, Mistral v0.1) are converted from it
+    ]
     if model_dir.is_dir():
         for name in tokenizer_files:
             if (model_dir / name).exists():
