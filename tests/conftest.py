@@ -82,6 +82,25 @@ def base_config(tiny_model: str, tmp_path: Path, **overrides) -> dict:
     return config
 
 
+# Every process a test starts carries this tag in its environment, and so do the processes those start:
+# a test looks for leftovers among the processes with its own tag, never at every process on the machine.
+RUN_TAG = "SFT_TEST_RUN_TAG"
+
+
+def tagged_processes(tag: str, marker: str = "plugin_utils") -> list:
+    """Live processes started under `tag` whose command line names `marker`."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(proc.info["cmdline"] or []) and proc.environ().get(RUN_TAG) == tag:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
 def run_main(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.update(env or {})

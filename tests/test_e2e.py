@@ -11,10 +11,19 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from .conftest import LEGACY_LAB, LEGACY_LAB_032, ROOT, base_config, last_json, run_main, write_config
+from .conftest import (
+    LEGACY_LAB,
+    LEGACY_LAB_032,
+    ROOT,
+    RUN_TAG,
+    base_config,
+    last_json,
+    run_main,
+    tagged_processes,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -282,10 +291,10 @@ def test_a_rank_that_raises_fails_the_job_with_its_message_and_leaves_no_process
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(FAILING_RANK)
     config = base_config(tiny_model, tmp_path, num_processes=2)
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    tag = f"rank-raises-{os.getpid()}-{time.monotonic_ns()}"
     proc = run_main(
         ["--config", write_config(tmp_path, config), "--json"],
-        env={"PYTHONPATH": str(hook_dir), "SFT_TEST_FAIL_RANK": "1"},
+        env={"PYTHONPATH": str(hook_dir), "SFT_TEST_FAIL_RANK": "1", RUN_TAG: tag},
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     result = last_json(proc.stdout)
@@ -296,11 +305,7 @@ def test_a_rank_that_raises_fails_the_job_with_its_message_and_leaves_no_process
     assert job["status"] == "FAILED"
     assert "injected failure in rank 1" in job["job_data"]["completion_details"]
     assert not (tmp_path / "outputs" / "test-adaptor").exists()
-    leftovers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if p.pid not in before and "plugin_utils.worker" in " ".join(p.info["cmdline"] or [])
-    ]
+    leftovers = tagged_processes(tag, "plugin_utils.worker")
     assert not leftovers, leftovers
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import ROOT, base_config, last_json, write_config
+from .conftest import ROOT, RUN_TAG, base_config, last_json, tagged_processes, write_config
 from .test_e2e import _legacy_input, _make_lab_job, lab_jobs, metrics_rows, read_job
 
 pytestmark = pytest.mark.slow
@@ -66,17 +66,10 @@ class Running:
         return "".join(self.lines)
 
 
-def workers_left(before: set[int]) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if proc.pid not in before and ("plugin_utils.worker" in cmdline or "accelerate.commands.launch" in cmdline):
-            found.append(proc)
-    return found
-
-
-def existing_pids() -> set[int]:
-    return {p.pid for p in psutil.process_iter()}
+def no_processes_left(tag: str, timeout: float = 15) -> list[psutil.Process]:
+    """The processes started under `tag` that are still alive once `timeout` has passed."""
+    _, alive = psutil.wait_procs(tagged_processes(tag), timeout=timeout)
+    return alive
 
 
 def test_sigterm_to_the_group_saves_a_checkpoint_and_the_next_run_resumes_to_the_planned_steps(tiny_model, tmp_path):
@@ -122,15 +115,11 @@ def test_sigint_to_main_alone_stops_and_reports_stopped(tiny_model, tmp_path):
 
 
 def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_path):
-    before = existing_pids()
+    tag = f"kill-9-{os.getpid()}-{time.monotonic_ns()}"
     config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=3000, logging_steps=1, save_steps=10000)
-    run = Running(["--config", write_config(tmp_path, config), "--json"])
+    run = Running(["--config", write_config(tmp_path, config), "--json"], env={RUN_TAG: tag})
     run.wait_for("step 3/3000")
-    ranks = [
-        p
-        for p in workers_left(before)
-        if p.environ().get("RANK") == "1" and "plugin_utils.worker" in " ".join(p.cmdline())
-    ]
+    ranks = [p for p in tagged_processes(tag, "plugin_utils.worker") if p.environ().get("RANK") == "1"]
     assert len(ranks) == 1
     killed = time.time()
     ranks[0].kill()
@@ -142,8 +131,7 @@ def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_
     [index] = lab_jobs(tmp_path / "tflhome")
     job = read_job(index)
     assert job["status"] == "FAILED" and "rank 1" in job["job_data"]["completion_details"]
-    time.sleep(0.5)
-    assert not workers_left(before), "no orphan processes"
+    assert not no_processes_left(tag), "no orphan processes"
     assert not (tmp_path / "outputs" / "test-adaptor").exists()
 
 
