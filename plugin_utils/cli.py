@@ -145,7 +145,7 @@ class Outcome:
         if isinstance(exc, StopRequested | KeyboardInterrupt):
             message = "Stopped on request" + (f" at step {exc.args[0]}" if exc.args and exc.args[0] else "")
             log.warning("%s", message)
-            if self.host is not None:
+            if self.host is not None and not (self.args.check or self.args.dry_run):
                 self._safely(lambda: self.host.stopped(message))
             emit_json(json_on, {**self.result, "status": "STOPPED", "job_id": self._job_id()})
             return EXIT_STOPPED

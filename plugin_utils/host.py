@@ -358,6 +358,11 @@ class HeadlessHost(LabHost):
         if self.lab is not None:
             super().fail(message)
 
+    def stopped(self, message):
+        # Likewise a headless run stopped before it started (a --check or --dry-run, or during preparation).
+        if self.lab is not None:
+            super().stopped(message)
+
     def register_model(self, path, p):
         # The adapter stays in output_dir (that is the result); the job gets its own registered copy.
         return self._register_copy(path, p["adaptor_name"], p)

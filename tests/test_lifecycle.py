@@ -158,6 +158,18 @@ def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(t
     assert not (tmp_path / "outputs").exists()
 
 
+def test_ctrl_c_during_a_dry_run_creates_no_job(tiny_model, tmp_path):
+    rows = tmp_path / "many.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Q {i}?", "completion": f" {i}."}) + "\n" for i in range(40_000)))
+    config = base_config(tiny_model, tmp_path, dataset_name=str(rows), formatting_template="")
+    run = Running(["--config", write_config(tmp_path, config), "--dry-run", "--json"])
+    run.wait_for("data: 40000 rows")
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish(timeout=60) == 3, run.stderr[-3000:]
+    assert last_json(run.stdout)["status"] == "STOPPED"
+    assert not (tmp_path / "tflhome" / "workspace").exists(), "a dry run never creates or changes a job"
+
+
 def test_stop_before_the_first_step_trains_nothing_and_saves_nothing(tiny_model, tmp_path):
     config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=50)
     run = Running(["--config", write_config(tmp_path, config), "--json"])
