@@ -7,10 +7,14 @@ Where an assistant turn is, in the rendering of the whole conversation:
   the template printed those fields, however it rewrote them (trimmed, reasoning stripped, system folded in);
 - its start: where the generation prompt for that turn ends (render the turns before it with
   add_generation_prompt). Text the template puts between the generation prompt and the content (a space,
-  an empty <think></think>) is the model's to produce, so it is trained;
+  an empty <think></think>) is the model's to produce, so it is trained. Where the history is rendered
+  differently once the turn is there, the turn's own header (or what the template puts between header and
+  content when the message is last) marks the start instead;
 - its end: the text the template emits right after the message when the message is the last one, as far as
   the whole conversation emits the same text, through its last special token (<|im_end|>, <|eot_id|>, </s>,
-  <|end|>). What belongs to the next turn (its role markers) is never part of it.
+  <|end|>); where the last answer closes differently, the closer the template gives earlier messages.
+  A token that opens a turn (BOS, a header, start or role token) ends the search: what belongs to the next
+  turn is never part of it.
 """
 
 from __future__ import annotations
@@ -382,10 +386,8 @@ class ChatRenderer:
                     "Use a chat template that renders messages in order",
                 )
             # Empty: the template rendered nothing of the message's fields (an empty answer, or tool calls it ignores).
-            turn = Turn(start, end, empty=not full[a:b].strip())
-            turn.closed = closed
-            turn.reasoning_dropped = _reasoning_dropped(message, full[start:end])
-            rendered.turns.append(turn)
+            empty = not full[a:b].strip()
+            rendered.turns.append(Turn(start, end, empty, closed, _reasoning_dropped(message, full[start:end])))
             done = end
         return rendered
 
