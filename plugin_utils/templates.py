@@ -72,13 +72,10 @@ class RowTemplate:
 
     def __init__(self, source: str, columns: list[str], completion_column: str = "", *, split: bool):
         self._args = (source, list(columns), completion_column, split)
-        env = _environment()
-        try:
-            self._template = env.from_string(source)
-        except TemplateSyntaxError as exc:
-            raise InvalidConfig(
-                [problem("formatting_template", f"is not valid Jinja (line {exc.lineno}: {exc.message})", "Fix it")]
-            ) from None
+        found = syntax_problem(source)
+        if found:
+            raise InvalidConfig([problem("formatting_template", found, "Fix the template")])
+        self._template = _environment().from_string(source)
         missing = sorted(referenced_columns(source) - set(columns))
         if missing:
             raise InvalidConfig(

@@ -20,62 +20,74 @@ from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
 
-_QWEN_ADDED = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
-_LLAMA3 = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"]
-_PHI3 = ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-_MISTRAL_CONTROL = [
-    "[INST]",
-    "[/INST]",
-    "[TOOL_CALLS]",
-    "[AVAILABLE_TOOLS]",
-    "[/AVAILABLE_TOOLS]",
-    "[TOOL_RESULTS]",
-    "[/TOOL_RESULTS]",
-]
+_QWEN = dict(
+    eos="<|im_end|>",
+    specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+    added=["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"],
+    closers={"<|im_end|>"},
+)
+_LLAMA3 = dict(
+    bos="<|begin_of_text|>",
+    eos="<|eot_id|>",
+    specials=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"],
+    closers={"<|eot_id|>", "<|eom_id|>", "<|python_tag|>"},
+)
+_GEMMA = dict(bos="<bos>", eos="<eos>", specials=["<start_of_turn>", "<end_of_turn>"], closers={"<end_of_turn>"})
+_INST = dict(bos="<s>", eos="</s>", specials=["[INST]", "[/INST]"], closers={"</s>"})
+_PHI3 = dict(
+    bos="<s>",
+    eos="<|endoftext|>",
+    specials=["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
+    closers={"<|end|>", "<|endoftext|>"},
+)
 
-# Per template: BOS, EOS, special tokens, other added tokens, the special tokens that open a turn (never
-# trained), and the token that ends an assistant turn (None: the template has none).
+# Per template: BOS, EOS, its special tokens, other added tokens; the special tokens that may close an
+# assistant turn (`closers`) and those a template writes inside one (`inside`); `ends`: whether the template
+# closes assistant turns with a special token at all.
 FAMILIES: dict[str, dict] = {
-    "llama-3.1": dict(bos="<|begin_of_text|>", eos="<|eot_id|>", specials=_LLAMA3, header="<|start_header_id|>"),
-    "llama-3.2": dict(bos="<|begin_of_text|>", eos="<|eot_id|>", specials=_LLAMA3, header="<|start_header_id|>"),
-    "gemma-2": dict(bos="<bos>", eos="<eos>", specials=["<start_of_turn>", "<end_of_turn>"], header="<start_of_turn>"),
-    "gemma-3": dict(bos="<bos>", eos="<eos>", specials=["<start_of_turn>", "<end_of_turn>"], header="<start_of_turn>"),
-    "mistral-v0.3": dict(bos="<s>", eos="</s>", specials=_MISTRAL_CONTROL, header="[INST]"),
-    "mistral-v0.1": dict(bos="<s>", eos="</s>", specials=["[INST]", "[/INST]"], header="[INST]"),
-    "llama-2": dict(bos="<s>", eos="</s>", specials=["[INST]", "[/INST]"], header="[INST]"),
-    "phi-3": dict(bos="<s>", eos="<|endoftext|>", specials=_PHI3, header="<|user|>"),
-    "phi-3.5": dict(bos="<s>", eos="<|endoftext|>", specials=_PHI3, header="<|user|>"),
-    "qwen2.5": dict(
-        eos="<|im_end|>",
-        specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        added=_QWEN_ADDED,
-        header="<|im_start|>",
+    "llama-3.1": _LLAMA3,
+    "llama-3.2": _LLAMA3,
+    "gemma-2": _GEMMA,
+    "gemma-3": _GEMMA,
+    "mistral-v0.3": dict(
+        bos="<s>",
+        eos="</s>",
+        specials=[
+            "[INST]",
+            "[/INST]",
+            "[TOOL_CALLS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        ],
+        closers={"</s>", "[TOOL_CALLS]"},
     ),
-    "qwen3": dict(
-        eos="<|im_end|>",
-        specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        added=_QWEN_ADDED,
-        header="<|im_start|>",
-    ),
-    "qwen3-original": dict(
-        eos="<|im_end|>",
-        specials=["<|im_start|>", "<|im_end|>", "<|endoftext|>"],
-        added=_QWEN_ADDED,
-        header="<|im_start|>",
-    ),
+    "mistral-v0.1": _INST,
+    "llama-2": _INST,
+    "phi-3": _PHI3,
+    "phi-3.5": _PHI3,
+    "qwen2.5": _QWEN,
+    "qwen3": _QWEN,
+    "qwen3-original": _QWEN,
     "deepseek-r1-distill": dict(
         bos="<｜begin▁of▁sentence｜>",
         eos="<｜end▁of▁sentence｜>",
         specials=["<｜User｜>", "<｜Assistant｜>"],
         added=["<think>", "</think>"],
-        header="<｜User｜>",
+        closers={"<｜end▁of▁sentence｜>"},
     ),
-    "smollm3": dict(eos="<|im_end|>", specials=["<|im_start|>", "<|im_end|>"], added=["<think>", "</think>"]),
-    "solar": dict(bos="<s>", eos="</s>", specials=[], ends=False),
-    "zephyr": dict(bos="<s>", eos="</s>", specials=["<|user|>", "<|assistant|>", "<|system|>"], header="<|user|>"),
+    "smollm3": dict(
+        eos="<|im_end|>", specials=["<|im_start|>", "<|im_end|>"], added=["<think>", "</think>"], closers={"<|im_end|>"}
+    ),
+    "solar": dict(bos="<s>", eos="</s>", specials=[], closers=set(), ends=False),
+    "zephyr": dict(bos="<s>", eos="</s>", specials=["<|user|>", "<|assistant|>", "<|system|>"], closers={"</s>"}),
     "gpt-oss": dict(
         eos="<|return|>",
         specials=["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>", "<|final|>"],
+        closers={"<|end|>", "<|return|>", "<|call|>"},
+        # The final message of a turn with reasoning restarts as "<|start|>assistant<|channel|>final...".
+        inside={"<|channel|>", "<|message|>", "<|start|>"},
     ),
     "command-r7b": dict(
         bos="<BOS_TOKEN>",
@@ -95,11 +107,22 @@ FAMILIES: dict[str, dict] = {
             "<|START_TOOL_RESULT|>",
             "<|END_TOOL_RESULT|>",
         ],
+        closers={"<|END_OF_TURN_TOKEN|>"},
+        inside={
+            "<|START_RESPONSE|>",
+            "<|END_RESPONSE|>",
+            "<|START_THINKING|>",
+            "<|END_THINKING|>",
+            "<|START_ACTION|>",
+            "<|END_ACTION|>",
+        },
     ),
     "granite-3.3": dict(
         bos="<|end_of_text|>",  # as Granite's tokenizer has it: BOS and EOS are one token
         eos="<|end_of_text|>",
         specials=["<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", "<|tool_call|>"],
+        closers={"<|end_of_text|>"},
+        inside={"<|tool_call|>"},
     ),
     "kimi-k2": dict(
         eos="<|im_end|>",
@@ -115,11 +138,17 @@ FAMILIES: dict[str, dict] = {
             "<|tool_call_argument_begin|>",
             "<|tool_call_end|>",
         ],
+        closers={"<|im_end|>"},
+        inside={
+            "<|tool_calls_section_begin|>",
+            "<|tool_call_begin|>",
+            "<|tool_call_argument_begin|>",
+            "<|tool_call_end|>",
+            "<|tool_calls_section_end|>",
+        },
     ),
 }
-for _family in FAMILIES.values():
-    _family.setdefault("ends", True)
-    _family.setdefault("header", None)
+FAMILIES = {name: {"ends": True, "inside": set(), **spec} for name, spec in FAMILIES.items()}
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

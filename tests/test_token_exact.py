@@ -96,56 +96,13 @@ SHAPES: dict[str, list[dict]] = {
     "unicode": [_user(7, " Grüße 😀"), {"role": "assistant", "content": "Grüße aus Köln 你好 😀 naïve."}],
 }
 
-# Tokens an assistant turn may contain: its end-of-turn markers and the family's added content tokens.
-CLOSERS = {
-    "llama-3.1": {"<|eot_id|>", "<|eom_id|>", "<|python_tag|>"},
-    "llama-3.2": {"<|eot_id|>", "<|eom_id|>", "<|python_tag|>"},
-    "gemma-2": {"<end_of_turn>"},
-    "gemma-3": {"<end_of_turn>"},
-    "mistral-v0.3": {"</s>", "[TOOL_CALLS]"},
-    "mistral-v0.1": {"</s>"},
-    "llama-2": {"</s>"},
-    "phi-3": {"<|end|>", "<|endoftext|>"},
-    "phi-3.5": {"<|end|>", "<|endoftext|>"},
-    "qwen2.5": {"<|im_end|>"},
-    "qwen3": {"<|im_end|>"},
-    "qwen3-original": {"<|im_end|>"},
-    "deepseek-r1-distill": {"<｜end▁of▁sentence｜>"},
-    "smollm3": {"<|im_end|>"},
-    "solar": set(),
-    "zephyr": {"</s>"},
-    "gpt-oss": {"<|end|>", "<|return|>", "<|call|>"},
-    "command-r7b": {"<|END_OF_TURN_TOKEN|>"},
-    "granite-3.3": {"<|end_of_text|>"},
-    "kimi-k2": {"<|im_end|>"},
-}
+# Added tokens answers may contain (reasoning and tool-call tags), besides each family's own (real_tokenizers).
 CONTENT_TOKENS = {"<think>", "</think>", "<tool_call>", "</tool_call>"}
-# Special tokens some templates write inside an assistant turn, between its header and its end.
-FAMILY_CONTENT = {
-    # The final message of a turn with reasoning restarts as "<|start|>assistant<|channel|>final...".
-    "gpt-oss": {"<|channel|>", "<|message|>", "<|start|>"},
-    "command-r7b": {
-        "<|START_RESPONSE|>",
-        "<|END_RESPONSE|>",
-        "<|START_THINKING|>",
-        "<|END_THINKING|>",
-        "<|START_ACTION|>",
-        "<|END_ACTION|>",
-    },
-    "granite-3.3": {"<|tool_call|>"},
-    "kimi-k2": {
-        "<|tool_calls_section_begin|>",
-        "<|tool_call_begin|>",
-        "<|tool_call_argument_begin|>",
-        "<|tool_call_end|>",
-        "<|tool_calls_section_end|>",
-    },
-}
 TEMPLATES = sorted(path.stem for path in rt.FIXTURES.glob("*.jinja"))
 
 
 def test_every_fixture_template_has_a_family():
-    assert set(TEMPLATES) == set(rt.FAMILIES) == set(CLOSERS)
+    assert set(TEMPLATES) == set(rt.FAMILIES)
 
 
 @pytest.fixture(scope="session")
@@ -233,7 +190,8 @@ def _check_chat_row(tok, family: str, shape: str) -> None:
     specials = set(tok.all_special_tokens) | set(tok.get_added_vocab())
     trained_pieces = [tok.convert_ids_to_tokens(run) for run in _runs(ids, labels)]
     flat = [piece for run in trained_pieces for piece in run]
-    allowed = CLOSERS[family] | CONTENT_TOKENS | FAMILY_CONTENT.get(family, set())
+    spec = rt.FAMILIES[family]
+    allowed = spec["closers"] | spec["inside"] | CONTENT_TOKENS
     assert not [p for p in flat if p in specials and p not in allowed], trained_pieces
 
     trained_text = "".join(tok.decode(run) for run in _runs(ids, labels))
@@ -246,11 +204,11 @@ def _check_chat_row(tok, family: str, shape: str) -> None:
             assert answer.replace(" ", "") in trained_text.replace(" ", ""), (answer, trained_text)
 
     assistant_turns = sum(1 for m in messages if m["role"] == "assistant")
-    if rt.FAMILIES[family]["ends"]:
+    if spec["ends"]:
         runs = _runs(ids, labels)
         assert len(runs) == assistant_turns, trained_pieces
         for run in trained_pieces:
-            assert run[-1] in CLOSERS[family], run  # each turn is closed by its end-of-turn token
+            assert run[-1] in spec["closers"], run  # each turn is closed by its end-of-turn token
         assert not encoded["planned"].open_turn
     else:
         assert encoded["planned"].open_turn  # no stop token to learn: flagged for the warning
