@@ -1,6 +1,6 @@
 """SFT trainer plugin for TransformerLab, built on TRL.
 
-The pipeline: host -> parameters -> validation -> data preparation -> launch -> report.
+The pipeline: host -> parameters -> validation -> plan -> data preparation -> launch -> report.
 Started three ways (TransformerLab's plugin harness, the lab SDK with _TFL_JOB_ID, or headless
 `python main.py --config run.json`); importing this module starts nothing.
 """
@@ -11,81 +11,109 @@ import signal
 import sys
 import tempfile
 
-from plugin_utils import cli, data, host, launch, machine, outputs, params, rules
+from plugin_utils import cli, data, host, launch, machine, outputs, params, planning, sources, validation
+from plugin_utils.errors import InvalidConfig
+from plugin_utils.runfolder import RunFolder, RunSpec
 
 
-def run(args, outcome: cli.Outcome) -> None:
-    outcome.stop = stop = launch.StopFlag()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop.on_signal)
-
+def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
+    """The pipeline. Returns how it finished; anything that ends it early is raised."""
     clock = cli.Clock()
-    outcome.host = job = host.choose(args)
-    p, outcome.warnings, errors = params.resolve_all(job.raw_params(), headless=job.headless)
-    locations = job.locations(p) if params.usable(p, errors, "adaptor_name") else None
-    plan = rules.check(p, machine.detect(), outcome.warnings, locations, prior=errors)
-    adapter_dir, checkpoint_dir = locations  # check() passed, so the name was usable
-    p = plan.settled(p)  # `auto` speed switches become what this run does
-    cli.report_warnings(outcome.warnings)
+    reading = params.read(chosen.source.raw_params(), headless=chosen.headless)
+    p, here = reading.params, machine.detect()
+    out = None
+    if params.usable(p, reading.errors, "adaptor_name"):
+        adapter_dir, checkpoint_dir = chosen.places.locations(p)
+        this_run = outputs.identity(p, planning.world_size(p, here), None)
+        requested = chosen.places.checkpoint_to_resume()
+        out = outputs.inspect(
+            adapter_dir, checkpoint_dir, this_run, overwrite=p["overwrite_output"], requested=requested
+        )
+    found = validation.check(
+        validation.CHECK_PHASES,
+        prior=reading.errors,
+        p=p,
+        machine=here,
+        model=sources.inspect_model(p["model_name"]),
+        out=out,
+    )
+    warnings = reading.warnings + found.warnings
+    if found.errors:
+        raise InvalidConfig(found.errors, warnings)
+    plan = planning.build(p, here)
+    cli.report_warnings(warnings)
     clock.mark("validated")
     if args.check:
-        return cli.emit_json(args.json, cli.check_report(outcome.warnings, plan))
+        return cli.Finished(cli.check_report(warnings, plan))
 
-    prepared = data.prepare(p, preview=args.preview)
-    cli.report_warnings(rules.check_data(p, plan, prepared.stats, outcome.warnings))
+    source = data.load(p)
+    found = validation.check(("data",), p=p, out=out, data=source.facts())
+    found.raise_errors()
+    plan = plan.with_loss_mode(p, source.format)
+    prepared = data.prepare(p, source, plan.completion_only, preview=args.preview)
+    found.add(validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats))
+    found.raise_errors()
+    cli.report_warnings(found.warnings)
+    warnings += found.warnings
     clock.mark("data_prepared")
     if args.dry_run:
         cli.report_dataset(prepared)
-        return cli.emit_json(args.json, cli.dry_run_report(outcome.warnings, prepared))
+        return cli.Finished(cli.dry_run_report(warnings, prepared))
 
+    job = chosen.sink
     job.start(p)
     job.log(cli.dataset_text(prepared))  # to the job's log and, like every host log line, to stderr
-    job.log(cli.speed_text(plan))
-    identity = outputs.run_identity(p, plan.num_processes * p["num_machines"], prepared.key)
-    staged = outputs.Staged(adapter_dir, job.merged_location(p) if p["fuse_model"] else None)
-    with outputs.RunLock(checkpoint_dir), staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
-        resume = outputs.resume_point(
-            adapter_dir, checkpoint_dir, identity, overwrite=p["overwrite_output"], requested=job.checkpoint_to_resume()
+    job.log(cli.plan_text(plan))
+    this_run = outputs.identity(p, plan.world_size, prepared.key, plan.as_dict())
+    merged = chosen.places.merged_location(p) if p["fuse_model"] and p["training_mode"] != "full" else None
+    staged = outputs.Staged(out.adapter_dir, merged)
+    with outputs.RunLock(out.checkpoint_dir), staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
+        resume = outputs.prepare_checkpoints(out)
+        outputs.record_run(out.checkpoint_dir, this_run)
+        folder = RunFolder(run_dir)
+        spec = RunSpec.of(
+            p,
+            plan,
+            folder,
+            prepared_path=prepared.path,
+            has_eval=prepared.stats["eval_rows"] > 0,
+            checkpoint_dir=out.checkpoint_dir,
+            resume_from=resume,
+            adapter_staging=staged.adapter_staging,
+            merged_staging=staged.merged_staging,
         )
-        outputs.record_run(checkpoint_dir, identity)
-        spec = {
-            "params": p,
-            "plan": plan.as_dict(),
-            "prepared_path": prepared.path,
-            "resume_from": resume,
-            "checkpoint_dir": checkpoint_dir,
-            **staged.spec(),
-        }
-        result = launch.run(job, p, plan, spec, run_dir, stop)
-        final = (
-            staged.publish(job, p, outputs.summary(p, plan, result, prepared.stats, clock.marks))
-            if result.has_adapter
-            else None
-        )
-    plot = outputs.write_plot(f"{checkpoint_dir}/loss_plot.json", result.loss_history)
-    job.complete(outputs.completion_message(result, final), outputs.score(result), plot)
-    outcome.result = {
+        result = launch.run(job, spec, plan, folder, stop)
+        summary = outputs.summary(p, plan, result, prepared.stats, clock.marks)
+        final = staged.publish(job, p, summary) if result.has_adapter else None
+    plot = outputs.write_plot(f"{out.checkpoint_dir}/loss_plot.json", result.loss_history)
+    report = {
         "status": "COMPLETE",
         "job_id": job.job_id or None,
         "adaptor_path": final,
         "steps": result.steps,
         "final_loss": result.final_loss,
     }
-    cli.emit_json(args.json, outcome.result)
+    return cli.Finished(report, (outputs.completion_message(result, final), outputs.score(result), plot))
 
 
 def main(argv: list[str] | None = None) -> None:
     cli.setup_logging()
     args = cli.parse(argv)
-    outcome = cli.Outcome(args)
+    stop = launch.StopFlag()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop.on_signal)
+    sink = host.NullSink()  # until a real run has a host: nothing before it can touch a job
+    finished = error = None
     try:
-        run(args, outcome)
-        error = None
+        chosen = host.choose(args)
+        if not (args.check or args.dry_run):
+            sink = chosen.sink
+        finished = run(args, chosen, stop)
     except SystemExit:
         raise
-    except BaseException as exc:  # every outcome, a stop included, is reported the same way
+    except BaseException as exc:  # every ending, a stop included, is concluded in one place
         error = exc
-    code = outcome.finish(error)
+    code = cli.conclude(sink, args.json, finished, error, stop)
     if code:
         sys.exit(code)
 

@@ -1,4 +1,5 @@
-"""The edge: command-line flags, logging, and turning outcomes into lines, JSON, exit codes and job states."""
+"""The edge: command-line flags, logging, the reports, and `conclude()`: the one place that turns how the run
+ended into the job's final status, the last JSON line and the exit code (SPEC §2)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import json
 import logging
 import sys
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_STOPPED, InvalidConfig, Problem, RunFailed, StopRequested
-from .events import process_start
+from .runfolder import process_start
 
 log = logging.getLogger("sft")
 
@@ -90,9 +92,8 @@ def dataset_text(prepared) -> str:
     return "\n".join(lines)
 
 
-def speed_text(plan) -> str:
-    s = plan.speed
-    return "\n".join([f"speed settings ({plan.device}, {plan.precision}):", *(f"  {why}" for why in s.reasons)])
+def plan_text(plan) -> str:
+    return "\n".join(["plan:", *(f"  {why}" for why in plan.all_reasons())])
 
 
 def report_dataset(prepared) -> None:
@@ -110,66 +111,60 @@ def dry_run_report(warnings: list[Problem], prepared) -> dict[str, Any]:
     }
 
 
-class Outcome:
-    """Collects what the run learned, so a failure at any step still reports the same way."""
+@dataclass(frozen=True)
+class Finished:
+    """A pipeline that ran to its end: a check, a dry run, or a completed training run."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.host = None
-        self.warnings: list[Problem] = []
-        self.result: dict[str, Any] = {}
-        self.stop = None
+    report: dict[str, Any]  # the --json payload
+    # (message, score, plot path) for the job of a completed training run; None for a check or a dry run.
+    completion: tuple[str, dict[str, float], str | None] | None = None
 
-    def finish(self, exc: BaseException | None) -> int:
-        json_on = self.args.json
-        if exc is None:
-            return EXIT_OK
-        if self.stop is not None and self.stop.requested and self.stop.interrupting:
-            # A stop before the ranks started interrupts whatever ran (a worker pool may break first).
-            exc = StopRequested(0)
-        if isinstance(exc, InvalidConfig):
-            lines = [p.line() for p in exc.errors]
-            for line in lines:
-                log.error("error: %s", line)
-            report_warnings(exc.warnings or [])
-            self._fail_job("Invalid configuration:\n" + "\n".join(lines))
-            emit_json(
-                json_on,
-                {
-                    "ok": False,
-                    "errors": [p.as_dict() for p in exc.errors],
-                    "warnings": [p.as_dict() for p in (exc.warnings or self.warnings)],
-                },
-            )
-            return EXIT_INVALID
-        if isinstance(exc, StopRequested | KeyboardInterrupt):
-            message = "Stopped on request" + (f" at step {exc.args[0]}" if exc.args and exc.args[0] else "")
-            log.warning("%s", message)
-            if self.host is not None and not (self.args.check or self.args.dry_run):
-                self._safely(lambda: self.host.stopped(message))
-            emit_json(json_on, {**self.result, "status": "STOPPED", "job_id": self._job_id()})
-            return EXIT_STOPPED
-        if isinstance(exc, RunFailed):
-            message = str(exc)
-        else:
-            message = f"{type(exc).__name__}: {exc}"
-            # finish() runs after the except block has ended: format the exception itself, not "the current" one.
-            log.error("%s", "".join(traceback.format_exception(exc)).rstrip())
-        log.error("training failed: %s", message)
-        self._fail_job(message)
-        emit_json(json_on, {**self.result, "status": "FAILED", "job_id": self._job_id(), "error": message})
-        return EXIT_FAILED
 
-    def _job_id(self):
-        return getattr(self.host, "job_id", None) or None
+def conclude(sink, json_on: bool, finished: Finished | None, error: BaseException | None, stop=None) -> int:
+    """The job's final status, the last JSON line and the exit code, from how the run ended: finished, or the
+    exception that ended it. `sink` is a NullSink for --check and --dry-run, so they never touch a job."""
+    if finished is not None:
+        if finished.completion is not None:
+            try:
+                sink.complete(*finished.completion)
+            except Exception as exc:  # the host refused the result: that is a failure like any other
+                return conclude(sink, json_on, None, exc, stop)
+        emit_json(json_on, finished.report)
+        return EXIT_OK
+    if stop is not None and stop.requested and stop.interrupting:
+        # A stop before the ranks started interrupts whatever ran (a worker pool may break first).
+        error = StopRequested(0)
+    job_id = sink.job_id or None
+    if isinstance(error, InvalidConfig):
+        lines = [p.line() for p in error.errors]
+        for line in lines:
+            log.error("error: %s", line)
+        report_warnings(error.warnings)
+        _safely(lambda: sink.fail("Invalid configuration:\n" + "\n".join(lines)))
+        errors = [p.as_dict() for p in error.errors]
+        emit_json(json_on, {"ok": False, "errors": errors, "warnings": [p.as_dict() for p in error.warnings]})
+        return EXIT_INVALID
+    if isinstance(error, StopRequested | KeyboardInterrupt):
+        step = error.args[0] if isinstance(error, StopRequested) and error.args else 0
+        message = "Stopped on request" + (f" at step {step}" if step else "")
+        log.warning("%s", message)
+        _safely(lambda: sink.stopped(message))
+        emit_json(json_on, {"status": "STOPPED", "job_id": job_id, "steps": step})
+        return EXIT_STOPPED
+    if isinstance(error, RunFailed):
+        message = str(error)
+    else:
+        message = f"{type(error).__name__}: {error}"
+        # Called after the except block has ended: format the exception itself, not "the current" one.
+        log.error("%s", "".join(traceback.format_exception(error)).rstrip())
+    log.error("training failed: %s", message)
+    _safely(lambda: sink.fail(message))
+    emit_json(json_on, {"status": "FAILED", "job_id": job_id, "error": message})
+    return EXIT_FAILED
 
-    def _fail_job(self, message: str) -> None:
-        if self.host is not None and not (self.args.check or self.args.dry_run):
-            self._safely(lambda: self.host.fail(message))
 
-    @staticmethod
-    def _safely(action) -> None:
-        try:
-            action()
-        except Exception as exc:  # the host being unreachable must not hide the original failure
-            log.error("could not update the job: %s", exc)
+def _safely(action) -> None:
+    try:
+        action()
+    except Exception as exc:  # the host being unreachable must not hide the original failure
+        log.error("could not update the job: %s", exc)

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,12 @@ from typing import Any
 from . import chat
 from .chat import ChatRenderer, RowProblem
 from .errors import InvalidConfig, problem
+from .sources import CHAT_FORMATS, DataFacts, load_tokenizer, workspace_dir
 from .templates import RowTemplate
 
 log = logging.getLogger("sft")
 
-PREP_VERSION = "2"
+PREP_VERSION = "3"
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EVAL_SPLIT_NAMES = ("validation", "valid", "eval", "test")
 # From this many rows on, preparation runs in one process per CPU (below it, starting them costs more).
@@ -42,23 +44,12 @@ class Prepared:
     marked: list[str] = field(default_factory=list)
 
     @property
-    def has_eval(self) -> bool:
-        return os.path.isdir(os.path.join(self.path, "eval"))
-
-    @property
     def key(self) -> str:
         """The fingerprint of everything that shaped these rows (the cache folder's name)."""
         return os.path.basename(self.path)
 
 
 # --- loading -------------------------------------------------------------------------------------
-
-
-def workspace_dir() -> str:
-    if os.environ.get("TFL_WORKSPACE_DIR"):
-        return os.environ["TFL_WORKSPACE_DIR"]
-    home = os.environ.get("TFL_HOME_DIR") or os.path.join(os.path.expanduser("~"), ".transformerlab")
-    return os.path.join(home, "workspace")
 
 
 def _data_files(folder: Path) -> list[Path]:
@@ -260,32 +251,6 @@ def detect_format(p: dict[str, Any], columns: list[str], rows: list[dict[str, An
             )
         ]
     )
-
-
-CHAT_FORMATS = ("chat", "chat_prompt_completion")
-
-
-def resolve_loss_mode(p: dict[str, Any], fmt: str) -> tuple[bool, list, list[str]]:
-    """Whether only the completion/assistant part is trained; data rules that depend on the format."""
-    errors, notes = [], []
-    mode = p["completion_only_loss"]
-    if p["assistant_only_loss"] and fmt not in CHAT_FORMATS:
-        errors.append(
-            problem("assistant_only_loss", f"needs chat rows but the data are {fmt}", "Set assistant_only_loss=false")
-        )
-    if fmt == "text":
-        if mode == "true":
-            errors.append(
-                problem(
-                    "completion_only_loss",
-                    "true, but plain text rows have no completion to split off",
-                    "Use completion_only_loss=auto or false, or give prompt/completion rows or a formatting_template",
-                )
-            )
-        elif mode == "auto":
-            notes.append("plain text rows: training on the whole text (completion_only_loss=auto)")
-        return False, errors, notes
-    return (mode != "false" or p["assistant_only_loss"]), errors, notes
 
 
 def _text_value(row: dict[str, Any], column: str) -> str:
@@ -524,7 +489,6 @@ def _fingerprint(p: dict[str, Any], model_path: str, data_name: str) -> str:
         "assistant_only_loss",
         "completion_column",
         "maximum_sequence_length",
-        "max_dropped_fraction",
         "eval_split",
         "seed",
     )
@@ -562,33 +526,6 @@ def cache_root() -> str:
     return os.environ.get("SFT_PREPARED_CACHE", default)
 
 
-# Tokenizer classes that are the generic fast tokenizer: loaded directly, without AutoTokenizer's model
-# config machinery (which imports torch and costs the parent a second or more before the launch).
-GENERIC_TOKENIZERS = {"PreTrainedTokenizerFast", "TokenizersBackend"}
-
-
-def load_tokenizer(model_name: str):
-    config_path = Path(os.path.expanduser(model_name), "tokenizer_config.json")
-    generic = False
-    if config_path.is_file() and Path(config_path.parent, "tokenizer.json").is_file():
-        try:
-            generic = json.loads(config_path.read_text()).get("tokenizer_class") in GENERIC_TOKENIZERS
-        except ValueError:
-            generic = False
-    if generic:
-        from transformers import PreTrainedTokenizerFast as loader
-    else:
-        from transformers import AutoTokenizer as loader
-    tokenizer = loader.from_pretrained(model_name)
-    if tokenizer.eos_token_id is None:
-        raise InvalidConfig(
-            [problem("model_name", "the tokenizer has no EOS token", "Use a model whose tokenizer defines one")]
-        )
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def _percentiles(ordered) -> dict[str, int]:
     """Percentiles of an ascending sequence of lengths."""
     if not len(ordered):
@@ -600,27 +537,44 @@ def _percentiles(ordered) -> dict[str, int]:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": int(ordered[-1])}
 
 
-def prepare(p: dict[str, Any], *, preview: int = 3) -> Prepared:
-    """Load, format, tokenize and save the dataset; reuse the cache when nothing changed."""
+@dataclass
+class Source:
+    """The dataset loaded and its format found, before any row is tokenized."""
+
+    splits: dict[str, Any]
+    eval_info: dict[str, Any]
+    format: str
+    why: str
+    columns: list[str]
+    head: list[dict[str, Any]]  # the first rows: the format is found from them, the preview shows them
+    key: str  # the fingerprint of everything that shapes the prepared rows (the cache folder's name)
+
+    def facts(self) -> DataFacts:
+        return DataFacts(format=self.format, columns=tuple(self.columns), key=self.key)
+
+
+def load(p: Mapping[str, Any]) -> Source:
+    """Load the dataset and find its format; rows that cannot be read are errors naming the file and line."""
     splits, eval_info = choose_eval(load_splits(p["dataset_name"]), p["eval_split"])
     train = splits["train"]
     columns = list(train.column_names)
     head = [train[i] for i in range(min(len(train), 64))]
     fmt, why = detect_format(p, columns, head)
-    train_part_only, errors, notes = resolve_loss_mode(p, fmt)
-    if errors:
-        raise InvalidConfig(errors)
     log.info("data: %s rows, format %s (%s)", len(train), fmt, why)
-    for note in notes:
-        log.info("data: %s", note)
     log.info("data: evaluation: %s", _eval_text(eval_info))
+    key = _fingerprint(p, p["model_name"], p["dataset_name"])
+    return Source(splits, eval_info, fmt, why, columns, head, key)
 
+
+def prepare(p: Mapping[str, Any], source: Source, completion_only: bool, *, preview: int = 3) -> Prepared:
+    """Format, tokenize and save the rows; reuse the cache when nothing changed. `completion_only` is the
+    plan's loss mode: whether only completions (assistant turns) are trained."""
     tokenizer = load_tokenizer(p["model_name"])
-    encoder = Encoder(p, fmt, tokenizer, columns, train_part_only)
+    encoder = Encoder(p, source.format, tokenizer, source.columns, completion_only)
     max_len = p["maximum_sequence_length"]
 
     samples, marked = [], []
-    for encoded in _encode_checked(encoder, head[:preview], 0, "train"):
+    for encoded in _encode_checked(encoder, source.head[:preview], 0, "train"):
         ids, labels = encoded["input_ids"][:max_len], encoded["labels"][:max_len]
         trained = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
         marked.append(_marked(tokenizer, ids, labels))
@@ -634,8 +588,7 @@ def prepare(p: dict[str, Any], *, preview: int = 3) -> Prepared:
             }
         )
 
-    key = _fingerprint(p, p["model_name"], p["dataset_name"])
-    target = os.path.join(cache_root(), key)
+    target = os.path.join(cache_root(), source.key)
     stats_path = os.path.join(target, "stats.json")
     if os.path.exists(stats_path):
         stats = json.loads(Path(stats_path).read_text())
@@ -646,7 +599,7 @@ def prepare(p: dict[str, Any], *, preview: int = 3) -> Prepared:
     staging = f"{target}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        stats = {**_build(splits, encoder, p, staging), **eval_info}
+        stats = {**_build(source.splits, encoder, p, staging), **source.eval_info}
         Path(staging, "stats.json").write_text(json.dumps(stats, indent=2))
         if os.path.exists(target):
             shutil.rmtree(target)
@@ -759,26 +712,10 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
             )
             for name, ds in tokenized.items()
         }
-        if len(kept["train"]) == 0:
-            what = (
-                "no row has an assistant turn to train on"
-                if stats["no_answer"] == stats["rows"]
-                else "no row has anything left to train on"
-            )
-            raise InvalidConfig([problem("dataset_name", what, "Check the data")])
-        if "eval" not in kept and p["eval_split"] > 0:
-            rows = len(kept["train"])
-            held_out = math.ceil(p["eval_split"] * rows)
-            if held_out >= rows:
-                raise InvalidConfig(
-                    [
-                        problem(
-                            "eval_split",
-                            f"{p['eval_split']:g} of {rows} rows leaves no training rows",
-                            "Lower eval_split, or set it to 0",
-                        )
-                    ]
-                )
+        # Splits that cannot work (nothing to train, an eval fraction that leaves no training rows, an eval
+        # split with nothing left) are saved as they are: validation's statistics rules refuse them.
+        rows = len(kept["train"])
+        if "eval" not in kept and p["eval_split"] > 0 and 0 < math.ceil(p["eval_split"] * rows) < rows:
             parts = kept["train"].train_test_split(
                 test_size=p["eval_split"],
                 seed=p["seed"],
@@ -786,10 +723,6 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
                 test_indices_cache_file_name=os.path.join(work, "split-eval.arrow"),
             )
             kept = {"train": parts["train"], "eval": parts["test"]}
-        if "eval" in kept and len(kept["eval"]) == 0:
-            raise InvalidConfig(
-                [problem("eval_split", "the validation split has no row left to evaluate", "Check that split's rows")]
-            )
         stats["rows_used"] = len(kept["train"])
         stats["eval_rows"] = len(kept["eval"]) if "eval" in kept else 0
         stats["trainable_tokens"] = _column_sum(kept["train"], "trained")
@@ -802,7 +735,7 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
 
 
 def _statistics(tokenized, fmt: str, p: dict[str, Any]) -> dict[str, Any]:
-    """Rows, drops and truncation of the training split; stops when too many rows lose everything."""
+    """Rows, drops and truncation of the training split."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -823,19 +756,4 @@ def _statistics(tokenized, fmt: str, p: dict[str, Any]) -> dict[str, Any]:
         "reasoning_dropped": _column_sum(train, "reasoning_dropped"),
         "open_turns": _column_sum(train, "open_turn"),
     }
-    # Rows that had something to train and lost all of it to truncation (not rows that had nothing).
-    dropped -= stats["no_answer"]
-    if len(train) and dropped / len(train) > p["max_dropped_fraction"]:
-        pct = stats["length_percentiles"]
-        raise InvalidConfig(
-            [
-                problem(
-                    "maximum_sequence_length",
-                    f"{dropped} of {len(train)} rows ({dropped / len(train):.0%}) lose every trained token to "
-                    f"truncation at {max_len} tokens (row lengths p50={pct['p50']}, p90={pct['p90']}, "
-                    f"p99={pct['p99']}, max={pct['max']})",
-                    "Raise maximum_sequence_length, or raise max_dropped_fraction to accept the loss",
-                )
-            ]
-        )
     return stats

@@ -1,8 +1,12 @@
-"""The host behind one small interface: where parameters come from and where progress goes.
+"""The host, by composition: where parameters come from (a source), where outputs and checkpoints live
+(places), and where progress, logs, the final status and models go (a sink).
 
-- LegacyHost: TransformerLab 0.31/0.32's plugin harness (`--input_file`), job store `lab.Job(job_id)`.
-- LabHost: the lab SDK with `_TFL_JOB_ID` set (current TransformerLab tasks, remote runners).
-- HeadlessHost: `main.py --config`; the run creates its own job in the local workspace through the lab SDK.
+| start | source | places | sink |
+|---|---|---|---|
+| TransformerLab 0.31/0.32 plugin harness (`--input_file`) | InputFile | LegacyPlaces | LegacyJob (`lab.Job(job_id)`) |
+| lab SDK with `_TFL_JOB_ID` (current TransformerLab tasks) | LabConfig | LabJobPlaces | LabJob |
+| headless `main.py --config` | ConfigFile | OutputDir | LabJob, created when the run starts |
+| `--check`, `--dry-run` | (as above) | (as above) | NullSink: never creates or changes a job |
 
 Training code never knows which host it runs under. Only the parent process uses this module.
 """
@@ -18,11 +22,13 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidConfig, problem
-from .rules import model_config
+from .sources import model_config, workspace_dir
 
 log = logging.getLogger("sft")
 
@@ -60,21 +66,137 @@ def _import_lab():
     return lab
 
 
-class Host:
-    kind = "host"
-    headless = False
-    job_id = ""
+# --- where parameters come from ------------------------------------------------------------------------
+
+
+class ConfigFile:
+    """A headless run's JSON config (with --set overrides): every key must be known."""
+
+    headless = True
+
+    def __init__(self, params: dict[str, Any]):
+        self.params = params
 
     def raw_params(self) -> dict[str, Any]:
-        raise NotImplementedError
+        return dict(self.params)
 
-    def start(self, params: dict[str, Any]) -> None:
-        """Attach to (or create) the job; not called for --check or --dry-run."""
 
-    def locations(self, p: dict[str, Any]) -> tuple[str, str]:
-        """(adapter folder, checkpoint folder) for these parameters."""
+class InputFile:
+    """The legacy harness's input file: {"experiment": {...}, "config": {...}}."""
+
+    headless = False
+
+    def __init__(self, path: str):
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidConfig([problem("input_file", f"cannot read {path} ({exc})", "Check the path")]) from None
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise InvalidConfig([problem("input_file", f"{path} has no config object", "Start it from TransformerLab")])
+        self.config: dict[str, Any] = data["config"]
+        self.experiment: dict[str, Any] = data.get("experiment") or {}
+
+    def raw_params(self) -> dict[str, Any]:
+        return dict(self.config)
+
+
+class LabConnection:
+    """The lab SDK, imported and initialised on first use (`lab.init` attaches to _TFL_JOB_ID's job, or
+    creates a job in the local workspace)."""
+
+    def __init__(self, experiment: str | None):
+        self.experiment = experiment
+        self.lab = None
+        self.metrics_api = True
+
+    def get(self):
+        if self.lab is None:
+            lab = _import_lab().lab
+            with contextlib.redirect_stdout(sys.stderr):
+                lab.init(experiment_id=self.experiment)
+            self.metrics_api = "metrics" in inspect.signature(lab.update_progress).parameters
+            self.lab = lab
+        return self.lab
+
+    @property
+    def job_id(self) -> str:
+        return str(self.lab.job.id) if self.lab is not None else ""
+
+    def job_dir(self) -> str:
+        return os.path.dirname(self.get().get_checkpoints_dir().rstrip("/"))
+
+
+class LabConfig:
+    """Parameters from `lab.get_config()`: what the task or the job was given."""
+
+    headless = False
+
+    def __init__(self, connection: LabConnection):
+        self.connection = connection
+
+    def raw_params(self) -> dict[str, Any]:
+        return dict(self.connection.get().get_config())
+
+
+# --- where outputs and checkpoints live ------------------------------------------------------------------
+
+
+class OutputDir:
+    """<output_dir>/<adaptor_name>, checkpoints in <output_dir>/checkpoints/<adaptor_name>."""
+
+    def locations(self, p: Mapping[str, Any]) -> tuple[str, str]:
         root = os.path.abspath(os.path.expanduser(p["output_dir"] or "./outputs"))
         return os.path.join(root, p["adaptor_name"]), os.path.join(root, "checkpoints", p["adaptor_name"])
+
+    def merged_location(self, p: Mapping[str, Any]) -> str:
+        """Where fuse_model's merged model goes."""
+        return self.locations(p)[0].rstrip(os.sep) + "-merged"
+
+    def checkpoint_to_resume(self) -> str | None:
+        """A checkpoint the host asks us to resume from; None: the newest complete one of the folder."""
+        return None
+
+
+class LegacyPlaces(OutputDir):
+    """The Train tab's adaptor_output_dir; a merged model goes to the workspace's models."""
+
+    def locations(self, p):
+        adapter, checkpoints = super().locations(p)
+        return p["adaptor_output_dir"] or adapter, checkpoints
+
+    def merged_location(self, p):
+        base = os.path.basename(os.path.normpath(p["model_name"]))
+        return os.path.join(workspace_dir(), "models", f"{base}_{p['adaptor_name']}")
+
+
+class LabJobPlaces:
+    """The job's own folders; TransformerLab may name a checkpoint to resume from."""
+
+    def __init__(self, connection: LabConnection):
+        self.connection = connection
+
+    def locations(self, p):
+        checkpoints = self.connection.get().get_checkpoints_dir()
+        return os.path.join(self.connection.job_dir(), "adaptor", p["adaptor_name"]), checkpoints
+
+    def merged_location(self, p):
+        return os.path.join(self.connection.job_dir(), "merged", f"{p['adaptor_name']}-merged")
+
+    def checkpoint_to_resume(self):
+        with contextlib.redirect_stdout(sys.stderr):
+            return self.connection.get().get_checkpoint_to_resume()
+
+
+# --- where progress, logs, the final status and models go ------------------------------------------------
+
+
+class NullSink:
+    """Logs to stderr and nothing else: `--check` and `--dry-run` can never create or change a job."""
+
+    job_id = ""
+
+    def start(self, params: Mapping[str, Any]) -> None:
+        pass
 
     def log(self, text: str) -> None:
         log.info("%s", text)
@@ -85,19 +207,11 @@ class Host:
     def should_stop(self) -> bool:
         return False
 
-    def register_model(self, path: str, p: dict[str, Any]) -> str:
+    def register_model(self, path: str, p: Mapping[str, Any]) -> str:
         return path
 
-    def merged_location(self, p: dict[str, Any]) -> str:
-        """Where fuse_model's merged model goes."""
-        return self.locations(p)[0].rstrip(os.sep) + "-merged"
-
-    def register_merged(self, path: str, p: dict[str, Any]) -> str:
+    def register_merged(self, path: str, p: Mapping[str, Any]) -> str:
         return path
-
-    def checkpoint_to_resume(self) -> str | None:
-        """A checkpoint the host asks us to resume from (lab SDK), else None."""
-        return None
 
     def complete(self, message: str, score: dict[str, float], plot_path: str | None) -> None:
         pass
@@ -109,32 +223,18 @@ class Host:
         pass
 
 
-class LegacyHost(Host):
-    kind = "legacy"
+class LegacyJob(NullSink):
+    """TransformerLab 0.31/0.32's job store (`lab.Job(job_id)`), and the TensorBoard logs its Train tab charts."""
 
-    def __init__(self, input_file: str):
-        self.input_file = input_file
-        try:
-            data = json.loads(Path(input_file).read_text())
-        except (OSError, ValueError) as exc:
-            raise InvalidConfig(
-                [problem("input_file", f"cannot read {input_file} ({exc})", "Check the path")]
-            ) from None
-        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
-            raise InvalidConfig(
-                [problem("input_file", f"{input_file} has no config object", "Start it from TransformerLab")]
-            )
-        self.config = data["config"]
-        self.experiment = data.get("experiment") or {}
+    def __init__(self, source: InputFile):
+        self.config = source.config
+        self.experiment = source.experiment
         self.job_id = str(self.config.get("job_id", ""))
-        self.job = None
         self.output_dir = self.config.get("output_dir", "")
+        self.job = None
         self._writer = None
 
-    def raw_params(self) -> dict[str, Any]:
-        return dict(self.config)
-
-    def start(self, params: dict[str, Any]) -> None:
+    def start(self, params):
         if not self.job_id:
             raise InvalidConfig([problem("job_id", "the input file names no job", "Start the run from TransformerLab")])
         self._attach()
@@ -142,23 +242,12 @@ class LegacyHost(Host):
 
     def _attach(self) -> None:
         if self.job is None and self.job_id:
-            self.job = self._job(_import_lab())
-
-    def _job(self, lab):
-        if len(inspect.signature(lab.Job).parameters) == 1:
-            return lab.Job(self.job_id)
-        experiment = self.experiment.get("name") or self.experiment.get("id") or self.config.get("experiment_name")
-        return lab.Job(self.job_id, str(experiment))
-
-    def locations(self, p):
-        adapter = p["adaptor_output_dir"] or super().locations(p)[0]
-        return adapter, super().locations(p)[1]
-
-    def merged_location(self, p):
-        from .data import workspace_dir
-
-        base = os.path.basename(os.path.normpath(p["model_name"]))
-        return os.path.join(workspace_dir(), "models", f"{base}_{p['adaptor_name']}")
+            lab = _import_lab()
+            if len(inspect.signature(lab.Job).parameters) == 1:
+                self.job = lab.Job(self.job_id)
+            else:
+                name = self.experiment.get("name") or self.experiment.get("id") or self.config.get("experiment_name")
+                self.job = lab.Job(self.job_id, str(name))
 
     def register_merged(self, path, p):
         # The model folder format of TransformerLab's local models (an index.json beside the weights).
@@ -247,69 +336,73 @@ class LegacyHost(Host):
         self._finish("STOPPED", "success", message)
 
 
-class LabHost(Host):
-    kind = "lab"
+class LabJob(NullSink):
+    """A job of the lab SDK. `created_here`: a headless run's own job, created when the run starts (so a run
+    refused before that leaves none), whose outputs stay in output_dir and are registered as copies."""
 
-    def __init__(self, experiment: str | None = None):
-        self.experiment = experiment
-        self.lab = None
-        self._params: dict[str, Any] | None = None
-        self._metrics_api = True
+    def __init__(self, connection: LabConnection, *, created_here: bool = False, config: dict | None = None):
+        self.connection = connection
+        self.created_here = created_here
+        self.config = config
+        self.started = False
 
-    def _attach(self) -> None:
-        if self.lab is None:
-            self.lab = _import_lab().lab
-            with contextlib.redirect_stdout(sys.stderr):
-                self.lab.init(experiment_id=self.experiment)
-            self.job_id = str(self.lab.job.id)
-            self._metrics_api = "metrics" in inspect.signature(self.lab.update_progress).parameters
+    @property
+    def job_id(self) -> str:
+        return self.connection.job_id
 
-    def raw_params(self) -> dict[str, Any]:
-        self._attach()
-        return dict(self.lab.get_config())
+    @property
+    def _lab(self):
+        return self.connection.lab
 
     def start(self, params):
-        self._attach()
+        lab = self.connection.get()
+        if self.created_here:
+            lab.set_config({"parameters": self.config})
+        self.started = True
 
-    def _job_dir(self) -> str:
-        return os.path.dirname(self.lab.get_checkpoints_dir().rstrip("/"))
-
-    def locations(self, p):
-        self._attach()
-        return os.path.join(self._job_dir(), "adaptor", p["adaptor_name"]), self.lab.get_checkpoints_dir()
+    def _reachable(self) -> bool:
+        """A job to write to: attached (a host's job exists before we run) or created by this run's start."""
+        if self.created_here:
+            return self.started
+        self.connection.get()
+        return True
 
     def log(self, text):
         super().log(text)
-        if self.lab is not None:
+        if self._lab is not None:
             with contextlib.redirect_stdout(sys.stderr):
-                self.lab.log(text)
+                self._lab.log(text)
 
     def progress(self, percent, metrics, step):
-        if self.lab is None:
+        if self._lab is None:
             return
         with contextlib.redirect_stdout(sys.stderr):
-            if self._metrics_api:
-                self.lab.update_progress(percent, metrics=metrics or None, step=step)
+            if self.connection.metrics_api:
+                self._lab.update_progress(percent, metrics=metrics or None, step=step)
             else:
-                self.lab.update_progress(percent)
+                self._lab.update_progress(percent)
 
     def register_model(self, path, p):
-        saved = self._save_model(path, p["adaptor_name"], p)
-        shutil.rmtree(path, ignore_errors=True)  # the job's models folder now holds it
-        return saved
-
-    def merged_location(self, p):
-        self._attach()
-        return os.path.join(self._job_dir(), "merged", f"{p['adaptor_name']}-merged")
+        return self._register(path, p["adaptor_name"], p)
 
     def register_merged(self, path, p):
-        saved = self._save_model(path, f"{p['adaptor_name']}-merged", p)
-        shutil.rmtree(path, ignore_errors=True)
+        return self._register(path, f"{p['adaptor_name']}-merged", p)
+
+    def _register(self, path: str, name: str, p) -> str:
+        if self.created_here:
+            # The output stays in output_dir (that is the result); the job gets its own registered copy.
+            try:
+                self._save_model(path, name, p)
+            except Exception as exc:  # a convenience here: the output is already in place
+                log.warning("could not register %s with the workspace: %s", name, exc)
+            return path
+        saved = self._save_model(path, name, p)
+        shutil.rmtree(path, ignore_errors=True)  # the job's models folder now holds it
         return saved
 
     def _save_model(self, path: str, name: str, p) -> str:
         with contextlib.redirect_stdout(sys.stderr):
-            return self.lab.save_model(
+            return self._lab.save_model(
                 path,
                 name=name,
                 parent_model=p["model_name"] or None,
@@ -317,71 +410,29 @@ class LabHost(Host):
                 pipeline_tag="text-generation",  # else the SDK asks the Hub about the parent model
             )
 
-    def checkpoint_to_resume(self):
-        with contextlib.redirect_stdout(sys.stderr):
-            return self.lab.get_checkpoint_to_resume()
-
     def complete(self, message, score, plot_path):
         with contextlib.redirect_stdout(sys.stderr):
-            self.lab.finish(message, score=score, plot_data_path=plot_path)
+            self._lab.finish(message, score=score, plot_data_path=plot_path)
 
     def fail(self, message):
-        self._attach()
-        with contextlib.redirect_stdout(sys.stderr):
-            self.lab.error(message)
+        if self._reachable():
+            with contextlib.redirect_stdout(sys.stderr):
+                self._lab.error(message)
 
     def stopped(self, message):
-        self._attach()
-        _end_job(self.lab.job, "STOPPED", "success", message)
+        if self._reachable():
+            _end_job(self._lab.job, "STOPPED", "success", message)
 
 
-class HeadlessHost(LabHost):
-    kind = "headless"
-    headless = True
+@dataclass(frozen=True)
+class Host:
+    source: ConfigFile | InputFile | LabConfig
+    places: OutputDir | LabJobPlaces
+    sink: NullSink
 
-    def __init__(self, params: dict[str, Any], experiment: str | None):
-        super().__init__(experiment or "alpha")
-        self._raw = params
-
-    def raw_params(self):
-        return dict(self._raw)
-
-    def start(self, params):
-        self._attach()
-        self.lab.set_config({"parameters": self._raw})
-
-    def locations(self, p):
-        return Host.locations(self, p)
-
-    def fail(self, message):
-        # A headless run whose parameters never passed made no job; there is nothing to mark.
-        if self.lab is not None:
-            super().fail(message)
-
-    def stopped(self, message):
-        # Likewise a headless run stopped before it started (a --check or --dry-run, or during preparation).
-        if self.lab is not None:
-            super().stopped(message)
-
-    def register_model(self, path, p):
-        # The adapter stays in output_dir (that is the result); the job gets its own registered copy.
-        return self._register_copy(path, p["adaptor_name"], p)
-
-    def merged_location(self, p):
-        return Host.merged_location(self, p)
-
-    def register_merged(self, path, p):
-        return self._register_copy(path, f"{p['adaptor_name']}-merged", p)
-
-    def checkpoint_to_resume(self):
-        return None  # headless runs resume from their own checkpoint folder
-
-    def _register_copy(self, path, name, p):
-        try:
-            self._save_model(path, name, p)
-        except Exception as exc:  # a convenience here: the output is already in place
-            log.warning("could not register %s with the workspace: %s", name, exc)
-        return path
+    @property
+    def headless(self) -> bool:
+        return self.source.headless
 
 
 def read_config(path: str, overrides: list[str]) -> dict[str, Any]:
@@ -404,11 +455,15 @@ def read_config(path: str, overrides: list[str]) -> dict[str, Any]:
 def choose(args) -> Host:
     """The host for this start: input file (legacy harness), _TFL_JOB_ID (lab SDK), or --config (headless)."""
     if args.input_file:
-        return LegacyHost(args.input_file)
+        source = InputFile(args.input_file)
+        return Host(source, LegacyPlaces(), LegacyJob(source))
     if args.config:
-        return HeadlessHost(read_config(args.config, args.set or []), args.experiment)
+        config = read_config(args.config, args.set or [])
+        connection = LabConnection(args.experiment or "alpha")
+        return Host(ConfigFile(config), OutputDir(), LabJob(connection, created_here=True, config=config))
     if os.environ.get("_TFL_JOB_ID"):
-        return LabHost()
+        connection = LabConnection(None)
+        return Host(LabConfig(connection), LabJobPlaces(connection), LabJob(connection))
     raise InvalidConfig(
         [problem("--config", "no parameters given", "Run `python main.py --config run.json` (see README.md)")]
     )

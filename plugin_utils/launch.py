@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import glob
-import json
 import logging
 import os
 import signal
@@ -24,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RunFailed, StopRequested
-from .events import EVENTS_FILE, SPEC_FILE, STOP_FILE, EventReader, process_start
-from .rules import Plan, rank_environment
+from .planning import Plan
+from .runfolder import RunFolder, RunSpec, process_start
 from .strategies import mixed_precision, write_configs
 
 log = logging.getLogger("sft")
@@ -100,35 +98,35 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def rendezvous_port(p: dict[str, Any]) -> int:
+def rendezvous_port(plan: Plan) -> int:
     """The port the ranks meet on: the one asked for, or a free one (a busy one is replaced on one machine)."""
-    port = p["main_process_port"]
+    port = plan.main_process_port
     if not port:
         return free_port()
-    if p["num_machines"] == 1 and not _port_free(port):
+    if plan.num_machines == 1 and not _port_free(port):
         replacement = free_port()
         log.warning("main_process_port %s is in use; the ranks meet on port %s instead", port, replacement)
         return replacement
     return port
 
 
-def command(p: dict[str, Any], plan: Plan, run_dir: str, port: int, configs: dict[str, str] | None = None) -> list[str]:
+def command(plan: Plan, run_dir: str, port: int, configs: dict[str, str] | None = None) -> list[str]:
     configs = configs or {}
     entry = ["-m", "plugin_utils.worker", run_dir]
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     if "accelerate" in configs:
         return [*launcher, "--config_file", configs["accelerate"], *entry]
-    if plan.num_processes == 1 and p["num_machines"] == 1:
+    if plan.world_size == 1:
         return [sys.executable, *entry]
     launch = [
         *launcher,
         "--multi_gpu",
         "--num_processes",
-        str(plan.num_processes * p["num_machines"]),
+        str(plan.world_size),
         "--num_machines",
-        str(p["num_machines"]),
+        str(plan.num_machines),
         "--machine_rank",
-        str(p["machine_rank"]),
+        str(plan.machine_rank),
         "--main_process_port",
         str(port),
         "--mixed_precision",
@@ -136,14 +134,22 @@ def command(p: dict[str, Any], plan: Plan, run_dir: str, port: int, configs: dic
         "--dynamo_backend",
         "no",
     ]
-    if p["main_process_ip"]:
-        launch += ["--main_process_ip", p["main_process_ip"]]
+    if plan.main_process_ip:
+        launch += ["--main_process_ip", plan.main_process_ip]
     return [*launch, *entry]
 
 
-def rank_env(plan: Plan, p: dict[str, Any] | None = None) -> dict[str, str]:
+def rank_environment(plan: Plan) -> dict[str, str]:
+    """GPUs are selected here, never inside the ranks after torch starts. Ids are as nvidia-smi shows them,
+    which is what CUDA_VISIBLE_DEVICES takes; an empty value hides every GPU."""
+    visible = ",".join(str(i) for i in plan.gpu_ids) if plan.device == "cuda" else ""
+    # CUDA numbers cards fastest first unless told otherwise; nvidia-smi numbers them by bus.
+    return {"CUDA_VISIBLE_DEVICES": visible, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def rank_env(plan: Plan, log_to_wandb: bool = False) -> dict[str, str]:
     env = dict(os.environ)
-    if p and p["log_to_wandb"] and not env.get("WANDB_API_KEY"):
+    if log_to_wandb and not env.get("WANDB_API_KEY"):
         env.setdefault("WANDB_MODE", "offline")
     env.update(rank_environment(plan))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PLUGIN_DIR, env.get("PYTHONPATH")]))
@@ -157,18 +163,21 @@ def rank_env(plan: Plan, p: dict[str, Any] | None = None) -> dict[str, str]:
     return env
 
 
-def _pump(stream, tail: collections.deque) -> None:
-    """Echo the ranks' output and keep its tail. It always drains the pipe, even once our own stderr is
-    gone (a closed terminal or log reader): ranks blocked on a full pipe would hang the run."""
+def _pump(stream, tail: collections.deque, log_path: str) -> None:
+    """Echo the ranks' output, keep its tail, and keep all of it in the run folder's log. It always drains
+    the pipe, even once our own stderr is gone (a closed terminal or log reader): ranks blocked on a full pipe
+    would hang the run."""
     echo = True
-    for raw in iter(stream.readline, b""):
-        line = raw.decode("utf-8", "replace").rstrip("\n")
-        tail.append(line)
-        if echo:
-            try:
-                sys.stderr.write(line + "\n")
-            except (OSError, ValueError):
-                echo = False
+    with open(log_path, "ab") as kept:
+        for raw in iter(stream.readline, b""):
+            kept.write(raw)
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            tail.append(line)
+            if echo:
+                try:
+                    sys.stderr.write(line + "\n")
+                except (OSError, ValueError):
+                    echo = False
     stream.close()
 
 
@@ -208,14 +217,12 @@ def _signal_death(tail: collections.deque) -> str | None:
     return None
 
 
-def _rank_failure(run_dir: str, tail: collections.deque, code: int) -> str:
+def _rank_failure(folder: RunFolder, tail: collections.deque, code: int) -> str:
     """The root cause: the first report written that is not a consequence of another rank's death."""
     reports = []
-    for report in glob.glob(os.path.join(run_dir, "error-rank*.txt")):
-        summary = Path(report).read_text().split("\n\n", 1)[0].strip()
+    for rank, written, summary in folder.rank_errors():
         secondary = any(marker in summary for marker in SECONDARY_FAILURES)
-        rank = int(report.rsplit("rank", 1)[1].split(".")[0])
-        reports.append((secondary, os.stat(report).st_mtime_ns, rank, summary))
+        reports.append((secondary, written, rank, summary))
     reports.sort()
     killed = _signal_death(tail)
     if reports and not (killed and reports[0][0]):
@@ -235,9 +242,9 @@ def _rank_failure(run_dir: str, tail: collections.deque, code: int) -> str:
 class Watcher:
     """Relays rank events to the host and keeps what the run's outcome needs (start, end, first step)."""
 
-    def __init__(self, host, run_dir: str):
+    def __init__(self, host, folder: RunFolder):
         self.host = host
-        self.reader = EventReader(os.path.join(run_dir, EVENTS_FILE))
+        self.reader = folder.event_reader()
         self.percent = 0
         self.last_relay = 0.0
         self.start: dict[str, Any] = {}
@@ -291,17 +298,17 @@ class Watcher:
             self.handle(event)
 
 
-def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str, stop: StopFlag) -> RunResult:
+def run(host, spec: RunSpec, plan: Plan, folder: RunFolder, stop: StopFlag) -> RunResult:
+    """Launch the ranks on this spec and watch them to the end; `host` gets progress and answers should_stop."""
     stop.interrupting = False  # from here on a stop is passed to the ranks, which save first
-    port = rendezvous_port(p)
-    configs = write_configs(run_dir, p, plan, port)
-    spec = {**spec, "deepspeed_config": configs.get("deepspeed")}
-    Path(run_dir, SPEC_FILE).write_text(json.dumps(spec, indent=2))
-    cmd = command(p, plan, run_dir, port, configs)
+    port = rendezvous_port(plan)
+    configs = write_configs(folder, plan, port)
+    folder.write_spec(spec)
+    cmd = command(plan, folder.path, port, configs)
     log.info("launch: %s", " ".join(cmd))
     proc = subprocess.Popen(
         cmd,
-        env=rank_env(plan, p),
+        env=rank_env(plan, spec.log_to_wandb),
         cwd=PLUGIN_DIR,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -311,9 +318,9 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
         start_new_session=True,
     )
     tail: collections.deque = collections.deque(maxlen=200)
-    pump = threading.Thread(target=_pump, args=(proc.stdout, tail), daemon=True)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, tail, folder.ranks_log), daemon=True)
     pump.start()
-    watcher = Watcher(host, run_dir)
+    watcher = Watcher(host, folder)
     last_poll = 0.0
     stop_sent_at: float | None = None
     try:
@@ -327,7 +334,7 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
                     stop.request()
             if stop.requested and stop_sent_at is None:
                 stop_sent_at = now
-                Path(run_dir, STOP_FILE).touch()
+                folder.request_stop()
                 host.log("stop requested: the ranks finish the current step and save a checkpoint")
             if stop_sent_at and (stop.forced or now - stop_sent_at > STOP_GRACE_SECONDS):
                 _kill_group(proc)
@@ -343,7 +350,7 @@ def run(host, p: dict[str, Any], plan: Plan, spec: dict[str, Any], run_dir: str,
         end = watcher.end or {}
         raise StopRequested(end.get("step", 0))
     if code != 0 or watcher.end is None:
-        raise RunFailed(_rank_failure(run_dir, tail, code))
+        raise RunFailed(_rank_failure(folder, tail, code))
     end = watcher.end
     began = process_start()
     return RunResult(

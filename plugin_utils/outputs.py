@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -77,92 +79,152 @@ def latest_checkpoint(folder: str, world_size: int = 1) -> str | None:
     return max(found)[1] if found else None
 
 
-# What a resumed run must share with the run that saved the checkpoint.
-RESUME_KEYS = (
+# What a resumed run shares with the run that saved its checkpoint, as the user asked it (never what `auto`
+# became). A change to a HARD key makes the checkpoint unusable, or its resumed data position wrong: refused.
+# A change to a SOFT key only changes what happens from the resume point on: a warning. The world size and
+# the prepared data's fingerprint are hard too.
+HARD_KEYS = (
     "model_name",
     "training_mode",
     "lora_r",
     "lora_alpha",
-    "lora_dropout",
     "lora_target_modules",
+    "distributed_strategy",
     "maximum_sequence_length",
     "batch_size",
     "gradient_accumulation_steps",
+    "packing",
+    "seed",
+)
+SOFT_KEYS = (
+    "max_steps",
+    "num_train_epochs",
     "learning_rate",
     "learning_rate_schedule",
     "warmup_ratio",
-    "num_train_epochs",
-    "max_steps",
-    "packing",
-    "seed",
-    "distributed_strategy",
+    "lora_dropout",
+    "save_steps",
+    "logging_steps",
 )
 RUN_PARAMS_FILE = "run_params.json"
+IDENTITY_VERSION = 2
+SHOWN = {"dataset": "dataset_name (its content or preparation)", "world_size": "num_processes (world size)"}
 
 
-def run_identity(p: dict[str, Any], world_size: int, data_key: str) -> dict[str, Any]:
-    return {**{k: p[k] for k in RESUME_KEYS}, "world_size": world_size, "dataset": data_key}
+def identity(p: Mapping[str, Any], world_size: int, data_key: str | None, derived: dict | None = None) -> dict:
+    """What run_params.json records: the asked values compared on resume, and what was derived, shown beside."""
+    return {
+        "version": IDENTITY_VERSION,
+        "asked": {k: p[k] for k in (*HARD_KEYS, *SOFT_KEYS)},
+        "world_size": world_size,
+        "dataset": data_key,
+        "derived": derived or {},
+    }
 
 
-def resume_point(
-    adapter_dir: str, checkpoint_dir: str, identity: dict[str, Any], *, overwrite: bool, requested: str | None = None
-) -> str | None:
-    """Where an interrupted run left off (or the checkpoint the host asks for). A run that replaces a
-    finished adapter starts afresh; one whose parameters changed in a way that matters is refused, naming them."""
+def _compared(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The compared values of a recorded identity; run_params.json of version 1 was one flat dict."""
+    asked = recorded.get("asked", recorded)
+    return {**asked, "world_size": recorded.get("world_size"), "dataset": recorded.get("dataset")}
+
+
+def _writable(path: str) -> bool:
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return os.access(probe, os.W_OK)
+
+
+@dataclass(frozen=True)
+class OutputFacts:
+    """The output folders and what they hold, found without changing anything."""
+
+    adapter_dir: str
+    checkpoint_dir: str
+    adapter_complete: bool
+    # The checkpoint this run resumes from (the host's request, or the newest complete one); None: a fresh start.
+    resume_from: str | None
+    recorded: dict[str, Any] | None  # run_params.json beside that checkpoint
+    identity: dict[str, Any]  # this run's
+    lock_holder: str | None
+    unwritable: tuple[str, ...] = ()
+
+    def changed(self) -> list[str]:
+        """Compared values that differ from the recorded run (the dataset only once this run's is known)."""
+        if self.recorded is None:
+            return []
+        saved, mine = _compared(self.recorded), _compared(self.identity)
+        return [k for k in mine if k in saved and saved[k] != mine[k] and not (k == "dataset" and mine[k] is None)]
+
+    def dataset_changed(self, key: str) -> bool:
+        return self.recorded is not None and _compared(self.recorded).get("dataset") not in (None, key)
+
+    @staticmethod
+    def shown(names: list[str]) -> list[str]:
+        return [SHOWN.get(name, name) for name in names]
+
+
+def inspect(
+    adapter_dir: str,
+    checkpoint_dir: str,
+    this_run: dict[str, Any],
+    *,
+    overwrite: bool,
+    requested: str | None = None,
+) -> OutputFacts:
+    """The facts validation needs about the outputs. With overwrite_output, a finished adapter or a checkpoint
+    that cannot be resumed means a fresh start (the old checkpoints are removed at launch, not here)."""
+    complete = is_complete_adapter(adapter_dir)
     if requested:
-        _refuse_if_changed(os.path.dirname(requested.rstrip(os.sep)), identity)
-        return requested
-    if overwrite and (is_complete_adapter(adapter_dir) or _changed(checkpoint_dir, identity)):
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        return None
-    latest = latest_checkpoint(checkpoint_dir, identity["world_size"])
-    if latest is None:
-        return None
-    _refuse_if_changed(checkpoint_dir, identity)
-    _remove_unfinished(checkpoint_dir, latest)
-    return latest
-
-
-def _refuse_if_changed(checkpoint_dir: str, identity: dict[str, Any]) -> None:
-    changed = _changed(checkpoint_dir, identity)
-    if not changed:
-        return
-    names = ", ".join(changed)
-    raise InvalidConfig(
-        [
-            problem(
-                changed[0] if len(changed) == 1 else "adaptor_name",
-                f"the checkpoint in {checkpoint_dir} was trained with other values of {names}, so it cannot be resumed",
-                "Restore those values to resume, set overwrite_output=true to start afresh, or pick another "
-                "adaptor_name",
-            )
-        ]
+        resume, folder = requested, os.path.dirname(requested.rstrip(os.sep))
+    else:
+        resume, folder = latest_checkpoint(checkpoint_dir, this_run["world_size"]), checkpoint_dir
+    recorded_path = os.path.join(folder, RUN_PARAMS_FILE)
+    recorded = None
+    if resume and os.path.isfile(recorded_path):
+        try:
+            recorded = json.loads(Path(recorded_path).read_text())
+        except ValueError:
+            recorded = None
+    facts = OutputFacts(
+        adapter_dir=adapter_dir,
+        checkpoint_dir=checkpoint_dir,
+        adapter_complete=complete,
+        resume_from=resume,
+        recorded=recorded if isinstance(recorded, dict) else None,
+        identity=this_run,
+        lock_holder=RunLock.holder(checkpoint_dir),
+        unwritable=tuple(path for path in (adapter_dir, checkpoint_dir) if not _writable(path)),
     )
+    if overwrite and not requested and (complete or any(k in HARD_KEYS or k == "world_size" for k in facts.changed())):
+        facts = replace(facts, resume_from=None, recorded=None)
+    return facts
 
 
-def _changed(checkpoint_dir: str, identity: dict[str, Any]) -> list[str]:
-    path = os.path.join(checkpoint_dir, RUN_PARAMS_FILE)
-    if not os.path.isfile(path):
-        return []
-    try:
-        saved = json.loads(Path(path).read_text())
-    except ValueError:
-        return []
-    names = {"dataset": "dataset_name (its content or preparation)", "world_size": "num_processes"}
-    return [names.get(k, k) for k in identity if saved.get(k) != identity[k]]
+def prepare_checkpoints(out: OutputFacts) -> str | None:
+    """Make the checkpoint folder what validation saw: emptied for a fresh start that replaces older
+    checkpoints, else cleared of saves newer than the resume point (cut off mid-save). Returns the resume point."""
+    if out.resume_from is None:
+        if out.adapter_complete or _checkpoints(out.checkpoint_dir):
+            for _, path in _checkpoints(out.checkpoint_dir):
+                shutil.rmtree(path, ignore_errors=True)
+        return None
+    if os.path.dirname(out.resume_from.rstrip(os.sep)) == out.checkpoint_dir.rstrip(os.sep):
+        _remove_unfinished(out.checkpoint_dir, out.resume_from)
+    return out.resume_from
 
 
 def _remove_unfinished(checkpoint_dir: str, keep: str) -> None:
     """Checkpoints newer than the resume point were cut off mid-save; the trainer must not meet them."""
-    keep_step = int(os.path.basename(keep).removeprefix("checkpoint-"))
+    keep_step = int(os.path.basename(keep.rstrip(os.sep)).removeprefix("checkpoint-"))
     for step, path in _checkpoints(checkpoint_dir):
         if step > keep_step:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def record_run(checkpoint_dir: str, identity: dict[str, Any]) -> None:
+def record_run(checkpoint_dir: str, this_run: dict[str, Any]) -> None:
     os.makedirs(checkpoint_dir, exist_ok=True)
-    Path(checkpoint_dir, RUN_PARAMS_FILE).write_text(json.dumps(identity, indent=2))
+    Path(checkpoint_dir, RUN_PARAMS_FILE).write_text(json.dumps(this_run, indent=2, default=str))
 
 
 class RunLock:
@@ -172,6 +234,25 @@ class RunLock:
     def __init__(self, checkpoint_dir: str):
         self.path = os.path.join(checkpoint_dir, ".lock")
         self.handle = None
+
+    @staticmethod
+    def holder(checkpoint_dir: str) -> str | None:
+        """Who holds the lock on this folder now (None when free), found without taking it for longer than a
+        moment and without creating anything."""
+        import fcntl
+
+        path = os.path.join(checkpoint_dir, ".lock")
+        try:
+            handle = open(path)  # noqa: SIM115 - closed below
+        except OSError:
+            return None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+        finally:
+            handle.close()
+        return None
 
     def __enter__(self) -> RunLock:
         import fcntl
@@ -215,9 +296,6 @@ class Staged:
         self.adapter_staging = staging_path(adapter_dir)
         self.merged_staging = staging_path(merged_dir) if merged_dir else None
 
-    def spec(self) -> dict[str, Any]:
-        return {"adapter_staging": self.adapter_staging, "merged_staging": self.merged_staging}
-
     def __enter__(self) -> Staged:
         return self
 
@@ -226,7 +304,7 @@ class Staged:
             if path:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def publish(self, job, p: dict[str, Any], summary_data: dict[str, Any]) -> str:
+    def publish(self, host, p: Mapping[str, Any], summary_data: dict[str, Any]) -> str:
         """Move the outputs into place and register them with the host; returns the adapter's path."""
         if not os.path.isdir(self.adapter_staging):
             raise RunFailed(f"the training processes wrote no adapter to {self.adapter_staging}")
@@ -240,8 +318,8 @@ class Staged:
             ) from None
         # Registered only once everything is in place: a failure above leaves nothing half-registered.
         if merged:
-            job.register_merged(merged, p)
-        return job.register_model(adapter, p)
+            host.register_merged(merged, p)
+        return host.register_model(adapter, p)
 
 
 def score(result) -> dict[str, float]:
@@ -284,7 +362,7 @@ def summary(
 ) -> dict[str, Any]:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "parameters": p,
+        "parameters": dict(p),
         "plan": plan.as_dict(),
         "world_size": result.world_size,
         "steps": result.steps,

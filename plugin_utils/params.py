@@ -1,6 +1,8 @@
-"""Parameters: the form schema lives in index.json; this module reads it, coerces and checks each value.
+"""Parameters: the form schema lives in index.json; this module reads it, coerces and checks each value, and
+freezes the result. `Params` is what the user asked, normalised, and it never changes afterwards: every
+decision derived from it (devices, precision, packing, ...) lives on the plan (`planning.py`).
 
-Cross-parameter rules live in `rules.py`; this module only knows single values.
+Cross-parameter rules live in `validation.py`; this module only knows single values.
 """
 
 from __future__ import annotations
@@ -8,11 +10,13 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidConfig, Problem, problem
+from .errors import Problem, problem
 
 MANIFEST = Path(__file__).resolve().parent.parent / "index.json"
 
@@ -132,25 +136,49 @@ def _check_string(name: str, value: str, spec: dict[str, Any]) -> Problem | None
     return None
 
 
-def resolve(raw: dict[str, Any], *, headless: bool) -> tuple[dict[str, Any], list[Problem]]:
-    """Coerce every value, fill defaults, and report all single-value problems at once.
-
-    Returns the parameters and the warnings; raises InvalidConfig with every error found.
-    """
-    values, warnings, errors = resolve_all(raw, headless=headless)
-    if errors:
-        raise InvalidConfig(errors, warnings)
-    return values, warnings
-
-
 def usable(values: dict[str, Any], errors: list[Problem], name: str) -> bool:
     """The parameter has a value of its own that passed its single-value checks."""
     return values.get(name) not in (None, "") and all(e.parameter != name for e in errors)
 
 
-def resolve_all(raw: dict[str, Any], *, headless: bool) -> tuple[dict[str, Any], list[Problem], list[Problem]]:
-    """Like resolve(), but returns the errors instead of raising: values that failed keep their defaults,
-    so the cross-parameter rules can still run and every problem is reported in one go."""
+class Params(Mapping):
+    """The parameters of one run, read-only: `p["learning_rate"]`, never `p["learning_rate"] = ...`."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = dict(values)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Params({self._values!r})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain copy, for JSON."""
+        return dict(self._values)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The parameters read from a host, and the single-value problems found on the way."""
+
+    params: Params
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def read(raw: Mapping[str, Any], *, headless: bool) -> Reading:
+    """Coerce every value, fill defaults, and report every single-value problem at once. A value that failed
+    keeps its default, so the cross-parameter rules can still run and every problem is reported in one go.
+    Unknown keys are errors headless, warnings under a host (hosts add keys of their own)."""
     schema = form_schema()
     known = {**HOST_KEYS, **schema}
     errors: list[Problem] = []
@@ -180,4 +208,4 @@ def resolve_all(raw: dict[str, Any], *, headless: bool) -> tuple[dict[str, Any],
     for name, spec in schema.items():
         if spec.get("required") and name not in failed and values.get(name) in (None, ""):
             errors.append(problem(name, "is required", f"Set {name} (see its help in the Train tab)"))
-    return values, warnings, errors
+    return Reading(Params(values), errors, warnings)

@@ -8,25 +8,23 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
-ACCELERATE_CONFIG = "accelerate_config.json"
-DEEPSPEED_CONFIG = "deepspeed_config.json"
+from .runfolder import ACCELERATE_CONFIG, DEEPSPEED_CONFIG, RunFolder
 
 
 def mixed_precision(plan) -> str:
     return {"bf16": "bf16", "fp16": "fp16"}.get(plan.precision, "no")
 
 
-def fsdp_config(p: dict[str, Any], plan, port: int) -> dict[str, Any]:
+def fsdp_config(plan, port: int) -> dict[str, Any]:
     return {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "FSDP",
-        "num_processes": plan.num_processes * p["num_machines"],
-        "num_machines": p["num_machines"],
-        "machine_rank": p["machine_rank"],
-        "main_process_ip": p["main_process_ip"] or None,
+        "num_processes": plan.world_size,
+        "num_machines": plan.num_machines,
+        "machine_rank": plan.machine_rank,
+        "main_process_ip": plan.main_process_ip or None,
         "main_process_port": port,
         "mixed_precision": mixed_precision(plan),
         "use_cpu": plan.device == "cpu",
@@ -41,13 +39,13 @@ def fsdp_config(p: dict[str, Any], plan, port: int) -> dict[str, Any]:
             # A full state dict on rank 0: adapters and checkpoints save as in a single-process run.
             "fsdp_state_dict_type": "FULL_STATE_DICT",
             # FSDP checkpoints activations itself; the Trainer's own checkpointing is then turned off.
-            "fsdp_activation_checkpointing": bool(p["gradient_checkpointing"]),
+            "fsdp_activation_checkpointing": plan.gradient_checkpointing,
         },
     }
 
 
-def deepspeed_config(p: dict[str, Any]) -> dict[str, Any]:
-    stage = 3 if p["distributed_strategy"] == "deepspeed_zero3" else 2
+def deepspeed_config(plan) -> dict[str, Any]:
+    stage = 3 if plan.strategy == "deepspeed_zero3" else 2
     zero: dict[str, Any] = {
         "stage": stage,
         "overlap_comm": True,
@@ -72,18 +70,15 @@ def deepspeed_config(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_configs(run_dir: str, p: dict[str, Any], plan, port: int) -> dict[str, str]:
+def write_configs(folder: RunFolder, plan, port: int) -> dict[str, str]:
     """Write what the strategy needs into the run folder; returns {'accelerate'|'deepspeed': path}."""
     written = {}
-    strategy = p["distributed_strategy"]
-    if strategy == "fsdp":
-        path = os.path.join(run_dir, ACCELERATE_CONFIG)
-        with open(path, "w") as handle:
-            json.dump(fsdp_config(p, plan, port), handle, indent=2)
-        written["accelerate"] = path
-    elif strategy.startswith("deepspeed"):
-        path = os.path.join(run_dir, DEEPSPEED_CONFIG)
-        with open(path, "w") as handle:
-            json.dump(deepspeed_config(p), handle, indent=2)
-        written["deepspeed"] = path
+    if plan.strategy == "fsdp":
+        written["accelerate"] = folder.file(ACCELERATE_CONFIG)
+        with open(written["accelerate"], "w") as handle:
+            json.dump(fsdp_config(plan, port), handle, indent=2)
+    elif plan.strategy.startswith("deepspeed"):
+        written["deepspeed"] = folder.file(DEEPSPEED_CONFIG)
+        with open(written["deepspeed"], "w") as handle:
+            json.dump(deepspeed_config(plan), handle, indent=2)
     return written

@@ -6,18 +6,16 @@ watches for the stop file and they agree on stopping through one collective per 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from .data import load_tokenizer
-from .events import EVENTS_FILE, SPEC_FILE, STOP_FILE, EventWriter, error_file, process_start
+from .runfolder import RunFolder, RunSpec, process_start
+from .sources import load_tokenizer
 
 
 def _dtype(precision: str):
@@ -26,12 +24,11 @@ def _dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def _load_model(spec: dict[str, Any]):
+def _load_model(spec: RunSpec):
     from transformers import AutoModelForCausalLM
 
-    p, plan = spec["params"], spec["plan"]
-    kwargs: dict[str, Any] = {"dtype": _dtype(plan["precision"]), "attn_implementation": plan["speed"]["attention"]}
-    if p["training_mode"] == "qlora":
+    kwargs: dict[str, Any] = {"dtype": _dtype(spec.precision), "attn_implementation": spec.attention}
+    if spec.training_mode == "qlora":
         import torch
         from transformers import BitsAndBytesConfig
 
@@ -39,81 +36,75 @@ def _load_model(spec: dict[str, Any]):
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if plan["precision"] == "bf16" else torch.float16,
+            bnb_4bit_compute_dtype=torch.bfloat16 if spec.precision == "bf16" else torch.float16,
         )
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        return AutoModelForCausalLM.from_pretrained(p["model_name"], **kwargs)
+        return AutoModelForCausalLM.from_pretrained(spec.model_name, **kwargs)
     except (ValueError, ImportError) as exc:
         if kwargs["attn_implementation"] == "sdpa":
             raise
         # An architecture without flash-attention support: SDPA still trains it, packed rows included.
         print(f"flash-attention is not usable for this model ({exc}); using SDPA", file=sys.stderr, flush=True)
         kwargs["attn_implementation"] = "sdpa"
-        return AutoModelForCausalLM.from_pretrained(p["model_name"], **kwargs)
+        return AutoModelForCausalLM.from_pretrained(spec.model_name, **kwargs)
 
 
-def _peft_config(p: dict[str, Any]):
-    if p["training_mode"] == "full":
+def _peft_config(spec: RunSpec):
+    if spec.training_mode == "full":
         return None
     from peft import LoraConfig
 
-    targets = p["lora_target_modules"].strip()
-    modules: str | list[str] = (
-        "all-linear" if targets in ("", "all-linear") else [m.strip() for m in targets.split(",") if m.strip()]
-    )
+    modules = spec.lora_target_modules
     return LoraConfig(
-        r=p["lora_r"],
-        lora_alpha=p["lora_alpha"],
-        lora_dropout=p["lora_dropout"],
-        target_modules=modules,
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules="all-linear" if modules == ("all-linear",) else list(modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
-def _sft_config(spec: dict[str, Any], has_eval: bool):
+def _sft_config(spec: RunSpec):
     from trl import SFTConfig
 
-    p, plan = spec["params"], spec["plan"]
-    on_cpu = plan["device"] == "cpu"
-    speed = plan["speed"]  # packing and gradient checkpointing arrive settled in the parameters
     return SFTConfig(
-        output_dir=spec["checkpoint_dir"],
-        per_device_train_batch_size=p["batch_size"],
-        per_device_eval_batch_size=p["batch_size"],
-        gradient_accumulation_steps=p["gradient_accumulation_steps"],
-        learning_rate=p["learning_rate"],
-        lr_scheduler_type=p["learning_rate_schedule"],
-        warmup_steps=p["warmup_ratio"],  # a float below 1 is a ratio of the total steps
-        num_train_epochs=p["num_train_epochs"],
-        max_steps=p["max_steps"],
-        logging_steps=p["logging_steps"],
+        output_dir=spec.checkpoint_dir,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=spec.learning_rate_schedule,
+        warmup_steps=spec.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        num_train_epochs=spec.num_train_epochs,
+        max_steps=spec.max_steps,
+        logging_steps=spec.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=p["save_steps"],
-        save_total_limit=p["save_total_limit"],
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=p["save_steps"] if has_eval else None,
-        seed=p["seed"],
-        data_seed=p["seed"],
-        bf16=plan["precision"] == "bf16",
-        fp16=plan["precision"] == "fp16",
-        use_cpu=on_cpu,  # without it, CPU ranks never join one gloo group
+        save_steps=spec.save_steps,
+        save_total_limit=spec.save_total_limit,
+        eval_strategy="steps" if spec.has_eval else "no",
+        eval_steps=spec.save_steps if spec.has_eval else None,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        bf16=spec.precision == "bf16",
+        fp16=spec.precision == "fp16",
+        use_cpu=spec.device == "cpu",  # without it, CPU ranks never join one gloo group
         # Under FSDP, the FSDP config checkpoints activations instead.
-        activation_checkpointing=p["gradient_checkpointing"] and p["distributed_strategy"] != "fsdp",
-        deepspeed=spec.get("deepspeed_config"),
-        max_length=p["maximum_sequence_length"],
-        packing=p["packing"],
+        activation_checkpointing=spec.gradient_checkpointing and spec.strategy != "fsdp",
+        deepspeed=spec.deepspeed_config,
+        max_length=spec.max_length,
+        packing=spec.packing,
         # Rows arrive tokenized, truncated and labelled; TRL only has work left when it packs.
-        dataset_kwargs=None if p["packing"] else {"skip_prepare_dataset": True},
+        dataset_kwargs=None if spec.packing else {"skip_prepare_dataset": True},
         remove_unused_columns=False,
-        report_to=["wandb"] if p["log_to_wandb"] else [],
-        ddp_find_unused_parameters=False if p["training_mode"] != "full" else None,
-        use_liger_kernel=speed["liger"],
-        tf32=True if speed["tf32"] else None,
-        dataloader_num_workers=speed["dataloader_workers"],
-        dataloader_persistent_workers=speed["dataloader_workers"] > 0,
+        report_to=["wandb"] if spec.log_to_wandb else [],
+        ddp_find_unused_parameters=False if spec.training_mode != "full" else None,
+        use_liger_kernel=spec.liger,
+        tf32=True if spec.tf32 else None,
+        dataloader_num_workers=spec.dataloader_workers,
+        dataloader_persistent_workers=spec.dataloader_workers > 0,
         ddp_timeout=1800,
         disable_tqdm=True,
         save_only_model=False,
@@ -140,9 +131,9 @@ def _parent_gone() -> bool:
 class Reporter(TrainerCallback):
     """Progress events from each node's first rank, and the stop every rank agrees on."""
 
-    def __init__(self, run_dir: str, is_main: bool):
-        self.stop_path = os.path.join(run_dir, STOP_FILE)
-        self.events = EventWriter(os.path.join(run_dir, EVENTS_FILE)) if is_main else None
+    def __init__(self, folder: RunFolder, is_main: bool):
+        self.folder = folder
+        self.events = folder.event_writer() if is_main else None
         self.last_progress = 0.0
         self.last_tokens: tuple[float, float] | None = None
         self.stopped = False
@@ -153,7 +144,7 @@ class Reporter(TrainerCallback):
             self.events.emit(kind, **fields)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if _agree(os.path.exists(self.stop_path)):
+        if _agree(self.folder.stop_requested()):
             raise StoppedBeforeTraining()
         self.emit(
             "start",
@@ -170,7 +161,7 @@ class Reporter(TrainerCallback):
             self.last_progress = now
             self.emit("progress", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
         # The parent passes a stop on as a file; a parent that vanished gets the same treatment.
-        if _agree(os.path.exists(self.stop_path) or _parent_gone()):
+        if _agree(self.folder.stop_requested() or _parent_gone()):
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True
@@ -216,20 +207,19 @@ def _final_loss(history: list[dict[str, Any]]) -> tuple[float | None, float | No
     return (train[-1] if train else None, evals[-1] if evals else None)
 
 
-def train(run_dir: str) -> int:
-    spec = json.loads(Path(run_dir, SPEC_FILE).read_text())
+def train(folder: RunFolder) -> int:
+    spec = folder.read_spec()
     marks = {"rank_started": process_start()}  # absolute times; the parent makes them relative
     from datasets import load_from_disk
     from trl import SFTTrainer
 
     marks["libraries_imported"] = time.time()
 
-    p = spec["params"]
-    data = load_from_disk(spec["prepared_path"])  # memory-mapped: ranks share the page cache
-    tokenizer = load_tokenizer(p["model_name"])  # as the parent loaded it to prepare the rows
-    args = _sft_config(spec, "eval" in data)
+    data = load_from_disk(spec.prepared_path)  # memory-mapped: ranks share the page cache
+    tokenizer = load_tokenizer(spec.model_name)  # as the parent loaded it to prepare the rows
+    args = _sft_config(spec)
     is_world_main = args.process_index == 0
-    reporter = Reporter(run_dir, is_main=args.local_process_index == 0)
+    reporter = Reporter(folder, is_main=args.local_process_index == 0)
     model = _load_model(spec)
     marks["model_loaded"] = time.time()
     trainer = SFTTrainer(
@@ -238,14 +228,14 @@ def train(run_dir: str) -> int:
         train_dataset=data["train"],
         eval_dataset=data.get("eval"),
         processing_class=tokenizer,
-        peft_config=_peft_config(p),
+        peft_config=_peft_config(spec),
         callbacks=[reporter],
     )
     marks["trainer_ready"] = time.time()
     reporter.marks = marks
     started = time.time()
     try:
-        result = trainer.train(resume_from_checkpoint=spec.get("resume_from"))
+        result = trainer.train(resume_from_checkpoint=spec.resume_from)
     except StoppedBeforeTraining:
         reporter.emit("stopped", step=0, max_steps=0)
         return 0
@@ -255,11 +245,11 @@ def train(run_dir: str) -> int:
         reporter.emit("stopped", step=state.global_step, max_steps=state.max_steps)
         return 0
     final_loss, eval_loss = _final_loss(state.log_history)
-    staging = spec["adapter_staging"]
+    staging = spec.adapter_staging
     trainer.save_model(staging)  # every rank takes part (sharded strategies gather); rank 0 writes
     if is_world_main:
         tokenizer.save_pretrained(staging)
-    if p["fuse_model"] and p["training_mode"] != "full" and is_world_main:
+    if spec.fuse_model and is_world_main:
         del trainer
         merge_adapter(spec, staging, tokenizer)
     reporter.emit(
@@ -286,7 +276,7 @@ def _peak_gpu_memory_mib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
-def merge_adapter(spec: dict[str, Any], adapter_dir: str, tokenizer) -> None:
+def merge_adapter(spec: RunSpec, adapter_dir: str, tokenizer) -> None:
     """Write the base model with the adapter merged in. The base is reloaded unquantized on the CPU: a
     4-bit (QLoRA) base cannot hold merged weights, and the GPUs may still be busy."""
     import gc
@@ -295,22 +285,20 @@ def merge_adapter(spec: dict[str, Any], adapter_dir: str, tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
     gc.collect()
-    plan = spec["plan"]
-    dtype = _dtype(plan["precision"] if plan["precision"] != "fp16" else "bf16")
-    base = AutoModelForCausalLM.from_pretrained(spec["params"]["model_name"], dtype=dtype)
+    dtype = _dtype(spec.precision if spec.precision != "fp16" else "bf16")
+    base = AutoModelForCausalLM.from_pretrained(spec.model_name, dtype=dtype)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(spec["merged_staging"])
-    tokenizer.save_pretrained(spec["merged_staging"])
+    merged.save_pretrained(spec.merged_staging)
+    tokenizer.save_pretrained(spec.merged_staging)
 
 
 def main(argv: list[str] | None = None) -> int:
-    run_dir = (argv or sys.argv[1:])[0]
+    folder = RunFolder((argv or sys.argv[1:])[0])
     rank = int(os.environ.get("RANK", "0"))
     try:
-        return train(run_dir)
+        return train(folder)
     except BaseException as exc:
-        summary = f"{type(exc).__name__}: {exc}".strip()
-        Path(error_file(run_dir, rank)).write_text(summary + "\n\n" + traceback.format_exc())
+        folder.write_error(rank, f"{type(exc).__name__}: {exc}".strip(), traceback.format_exc())
         raise
 
 

@@ -124,3 +124,74 @@ def write_config(tmp_path: Path, config: dict) -> str:
     path = tmp_path / "run.json"
     path.write_text(json.dumps(config))
     return str(path)
+
+
+def resolve(raw: dict, *, headless: bool):
+    """Read parameters as main.py does; single-value errors raise (with the warnings), else (params, warnings)."""
+    from plugin_utils import params
+    from plugin_utils.errors import InvalidConfig
+
+    reading = params.read(raw, headless=headless)
+    if reading.errors:
+        raise InvalidConfig(reading.errors, reading.warnings)
+    return reading.params, reading.warnings
+
+
+def plan_of(**decisions):
+    """A plan with these decisions (the rest as on one CPU process): for GPU plans, which cannot be built on
+    this CPU-only machine from a real nvidia-smi, and for tests of what a plan leads to."""
+    from plugin_utils.planning import Plan
+
+    values = {
+        "device": "cpu",
+        "gpu_ids": (),
+        "num_processes": 1,
+        "num_machines": 1,
+        "machine_rank": 0,
+        "main_process_ip": "",
+        "main_process_port": 0,
+        "precision": "fp32",
+        "strategy": "ddp",
+    }
+    values.update(decisions)
+    values["gpu_ids"] = tuple(values["gpu_ids"])
+    return Plan(**values)
+
+
+def spec_of(folder: str, p=None, plan=None, **fields):
+    """The run spec main.py would write for these parameters and plan, with `fields` replaced."""
+    import dataclasses
+
+    from plugin_utils import params
+    from plugin_utils.runfolder import RunFolder, RunSpec
+
+    values = params.defaults()
+    values.update(model_name="m", dataset_name="d", adaptor_name="a")
+    values.update(p or {})
+    spec = RunSpec.of(
+        values,
+        plan or plan_of(),
+        RunFolder(folder),
+        prepared_path=folder,
+        has_eval=False,
+        checkpoint_dir=folder,
+        resume_from=None,
+        adapter_staging=f"{folder}/adapter",
+        merged_staging=None,
+    )
+    return dataclasses.replace(spec, **fields)
+
+
+def prepare_data(p: dict, preview: int = 3):
+    """Prepare the data as main.py does: load, the data rules, the plan's loss mode, tokenize, the statistics
+    rules. Errors raise InvalidConfig, as they end a run with exit 2."""
+    from plugin_utils import data, machine, params, planning, validation
+
+    p = params.Params(p)
+    source = data.load(p)
+    validation.check(("data",), p=p, data=source.facts()).raise_errors()
+    plan = planning.build(p, machine.detect()).with_loss_mode(p, source.format)
+    prepared = data.prepare(p, source, plan.completion_only, preview=preview)
+    found = validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats)
+    found.raise_errors()
+    return prepared

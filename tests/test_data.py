@@ -21,8 +21,9 @@ if str(ROOT) not in sys.path:
 import datasets  # noqa: E402
 
 from demo import tiny_model  # noqa: E402
-from plugin_utils import data, params, rules  # noqa: E402
+from plugin_utils import data, params, validation  # noqa: E402
 from plugin_utils.errors import InvalidConfig  # noqa: E402
+from tests.conftest import prepare_data  # noqa: E402
 
 SAMPLE = ROOT / "demo" / "sample_data.jsonl"
 EOS = "<|endoftext|>"
@@ -140,7 +141,7 @@ def first_row(prepared: data.Prepared) -> tuple[list[int], list[int]]:
 )
 def test_format_is_detected_and_rendered(tmp_path, model_dir, rows, overrides, fmt, text):
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
-    prepared = data.prepare(make_params(model_dir, dataset, **overrides))
+    prepared = prepare_data(make_params(model_dir, dataset, **overrides))
     assert prepared.stats["format"] == fmt
     assert prepared.samples[0]["text"] == text
     assert prepared.stats["rows"] == prepared.stats["rows_used"] == len(rows)
@@ -148,7 +149,7 @@ def test_format_is_detected_and_rendered(tmp_path, model_dir, rows, overrides, f
 
 def test_sharegpt_roles_map_human_to_user_gpt_to_assistant_and_keep_system(tmp_path, model_dir, tok):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"conversations": SHAREGPT}])
-    prepared = data.prepare(make_params(model_dir, dataset))
+    prepared = prepare_data(make_params(model_dir, dataset))
     roles = {"system": "system", "human": "user", "gpt": "assistant"}
     mapped = [{"role": roles[m["from"]], "content": m["value"]} for m in SHAREGPT]
     assert prepared.samples[0]["text"] == tok.apply_chat_template(mapped, tokenize=False)
@@ -161,13 +162,13 @@ def test_sharegpt_roles_map_human_to_user_gpt_to_assistant_and_keep_system(tmp_p
 def test_unknown_sharegpt_role_is_invalid(tmp_path, model_dir):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": "robot", "value": "beep"}]}])
     with pytest.raises(InvalidConfig):
-        data.prepare(make_params(model_dir, dataset))
+        prepare_data(make_params(model_dir, dataset))
 
 
 def test_rows_with_no_known_format_are_invalid_naming_dataset_name(tmp_path, model_dir):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"foo": "a", "bar": "b"}])
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, dataset))
+        prepare_data(make_params(model_dir, dataset))
     assert [e.parameter for e in exc.value.errors] == ["dataset_name"]
     assert "foo" in str(exc.value) and "bar" in str(exc.value)
 
@@ -175,7 +176,7 @@ def test_rows_with_no_known_format_are_invalid_naming_dataset_name(tmp_path, mod
 def test_apply_chat_template_wins_over_a_formatting_template(tmp_path, model_dir):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
     p = make_params(model_dir, dataset, apply_chat_template=True, formatting_template="{{ messages }}")
-    assert data.prepare(p).stats["format"] == "chat"
+    assert prepare_data(p).stats["format"] == "chat"
 
 
 @pytest.mark.parametrize("escape", ["{{ prompt.__class__ }}", "{{ ''.__class__.__mro__ }}"])
@@ -184,7 +185,7 @@ def test_sandbox_escape_in_formatting_template_is_invalid_config(tmp_path, model
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?", "completion": " A."}])
     p = make_params(model_dir, dataset, formatting_template=escape + "{{ completion }}")
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(p)
+        prepare_data(p)
     assert "formatting_template" in [e.parameter for e in exc.value.errors]
 
 
@@ -195,7 +196,7 @@ def test_sandbox_escape_in_formatting_template_is_invalid_config(tmp_path, model
 def test_prompt_tokens_are_masked_and_eos_ends_completion_once(tmp_path, model_dir, tok, completion_suffix):
     prompt, completion = "What is the capital of Peru?", " The capital of Peru is Lima."
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"prompt": prompt, "completion": completion + completion_suffix}])
-    prepared = data.prepare(make_params(model_dir, dataset))
+    prepared = prepare_data(make_params(model_dir, dataset))
     ids, labels = first_row(prepared)
 
     prompt_ids = tok(prompt)["input_ids"]
@@ -215,7 +216,7 @@ def test_prompt_tokens_are_masked_and_eos_ends_completion_once(tmp_path, model_d
 def test_template_with_auto_completion_only_loss_splits_at_the_completion_field(tmp_path, model_dir, tok):
     row = {"prompt": "What is 9 plus 2?", "completion": " It is 11."}
     dataset = write_jsonl(tmp_path / "d.jsonl", [row])
-    prepared = data.prepare(make_params(model_dir, dataset, formatting_template=TEMPLATE))
+    prepared = prepare_data(make_params(model_dir, dataset, formatting_template=TEMPLATE))
     assert prepared.stats["format"] == "template"
     sample = prepared.samples[0]
     assert sample["prompt"] == "Question: What is 9 plus 2?\nAnswer:"
@@ -238,7 +239,7 @@ def test_template_splits_at_explicit_completion_column(tmp_path, model_dir):
         formatting_template="Q: {{ question }}\nA: {{ answer }}\nSource: {{ source }}",
         completion_column="answer",
     )
-    sample = data.prepare(p).samples[0]
+    sample = prepare_data(p).samples[0]
     assert sample["prompt"] == "Q: 2+2?\nA: "
     # The byte-level token " 4" straddles the split (its space is the prompt's): it holds an answer
     # character, so it is trained whole; the prompt's other tokens are not.
@@ -257,7 +258,7 @@ def test_template_splits_at_explicit_completion_column(tmp_path, model_dir):
 )
 def test_completion_only_loss_false_trains_every_token(tmp_path, model_dir, tok, rows, overrides):
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
-    prepared = data.prepare(make_params(model_dir, dataset, completion_only_loss="false", **overrides))
+    prepared = prepare_data(make_params(model_dir, dataset, completion_only_loss="false", **overrides))
     ids, labels = first_row(prepared)
     assert labels == ids
     assert prepared.stats["trainable_tokens"] == prepared.stats["total_tokens"] == len(ids)
@@ -266,7 +267,7 @@ def test_completion_only_loss_false_trains_every_token(tmp_path, model_dir, tok,
 
 def test_text_rows_train_every_token_and_end_with_one_eos(tmp_path, model_dir, tok):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"text": "Hello! How can I help?" + EOS}])
-    prepared = data.prepare(make_params(model_dir, dataset))
+    prepared = prepare_data(make_params(model_dir, dataset))
     ids, labels = first_row(prepared)
     assert labels == ids
     assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
@@ -276,7 +277,7 @@ def test_text_rows_train_every_token_and_end_with_one_eos(tmp_path, model_dir, t
 def test_text_rows_with_completion_only_loss_true_are_invalid(tmp_path, model_dir):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"text": "Plain text."}])
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, dataset, completion_only_loss="true"))
+        prepare_data(make_params(model_dir, dataset, completion_only_loss="true"))
     assert [e.parameter for e in exc.value.errors] == ["completion_only_loss"]
 
 
@@ -292,7 +293,7 @@ def test_text_rows_with_completion_only_loss_true_are_invalid(tmp_path, model_di
 def test_assistant_only_loss_on_non_chat_data_is_invalid(tmp_path, model_dir, rows, overrides):
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, dataset, assistant_only_loss=True, **overrides))
+        prepare_data(make_params(model_dir, dataset, assistant_only_loss=True, **overrides))
     assert "assistant_only_loss" in [e.parameter for e in exc.value.errors]
 
 
@@ -316,7 +317,7 @@ def _assert_only_assistant_turns_trained(tok, ids, labels, messages, end_marker)
 
 def test_multi_turn_chat_trains_exactly_the_assistant_turns(tmp_path, model_dir, tok):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
-    prepared = data.prepare(make_params(model_dir, dataset))
+    prepared = prepare_data(make_params(model_dir, dataset))
     ids, labels = first_row(prepared)
     assert decode(tok, ids) == tok.apply_chat_template(CHAT, tokenize=False)
     _assert_only_assistant_turns_trained(tok, ids, labels, CHAT, END)
@@ -326,7 +327,7 @@ def test_multi_turn_chat_trains_exactly_the_assistant_turns(tmp_path, model_dir,
 def test_assistant_only_loss_trains_only_assistant_turns(tmp_path, model_dir, tok):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
     p = make_params(model_dir, dataset, assistant_only_loss=True, apply_chat_template=True)
-    ids, labels = first_row(data.prepare(p))
+    ids, labels = first_row(prepare_data(p))
     _assert_only_assistant_turns_trained(tok, ids, labels, CHAT, END)
 
 
@@ -343,7 +344,7 @@ def test_formatting_chat_template_override_trains_only_assistant_turns(tmp_path,
         chatml_formatted_column="dialog",
         formatting_chat_template=override,
     )
-    prepared = data.prepare(p)
+    prepared = prepare_data(p)
     assert prepared.stats["format"] == "chat"
     assert prepared.samples[0]["text"].startswith("### SYSTEM:\nYou are a terse assistant.\n[END]\n")
     ids, labels = first_row(prepared)
@@ -364,7 +365,7 @@ def test_chat_template_that_rewrites_earlier_turns_still_trains_each_assistant_t
     )
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
     p = make_params(model_dir, dataset, apply_chat_template=True, formatting_chat_template=override)
-    ids, labels = first_row(data.prepare(p))
+    ids, labels = first_row(prepare_data(p))
     runs = [decode(tok, run) for run in trained_runs(ids, labels)]
     contents = [m["content"] for m in CHAT if m["role"] == "assistant"]
     assert [run.split("<|")[0] for run in runs] == contents
@@ -375,7 +376,7 @@ def test_chat_template_that_rewrites_earlier_turns_still_trains_each_assistant_t
 def test_apply_chat_template_without_the_column_is_invalid(tmp_path, model_dir):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, dataset, apply_chat_template=True, chatml_formatted_column="dialog"))
+        prepare_data(make_params(model_dir, dataset, apply_chat_template=True, chatml_formatted_column="dialog"))
     assert [e.parameter for e in exc.value.errors] == ["chatml_formatted_column"]
 
 
@@ -384,8 +385,8 @@ def test_apply_chat_template_without_the_column_is_invalid(tmp_path, model_dir):
 
 def test_second_prepare_with_same_inputs_is_a_cache_hit(tmp_path, model_dir):
     p = make_params(model_dir, str(SAMPLE), formatting_template=TEMPLATE)
-    first = data.prepare(p)
-    second = data.prepare(dict(p))
+    first = prepare_data(p)
+    second = prepare_data(dict(p))
     assert first.cached is False
     assert second.cached is True
     assert second.path == first.path
@@ -395,8 +396,8 @@ def test_second_prepare_with_same_inputs_is_a_cache_hit(tmp_path, model_dir):
 
 def test_changed_template_is_a_cache_miss(tmp_path, model_dir):
     p = make_params(model_dir, str(SAMPLE), formatting_template=TEMPLATE)
-    first = data.prepare(p)
-    changed = data.prepare({**p, "formatting_template": "Q: {{ prompt }}\nA:{{ completion }}"})
+    first = prepare_data(p)
+    changed = prepare_data({**p, "formatting_template": "Q: {{ prompt }}\nA:{{ completion }}"})
     assert changed.cached is False
     assert changed.path != first.path
     assert saved(changed)["train"][0]["input_ids"] != saved(first)["train"][0]["input_ids"]
@@ -405,9 +406,9 @@ def test_changed_template_is_a_cache_miss(tmp_path, model_dir):
 def test_changed_data_file_is_a_cache_miss(tmp_path, model_dir):
     path = tmp_path / "d.jsonl"
     write_jsonl(path, [{"prompt": "Q?", "completion": " A."}])
-    first = data.prepare(make_params(model_dir, str(path)))
+    first = prepare_data(make_params(model_dir, str(path)))
     write_jsonl(path, [{"prompt": "Q?", "completion": " B."}])
-    second = data.prepare(make_params(model_dir, str(path)))
+    second = prepare_data(make_params(model_dir, str(path)))
     assert second.cached is False and second.path != first.path
 
 
@@ -418,7 +419,7 @@ def test_malformed_jsonl_error_names_file_and_line(tmp_path, model_dir):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": \n')
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, str(path)))
+        prepare_data(make_params(model_dir, str(path)))
     assert [e.parameter for e in exc.value.errors] == ["dataset_name"]
     assert str(path) in str(exc.value)
     assert "line 3" in str(exc.value)
@@ -428,7 +429,7 @@ def test_jsonl_line_that_is_not_an_object_is_invalid(tmp_path, model_dir):
     path = tmp_path / "list.jsonl"
     path.write_text('{"text": "a"}\n[1, 2]\n')
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, str(path)))
+        prepare_data(make_params(model_dir, str(path)))
     assert "line 2" in str(exc.value)
 
 
@@ -437,13 +438,13 @@ def test_empty_file_is_invalid(tmp_path, model_dir, content):
     path = tmp_path / "empty.jsonl"
     path.write_text(content)
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, str(path)))
+        prepare_data(make_params(model_dir, str(path)))
     assert [e.parameter for e in exc.value.errors] == ["dataset_name"]
 
 
 def test_missing_file_is_invalid(tmp_path, model_dir):
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, str(tmp_path / "nope" / "missing.jsonl")))
+        prepare_data(make_params(model_dir, str(tmp_path / "nope" / "missing.jsonl")))
     assert [e.parameter for e in exc.value.errors] == ["dataset_name"]
     assert "missing.jsonl" in str(exc.value)
 
@@ -452,7 +453,7 @@ def test_unsupported_file_type_is_invalid(tmp_path, model_dir):
     path = tmp_path / "data.txt"
     path.write_text("hello\n")
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, str(path)))
+        prepare_data(make_params(model_dir, str(path)))
     assert [e.parameter for e in exc.value.errors] == ["dataset_name"]
 
 
@@ -467,7 +468,7 @@ def test_rows_whose_trained_part_is_truncated_away_are_dropped_and_counted(tmp_p
     rows = [SHORT] * 7 + [LONG_PROMPT] * 2 + [LONG_COMPLETION]
     assert len(tok(LONG_PROMPT["prompt"])["input_ids"]) > 16
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
-    prepared = data.prepare(make_params(model_dir, dataset, maximum_sequence_length=16, max_dropped_fraction=0.3))
+    prepared = prepare_data(make_params(model_dir, dataset, maximum_sequence_length=16, max_dropped_fraction=0.3))
     stats = prepared.stats
     assert stats["rows"] == 10
     assert stats["dropped"] == 2
@@ -490,13 +491,13 @@ def test_dropping_more_than_max_dropped_fraction_is_invalid_naming_maximum_seque
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
     p = make_params(model_dir, dataset, maximum_sequence_length=16, max_dropped_fraction=0.3)
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(p)
+        prepare_data(p)
     assert [e.parameter for e in exc.value.errors] == ["maximum_sequence_length"]
     assert "4 of 10" in str(exc.value)
-    cache = tmp_path / "prepared-cache"
-    assert not cache.exists() or not any(cache.rglob("stats.json")), "a failed preparation must not be cached"
-    # The same data pass once the fraction is accepted.
-    assert data.prepare({**p, "max_dropped_fraction": 0.5}).stats["dropped"] == 4
+    # The same rows pass once the fraction is accepted: the fraction is a rule over the prepared rows, not
+    # part of preparing them, so they are reused as prepared.
+    accepted = prepare_data({**p, "max_dropped_fraction": 0.5})
+    assert accepted.stats["dropped"] == 4 and accepted.cached
 
 
 # --- eval split ------------------------------------------------------------------------------------
@@ -508,19 +509,19 @@ def _row_keys(split) -> list[tuple]:
 
 def test_eval_split_produces_an_eval_split_of_the_seeded_size(model_dir):
     total = sum(1 for line in SAMPLE.read_text().splitlines() if line.strip())
-    whole = saved(data.prepare(make_params(model_dir, str(SAMPLE))))
+    whole = saved(prepare_data(make_params(model_dir, str(SAMPLE))))
     assert set(whole) == {"train"}
 
     p = make_params(model_dir, str(SAMPLE), eval_split=0.1, seed=42)
-    prepared = data.prepare(p)
-    assert prepared.has_eval
+    prepared = prepare_data(p)
+    assert prepared.stats["eval_rows"] > 0
     splits = saved(prepared)
     n_eval = math.ceil(0.1 * total)
     assert len(splits["eval"]) == n_eval == prepared.stats["eval_rows"]
     assert len(splits["train"]) == total - n_eval == prepared.stats["rows_used"]
     assert _row_keys(whole["train"]) == sorted(_row_keys(splits["train"]) + _row_keys(splits["eval"]))
 
-    other_seed = saved(data.prepare({**p, "seed": 7}))
+    other_seed = saved(prepare_data({**p, "seed": 7}))
     assert len(other_seed["eval"]) == n_eval
     assert _row_keys(other_seed["eval"]) != _row_keys(splits["eval"])
 
@@ -532,8 +533,8 @@ def test_validation_file_in_a_data_folder_is_the_eval_split(tmp_path, model_dir,
     eval_rows = [{"prompt": f"Held-out question {i}?", "completion": f" Held-out answer {i}."} for i in range(3)]
     write_jsonl(folder / "train.jsonl", train_rows)
     write_jsonl(folder / eval_name, eval_rows)
-    prepared = data.prepare(make_params(model_dir, str(folder), eval_split=0.2))
-    assert prepared.has_eval
+    prepared = prepare_data(make_params(model_dir, str(folder), eval_split=0.2))
+    assert prepared.stats["eval_rows"] > 0
     assert prepared.stats["rows"] == 6 and prepared.stats["eval_rows"] == 3
     splits = saved(prepared)
     assert sorted(decode(tok, ids) for ids in splits["eval"]["input_ids"]) == sorted(
@@ -545,7 +546,7 @@ def test_validation_file_in_a_data_folder_is_the_eval_split(tmp_path, model_dir,
 
 
 def test_prepared_folder_holds_only_input_ids_and_labels(model_dir):
-    splits = saved(data.prepare(make_params(model_dir, str(SAMPLE))))
+    splits = saved(prepare_data(make_params(model_dir, str(SAMPLE))))
     assert splits["train"].column_names == ["input_ids", "labels"]
 
 
@@ -560,10 +561,10 @@ def test_parallel_preparation_gives_the_same_rows_as_one_process(tmp_path, model
         extra = {}
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
     p = make_params(model_dir, dataset, **extra)
-    single = saved(data.prepare(p))["train"]
+    single = saved(prepare_data(p))["train"]
     monkeypatch.setattr(data, "PARALLEL_ROWS", 10)
     monkeypatch.setenv("SFT_PREPARED_CACHE", str(tmp_path / "parallel-cache"))
-    parallel = saved(data.prepare(p))["train"]
+    parallel = saved(prepare_data(p))["train"]
     assert parallel["input_ids"] == single["input_ids"]
     assert parallel["labels"] == single["labels"]
 
@@ -578,9 +579,9 @@ def test_csv_and_parquet_files_load_like_jsonl(tmp_path, model_dir):
     frame = pd.DataFrame(_pc_rows())
     frame.to_csv(tmp_path / "rows.csv", index=False)
     frame.to_parquet(tmp_path / "rows.parquet")
-    reference = saved(data.prepare(make_params(model_dir, write_jsonl(tmp_path / "rows.jsonl", _pc_rows()))))
+    reference = saved(prepare_data(make_params(model_dir, write_jsonl(tmp_path / "rows.jsonl", _pc_rows()))))
     for name in ("rows.csv", "rows.parquet"):
-        prepared = data.prepare(make_params(model_dir, str(tmp_path / name)))
+        prepared = prepare_data(make_params(model_dir, str(tmp_path / name)))
         assert prepared.stats["format"] == "prompt_completion"
         assert saved(prepared)["train"]["labels"] == reference["train"]["labels"]
 
@@ -590,9 +591,9 @@ def test_a_save_to_disk_folder_loads_with_its_validation_split(tmp_path, model_d
     datasets.DatasetDict(
         {"train": datasets.Dataset.from_list(_pc_rows(8)), "validation": datasets.Dataset.from_list(_pc_rows(2))}
     ).save_to_disk(str(folder))
-    unused = data.prepare(make_params(model_dir, str(folder)))
+    unused = prepare_data(make_params(model_dir, str(folder)))
     assert unused.stats["eval_rows"] == 0 and unused.stats["own_eval_split"] == "validation"
-    prepared = data.prepare(make_params(model_dir, str(folder), eval_split=0.1))
+    prepared = prepare_data(make_params(model_dir, str(folder), eval_split=0.1))
     assert prepared.stats["rows_used"] == 8 and prepared.stats["eval_rows"] == 2
 
 
@@ -603,20 +604,20 @@ def test_a_transformerlab_dataset_id_loads_the_files_of_its_folder(tmp_path, mod
     (folder / "index.json").write_text('{"location": "local", "name": "my-data"}')
     write_jsonl(folder / "my-data_train.jsonl", _pc_rows(5))
     monkeypatch.setenv("TFL_WORKSPACE_DIR", str(workspace))
-    prepared = data.prepare(make_params(model_dir, "my-data"))
+    prepared = prepare_data(make_params(model_dir, "my-data"))
     assert prepared.stats["rows"] == 5 and prepared.stats["format"] == "prompt_completion"
 
 
 def test_an_unknown_dataset_name_offline_is_an_error_naming_dataset_name(tmp_path, model_dir, monkeypatch):
     monkeypatch.setenv("TFL_WORKSPACE_DIR", str(tmp_path))
     with pytest.raises(InvalidConfig, match="dataset_name: 'someone/some-data' is not a data file"):
-        data.prepare(make_params(model_dir, "someone/some-data"))
+        prepare_data(make_params(model_dir, "someone/some-data"))
 
 
 def test_a_null_in_the_first_row_does_not_hide_the_format(tmp_path, model_dir):
     rows = [{"prompt": None, "completion": "b"}, *_pc_rows(3)]
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+        prepare_data(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
     assert [e.line() for e in exc.value.errors] == [
         "dataset_name: row 1, column 'prompt' is empty (null). Give every row a prompt, or remove the row."
     ]
@@ -625,11 +626,11 @@ def test_a_null_in_the_first_row_does_not_hide_the_format(tmp_path, model_dir):
 def test_an_eval_split_that_leaves_no_training_rows_is_an_error(tmp_path, model_dir):
     dataset = write_jsonl(tmp_path / "d.jsonl", _pc_rows(1))
     with pytest.raises(InvalidConfig, match=r"eval_split: 0\.5 of 1 rows leaves no training rows"):
-        data.prepare(make_params(model_dir, dataset, eval_split=0.5))
+        prepare_data(make_params(model_dir, dataset, eval_split=0.5))
 
 
 def test_an_eval_split_always_holds_out_at_least_one_row(tmp_path, model_dir):
-    prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", _pc_rows(5)), eval_split=0.01))
+    prepared = prepare_data(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", _pc_rows(5)), eval_split=0.01))
     assert (prepared.stats["rows_used"], prepared.stats["eval_rows"]) == (4, 1)
 
 
@@ -639,7 +640,7 @@ def test_a_validation_file_whose_rows_are_all_cut_away_is_an_error(tmp_path, mod
     write_jsonl(folder / "train.jsonl", _pc_rows(4))
     write_jsonl(folder / "validation.jsonl", [{"prompt": "word " * 400, "completion": " x"}])
     with pytest.raises(InvalidConfig, match="eval_split: the validation split has no row left"):
-        data.prepare(make_params(model_dir, str(folder), maximum_sequence_length=64, eval_split=0.1))
+        prepare_data(make_params(model_dir, str(folder), maximum_sequence_length=64, eval_split=0.1))
 
 
 # --- messy real rows: every bad row named, wherever it is ---------------------------------------------
@@ -680,7 +681,7 @@ def test_a_bad_text_value_far_past_the_first_rows_names_its_row(tmp_path, model_
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, str(path)))
+        prepare_data(make_params(model_dir, str(path)))
     assert [e.line() for e in exc.value.errors] == [expected]
 
 
@@ -688,12 +689,12 @@ def test_a_null_completion_far_past_the_first_rows_names_its_row(tmp_path, model
     rows = _pc_rows(150)
     rows[120]["completion"] = None
     with pytest.raises(InvalidConfig, match=r"dataset_name: row 121, column 'completion' is empty \(null\)"):
-        data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+        prepare_data(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
 
 
 def test_a_csv_messages_column_holding_json_text_is_parsed(tmp_path, model_dir, tok):
     rows = [{"messages": json.dumps(r["messages"])} for r in _chat_rows(80)]
-    prepared = data.prepare(make_params(model_dir, _write_csv(tmp_path / "d.csv", rows)))
+    prepared = prepare_data(make_params(model_dir, _write_csv(tmp_path / "d.csv", rows)))
     assert prepared.stats["format"] == "chat" and prepared.stats["rows_used"] == 80
     assert prepared.samples[0]["trained_text"] == "Answer 0." + END
 
@@ -702,7 +703,7 @@ def test_a_csv_messages_cell_that_is_not_json_names_its_row(tmp_path, model_dir)
     rows = [{"messages": json.dumps(r["messages"])} for r in _chat_rows(80)]
     rows[70]["messages"] = "[{'role': 'user'"
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, _write_csv(tmp_path / "d.csv", rows)))
+        prepare_data(make_params(model_dir, _write_csv(tmp_path / "d.csv", rows)))
     assert [e.line() for e in exc.value.errors] == [
         "chatml_formatted_column: row 71, column 'messages' holds text that is not a JSON list of messages. "
         "Store a list of {role, content} objects."
@@ -715,7 +716,7 @@ def test_a_template_that_refuses_a_row_is_an_error_with_its_own_words(tmp_path, 
     gemma2 = (ROOT / "tests" / "fixtures" / "chat_templates" / "gemma-2.jinja").read_text()
     p = make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows), formatting_chat_template=gemma2)
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(p)
+        prepare_data(p)
     [line] = [e.line() for e in exc.value.errors]
     assert line.startswith("chatml_formatted_column: row 86, column 'messages' the chat template refused this")
     assert "System role not supported" in line
@@ -727,7 +728,7 @@ def test_a_null_in_a_formatting_template_prints_nothing_never_none(tmp_path, mod
         {"instruction": "Add.", "input": "1+1", "output": "2"},
     ]
     template = "{{ instruction }}\n{% if input %}Input: {{ input }}\n{% endif %}Context: {{ input }}|\n{{ output }}"
-    prepared = data.prepare(
+    prepared = prepare_data(
         make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows), formatting_template=template)
     )
     assert prepared.samples[0]["text"] == "Say hi.\nContext: |\nhi"
@@ -739,13 +740,13 @@ def test_a_null_completion_field_of_a_template_names_its_row(tmp_path, model_dir
     rows[66]["a"] = None
     p = make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows), formatting_template="Q: {{ q }} A: {{ a }}")
     with pytest.raises(InvalidConfig, match=r"completion_column: row 67, column 'a' is empty \(null\)"):
-        data.prepare(p)
+        prepare_data(p)
 
 
 @pytest.mark.parametrize("role", ["model", "gpt", "bot", "GPT"])
 def test_assistant_role_aliases_inside_messages_are_trained(tmp_path, model_dir, tok, role):
     rows = [{"messages": [{"role": "human", "content": "Hi?"}, {"role": role, "content": "Hello."}]}]
-    prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+    prepared = prepare_data(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
     assert prepared.samples[0]["trained_text"] == "Hello." + END
     assert prepared.samples[0]["text"].startswith("<|im_start|>user\nHi?")
 
@@ -753,13 +754,13 @@ def test_assistant_role_aliases_inside_messages_are_trained(tmp_path, model_dir,
 def test_an_unknown_role_is_an_error_naming_it(tmp_path, model_dir):
     rows = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "narrator", "content": "x"}]}]
     with pytest.raises(InvalidConfig, match="message 2 has the unknown role 'narrator'"):
-        data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+        prepare_data(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
 
 
 def test_openai_content_parts_are_joined(tmp_path, model_dir):
     content = [{"type": "text", "text": "First part."}, {"type": "text", "text": "Second part."}]
     rows = [{"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "Ok."}]}]
-    prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+    prepared = prepare_data(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
     assert "First part.\nSecond part." in prepared.samples[0]["text"]
 
 
@@ -770,7 +771,7 @@ def test_trl_conversational_prompt_completion_is_a_format(tmp_path, model_dir):
             "completion": [{"role": "assistant", "content": "Lima."}],
         }
     ]
-    prepared = data.prepare(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
+    prepared = prepare_data(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
     assert prepared.stats["format"] == "chat_prompt_completion"
     assert prepared.samples[0]["trained_text"] == "Lima." + END
 
@@ -796,7 +797,7 @@ def test_message_fields_reach_the_template(tmp_path, model_dir):
         {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
     ]
     p = make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows), formatting_chat_template=template)
-    prepared = data.prepare(p, preview=2)
+    prepared = prepare_data(p, preview=2)
     first, second = prepared.samples
     assert first["trained_text"] == 'CALL lookup {"city": "Lima"}' + END + "Sunny." + END
     assert "<|im_start|>tool(lookup)sunny" in first["text"]  # chat templates trim the newline after a tag
@@ -810,9 +811,9 @@ def test_empty_answers_and_rows_without_answers_are_counted_and_warned(tmp_path,
         {"messages": [{"role": "user", "content": "Anyone?"}]},
     ]
     p = make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows))
-    prepared = data.prepare(p)
+    prepared = prepare_data(p)
     assert (prepared.stats["empty_answers"], prepared.stats["no_answer"], prepared.stats["rows_used"]) == (1, 1, 4)
-    warnings = [w.line() for _, w in rules.rows_with_nothing_to_train(p, None, prepared.stats)]
+    warnings = [w.line() for _, w in validation.rows_with_nothing_to_train(p, None, prepared.stats)]
     assert warnings == [
         "dataset_name: 1 of 5 rows have no assistant turn and are left out. "
         "Check their roles (assistant, or gpt/model/bot).",
@@ -824,7 +825,7 @@ def test_empty_answers_and_rows_without_answers_are_counted_and_warned(tmp_path,
 def test_a_named_chat_column_that_does_not_exist_is_an_error_listing_the_columns(tmp_path, model_dir):
     dataset = write_jsonl(tmp_path / "d.jsonl", _chat_rows(2))
     with pytest.raises(InvalidConfig) as exc:
-        data.prepare(make_params(model_dir, dataset, apply_chat_template=True, chatml_formatted_column="dialog"))
+        prepare_data(make_params(model_dir, dataset, apply_chat_template=True, chatml_formatted_column="dialog"))
     assert [e.line() for e in exc.value.errors] == [
         "chatml_formatted_column: 'dialog' is not a column of the dataset (columns: messages). "
         "Name the column that holds the conversations."
@@ -838,10 +839,10 @@ def test_a_dataset_split_and_eval_split_follow_the_written_rule(tmp_path, model_
         {"train": datasets.Dataset.from_list(_pc_rows(10)), "test": datasets.Dataset.from_list(_pc_rows(3))}
     ).save_to_disk(str(folder))
     p = make_params(model_dir, str(folder), eval_split=eval_split)
-    prepared = data.prepare(p)
-    warnings = [w.line() for _, w in rules.evaluation_named(p, None, prepared.stats)]
+    prepared = prepare_data(p)
+    warnings = [w.line() for _, w in validation.evaluation_named(p, None, prepared.stats)]
     if eval_split == 0:
-        assert prepared.stats["eval_rows"] == 0 and not prepared.has_eval
+        assert prepared.stats["eval_rows"] == 0 and not (prepared.stats["eval_rows"] > 0)
         assert warnings == [
             "eval_split: the dataset's 'test' split (3 rows) is not used because eval_split is 0. "
             "Set eval_split above 0 to evaluate on it."

@@ -14,6 +14,7 @@ import pytest
 
 from plugin_utils import host, params
 from plugin_utils.errors import InvalidConfig
+from tests.conftest import resolve
 
 
 def args(**given) -> argparse.Namespace:
@@ -32,6 +33,16 @@ def config(**overrides) -> dict:
 def write_json(path, value) -> str:
     path.write_text(json.dumps(value))
     return str(path)
+
+
+def write_json_tmp(value) -> str:
+    import tempfile
+
+    handle, path = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    with open(path, "w") as out:
+        json.dump(value, out)
+    return path
 
 
 def only_error(caught) -> tuple[str, str]:
@@ -103,7 +114,7 @@ def test_set_overrides_and_adds_values(tmp_path):
 def test_set_values_resolve_like_form_values(tmp_path):
     path = write_json(tmp_path / "run.json", {"adaptor_name": "a"})
     raw = host.read_config(path, ["lora_r=32", "learning_rate=2e-4", "packing=on"])
-    values, _ = params.resolve(raw, headless=True)
+    values, _ = resolve(raw, headless=True)
     assert (values["lora_r"], values["learning_rate"], values["packing"]) == (32, 2e-4, "true")
 
 
@@ -116,11 +127,14 @@ def test_choose_picks_the_legacy_host_for_an_input_file(tmp_path):
         {"experiment": {"name": "alpha"}, "config": {"job_id": 12, "adaptor_name": "a", "type": "trainer"}},
     )
     chosen = host.choose(args(input_file=path))
-    assert isinstance(chosen, host.LegacyHost)
-    assert chosen.kind == "legacy"
+    assert (type(chosen.source), type(chosen.places), type(chosen.sink)) == (
+        host.InputFile,
+        host.LegacyPlaces,
+        host.LegacyJob,
+    )
     assert not chosen.headless
-    assert chosen.job_id == "12"
-    assert chosen.raw_params() == {"job_id": 12, "adaptor_name": "a", "type": "trainer"}
+    assert chosen.sink.job_id == "12"
+    assert chosen.source.raw_params() == {"job_id": 12, "adaptor_name": "a", "type": "trainer"}
 
 
 def test_legacy_host_with_an_unreadable_input_file_names_input_file(tmp_path):
@@ -132,25 +146,47 @@ def test_legacy_host_with_an_unreadable_input_file_names_input_file(tmp_path):
 def test_choose_picks_the_headless_host_for_config(tmp_path):
     path = write_json(tmp_path / "run.json", {"adaptor_name": "a"})
     chosen = host.choose(args(config=path, set=["lora_r=4"]))
-    assert isinstance(chosen, host.HeadlessHost)
-    assert chosen.kind == "headless"
-    assert chosen.headless
-    assert chosen.experiment == "alpha"
-    assert chosen.raw_params() == {"adaptor_name": "a", "lora_r": "4"}
+    assert (type(chosen.source), type(chosen.places), type(chosen.sink)) == (
+        host.ConfigFile,
+        host.OutputDir,
+        host.LabJob,
+    )
+    assert chosen.headless and chosen.sink.created_here
+    assert chosen.sink.connection.experiment == "alpha"
+    assert chosen.source.raw_params() == {"adaptor_name": "a", "lora_r": "4"}
 
 
 def test_headless_host_takes_the_experiment_flag(tmp_path):
     path = write_json(tmp_path / "run.json", {})
-    assert host.choose(args(config=path, experiment="beta")).experiment == "beta"
+    assert host.choose(args(config=path, experiment="beta")).sink.connection.experiment == "beta"
 
 
 def test_choose_picks_the_lab_host_when_a_job_id_is_set(monkeypatch):
     monkeypatch.setenv("_TFL_JOB_ID", "42")
     chosen = host.choose(args())
-    assert type(chosen) is host.LabHost
-    assert chosen.kind == "lab"
-    assert not chosen.headless
-    assert chosen.lab is None  # nothing imported or attached yet
+    assert (type(chosen.source), type(chosen.places), type(chosen.sink)) == (
+        host.LabConfig,
+        host.LabJobPlaces,
+        host.LabJob,
+    )
+    assert not chosen.headless and not chosen.sink.created_here
+    assert chosen.sink.connection.lab is None  # nothing imported or attached yet
+    # One connection serves all three.
+    assert chosen.source.connection is chosen.places.connection is chosen.sink.connection
+
+
+def test_a_headless_job_that_never_started_is_never_touched():
+    # A run refused before it started made no job: failing or stopping it creates none.
+    sink = host.choose(args(config=write_json_tmp({}))).sink
+    sink.fail("Invalid configuration")
+    sink.stopped("Stopped on request")
+    assert sink.connection.lab is None
+
+
+def test_the_null_sink_has_no_job():
+    sink = host.NullSink()
+    assert sink.job_id == "" and not sink.should_stop()
+    assert sink.register_model("/x/a", {}) == "/x/a"
 
 
 def test_choose_without_anything_is_invalid_config():
@@ -178,7 +214,7 @@ def test_choose_with_a_bad_config_reports_it_before_any_job(tmp_path):
 
 
 def test_legacy_locations_use_adaptor_output_dir_and_output_dir_checkpoints(tmp_path):
-    legacy = host.LegacyHost(write_json(tmp_path / "input.json", {"config": {}}))
+    legacy = host.LegacyPlaces()
     p = config(adaptor_output_dir=str(tmp_path / "models" / "adaptor"), output_dir=str(tmp_path / "job"))
     adapter, checkpoints = legacy.locations(p)
     assert adapter == str(tmp_path / "models" / "adaptor")
@@ -186,36 +222,33 @@ def test_legacy_locations_use_adaptor_output_dir_and_output_dir_checkpoints(tmp_
 
 
 def test_legacy_locations_without_adaptor_output_dir_fall_back_to_output_dir(tmp_path):
-    legacy = host.LegacyHost(write_json(tmp_path / "input.json", {"config": {}}))
-    adapter, checkpoints = legacy.locations(config(output_dir=str(tmp_path / "job")))
+    adapter, checkpoints = host.LegacyPlaces().locations(config(output_dir=str(tmp_path / "job")))
     assert adapter == str(tmp_path / "job" / "my-adaptor")
     assert checkpoints == str(tmp_path / "job" / "checkpoints" / "my-adaptor")
 
 
 def test_headless_locations_are_under_output_dir(tmp_path):
-    headless = host.HeadlessHost({}, None)
-    adapter, checkpoints = headless.locations(config(output_dir=str(tmp_path / "out")))
+    adapter, checkpoints = host.OutputDir().locations(config(output_dir=str(tmp_path / "out")))
     assert adapter == str(tmp_path / "out" / "my-adaptor")
     assert checkpoints == str(tmp_path / "out" / "checkpoints" / "my-adaptor")
-    assert headless.lab is None
 
 
 def test_headless_locations_are_absolute_for_a_relative_output_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    adapter, checkpoints = host.HeadlessHost({}, None).locations(config())  # output_dir ./outputs
+    adapter, checkpoints = host.OutputDir().locations(config())  # output_dir ./outputs
     assert adapter == str(tmp_path / "outputs" / "my-adaptor")
     assert checkpoints == str(tmp_path / "outputs" / "checkpoints" / "my-adaptor")
 
 
 def test_host_locations_expand_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    adapter, _ = host.Host().locations(config(output_dir="~/runs"))
+    adapter, _ = host.OutputDir().locations(config(output_dir="~/runs"))
     assert adapter == str(tmp_path / "runs" / "my-adaptor")
 
 
 def test_empty_output_dir_means_outputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    adapter, _ = host.Host().locations(config(output_dir=""))
+    adapter, _ = host.OutputDir().locations(config(output_dir=""))
     assert adapter == str(tmp_path / "outputs" / "my-adaptor")
 
 
@@ -243,6 +276,6 @@ def test_a_missing_lab_home_stops_before_lab_is_imported(tmp_path, monkeypatch):
     monkeypatch.setenv("TFL_HOME_DIR", str(tmp_path / "gone"))
     imported_before = "lab" in sys.modules
     with pytest.raises(InvalidConfig):
-        host.LabHost().raw_params()
+        host.LabConfig(host.LabConnection(None)).raw_params()
     assert ("lab" in sys.modules) == imported_before
     assert not os.path.exists(tmp_path / "gone")

@@ -12,14 +12,18 @@ import time
 import pytest
 
 from plugin_utils import launch, params
-from plugin_utils.events import EVENTS_FILE, EventReader, EventWriter, error_file
-from plugin_utils.rules import Plan
+from plugin_utils.runfolder import EVENTS_FILE, EventReader, EventWriter, RunFolder
 
-from .conftest import ROOT
+from .conftest import ROOT, plan_of
 
-CPU_ONE = Plan(device="cpu", gpu_ids=[], num_processes=1, precision="fp32")
-CPU_TWO = Plan(device="cpu", gpu_ids=[], num_processes=2, precision="fp32")
-CUDA_TWO = Plan(device="cuda", gpu_ids=[0, 1], num_processes=2, precision="bf16")
+CPU_ONE = plan_of()
+CPU_TWO = plan_of(num_processes=2)
+# GPU plans cannot be built here from a real nvidia-smi: this is what planning gives two Ampere GPUs.
+CUDA_TWO = plan_of(device="cuda", gpu_ids=[0, 1], num_processes=2, precision="bf16")
+
+
+def error_file(run_dir: str, rank: int) -> str:
+    return RunFolder(run_dir).error_file(rank)
 
 
 def config(**overrides) -> dict:
@@ -37,12 +41,12 @@ def option(cmd: list[str], flag: str) -> str:
 
 
 def test_one_process_is_a_plain_python_worker(tmp_path):
-    cmd = launch.command(config(), CPU_ONE, str(tmp_path), 29500)
+    cmd = launch.command(CPU_ONE, str(tmp_path), 29500)
     assert cmd == [sys.executable, "-m", "plugin_utils.worker", str(tmp_path)]
 
 
 def test_two_processes_go_through_accelerate_launch_with_a_port(tmp_path):
-    cmd = launch.command(config(), CUDA_TWO, str(tmp_path), 29500)
+    cmd = launch.command(CUDA_TWO, str(tmp_path), 29500)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert "--multi_gpu" in cmd
     assert option(cmd, "--num_processes") == "2"
@@ -54,7 +58,7 @@ def test_two_processes_go_through_accelerate_launch_with_a_port(tmp_path):
 
 
 def test_two_cpu_processes_also_use_accelerate_launch(tmp_path):
-    cmd = launch.command(config(), CPU_TWO, str(tmp_path), 29500)
+    cmd = launch.command(CPU_TWO, str(tmp_path), 29500)
     assert "accelerate.commands.launch" in cmd
     assert option(cmd, "--num_processes") == "2"
 
@@ -63,21 +67,30 @@ def test_a_fixed_free_port_is_kept_and_a_busy_one_replaced_on_one_machine():
     import socket
 
     free = launch.free_port()
-    assert launch.rendezvous_port(config(main_process_port=free)) == free
+    assert launch.rendezvous_port(plan_of(main_process_port=free)) == free
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        replaced = launch.rendezvous_port(config(main_process_port=taken))
+        replaced = launch.rendezvous_port(plan_of(main_process_port=taken))
         assert replaced != taken and 0 < replaced < 65536
         # Across machines every node must use the same port, so it is never changed there.
-        assert launch.rendezvous_port(config(main_process_port=taken, num_machines=2)) == taken
-    assert launch.rendezvous_port(config()) > 0  # 0 picks a free port
+        assert launch.rendezvous_port(plan_of(main_process_port=taken, num_machines=2)) == taken
+    assert launch.rendezvous_port(plan_of()) > 0  # 0 picks a free port
 
 
 def test_multi_node_arguments_pass_through_with_processes_across_all_machines(tmp_path):
-    p = config(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29500)
-    cmd = launch.command(p, CUDA_TWO, str(tmp_path), 29500)
+    plan = plan_of(
+        device="cuda",
+        gpu_ids=[0, 1],
+        num_processes=2,
+        precision="bf16",
+        num_machines=2,
+        machine_rank=1,
+        main_process_ip="10.0.0.1",
+        main_process_port=29500,
+    )
+    cmd = launch.command(plan, str(tmp_path), 29500)
     assert "--multi_gpu" in cmd
     assert option(cmd, "--num_processes") == "4"  # 2 per node x 2 nodes
     assert option(cmd, "--num_machines") == "2"
@@ -87,9 +100,10 @@ def test_multi_node_arguments_pass_through_with_processes_across_all_machines(tm
 
 
 def test_multi_node_with_one_process_per_node_still_uses_accelerate(tmp_path):
-    p = config(num_machines=3, machine_rank=2, main_process_ip="10.0.0.1", main_process_port=29500)
-    plan = Plan(device="cuda", gpu_ids=[0], num_processes=1, precision="bf16")
-    cmd = launch.command(p, plan, str(tmp_path), 29500)
+    plan = plan_of(
+        device="cuda", gpu_ids=[0], precision="bf16", num_machines=3, machine_rank=2, main_process_ip="10.0.0.1"
+    )
+    cmd = launch.command(plan, str(tmp_path), 29500)
     assert "accelerate.commands.launch" in cmd
     assert option(cmd, "--num_processes") == "3"
 
@@ -141,7 +155,7 @@ def test_rank_env_pins_pci_bus_order_so_gpu_ids_match_nvidia_smi(monkeypatch):
 
 def test_rank_env_replaces_an_inherited_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    plan = Plan(device="cuda", gpu_ids=[2], num_processes=1, precision="bf16")
+    plan = plan_of(device="cuda", gpu_ids=[2], precision="bf16")
     assert launch.rank_env(plan)["CUDA_VISIBLE_DEVICES"] == "2"
 
 
@@ -158,8 +172,8 @@ def test_rank_env_runs_wandb_offline_without_a_key(monkeypatch, key, mode):
         monkeypatch.delenv("WANDB_API_KEY", raising=False)
     else:
         monkeypatch.setenv("WANDB_API_KEY", key)
-    assert launch.rank_env(CPU_ONE, config(log_to_wandb=True)).get("WANDB_MODE") == mode
-    assert "WANDB_MODE" not in launch.rank_env(CPU_ONE, config(log_to_wandb=False))
+    assert launch.rank_env(CPU_ONE, log_to_wandb=True).get("WANDB_MODE") == mode
+    assert "WANDB_MODE" not in launch.rank_env(CPU_ONE, log_to_wandb=False)
 
 
 # --- EventReader -----------------------------------------------------------------------------------------
@@ -231,7 +245,7 @@ class RecordingHost:
 @pytest.fixture
 def watcher(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "RELAY_INTERVAL", 0.0)
-    return launch.Watcher(RecordingHost(), str(tmp_path))
+    return launch.Watcher(RecordingHost(), RunFolder(str(tmp_path)))
 
 
 def start_event(max_steps=10, global_step=0, started=None):
@@ -301,7 +315,7 @@ def test_watcher_progress_without_max_steps_stays_put(watcher):
 
 def test_watcher_throttles_progress_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "RELAY_INTERVAL", 3600.0)
-    w = launch.Watcher(RecordingHost(), str(tmp_path))
+    w = launch.Watcher(RecordingHost(), RunFolder(str(tmp_path)))
     w.handle(log_event(1, loss=2.0))
     w.handle(progress_event(2))
     w.handle(progress_event(3))
@@ -365,31 +379,31 @@ def test_rank_failure_prefers_the_root_cause_over_an_older_secondary_report(tmp_
     now = time.time_ns()
     write_report(tmp_path, 0, SECONDARY, now - 5_000_000_000)
     write_report(tmp_path, 1, ROOT_CAUSE, now)
-    assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == f"rank 1 failed: {ROOT_CAUSE}"
+    assert launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1) == f"rank 1 failed: {ROOT_CAUSE}"
 
 
 def test_rank_failure_prefers_the_root_cause_over_a_newer_secondary_report(tmp_path):
     now = time.time_ns()
     write_report(tmp_path, 1, ROOT_CAUSE, now - 5_000_000_000)
     write_report(tmp_path, 0, SECONDARY, now)
-    assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == f"rank 1 failed: {ROOT_CAUSE}"
+    assert launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1) == f"rank 1 failed: {ROOT_CAUSE}"
 
 
 def test_rank_failure_picks_the_earliest_of_several_root_causes(tmp_path):
     now = time.time_ns()
     write_report(tmp_path, 0, "ValueError: second", now)
     write_report(tmp_path, 1, "ValueError: first", now - 1_000_000_000)
-    assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == "rank 1 failed: ValueError: first"
+    assert launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1) == "rank 1 failed: ValueError: first"
 
 
 def test_rank_failure_reports_a_secondary_failure_when_it_is_all_there_is(tmp_path):
     write_report(tmp_path, 2, SECONDARY, time.time_ns())
-    assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == f"rank 2 failed: {SECONDARY}"
+    assert launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1) == f"rank 2 failed: {SECONDARY}"
 
 
 def test_rank_failure_falls_back_to_the_output_tail(tmp_path):
     tail = collections.deque([f"line {i}" for i in range(30)] + ["", "Killed"], maxlen=200)
-    message = launch._rank_failure(str(tmp_path), tail, -9)
+    message = launch._rank_failure(RunFolder(str(tmp_path)), tail, -9)
     assert message.startswith("a training process exited with code -9; last output:\n")
     shown = message.split("last output:\n", 1)[1].splitlines()
     assert len(shown) == 15
@@ -398,12 +412,15 @@ def test_rank_failure_falls_back_to_the_output_tail(tmp_path):
 
 
 def test_rank_failure_without_reports_or_output_gives_the_exit_code(tmp_path):
-    assert launch._rank_failure(str(tmp_path), collections.deque(), 1) == "a training process exited with code 1"
+    assert (
+        launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1)
+        == "a training process exited with code 1"
+    )
 
 
 def test_cuda_out_of_memory_is_explained_with_the_parameters_to_lower(tmp_path):
     write_report(tmp_path, 1, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", time.time_ns())
-    message = launch._rank_failure(str(tmp_path), collections.deque(), 1)
+    message = launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1)
     assert message.startswith("The GPU ran out of memory: lower batch_size")
     assert "rank 1 failed: torch.OutOfMemoryError" in message
 
@@ -422,4 +439,4 @@ def test_a_rank_killed_by_a_signal_is_named_from_the_launcher_summary(tmp_path):
         ]
     )
     write_report(tmp_path, 0, "RuntimeError: Connection closed by peer ... remote worker", time.time_ns())
-    assert launch._rank_failure(str(tmp_path), tail, 1) == "rank 1 was killed (Signal 9 (SIGKILL))"
+    assert launch._rank_failure(RunFolder(str(tmp_path)), tail, 1) == "rank 1 was killed (Signal 9 (SIGKILL))"

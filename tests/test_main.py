@@ -23,8 +23,10 @@ def test_check_reports_the_plan_without_torch_or_a_job(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = last_json(proc.stdout)
     assert report["ok"] is True and report["errors"] == []
-    plan = {k: v for k, v in report["plan"].items() if k != "speed"}
-    assert plan == {"device": "cpu", "gpu_ids": [], "num_processes": 2, "precision": "fp32"}
+    plan = report["plan"]
+    assert (plan["device"], plan["gpu_ids"], plan["num_processes"], plan["precision"]) == ("cpu", [], 2, "fp32")
+    assert plan["world_size"] == 2 and plan["completion_only"] is None  # the loss mode needs the data's format
+    assert [why.split(":")[0] for why in plan["reasons"][:4]] == ["device", "processes", "precision", "strategy"]
     speed = report["plan"]["speed"]
     assert (speed["attention"], speed["packing"], speed["gradient_checkpointing"]) == ("sdpa", True, False)
     assert any(why.startswith("gradient checkpointing: off (set)") for why in speed["reasons"])
@@ -89,16 +91,15 @@ def test_check_refuses_a_chat_template_that_is_not_jinja(tiny_model, tmp_path):
 
 
 def test_an_unexpected_failure_logs_its_real_traceback(caplog):
-    import argparse
-
     from plugin_utils import cli
 
     try:
         {}["missing"]
     except KeyError as exc:
         caught = exc
-    outcome = cli.Outcome(argparse.Namespace(json=False, check=False, dry_run=False))
-    assert outcome.finish(caught) == 1  # reported after the except block ended, as main() does
+    from plugin_utils.host import NullSink
+
+    assert cli.conclude(NullSink(), False, None, caught) == 1  # reported after the except block ended, as main() does
     err = caplog.text
     assert "Traceback (most recent call last)" in err and "KeyError: 'missing'" in err
     assert "NoneType: None" not in err

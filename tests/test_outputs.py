@@ -12,9 +12,8 @@ import pytest
 
 from plugin_utils import outputs
 from plugin_utils.launch import RunResult
-from plugin_utils.rules import Plan
 
-from .conftest import ROOT
+from .conftest import ROOT, plan_of
 
 
 def stage(final) -> str:
@@ -32,7 +31,12 @@ def leftovers(folder) -> list[str]:
     return sorted(name for name in os.listdir(folder) if ".old-" in name or ".partial-" in name)
 
 
-IDENTITY = {"model_name": "m", "world_size": 1, "dataset": "k"}
+IDENTITY = outputs.identity({k: "x" for k in (*outputs.HARD_KEYS, *outputs.SOFT_KEYS)}, 1, "k")
+
+
+def resume_point(adapter: str, checkpoints: str, identity: dict, *, overwrite: bool) -> str | None:
+    """What a run resumes from, with the checkpoint folder made ready for it (as main.py does at launch)."""
+    return outputs.prepare_checkpoints(outputs.inspect(adapter, checkpoints, identity, overwrite=overwrite))
 
 
 def make_checkpoint(folder, step: int, complete: bool = True) -> str:
@@ -148,8 +152,8 @@ def test_resume_point_clears_checkpoints_when_overwriting_a_complete_adapter(tmp
     outputs.publish(stage_dir, str(adapter), {})
     checkpoints = tmp_path / "checkpoints" / "my-adaptor"
     make_checkpoint(checkpoints, 5)
-    assert outputs.resume_point(str(adapter), str(checkpoints), IDENTITY, overwrite=True) is None
-    assert not checkpoints.exists()
+    assert resume_point(str(adapter), str(checkpoints), IDENTITY, overwrite=True) is None
+    assert not (checkpoints / "checkpoint-5").exists()
 
 
 def test_resume_point_returns_the_latest_checkpoint_of_an_interrupted_run(tmp_path):
@@ -157,9 +161,9 @@ def test_resume_point_returns_the_latest_checkpoint_of_an_interrupted_run(tmp_pa
     make_checkpoint(checkpoints, 5)
     latest = make_checkpoint(checkpoints, 10)
     adapter = str(tmp_path / "my-adaptor")
-    assert outputs.resume_point(adapter, str(checkpoints), IDENTITY, overwrite=False) == latest
+    assert resume_point(adapter, str(checkpoints), IDENTITY, overwrite=False) == latest
     # overwrite only discards work that a finished adapter already holds
-    assert outputs.resume_point(adapter, str(checkpoints), IDENTITY, overwrite=True) == latest
+    assert resume_point(adapter, str(checkpoints), IDENTITY, overwrite=True) == latest
     assert os.path.isdir(latest)
 
 
@@ -168,11 +172,11 @@ def test_resume_point_keeps_checkpoints_when_not_overwriting(tmp_path):
     outputs.publish(stage(adapter), str(adapter), {})
     checkpoints = tmp_path / "checkpoints" / "my-adaptor"
     latest = make_checkpoint(checkpoints, 7)
-    assert outputs.resume_point(str(adapter), str(checkpoints), IDENTITY, overwrite=False) == latest
+    assert resume_point(str(adapter), str(checkpoints), IDENTITY, overwrite=False) == latest
 
 
 def test_resume_point_without_checkpoints_is_none(tmp_path):
-    assert outputs.resume_point(str(tmp_path / "a"), str(tmp_path / "c"), IDENTITY, overwrite=False) is None
+    assert resume_point(str(tmp_path / "a"), str(tmp_path / "c"), IDENTITY, overwrite=False) is None
 
 
 # --- plot, versions, summary ---------------------------------------------------------------------------------
@@ -206,7 +210,7 @@ def test_versions_include_trl_and_the_plugin():
 
 def test_summary_records_parameters_world_size_steps_loss_runtime_and_versions():
     p = {"adaptor_name": "my-adaptor", "learning_rate": 2e-4}
-    plan = Plan(device="cpu", gpu_ids=[], num_processes=2, precision="fp32")
+    plan = plan_of(num_processes=2)
     result = RunResult(
         status="COMPLETE", steps=6, max_steps=6, world_size=2, final_loss=1.25, eval_loss=None, runtime=12.345
     )
@@ -221,22 +225,16 @@ def test_summary_records_parameters_world_size_steps_loss_runtime_and_versions()
     json.dumps(found)
 
 
-def test_resume_is_refused_when_parameters_that_matter_changed(tmp_path):
-    from plugin_utils.errors import InvalidConfig
-
+def test_a_changed_checkpoint_is_replaced_only_under_overwrite_output(tmp_path):
     checkpoints = tmp_path / "c"
     make_checkpoint(checkpoints, 4)
-    outputs.record_run(str(checkpoints), {**IDENTITY, "learning_rate": 1e-4})
-    with pytest.raises(InvalidConfig, match=r"learning_rate.*cannot be resumed"):
-        outputs.resume_point(
-            str(tmp_path / "a"), str(checkpoints), {**IDENTITY, "learning_rate": 2e-4}, overwrite=False
-        )
-    # overwrite_output starts afresh instead
-    assert (
-        outputs.resume_point(str(tmp_path / "a"), str(checkpoints), {**IDENTITY, "learning_rate": 2e-4}, overwrite=True)
-        is None
-    )
-    assert not checkpoints.exists()
+    outputs.record_run(str(checkpoints), IDENTITY)
+    changed = {**IDENTITY, "asked": {**IDENTITY["asked"], "lora_r": 8}}
+    out = outputs.inspect(str(tmp_path / "a"), str(checkpoints), changed, overwrite=False)
+    assert out.resume_from is not None and out.changed() == ["lora_r"]  # validation refuses it
+    # overwrite_output starts afresh instead: the checkpoints go, the folder (and its lock) stays
+    assert resume_point(str(tmp_path / "a"), str(checkpoints), changed, overwrite=True) is None
+    assert not (checkpoints / "checkpoint-4").exists() and checkpoints.is_dir()
 
 
 def test_a_checkpoint_missing_a_ranks_rng_state_is_incomplete(tmp_path):
@@ -247,7 +245,8 @@ def test_a_checkpoint_missing_a_ranks_rng_state_is_incomplete(tmp_path):
     open(os.path.join(newer, "rng_state_0.pth"), "w").close()  # rank 1 never finished saving
     assert outputs.latest_checkpoint(str(tmp_path), world_size=2) == older
     identity = {**IDENTITY, "world_size": 2}
-    assert outputs.resume_point(str(tmp_path / "a"), str(tmp_path), identity, overwrite=False) == older
+    outputs.record_run(str(tmp_path), identity)
+    assert resume_point(str(tmp_path / "a"), str(tmp_path), identity, overwrite=False) == older
     assert not os.path.exists(newer), "a checkpoint cut off mid-save is removed before resuming"
 
 

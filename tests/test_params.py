@@ -9,6 +9,7 @@ import pytest
 
 from plugin_utils import params
 from plugin_utils.errors import InvalidConfig
+from tests.conftest import resolve as resolve_params
 
 from .conftest import ROOT, SPEC_HOST_KEYS
 
@@ -20,7 +21,7 @@ def manifest_parameters() -> dict:
 def resolve(headless: bool = True, **values):
     """Resolve the given values with a valid adaptor_name unless the test sets one."""
     raw = {"adaptor_name": "my-adaptor", **values}
-    return params.resolve(raw, headless=headless)
+    return resolve_params(raw, headless=headless)
 
 
 def errors_of(headless: bool = True, **values) -> dict[str, str]:
@@ -245,7 +246,7 @@ def test_values_at_the_bounds_are_accepted():
 
 def test_adaptor_name_is_required():
     with pytest.raises(InvalidConfig) as caught:
-        params.resolve({}, headless=True)
+        resolve_params({}, headless=True)
     [found] = caught.value.errors
     assert found.parameter == "adaptor_name"
     assert "is required" in found.message
@@ -329,7 +330,7 @@ def test_host_noise_keys_are_still_unknown_headless():
 
 def test_all_problems_are_reported_at_once():
     with pytest.raises(InvalidConfig) as caught:
-        params.resolve(
+        resolve_params(
             {
                 "learning_rat": 1e-4,
                 "batch_size": "many",
@@ -350,7 +351,7 @@ def test_all_problems_are_reported_at_once():
 
 def test_warnings_travel_with_the_errors_under_a_host():
     with pytest.raises(InvalidConfig) as caught:
-        params.resolve({"adaptor_name": "x", "learning_rat": 1, "batch_size": 0}, headless=False)
+        resolve_params({"adaptor_name": "x", "learning_rat": 1, "batch_size": 0}, headless=False)
     assert [p.parameter for p in caught.value.errors] == ["batch_size"]
     assert [p.parameter for p in caught.value.warnings] == ["learning_rat"]
 

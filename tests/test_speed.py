@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from plugin_utils import params, rules, speed, worker
+from plugin_utils import params, planning, speed, validation, worker
 from plugin_utils.machine import Gpu, Machine
 
-from .conftest import SAMPLE
+from .conftest import SAMPLE, plan_of, spec_of
 
 GIB = 2**30
 
@@ -155,13 +155,16 @@ def test_gradient_checkpointing_auto_is_on_when_the_model_size_is_unknown(monkey
     assert any("size is unknown" in why for why in s.reasons)
 
 
-def test_the_plan_settles_auto_switches_into_booleans(tiny_model):
-    p = config(model_name=tiny_model, dataset_name=str(SAMPLE), train_device="cpu", maximum_sequence_length=256)
-    plan = rules.check(p, Machine(cpu_count=2, ram_bytes=8 * GIB), [])
-    settled = plan.settled(p)
-    assert settled["packing"] is True and settled["gradient_checkpointing"] is False  # 4 x 256 tokens per batch
+def test_the_plan_holds_what_auto_switches_became_and_the_parameters_stay_as_asked(tiny_model):
+    p = params.Params(
+        config(model_name=tiny_model, dataset_name=str(SAMPLE), train_device="cpu", maximum_sequence_length=256)
+    )
+    plan = planning.build(p, Machine(cpu_count=2, ram_bytes=8 * GIB))
+    assert plan.speed.packing is True and plan.gradient_checkpointing is False  # 4 x 256 tokens per batch
     assert plan.as_dict()["speed"]["gradient_checkpointing"] is False
-    assert p["packing"] == "auto", "the caller's parameters are left as given"
+    assert p["packing"] == p["gradient_checkpointing"] == "auto", "the parameters stay what was asked"
+    with pytest.raises(TypeError):
+        p["packing"] = True  # frozen
 
 
 # --- the memory estimate ---------------------------------------------------------------------------
@@ -209,49 +212,45 @@ def test_the_estimate_moves_the_right_way_with_each_setting():
     ],
 )
 def test_auto_switches_take_every_boolean_spelling(raw, expected):
-    values, _, _ = params.resolve_all({"packing": raw, "gradient_checkpointing": raw}, headless=False)
+    values = params.read({"packing": raw, "gradient_checkpointing": raw}, headless=False).params
     assert values["packing"] == values["gradient_checkpointing"] == expected
 
 
 def test_an_auto_switch_rejects_other_values_naming_the_choices():
-    _, _, errors = params.resolve_all({"packing": "maybe"}, headless=False)
+    errors = params.read({"packing": "maybe"}, headless=False).errors
     [line] = [e.line() for e in errors if e.parameter == "packing"]
     assert "'maybe' is not one of auto, true, false" in line
 
 
 def test_packing_forced_on_without_flash_attention_is_a_warning_where_it_is_likely_slower():
     big = config(packing="true", train_device="cpu", batch_size=8, maximum_sequence_length=1024)
-    found = list(rules.packing_without_flash_attention(big, Machine()))
+    found = list(validation.packing_without_flash_attention(big, Machine()))
     assert [(severity, p.parameter) for severity, p in found] == [("warning", "packing")]
     assert "(8192 tokens)" in found[0][1].line()
     small = config(packing="true", train_device="cpu", batch_size=4, maximum_sequence_length=128)
-    assert not list(rules.packing_without_flash_attention(small, Machine()))
+    assert not list(validation.packing_without_flash_attention(small, Machine()))
     on_gpu = config(packing="true", batch_size=4, maximum_sequence_length=128)
-    assert list(rules.packing_without_flash_attention(on_gpu, Machine(gpus=gpus(1))))
-    assert not list(rules.packing_without_flash_attention(config(packing="auto"), Machine()))
+    assert list(validation.packing_without_flash_attention(on_gpu, Machine(gpus=gpus(1))))
+    assert not list(validation.packing_without_flash_attention(config(packing="auto"), Machine()))
 
 
 def test_planned_steps_count_packs_when_packing():
-    plan = rules.Plan(device="cpu", gpu_ids=[], num_processes=1, precision="fp32")
-    plan.speed.packing = True
     stats = {"rows_used": 1000, "total_tokens": 1000 * 100, "eval_rows": 0}
-    p = config(batch_size=4, maximum_sequence_length=1000, save_steps=100, num_train_epochs=1)
+    p = config(batch_size=4, maximum_sequence_length=1000, save_steps=100, num_train_epochs=1, packing="true")
     p["gradient_accumulation_steps"] = 1
+    plan = planning.build(p, Machine())
     # 100k tokens fill about 100 packs of 1000 tokens: 25 steps, so save_steps=100 never saves.
-    warned = [w.parameter for w in rules.check_data(p, plan, stats, [])]
-    assert "save_steps" in warned
-    plan.speed.packing = False  # 250 steps unpacked: a checkpoint at 100 and 200
-    assert "save_steps" not in [w.parameter for w in rules.check_data(p, plan, stats, [])]
+    assert [f[1].parameter for f in validation.checkpoint_before_the_end(p, plan, stats)] == ["save_steps"]
+    p["packing"] = "false"  # 250 steps unpacked: a checkpoint at 100 and 200
+    assert not list(validation.checkpoint_before_the_end(p, planning.build(p, Machine()), stats))
 
 
 # --- the worker gets them --------------------------------------------------------------------------
 
 
 def test_the_worker_passes_the_speed_settings_to_trl(tmp_path):
-    p = config(packing=True, gradient_checkpointing=False)  # settled, as main.py hands them on
-    chosen = speed.Speed(packing=True, gradient_checkpointing=False, dataloader_workers=2).as_dict()
-    plan = {"device": "cpu", "gpu_ids": [], "num_processes": 1, "precision": "fp32", "speed": chosen}
-    args = worker._sft_config({"params": p, "plan": plan, "checkpoint_dir": str(tmp_path)}, has_eval=False)
+    chosen = speed.Speed(packing=True, gradient_checkpointing=False, dataloader_workers=2)
+    args = worker._sft_config(spec_of(str(tmp_path), plan=plan_of(speed=chosen)))
     assert args.packing and args.padding_free is False  # TRL turns padding-free on itself for BFD packing
     assert args.packing_strategy == "bfd"
     assert not args.activation_checkpointing
@@ -288,9 +287,7 @@ def test_packed_padding_free_rows_give_the_loss_of_separate_rows(tiny_model, att
 def test_a_model_that_cannot_use_flash_attention_falls_back_to_sdpa(tiny_model, capfd):
     # Here flash-attn is not installed, so transformers refuses flash_attention_2 just as it does for an
     # architecture without support: the worker loads the model with SDPA and says so.
-    p = config(model_name=tiny_model)
-    chosen = speed.Speed(attention="flash_attention_2").as_dict()
-    plan = {"device": "cpu", "gpu_ids": [], "num_processes": 1, "precision": "fp32", "speed": chosen}
-    model = worker._load_model({"params": p, "plan": plan})
+    chosen = speed.Speed(attention="flash_attention_2")
+    model = worker._load_model(spec_of(str(tiny_model), {"model_name": tiny_model}, plan_of(speed=chosen)))
     assert model.config._attn_implementation == "sdpa"
     assert "flash-attention is not usable for this model" in capfd.readouterr().err

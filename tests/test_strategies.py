@@ -7,10 +7,16 @@ from __future__ import annotations
 import json
 
 from plugin_utils import launch, params, strategies
-from plugin_utils.rules import Plan
+from plugin_utils.runfolder import RunFolder
+from tests.conftest import plan_of, spec_of
 
-GPUS = Plan(device="cuda", gpu_ids=[0, 1], num_processes=2, precision="bf16")
-CPUS = Plan(device="cpu", gpu_ids=[], num_processes=2, precision="fp32")
+# GPU plans cannot be built here from a real nvidia-smi: these are what planning gives two Ampere GPUs.
+GPUS = plan_of(device="cuda", gpu_ids=[0, 1], num_processes=2, precision="bf16")
+CPUS = plan_of(device="cpu", gpu_ids=[], num_processes=2, precision="fp32")
+
+
+def gpus(**decisions):
+    return plan_of(device="cuda", gpu_ids=[0, 1], num_processes=2, precision="bf16", **decisions)
 
 
 def read(path: str) -> dict:
@@ -25,14 +31,14 @@ def config(**overrides) -> dict:
 
 
 def test_ddp_writes_no_config_and_launches_with_multi_gpu(tmp_path):
-    assert strategies.write_configs(str(tmp_path), config(), GPUS, 29500) == {}
-    cmd = launch.command(config(), GPUS, str(tmp_path), 29500, {})
+    assert strategies.write_configs(RunFolder(str(tmp_path)), GPUS, 29500) == {}
+    cmd = launch.command(GPUS, str(tmp_path), 29500, {})
     assert "--multi_gpu" in cmd and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
 
 
 def test_fsdp_writes_an_fsdp2_accelerate_config_used_by_the_launcher(tmp_path):
-    p = config(distributed_strategy="fsdp", gradient_checkpointing=True)
-    written = strategies.write_configs(str(tmp_path), p, GPUS, 29501)
+    plan = gpus(strategy="fsdp", speed=strategies_speed(gradient_checkpointing=True))
+    written = strategies.write_configs(RunFolder(str(tmp_path)), plan, 29501)
     data = read(written["accelerate"])
     assert data["distributed_type"] == "FSDP"
     assert data["num_processes"] == 2 and data["main_process_port"] == 29501
@@ -40,27 +46,28 @@ def test_fsdp_writes_an_fsdp2_accelerate_config_used_by_the_launcher(tmp_path):
     fsdp = data["fsdp_config"]
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     assert fsdp["fsdp_activation_checkpointing"] is True
-    cmd = launch.command(p, GPUS, str(tmp_path), 29501, written)
+    cmd = launch.command(plan, str(tmp_path), 29501, written)
     assert cmd[cmd.index("--config_file") + 1] == written["accelerate"]
     assert "--multi_gpu" not in cmd
 
 
 def test_fsdp_on_cpu_uses_cpu_ranks_and_full_precision(tmp_path):
-    written = strategies.write_configs(str(tmp_path), config(distributed_strategy="fsdp"), CPUS, 29502)
+    cpus = plan_of(num_processes=2, strategy="fsdp")
+    written = strategies.write_configs(RunFolder(str(tmp_path)), cpus, 29502)
     data = read(written["accelerate"])
     assert data["use_cpu"] is True and data["mixed_precision"] == "no"
 
 
 def test_fsdp_multi_node_counts_every_process(tmp_path):
-    p = config(distributed_strategy="fsdp", num_machines=2, machine_rank=1, main_process_ip="10.0.0.1")
-    data = read(strategies.write_configs(str(tmp_path), p, GPUS, 29500)["accelerate"])
+    plan = gpus(strategy="fsdp", num_machines=2, machine_rank=1, main_process_ip="10.0.0.1")
+    data = read(strategies.write_configs(RunFolder(str(tmp_path)), plan, 29500)["accelerate"])
     assert (data["num_processes"], data["num_machines"], data["machine_rank"]) == (4, 2, 1)
     assert data["main_process_ip"] == "10.0.0.1"
 
 
 def test_deepspeed_zero2_and_zero3_configs(tmp_path):
-    zero2 = strategies.deepspeed_config(config(distributed_strategy="deepspeed_zero2"))
-    zero3 = strategies.deepspeed_config(config(distributed_strategy="deepspeed_zero3"))
+    zero2 = strategies.deepspeed_config(gpus(strategy="deepspeed_zero2"))
+    zero3 = strategies.deepspeed_config(gpus(strategy="deepspeed_zero3"))
     assert zero2["zero_optimization"]["stage"] == 2
     assert "stage3_gather_16bit_weights_on_model_save" not in zero2["zero_optimization"]
     assert zero3["zero_optimization"]["stage"] == 3
@@ -69,21 +76,27 @@ def test_deepspeed_zero2_and_zero3_configs(tmp_path):
         # Batch sizes and precision come from the training arguments, so the two can never disagree.
         assert generated["train_micro_batch_size_per_gpu"] == "auto"
         assert generated["bf16"] == {"enabled": "auto"}
-    written = strategies.write_configs(str(tmp_path), config(distributed_strategy="deepspeed_zero3"), GPUS, 1)
+    plan = gpus(strategy="deepspeed_zero3")
+    written = strategies.write_configs(RunFolder(str(tmp_path)), plan, 1)
     assert read(written["deepspeed"]) == zero3
-    cmd = launch.command(config(distributed_strategy="deepspeed_zero3"), GPUS, str(tmp_path), 29500, written)
+    # The spec names the same file, so the ranks hand it to the training arguments.
+    assert (
+        spec_of(str(tmp_path), {"distributed_strategy": "deepspeed_zero3"}, plan).deepspeed_config
+        == written["deepspeed"]
+    )
+    cmd = launch.command(plan, str(tmp_path), 29500, written)
     assert "--multi_gpu" in cmd  # the DeepSpeed config reaches the ranks through the training arguments
 
 
 def test_the_worker_leaves_activation_checkpointing_to_fsdp(tmp_path):
     from plugin_utils import worker
+
+    plan = plan_of(num_processes=2, strategy="fsdp", speed=strategies_speed(gradient_checkpointing=True))
+    args = worker._sft_config(spec_of(str(tmp_path), {"distributed_strategy": "fsdp"}, plan))
+    assert not args.activation_checkpointing
+
+
+def strategies_speed(**settings):
     from plugin_utils.speed import Speed
 
-    plan = {"device": "cpu", "gpu_ids": [], "num_processes": 2, "precision": "fp32", "speed": Speed().as_dict()}
-    spec = {
-        "params": config(distributed_strategy="fsdp", gradient_checkpointing=True),
-        "plan": plan,
-        "checkpoint_dir": str(tmp_path),
-    }
-    args = worker._sft_config(spec, has_eval=False)
-    assert not args.activation_checkpointing
+    return Speed(**settings)

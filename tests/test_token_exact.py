@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import real_tokenizers as rt  # noqa: E402
 
-from plugin_utils import chat, data, params  # noqa: E402
+from plugin_utils import chat, data, params, planning  # noqa: E402
 from plugin_utils.chat import RowProblem  # noqa: E402
+from tests.conftest import prepare_data  # noqa: E402
 
 # Words that appear only in user, system and tool messages: none of them may ever be trained.
 PROMPT_WORDS = ["Zebra", "Quartz", "Violin", "Walrus", "Maple", "Cobalt", "Falcon", "Nectar"]
@@ -259,7 +260,7 @@ def spm_appending_eos(tmp_path_factory) -> Path:
 
 def _text_encoder(tok, fmt: str, columns: list[str], **overrides):
     p = {**params.defaults(), **overrides}
-    train_part_only, _, _ = data.resolve_loss_mode(p, fmt)
+    train_part_only, _ = planning.loss_mode(p, fmt)
     return data.Encoder(p, fmt, tok, columns, train_part_only)
 
 
@@ -350,7 +351,7 @@ def test_a_model_folder_with_only_a_sentencepiece_model_prepares_token_exact(tmp
     dataset = tmp_path / "d.jsonl"
     dataset.write_text("\n".join(json.dumps(r) for r in rows))
     p = {**params.defaults(), "model_name": str(folder), "dataset_name": str(dataset), "adaptor_name": "a"}
-    prepared = data.prepare(p)
+    prepared = prepare_data(p)
     first, second = prepared.samples
     assert first["trained_tokens"] == ["hi", "▁there", "</s>"]
     assert second["trained_tokens"] == ["▁yes", "</s>"]

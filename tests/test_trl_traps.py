@@ -7,28 +7,23 @@ import json
 
 import pytest
 
-from plugin_utils import data, params, rules, worker
+from plugin_utils import launch, params, planning, sources, validation, worker
 from plugin_utils.errors import InvalidConfig
 from plugin_utils.machine import Gpu, Machine
 from plugin_utils.speed import Speed
 
-from .conftest import SAMPLE, TEMPLATE
+from .conftest import SAMPLE, TEMPLATE, plan_of, prepare_data, spec_of
 
 
-def spec(tmp_path, plan=None, **overrides):
-    # What main.py hands the worker: parameters with packing and checkpointing settled, a plan with its speed.
-    p = params.defaults()
-    p.update(model_name="m", dataset_name="d", adaptor_name="a", packing=False, gradient_checkpointing=True)
-    p.update(overrides)
-    plan = plan or {"device": "cpu", "gpu_ids": [], "num_processes": 1, "precision": "fp32"}
-    plan = {"speed": Speed().as_dict(), **plan}
-    return {"params": p, "plan": plan, "checkpoint_dir": str(tmp_path / "ckpt")}
+def spec(tmp_path, plan=None, packing=False, **overrides):
+    # What main.py hands the worker: the run spec of these parameters and a CPU plan (packing is the plan's).
+    return spec_of(str(tmp_path / "ckpt"), overrides, plan or plan_of(speed=Speed(packing=packing)))
 
 
 def prepared_rows(tiny_model, **overrides):
     p = params.defaults()
     p.update(model_name=tiny_model, dataset_name=str(SAMPLE), adaptor_name="a", **overrides)
-    return p, data.prepare(p)
+    return p, prepare_data(p)
 
 
 def test_seed_error_cannot_happen_no_formatting_func_reaches_trl(tiny_model):
@@ -56,67 +51,69 @@ def test_completion_only_loss_true_on_text_rows_is_an_error_not_silent(tiny_mode
     p = params.defaults()
     p.update(model_name=tiny_model, dataset_name=str(rows), adaptor_name="a", completion_only_loss="true")
     with pytest.raises(InvalidConfig, match="completion_only_loss"):
-        data.prepare(p)
+        prepare_data(p)
 
 
 def test_labels_are_given_so_a_completion_mask_is_never_ignored(tmp_path):
-    args = worker._sft_config(spec(tmp_path), has_eval=False)
+    args = worker._sft_config(spec(tmp_path))
     assert args.dataset_kwargs == {"skip_prepare_dataset": True}  # TRL takes our labels as they are
 
 
 def test_padding_free_without_packing_is_never_set(tmp_path):
-    args = worker._sft_config(spec(tmp_path), has_eval=False)
+    args = worker._sft_config(spec(tmp_path))
     assert not args.padding_free and not args.packing
 
 
 def test_packing_always_has_a_max_length(tmp_path):
-    args = worker._sft_config(spec(tmp_path, packing=True), has_eval=False)
+    args = worker._sft_config(spec(tmp_path, packing=True))
     assert args.packing and args.max_length == 2048
     assert args.dataset_kwargs is None
 
 
 def test_cpu_plan_sets_use_cpu_so_bf16_is_not_assumed(tmp_path):
     # Without use_cpu, transformers raises "Your setup doesn't support bf16/gpu" on this machine.
-    args = worker._sft_config(spec(tmp_path), has_eval=False)
+    args = worker._sft_config(spec(tmp_path))
     assert args.use_cpu and not args.bf16 and not args.fp16
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fp16_and_bf16_are_never_both_on(tmp_path, precision):
     # precision is one enum, so the plan names exactly one (fp16 needs a GPU and is refused on this machine).
-    plan = {"device": "cpu", "gpu_ids": [], "num_processes": 1, "precision": precision}
-    args = worker._sft_config(spec(tmp_path, plan=plan), has_eval=False)
+    plan = plan_of(precision=precision)
+    args = worker._sft_config(spec(tmp_path, plan=plan))
     assert (args.bf16, args.fp16) == (precision == "bf16", False)
 
 
 def test_warmup_ratio_becomes_a_fractional_warmup_steps(tmp_path):
-    args = worker._sft_config(spec(tmp_path, warmup_ratio=0.1), has_eval=False)
+    args = worker._sft_config(spec(tmp_path, warmup_ratio=0.1))
     assert args.warmup_steps == pytest.approx(0.1)
 
 
 def test_report_to_is_explicit(tmp_path):
-    assert worker._sft_config(spec(tmp_path), has_eval=False).report_to in ([], "none", ["none"])
+    assert worker._sft_config(spec(tmp_path)).report_to in ([], "none", ["none"])
 
 
 def test_lora_on_lm_head_is_caught_before_launch():
     p = params.defaults()
     p.update(lora_target_modules="q_proj,lm_head")
-    assert [f[1].parameter for f in rules.lora_not_on_lm_head(p)] == ["lora_target_modules"]
+    assert [f[1].parameter for f in validation.lora_not_on_lm_head(p)] == ["lora_target_modules"]
 
 
 def test_a_peft_model_plus_a_lora_config_is_caught_before_launch(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     p = params.defaults()
     p.update(model_name=str(tmp_path))
-    assert [f[1].parameter for f in rules.model_is_not_an_adapter(p)] == ["model_name"]
+    assert [f[1].parameter for f in validation.model_is_not_an_adapter(p, sources.inspect_model(p["model_name"]))] == [
+        "model_name"
+    ]
 
 
 def test_one_process_sees_one_gpu_so_trl_never_meets_data_parallel():
     p = params.defaults()
     p.update(num_processes="1")
     two = Machine(gpus=[Gpu(0, "fake", 1, 8.0), Gpu(1, "fake", 1, 8.0)])  # a fake: no GPU exists here
-    plan = rules.make_plan(p, two)
-    assert rules.rank_environment(plan)["CUDA_VISIBLE_DEVICES"] == "0"
+    plan = planning.build(p, two)
+    assert launch.rank_environment(plan)["CUDA_VISIBLE_DEVICES"] == "0"
 
 
 def tokenizer_without(tiny_model: str, folder, token: str) -> str:
@@ -132,11 +129,11 @@ def tokenizer_without(tiny_model: str, folder, token: str) -> str:
 
 def test_tokenizer_without_eos_is_an_error_naming_model_name(tiny_model, tmp_path):
     with pytest.raises(InvalidConfig, match="model_name: the tokenizer has no EOS token"):
-        data.load_tokenizer(tokenizer_without(tiny_model, tmp_path / "no-eos", "eos_token"))
+        sources.load_tokenizer(tokenizer_without(tiny_model, tmp_path / "no-eos", "eos_token"))
 
 
 def test_missing_pad_token_falls_back_to_eos(tiny_model, tmp_path):
-    loaded = data.load_tokenizer(tokenizer_without(tiny_model, tmp_path / "no-pad", "pad_token"))
+    loaded = sources.load_tokenizer(tokenizer_without(tiny_model, tmp_path / "no-pad", "pad_token"))
     assert loaded.pad_token_id == loaded.eos_token_id
 
 

@@ -1,33 +1,72 @@
-"""Cross-parameter rules and the run plan.
+"""Every rule the run is checked against, in one place, by phase.
 
-Each rule is a few lines: it looks at the parameters (machine rules also at this machine, output rules
-at the output folders, data rules at the prepared dataset's statistics) and yields `error(...)` or
-`warning(...)`. Configuration rules need no hardware, so a config can be checked on a laptop; machine
-rules are kept apart. All findings of a phase are reported at once. A rule's docstring is its line in
-info.md's rules table.
+A rule is a small named function over the facts it needs, named by its arguments: `p` (the parameters),
+`machine` (this machine), `model` (the model's config.json and folder), `out` (the output folders and what
+they hold), `plan`, `data` (the dataset's format and columns) and `stats` (the prepared rows' statistics).
+It yields `error(...)` or `warning(...)`; its docstring is its line in info.md's rules table.
+
+Phases, in order:
+- parameters: the values against each other (no hardware needed: a config can be checked on a laptop);
+- machine: GPUs, installed packages, disk;
+- model: the model's folder and config.json (no weights, no torch);
+- outputs: the adapter and checkpoint folders: a finished adapter, resuming, the run lock (checked, not taken);
+- data: the dataset's format and columns, before tokenizing;
+- statistics: the prepared rows.
+
+`--check` runs the first four; `--dry-run` and a real run run all six, so a run `--dry-run` accepted is never
+refused later for a reason it could have seen. `check()` returns the findings; the caller decides.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
+import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 from . import speed
 from .errors import InvalidConfig, Problem, problem
 from .machine import Machine, free_disk_gib, has_package
-from .speed import Speed
+from .outputs import HARD_KEYS, OutputFacts
+from .params import form_schema
+from .planning import (
+    asked_processes,
+    planned_gpus,
+    planned_steps,
+    precision_for,
+    selected_gpu_ids,
+    world_size,
+)
+from .sources import CHAT_FORMATS, DataFacts, ModelFacts
 from .templates import chat_syntax_problem, syntax_problem
+
+PHASES = ("parameters", "machine", "model", "outputs", "data", "statistics")
+# The phases `--check` runs: everything that needs no data.
+CHECK_PHASES = PHASES[:4]
+# What info.md's rules table calls each phase.
+PHASE_NAMES = {
+    "parameters": "parameters",
+    "machine": "this machine",
+    "model": "the model",
+    "outputs": "outputs",
+    "data": "the data",
+    "statistics": "the prepared rows",
+}
 
 Finding = tuple[str, Problem]
 Rule = Callable[..., Iterator[Finding]]
-CONFIG_RULES: list[Rule] = []
-MACHINE_RULES: list[Rule] = []
-OUTPUT_RULES: list[Rule] = []
-DATA_RULES: list[Rule] = []
+RULES: dict[str, list[Rule]] = {phase: [] for phase in PHASES}
+
+
+def rule(phase: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        RULES[phase].append(fn)
+        return fn
+
+    return register
 
 
 def error(parameter: str, what: str, fix: str = "") -> Finding:
@@ -38,34 +77,51 @@ def warning(parameter: str, what: str, fix: str = "") -> Finding:
     return "warning", problem(parameter, what, fix)
 
 
-def config_rule(fn: Rule) -> Rule:
-    CONFIG_RULES.append(fn)
-    return fn
+@dataclass
+class Findings:
+    """What the rules found: errors stop the run, warnings are reported with it."""
+
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+    def add(self, other: Findings) -> Findings:
+        self.errors += other.errors
+        self.warnings += other.warnings
+        return self
+
+    def raise_errors(self) -> None:
+        if self.errors:
+            raise InvalidConfig(self.errors, self.warnings)
 
 
-def machine_rule(fn: Rule) -> Rule:
-    MACHINE_RULES.append(fn)
-    return fn
+def check(phases: tuple[str, ...], *, prior: list[Problem] | None = None, **facts: Any) -> Findings:
+    """Run every rule of these phases over the facts given. `prior` holds the single-value errors found while
+    reading the parameters: those parameters hold their defaults here, so findings about them are left out
+    rather than reported twice or wrongly; they lead the errors."""
+    failed = {found.parameter for found in prior or []}
+    result = Findings(errors=list(prior or []))
+    for phase in phases:
+        for fn in RULES[phase]:
+            needed = {name: facts.get(name) for name in inspect.signature(fn).parameters}
+            if any(value is None for value in needed.values()):
+                continue  # a fact this run cannot know (no usable adaptor_name: no output folders)
+            for severity, found in fn(**needed):
+                if found.parameter not in failed:
+                    (result.errors if severity == "error" else result.warnings).append(found)
+    return result
 
 
-def output_rule(fn: Rule) -> Rule:
-    OUTPUT_RULES.append(fn)
-    return fn
-
-
-def data_rule(fn: Rule) -> Rule:
-    DATA_RULES.append(fn)
-    return fn
-
-
-def all_rules() -> list[Rule]:
-    return [*CONFIG_RULES, *MACHINE_RULES, *OUTPUT_RULES, *DATA_RULES]
+def table() -> str:
+    """info.md's rules table."""
+    rows = ["| checked against | rule |", "|---|---|"]
+    rows += [f"| {PHASE_NAMES[phase]} | {' '.join(fn.__doc__.split())} |" for phase in PHASES for fn in RULES[phase]]
+    return "\n".join(rows)
 
 
 # --- required inputs ---------------------------------------------------------------------------
 
 
-@config_rule
+@rule("parameters")
 def model_and_dataset_given(p):
     """A model and a dataset are given."""
     if not p["model_name"]:
@@ -74,7 +130,7 @@ def model_and_dataset_given(p):
         yield error("dataset_name", "no dataset given", "Set dataset_name to a data file, folder or dataset id")
 
 
-@config_rule
+@rule("parameters")
 def adaptor_name_is_a_name(p):
     """adaptor_name is a plain name, never a path."""
     name = p["adaptor_name"] or ""
@@ -89,36 +145,36 @@ def adaptor_name_is_a_name(p):
 # --- the model ----------------------------------------------------------------------------------
 
 
-@config_rule
-def model_is_reachable(p):
+@rule("model")
+def model_is_reachable(p, model: ModelFacts):
     """model_name is a local model folder, or a Hub id that is cached or reachable (HF_HUB_OFFLINE=1)."""
-    name = p["model_name"]
-    if not name:
+    if not p["model_name"]:
         return
-    local = _looks_local(name)
-    if local and not os.path.isdir(os.path.expanduser(name)):
-        yield error("model_name", f"{name} is not a folder", "Give the model's folder or a Hub id")
-    elif not local and model_config(name) is None and os.environ.get("HF_HUB_OFFLINE") == "1":
-        yield error("model_name", f"{name} is not in the local Hub cache and HF_HUB_OFFLINE=1", "Download it first")
-
-
-@config_rule
-def model_is_not_an_adapter(p):
-    """model_name is a base model, not a LoRA adapter folder (TRL refuses a PeftModel plus a LoRA config)."""
-    name = os.path.expanduser(p["model_name"] or "")
-    if name and os.path.isfile(os.path.join(name, "adapter_config.json")):
-        base = _read_json(os.path.join(name, "adapter_config.json")).get("base_model_name_or_path", "its base model")
+    if model.local and not model.is_folder:
+        yield error("model_name", f"{p['model_name']} is not a folder", "Give the model's folder or a Hub id")
+    elif not model.local and model.config is None and os.environ.get("HF_HUB_OFFLINE") == "1":
         yield error(
-            "model_name", f"{name} is a LoRA adapter, not a model", f"Train on {base} (or fuse the adapter first)"
+            "model_name", f"{p['model_name']} is not in the local Hub cache and HF_HUB_OFFLINE=1", "Download it first"
         )
 
 
-@config_rule
-def sequence_fits_model(p):
+@rule("model")
+def model_is_not_an_adapter(p, model: ModelFacts):
+    """model_name is a base model, not a LoRA adapter folder (TRL refuses a PeftModel plus a LoRA config)."""
+    if model.adapter_config is not None:
+        base = model.adapter_config.get("base_model_name_or_path", "its base model")
+        yield error(
+            "model_name",
+            f"{p['model_name']} is a LoRA adapter, not a model",
+            f"Train on {base} (or fuse the adapter first)",
+        )
+
+
+@rule("model")
+def sequence_fits_model(p, model: ModelFacts):
     """maximum_sequence_length is within the model's max_position_embeddings (read from config.json)."""
-    config = model_config(p["model_name"]) if p["model_name"] else None
-    limit = next((config[k] for k in ("max_position_embeddings", "n_positions") if config and config.get(k)), None)
-    if isinstance(limit, int) and p["maximum_sequence_length"] > limit:
+    limit = model.context_length
+    if limit is not None and p["maximum_sequence_length"] > limit:
         yield error(
             "maximum_sequence_length",
             f"{p['maximum_sequence_length']} is above the model's context length {limit}",
@@ -126,7 +182,7 @@ def sequence_fits_model(p):
         )
 
 
-@config_rule
+@rule("parameters")
 def lora_not_on_lm_head(p):
     """LoRA target modules do not include lm_head (TRL and PEFT cannot train an adapter there)."""
     modules = {m.strip() for m in p["lora_target_modules"].split(",")}
@@ -137,14 +193,14 @@ def lora_not_on_lm_head(p):
 # --- training length and optimisation ----------------------------------------------------------
 
 
-@config_rule
+@rule("parameters")
 def max_steps_not_zero(p):
     """max_steps is not 0 (which would train nothing)."""
     if p["max_steps"] == 0:
         yield error("max_steps", "0 would train nothing", "Use -1 to train by epochs, or a positive step count")
 
 
-@config_rule
+@rule("parameters")
 def save_steps_within_max_steps(p):
     """save_steps beyond max_steps leaves no checkpoint to resume from (warning)."""
     if p["max_steps"] > 0 and p["save_steps"] > p["max_steps"]:
@@ -155,7 +211,7 @@ def save_steps_within_max_steps(p):
         )
 
 
-@config_rule
+@rule("parameters")
 def learning_rate_sane(p):
     """A learning rate above 1e-2 is flagged (warning)."""
     if p["learning_rate"] > 1e-2:
@@ -169,13 +225,11 @@ def learning_rate_sane(p):
 # --- adapters ------------------------------------------------------------------------------------
 
 
-@config_rule
+@rule("parameters")
 def lora_settings_ignored_in_full_mode(p):
     """LoRA settings changed with training_mode=full are flagged as ignored (warning)."""
     if p["training_mode"] != "full":
         return
-    from .params import form_schema
-
     changed = [k for k in ("lora_r", "lora_alpha", "lora_dropout") if p[k] != form_schema()[k]["default"]]
     if changed:
         yield warning(
@@ -188,7 +242,7 @@ def lora_settings_ignored_in_full_mode(p):
 # --- templates -----------------------------------------------------------------------------------
 
 
-@config_rule
+@rule("parameters")
 def chat_template_wins_over_formatting_template(p):
     """A formatting template sent with apply_chat_template is ignored: the chat template wins (warning)."""
     if p["apply_chat_template"] and p["formatting_template"].strip():
@@ -202,7 +256,7 @@ def chat_template_wins_over_formatting_template(p):
 # --- distribution --------------------------------------------------------------------------------
 
 
-@config_rule
+@rule("parameters")
 def templates_are_valid_jinja(p):
     """formatting_template and formatting_chat_template are valid Jinja (parsed, not rendered)."""
     for parameter, check in (
@@ -214,7 +268,7 @@ def templates_are_valid_jinja(p):
             yield error(parameter, found, "Fix the template")
 
 
-@config_rule
+@rule("parameters")
 def qlora_with_ddp_only(p):
     """qlora runs with ddp only (sharding a 4-bit model is not supported here)."""
     if p["training_mode"] == "qlora" and p["distributed_strategy"] != "ddp":
@@ -225,7 +279,7 @@ def qlora_with_ddp_only(p):
         )
 
 
-@config_rule
+@rule("parameters")
 def fuse_model_explained(p):
     """fuse_model with qlora merges into a 16-bit copy of the base; with full there is nothing to merge (warnings)."""
     if p["fuse_model"] and p["training_mode"] == "qlora":
@@ -239,14 +293,14 @@ def fuse_model_explained(p):
         yield warning("fuse_model", "training_mode=full trains the whole model: there is no adapter to merge", "")
 
 
-@config_rule
+@rule("parameters")
 def wandb_key(p):
     """log_to_wandb without WANDB_API_KEY runs Weights & Biases offline (warning)."""
     if p["log_to_wandb"] and not os.environ.get("WANDB_API_KEY"):
         yield warning("log_to_wandb", "WANDB_API_KEY is not set: Weights & Biases runs offline", "Set the key")
 
 
-@config_rule
+@rule("parameters")
 def multi_node_needs_address(p):
     """A multi-node run has the main node's address and a fixed port; machine_rank < num_machines."""
     if p["num_machines"] > 1 and not p["main_process_ip"]:
@@ -261,7 +315,7 @@ def multi_node_needs_address(p):
         )
 
 
-@config_rule
+@rule("parameters")
 def num_processes_is_auto_or_count(p):
     """num_processes is auto or a positive count."""
     value = str(p["num_processes"]).strip().lower()
@@ -269,7 +323,7 @@ def num_processes_is_auto_or_count(p):
         yield error("num_processes", f"{p['num_processes']!r} is neither 'auto' nor a count", "Use auto or 1, 2, ...")
 
 
-@config_rule
+@rule("parameters")
 def gpu_ids_is_auto_or_list(p):
     """gpu_ids is auto or a comma list of ids."""
     value = str(p["gpu_ids"]).replace(" ", "")
@@ -280,62 +334,7 @@ def gpu_ids_is_auto_or_list(p):
 # --- this machine ----------------------------------------------------------------------------------
 
 
-def _looks_local(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(name)) or name.count("/") > 1
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as handle:
-            value = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-@lru_cache(maxsize=8)
-def model_config(name: str) -> dict[str, Any] | None:
-    """The model's config.json (local folder or the Hub cache), without loading weights or torch."""
-    folder = os.path.expanduser(name)
-    if os.path.isdir(folder):
-        path = os.path.join(folder, "config.json")
-        return _read_json(path) if os.path.isfile(path) else None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        cached = try_to_load_from_cache(name, "config.json")
-    except Exception:  # a name that is no valid repo id
-        return None
-    return _read_json(cached) if isinstance(cached, str) else None
-
-
-def selected_gpu_ids(p, machine: Machine) -> list[int]:
-    usable = [g.index for g in machine.usable_gpus]
-    value = str(p["gpu_ids"]).replace(" ", "").lower()
-    if value == "auto":
-        return usable
-    return [int(part) for part in value.split(",") if part.isdigit()]
-
-
-def asked_processes(p) -> int | None:
-    """num_processes as a count; None for auto (or for a value its own rule refuses)."""
-    value = str(p["num_processes"]).strip()
-    return int(value) if value.isdigit() else None
-
-
-def planned_gpus(p, machine: Machine) -> list:
-    """The GPUs the run will use: the selected ones, the first num_processes of them."""
-    selected = selected_gpu_ids(p, machine)
-    count = asked_processes(p)
-    if count is not None:
-        selected = selected[:count]
-    by_index = {g.index: g for g in machine.usable_gpus}
-    return [by_index[i] for i in selected if i in by_index]
-
-
-@machine_rule
+@rule("machine")
 def gpus_exist(p, machine: Machine):
     """Requested GPUs exist (within CUDA_VISIBLE_DEVICES when set); train_device=cuda has a GPU."""
     if p["train_device"] == "cpu":
@@ -353,7 +352,7 @@ def gpus_exist(p, machine: Machine):
         )
 
 
-@machine_rule
+@rule("machine")
 def processes_fit_gpus(p, machine: Machine):
     """num_processes is not above the number of selected GPUs."""
     count = asked_processes(p)
@@ -368,14 +367,14 @@ def processes_fit_gpus(p, machine: Machine):
         )
 
 
-@machine_rule
+@rule("machine")
 def cpu_only_note(p, machine: Machine):
     """No GPU: the run trains on the CPU (note)."""
     if p["train_device"] == "auto" and not machine.usable_gpus:
         yield warning("train_device", "no GPU found: training on the CPU (slow beyond small models)", "")
 
 
-@machine_rule
+@rule("machine")
 def precision_supported(p, machine: Machine):
     """bf16 only on Ampere or newer GPUs; fp16 only on a GPU."""
     gpus = [] if p["train_device"] == "cpu" else planned_gpus(p, machine)
@@ -386,7 +385,7 @@ def precision_supported(p, machine: Machine):
         yield error("precision", "fp16 training needs a GPU", "Use precision=auto or fp32 on the CPU")
 
 
-@machine_rule
+@rule("machine")
 def qlora_needs_cuda_and_bitsandbytes(p, machine: Machine):
     """qlora needs a CUDA GPU and bitsandbytes."""
     if p["training_mode"] != "qlora":
@@ -397,7 +396,7 @@ def qlora_needs_cuda_and_bitsandbytes(p, machine: Machine):
         yield error("training_mode", "qlora needs bitsandbytes", "Reinstall the plugin with WITH_BITSANDBYTES=1")
 
 
-@machine_rule
+@rule("machine")
 def strategy_packages_installed(p, machine: Machine):
     """deepspeed strategies need a CUDA GPU and the deepspeed package."""
     strategy = p["distributed_strategy"]
@@ -411,10 +410,10 @@ def strategy_packages_installed(p, machine: Machine):
         )
 
 
-@machine_rule
+@rule("machine")
 def strategy_needs_several_processes(p, machine: Machine):
     """fsdp/deepspeed with a single process shard nothing (warning)."""
-    if p["distributed_strategy"] != "ddp" and make_plan(p, machine).num_processes * p["num_machines"] == 1:
+    if p["distributed_strategy"] != "ddp" and world_size(p, machine) == 1:
         yield warning(
             "distributed_strategy",
             f"{p['distributed_strategy']} with one process shards nothing",
@@ -422,15 +421,15 @@ def strategy_needs_several_processes(p, machine: Machine):
         )
 
 
-@machine_rule
+@rule("machine")
 def packing_without_flash_attention(p, machine: Machine):
     """packing=true without flash-attention, on a GPU or above 1024 tokens per batch, is likely slower (warning)."""
     if p["packing"] != "true":
         return
-    plan = make_plan(p, machine)
-    gpus = planned_gpus(p, machine) if plan.device == "cuda" else []
-    if not speed.flash_attention_usable(plan.device, gpus, plan.precision) and speed.masked_packing_is_slow(
-        p, plan.device
+    gpus = planned_gpus(p, machine)
+    device = "cuda" if gpus else "cpu"
+    if not speed.flash_attention_usable(device, gpus, precision_for(p, gpus)) and speed.masked_packing_is_slow(
+        p, device
     ):
         yield warning(
             "packing",
@@ -440,7 +439,7 @@ def packing_without_flash_attention(p, machine: Machine):
         )
 
 
-@machine_rule
+@rule("machine")
 def enough_disk(p, machine: Machine):
     """At least 1 GiB is free where outputs go."""
     free = free_disk_gib(p["output_dir"] or ".")
@@ -451,50 +450,147 @@ def enough_disk(p, machine: Machine):
 # --- outputs ---------------------------------------------------------------------------------------
 
 
-def _writable(path: str) -> bool:
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    return os.access(probe, os.W_OK)
-
-
-@output_rule
-def finished_adapter_kept(p, adapter_dir: str, checkpoint_dir: str):
+@rule("outputs")
+def finished_adapter_kept(p, out: OutputFacts):
     """A finished adapter of the same name is not replaced unless overwrite_output."""
-    from .outputs import is_complete_adapter
-
-    if is_complete_adapter(adapter_dir) and not p["overwrite_output"]:
+    if out.adapter_complete and not p["overwrite_output"]:
         yield error(
             "overwrite_output",
-            f"{adapter_dir} already holds a finished adapter",
+            f"{out.adapter_dir} already holds a finished adapter",
             "Pick another adaptor_name, or set overwrite_output=true to replace it",
         )
 
 
-@output_rule
-def outputs_writable(p, adapter_dir: str, checkpoint_dir: str):
+@rule("outputs")
+def outputs_writable(p, out: OutputFacts):
     """The adapter and checkpoint folders can be written."""
-    for path in (adapter_dir, checkpoint_dir):
-        if not _writable(path):
-            name = "adaptor_output_dir" if p["adaptor_output_dir"] else "output_dir"
-            yield error(name, f"{path} cannot be written", "Pick a folder you can write to")
-            return
+    if out.unwritable:
+        name = "adaptor_output_dir" if p["adaptor_output_dir"] else "output_dir"
+        yield error(name, f"{out.unwritable[0]} cannot be written", "Pick a folder you can write to")
 
 
-# --- the data (after preparation) ------------------------------------------------------------------
+@rule("outputs")
+def no_other_run_writes_here(p, out: OutputFacts):
+    """No other run is writing the same checkpoint folder (its lock is checked, not taken)."""
+    if out.lock_holder:
+        yield error(
+            "adaptor_name",
+            f"another run ({out.lock_holder}) is writing {out.checkpoint_dir}",
+            "Wait for it to finish, or pick another adaptor_name",
+        )
 
 
-def planned_steps(p, plan, rows: int) -> int:
-    if p["max_steps"] > 0:
-        return p["max_steps"]
-    batches = -(-rows // (p["batch_size"] * plan.num_processes * p["num_machines"]))
-    return max(1, int(-(-batches // p["gradient_accumulation_steps"]) * p["num_train_epochs"]))
+@rule("outputs")
+def resume_keeps_what_the_checkpoint_needs(p, out: OutputFacts):
+    """A resumed run keeps the model, LoRA shape and targets, training mode, strategy, batch and world size of its
+    checkpoint; other changes (max_steps, epochs, learning rate, schedule, save and logging steps) are warnings."""
+    if out.resume_from is None:
+        return
+    hard = [name for name in out.changed() if name in HARD_KEYS or name == "world_size"]
+    soft = [name for name in out.changed() if name not in hard and name != "dataset"]
+    if hard:
+        names = ", ".join(out.shown(hard))
+        yield error(
+            hard[0] if len(hard) == 1 and hard[0] != "world_size" else "adaptor_name",
+            f"the checkpoint in {os.path.dirname(out.resume_from)} was trained with other values of {names}, "
+            "so it cannot be resumed",
+            "Restore those values to resume, set overwrite_output=true to start afresh, or pick another adaptor_name",
+        )
+    if soft:
+        yield warning(
+            ", ".join(soft),
+            f"changed since the checkpoint in {os.path.dirname(out.resume_from)} was saved; "
+            f"the run resumes at its step with the new values",
+            "",
+        )
 
 
-@data_rule
+# --- the data: format and columns, before tokenizing --------------------------------------------------
+
+
+@rule("data")
+def assistant_only_needs_chat(p, data: DataFacts):
+    """assistant_only_loss needs chat rows."""
+    if p["assistant_only_loss"] and data.format not in CHAT_FORMATS:
+        yield error(
+            "assistant_only_loss", f"needs chat rows but the data are {data.format}", "Set assistant_only_loss=false"
+        )
+
+
+@rule("data")
+def completion_only_needs_a_split(p, data: DataFacts):
+    """completion_only_loss=true needs rows with a completion: prompt/completion, chat, or a formatting_template."""
+    if data.format == "text" and p["completion_only_loss"] == "true":
+        yield error(
+            "completion_only_loss",
+            "true, but plain text rows have no completion to split off",
+            "Use completion_only_loss=auto or false, or give prompt/completion rows or a formatting_template",
+        )
+
+
+@rule("data")
+def resume_on_the_same_data(p, out: OutputFacts, data: DataFacts):
+    """A resumed run trains on the same prepared data (content, template, tokenizer and length) as its checkpoint."""
+    if out.resume_from is not None and out.dataset_changed(data.key):
+        yield error(
+            "dataset_name",
+            f"the checkpoint in {os.path.dirname(out.resume_from)} was trained on other data (its content or "
+            "preparation changed), so it cannot be resumed",
+            "Restore the data and data settings to resume, set overwrite_output=true to start afresh, or pick "
+            "another adaptor_name",
+        )
+
+
+# --- the prepared rows --------------------------------------------------------------------------------
+
+
+@rule("statistics")
+def rows_left_to_train(p, stats):
+    """At least one row has something to train on."""
+    if stats["rows_used"] == 0:
+        what = (
+            "no row has an assistant turn to train on"
+            if stats["no_answer"] == stats["rows"]
+            else "no row has anything left to train on"
+        )
+        yield error("dataset_name", what, "Check the data")
+
+
+@rule("statistics")
+def truncation_within_max_dropped_fraction(p, stats):
+    """Rows that lose every trained token to truncation stay within max_dropped_fraction."""
+    lost = stats["dropped"] - stats.get("no_answer", 0)  # not the rows that had nothing to train
+    rows = stats["rows"]
+    if rows and lost / rows > p["max_dropped_fraction"]:
+        pct = stats["length_percentiles"]
+        yield error(
+            "maximum_sequence_length",
+            f"{lost} of {rows} rows ({lost / rows:.0%}) lose every trained token to truncation at "
+            f"{p['maximum_sequence_length']} tokens (row lengths p50={pct['p50']}, p90={pct['p90']}, "
+            f"p99={pct['p99']}, max={pct['max']})",
+            "Raise maximum_sequence_length, or raise max_dropped_fraction to accept the loss",
+        )
+
+
+@rule("statistics")
+def evaluation_has_rows(p, stats):
+    """eval_split leaves training rows, and an eval split keeps rows to evaluate."""
+    if p["eval_split"] <= 0 or stats["rows_used"] == 0 or stats.get("eval_rows", 0) > 0:
+        return
+    if stats.get("own_eval_split"):
+        yield error("eval_split", "the validation split has no row left to evaluate", "Check that split's rows")
+    elif math.ceil(p["eval_split"] * stats["rows_used"]) >= stats["rows_used"]:
+        yield error(
+            "eval_split",
+            f"{p['eval_split']:g} of {stats['rows_used']} rows leaves no training rows",
+            "Lower eval_split, or set it to 0",
+        )
+
+
+@rule("statistics")
 def effective_batch_fits_dataset(p, plan, stats):
     """An effective batch larger than the training rows is flagged (warning)."""
-    effective = p["batch_size"] * p["gradient_accumulation_steps"] * plan.num_processes * p["num_machines"]
+    effective = p["batch_size"] * p["gradient_accumulation_steps"] * plan.world_size
     if effective > stats["rows_used"]:
         yield warning(
             "gradient_accumulation_steps",
@@ -503,13 +599,13 @@ def effective_batch_fits_dataset(p, plan, stats):
         )
 
 
-@data_rule
+@rule("statistics")
 def checkpoint_before_the_end(p, plan, stats):
     """save_steps beyond the planned step count leaves no checkpoint to resume from (warning)."""
     rows = stats["rows_used"]
     if plan.speed.packing and stats.get("total_tokens"):
         rows = -(-stats["total_tokens"] // p["maximum_sequence_length"])  # packs hold about this many rows
-    steps = planned_steps(p, plan, rows)
+    steps = planned_steps(p, plan.world_size, rows)
     if p["max_steps"] <= 0 and p["save_steps"] > steps:
         yield warning(
             "save_steps",
@@ -518,7 +614,7 @@ def checkpoint_before_the_end(p, plan, stats):
         )
 
 
-@data_rule
+@rule("statistics")
 def evaluation_named(p, plan, stats):
     """The dataset's own eval split replaces eval_split's fraction; at eval_split 0 it is unused (warnings)."""
     own, rows = stats.get("own_eval_split"), stats.get("own_eval_rows", 0)
@@ -536,7 +632,7 @@ def evaluation_named(p, plan, stats):
         )
 
 
-@data_rule
+@rule("statistics")
 def rows_with_nothing_to_train(p, plan, stats):
     """Rows without an assistant turn are left out, and rows whose answer is empty are counted (warnings)."""
     if stats.get("no_answer"):
@@ -554,7 +650,7 @@ def rows_with_nothing_to_train(p, plan, stats):
         )
 
 
-@data_rule
+@rule("statistics")
 def chat_template_keeps_answers(p, plan, stats):
     """Reasoning a chat template leaves out, and turns it closes without a stop token, are counted (warnings)."""
     if stats.get("reasoning_dropped"):
@@ -573,104 +669,5 @@ def chat_template_keeps_answers(p, plan, stats):
         )
 
 
-def check_data(p: dict[str, Any], plan, stats: dict[str, Any], warnings: list[Problem]) -> list[Problem]:
-    """The data rules; their warnings are added to `warnings` and returned (errors raise)."""
-    before = len(warnings)
-    _collect([f for rule in DATA_RULES for f in rule(p, plan, stats)], warnings)
-    return warnings[before:]
-
-
-def _collect(findings: list[Finding], warnings: list[Problem]) -> None:
-    errors: list[Problem] = []
-    for severity, found in findings:
-        (errors if severity == "error" else warnings).append(found)
-    if errors:
-        raise InvalidConfig(errors, warnings)
-
-
-# --- the plan -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    """What the run will do, derived from the parameters and this machine."""
-
-    device: str
-    gpu_ids: list[int]
-    num_processes: int
-    precision: str
-    notes: list[str] = field(default_factory=list)
-    speed: Speed = field(default_factory=Speed)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "device": self.device,
-            "gpu_ids": self.gpu_ids,
-            "num_processes": self.num_processes,
-            "precision": self.precision,
-            "speed": self.speed.as_dict(),
-        }
-
-    def settled(self, p: dict[str, Any]) -> dict[str, Any]:
-        """The parameters with their `auto` speed switches replaced by what this run does."""
-        return {**p, "packing": self.speed.packing, "gradient_checkpointing": self.speed.gradient_checkpointing}
-
-
-def make_plan(p: dict[str, Any], machine: Machine) -> Plan:
-    gpus = [] if p["train_device"] == "cpu" else planned_gpus(p, machine)
-    count = asked_processes(p)
-    if count is None:
-        count = max(1, len(gpus))
-    precision = p["precision"]
-    if precision == "auto":
-        precision = "fp32" if not gpus else "bf16" if all(g.supports_bf16 for g in gpus) else "fp16"
-    return Plan(
-        device="cuda" if gpus else "cpu", gpu_ids=[g.index for g in gpus], num_processes=count, precision=precision
-    )
-
-
-def check(
-    p: dict[str, Any],
-    machine: Machine | None,
-    warnings: list[Problem],
-    outputs: tuple[str, str] | None = None,
-    prior: list[Problem] | None = None,
-) -> Plan | None:
-    """Every configuration rule, plus the machine rules (given a machine) and the output rules (given the
-    adapter and checkpoint folders); raises InvalidConfig with all errors at once. `prior` holds the
-    single-value errors found before: those parameters hold their defaults here, so findings about them
-    are left out rather than reported twice or wrongly."""
-    findings = [f for rule in CONFIG_RULES for f in rule(p)]
-    if machine is not None:
-        findings += [f for rule in MACHINE_RULES for f in rule(p, machine)]
-    if outputs is not None:
-        findings += [f for rule in OUTPUT_RULES for f in rule(p, *outputs)]
-    failed = {problem.parameter for problem in prior or []}
-    findings = [(severity, found) for severity, found in findings if found.parameter not in failed]
-    _collect([("error", problem) for problem in prior or []] + findings, warnings)
-    if machine is None:
-        return None
-    plan = make_plan(p, machine)
-    gpus = planned_gpus(p, machine) if plan.device == "cuda" else []
-    plan.speed = speed.choose(
-        p,
-        device=plan.device,
-        gpus=gpus,
-        precision=plan.precision,
-        world_size=plan.num_processes * p["num_machines"],
-        cpu_count=machine.cpu_count,
-        processes_here=plan.num_processes,
-        model_config=model_config(p["model_name"]) if p["model_name"] else None,
-        ram_bytes=machine.ram_bytes,
-    )
-    return plan
-
-
-def rank_environment(plan: Plan) -> dict[str, str]:
-    """Environment for the launcher: GPUs are selected here, never inside the ranks after torch starts.
-
-    Ids are as nvidia-smi shows them, which is what CUDA_VISIBLE_DEVICES takes; an empty value hides every GPU.
-    """
-    visible = ",".join(str(i) for i in plan.gpu_ids) if plan.device == "cuda" else ""
-    # CUDA numbers cards fastest first unless told otherwise; nvidia-smi numbers them by bus.
-    return {"CUDA_VISIBLE_DEVICES": visible, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+if __name__ == "__main__":
+    sys.stdout.write(table() + "\n")

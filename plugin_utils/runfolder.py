@@ -1,0 +1,235 @@
+"""The run folder: the one place parent and ranks meet. This module alone knows its files:
+
+- `spec.json`: the typed, versioned run spec (`RunSpec`): everything a rank needs, written by the parent;
+- `events.jsonl`: progress events, appended by rank 0 and tailed by the parent (only the parent talks to the
+  host, so the host's job files, read-modify-write without a lock, have one writer);
+- `STOP`: the parent's stop request;
+- `error-rank<N>.txt`: a failing rank's exception, for the failure message;
+- `ranks.log`: the ranks' combined output;
+- the strategy's generated accelerate / DeepSpeed configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+SPEC_VERSION = 1
+SPEC_FILE = "spec.json"
+EVENTS_FILE = "events.jsonl"
+STOP_FILE = "STOP"
+RANKS_LOG = "ranks.log"
+ACCELERATE_CONFIG = "accelerate_config.json"
+DEEPSPEED_CONFIG = "deepspeed_config.json"
+
+
+def process_start() -> float:
+    """When this process started (epoch seconds): start-up stages are timed from it, in parent and ranks."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a rank needs, decided by the parent: the asked training values, the plan's decisions, and
+    where things are. Ranks read these fields and nothing else."""
+
+    # The model and the adapter.
+    model_name: str
+    training_mode: str  # lora | qlora | full
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]  # ("all-linear",) or module names
+    # Optimisation.
+    batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    learning_rate_schedule: str
+    warmup_ratio: float
+    num_train_epochs: float
+    max_steps: int
+    max_length: int
+    seed: int
+    # Saving and reporting.
+    logging_steps: int
+    save_steps: int
+    save_total_limit: int
+    log_to_wandb: bool
+    fuse_model: bool
+    # The plan's decisions.
+    device: str  # cuda | cpu
+    precision: str  # bf16 | fp16 | fp32
+    strategy: str  # ddp | fsdp | deepspeed_zero2 | deepspeed_zero3
+    attention: str
+    packing: bool
+    gradient_checkpointing: bool
+    liger: bool
+    tf32: bool
+    dataloader_workers: int
+    # Where things are.
+    prepared_path: str
+    has_eval: bool
+    checkpoint_dir: str
+    resume_from: str | None
+    adapter_staging: str
+    merged_staging: str | None
+    deepspeed_config: str | None = None
+    version: int = SPEC_VERSION
+
+    @classmethod
+    def of(cls, p, plan, folder: RunFolder, **where: Any) -> RunSpec:
+        """The spec for these parameters and this plan; `where` gives prepared_path, has_eval, checkpoint_dir,
+        resume_from, adapter_staging and merged_staging."""
+        targets = p["lora_target_modules"].strip()
+        modules = (
+            ("all-linear",)
+            if targets in ("", "all-linear")
+            else tuple(m.strip() for m in targets.split(",") if m.strip())
+        )
+        s = plan.speed
+        return cls(
+            model_name=p["model_name"],
+            training_mode=p["training_mode"],
+            lora_r=p["lora_r"],
+            lora_alpha=p["lora_alpha"],
+            lora_dropout=p["lora_dropout"],
+            lora_target_modules=modules,
+            batch_size=p["batch_size"],
+            gradient_accumulation_steps=p["gradient_accumulation_steps"],
+            learning_rate=p["learning_rate"],
+            learning_rate_schedule=p["learning_rate_schedule"],
+            warmup_ratio=p["warmup_ratio"],
+            num_train_epochs=p["num_train_epochs"],
+            max_steps=p["max_steps"],
+            max_length=p["maximum_sequence_length"],
+            seed=p["seed"],
+            logging_steps=p["logging_steps"],
+            save_steps=p["save_steps"],
+            save_total_limit=p["save_total_limit"],
+            log_to_wandb=p["log_to_wandb"],
+            fuse_model=p["fuse_model"] and p["training_mode"] != "full",
+            device=plan.device,
+            precision=plan.precision,
+            strategy=plan.strategy,
+            attention=s.attention,
+            packing=s.packing,
+            gradient_checkpointing=s.gradient_checkpointing,
+            liger=s.liger,
+            tf32=s.tf32,
+            dataloader_workers=s.dataloader_workers,
+            deepspeed_config=folder.file(DEEPSPEED_CONFIG) if plan.strategy.startswith("deepspeed") else None,
+            **where,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        values = json.loads(text)
+        if values.get("version") != SPEC_VERSION:
+            raise ValueError(
+                f"run spec version {values.get('version')} is not {SPEC_VERSION}: parent and ranks differ in version"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"run spec has unknown fields {sorted(unknown)}")
+        values["lora_target_modules"] = tuple(values["lora_target_modules"])
+        return cls(**values)
+
+
+class RunFolder:
+    def __init__(self, path: str):
+        self.path = path
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    # --- the spec ---
+    def write_spec(self, spec: RunSpec) -> None:
+        Path(self.file(SPEC_FILE)).write_text(spec.to_json())
+
+    def read_spec(self) -> RunSpec:
+        return RunSpec.from_json(Path(self.file(SPEC_FILE)).read_text())
+
+    # --- events ---
+    def event_writer(self) -> EventWriter:
+        return EventWriter(self.file(EVENTS_FILE))
+
+    def event_reader(self) -> EventReader:
+        return EventReader(self.file(EVENTS_FILE))
+
+    # --- stopping ---
+    def request_stop(self) -> None:
+        Path(self.file(STOP_FILE)).touch()
+
+    def stop_requested(self) -> bool:
+        return os.path.exists(self.file(STOP_FILE))
+
+    # --- failures and output ---
+    def error_file(self, rank: int) -> str:
+        return self.file(f"error-rank{rank}.txt")
+
+    def write_error(self, rank: int, summary: str, details: str) -> None:
+        Path(self.error_file(rank)).write_text(summary + "\n\n" + details)
+
+    def rank_errors(self) -> list[tuple[int, int, str]]:
+        """(rank, when written in ns, first paragraph) of every rank's error file."""
+        found = []
+        for name in os.listdir(self.path):
+            if name.startswith("error-rank") and name.endswith(".txt"):
+                path = self.file(name)
+                rank = int(name.removeprefix("error-rank").removesuffix(".txt"))
+                found.append((rank, os.stat(path).st_mtime_ns, Path(path).read_text().split("\n\n", 1)[0].strip()))
+        return found
+
+    @property
+    def ranks_log(self) -> str:
+        return self.file(RANKS_LOG)
+
+
+class EventWriter:
+    def __init__(self, path: str):
+        self._handle = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the rank
+
+    def emit(self, kind: str, **values: Any) -> None:
+        self._handle.write(json.dumps({"type": kind, "time": time.time(), **values}) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class EventReader:
+    """Reads whole new lines since the last call; a half-written last line waits for the next read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._offset = 0
+        self._pending = b""
+
+    def read(self) -> list[dict[str, Any]]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+        self._offset += len(chunk)
+        data = self._pending + chunk
+        lines = data.split(b"\n")
+        self._pending = lines.pop()
+        events = []
+        for line in lines:
+            if line.strip():
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    continue
+        return events
