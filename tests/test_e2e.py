@@ -67,7 +67,9 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     speed = summary["plan"]["speed"]
     # auto on 2 CPU ranks, 4 x 128 tokens per batch: packed (a cheap mask keeps rows apart), no checkpointing.
     assert (speed["attention"], speed["packing"], speed["gradient_checkpointing"]) == ("sdpa", True, False)
-    assert summary["parameters"]["packing"] is True and summary["parameters"]["gradient_checkpointing"] is False
+    # The parameters as asked; what `auto` became is the plan's.
+    assert summary["parameters"]["packing"] == "auto" and summary["parameters"]["gradient_checkpointing"] == "false"
+    assert summary["plan"]["speed"]["packing"] is True and summary["plan"]["speed"]["gradient_checkpointing"] is False
     assert "speed settings (cpu, fp32):" in proc.stderr and "gradient checkpointing: off (about" in proc.stderr
 
     [index] = lab_jobs(tmp_path / "tflhome")
@@ -229,7 +231,7 @@ def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path, lab_d
     assert "loss" in job["job_data"]["current_metrics"]
     summary = json.loads((adapter / "training_summary.json").read_text())
     assert summary["world_size"] == 2
-    assert summary["parameters"]["max_steps"] == 6 and summary["parameters"]["gradient_checkpointing"] is False
+    assert summary["parameters"]["max_steps"] == 6 and summary["parameters"]["gradient_checkpointing"] == "false"
     sweep_metrics = json.loads(Path(summary["parameters"]["output_dir"], "metrics.json").read_text())
     assert sweep_metrics["train/loss"] == pytest.approx(summary["final_loss"])
     # The 0.31 Train tab charts TensorBoard logs found through job_data["tensorboard_output_dir"].
