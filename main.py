@@ -50,7 +50,7 @@ def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
     found = validation.check(("data",), p=p, out=out, data=source.facts())
     found.raise_errors()
     plan = plan.with_loss_mode(p, source.format)
-    prepared = data.prepare(p, source, plan.completion_only, preview=args.preview)
+    prepared = data.prepare(p, source, plan.completion_only, preview=args.preview, stopping=lambda: stop.requested)
     found.add(validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats))
     found.raise_errors()
     cli.report_warnings(found.warnings)

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import chat
 from .chat import ChatRenderer, RowProblem
-from .errors import InvalidConfig, problem
+from .errors import InvalidConfig, StopRequested, problem
 from .sources import CHAT_FORMATS, DataFacts, load_tokenizer, workspace_dir
 from .templates import RowTemplate
 
@@ -566,9 +566,12 @@ def load(p: Mapping[str, Any]) -> Source:
     return Source(splits, eval_info, fmt, why, columns, head, key)
 
 
-def prepare(p: Mapping[str, Any], source: Source, completion_only: bool, *, preview: int = 3) -> Prepared:
+def prepare(
+    p: Mapping[str, Any], source: Source, completion_only: bool, *, preview: int = 3, stopping=lambda: False
+) -> Prepared:
     """Format, tokenize and save the rows; reuse the cache when nothing changed. `completion_only` is the
-    plan's loss mode: whether only completions (assistant turns) are trained."""
+    plan's loss mode: whether only completions (assistant turns) are trained. `stopping()` is asked once more
+    before the result is published: a stop that a worker pool swallowed still leaves nothing behind."""
     tokenizer = load_tokenizer(p["model_name"])
     encoder = Encoder(p, source.format, tokenizer, source.columns, completion_only)
     max_len = p["maximum_sequence_length"]
@@ -601,6 +604,8 @@ def prepare(p: Mapping[str, Any], source: Source, completion_only: bool, *, prev
     try:
         stats = {**_build(source.splits, encoder, p, staging), **source.eval_info}
         Path(staging, "stats.json").write_text(json.dumps(stats, indent=2))
+        if stopping():
+            raise StopRequested(0)
         if os.path.exists(target):
             shutil.rmtree(target)
         os.replace(staging, target)

@@ -68,7 +68,7 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     # auto on 2 CPU ranks, 4 x 128 tokens per batch: packed (a cheap mask keeps rows apart), no checkpointing.
     assert (speed["attention"], speed["packing"], speed["gradient_checkpointing"]) == ("sdpa", True, False)
     # The parameters as asked; what `auto` became is the plan's.
-    assert summary["parameters"]["packing"] == "auto" and summary["parameters"]["gradient_checkpointing"] == "false"
+    assert summary["parameters"]["packing"] == "auto"
     assert summary["plan"]["speed"]["packing"] is True and summary["plan"]["speed"]["gradient_checkpointing"] is False
     assert "speed settings (cpu, fp32):" in proc.stderr and "gradient checkpointing: off (about" in proc.stderr
 
