@@ -23,9 +23,10 @@ import os, sys, time, types
 sys.path.insert(0, sys.argv[1])
 from accelerate import PartialState
 state = PartialState(cpu=True)
+from plugin_utils.runfolder import RunFolder
 from plugin_utils.worker import Reporter
 run_dir = sys.argv[2]
-reporter = Reporter(run_dir, is_main=state.is_main_process)
+reporter = Reporter(RunFolder(run_dir), is_main=state.is_main_process)
 args = types.SimpleNamespace(world_size=state.num_processes)
 control = types.SimpleNamespace(should_training_stop=False, should_save=False)
 train_state = types.SimpleNamespace(global_step=0, max_steps=10**9, epoch=0.0)

@@ -1,4 +1,4 @@
-"""plugin_utils/launch.py and events.py: the launch command and environment, the event file tail, the
+"""plugin_utils/launch.py and runfolder.py: the launch command and environment, the event file tail, the
 relay of rank-0 events to the host, and finding the root cause when a rank dies (SPEC §7)."""
 
 from __future__ import annotations
@@ -440,3 +440,33 @@ def test_a_rank_killed_by_a_signal_is_named_from_the_launcher_summary(tmp_path):
     )
     write_report(tmp_path, 0, "RuntimeError: Connection closed by peer ... remote worker", time.time_ns())
     assert launch._rank_failure(RunFolder(str(tmp_path)), tail, 1) == "rank 1 was killed (Signal 9 (SIGKILL))"
+
+
+# --- _pump ----------------------------------------------------------------------------------------------------
+
+
+def test_the_pump_drains_the_ranks_output_after_our_stderr_is_gone(tmp_path, monkeypatch):
+    # Ranks blocked on a full pipe would hang the run: once our own stderr is closed (a closed terminal or log
+    # reader), the pump must still read everything, keep it in the run folder's log and keep the tail.
+    import io
+    import subprocess
+    import sys
+    import threading
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfor i in range(20000): sys.stdout.write(f'line {i} ' + 'x' * 40 + '\\n')"],
+        stdout=subprocess.PIPE,
+    )
+    gone = io.StringIO()
+    gone.close()
+    monkeypatch.setattr(sys, "stderr", gone)
+    tail = collections.deque(maxlen=5)
+    log_path = str(tmp_path / "ranks.log")
+    pump = threading.Thread(target=launch._pump, args=(writer.stdout, tail, log_path))
+    pump.start()
+    assert writer.wait(timeout=60) == 0  # about 1 MB went through a 64 KiB pipe
+    pump.join(timeout=60)
+    assert not pump.is_alive()
+    assert list(tail)[-1].startswith("line 19999 ")
+    with open(log_path) as kept:
+        assert sum(1 for _ in kept) == 20000

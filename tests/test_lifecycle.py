@@ -73,10 +73,10 @@ def no_processes_left(tag: str, timeout: float = 15) -> list[psutil.Process]:
 
 
 def test_sigterm_to_the_group_saves_a_checkpoint_and_the_next_run_resumes_to_the_planned_steps(tiny_model, tmp_path):
-    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=30, logging_steps=1, save_steps=1000)
+    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=16, logging_steps=1, save_steps=1000)
     path = write_config(tmp_path, config)
     run = Running(["--config", path, "--json"])
-    run.wait_for("step 2/30")
+    run.wait_for("step 2/16")
     sent = time.time()
     os.killpg(run.proc.pid, signal.SIGTERM)
     assert run.finish() == 3, run.stderr[-3000:]
@@ -88,32 +88,22 @@ def test_sigterm_to_the_group_saves_a_checkpoint_and_the_next_run_resumes_to_the
     checkpoints = sorted((tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
     assert len(checkpoints) == 1
     stopped_at = int(checkpoints[0].name.split("-")[1])
-    assert 2 <= stopped_at < 30
+    assert 2 <= stopped_at < 16
     assert (checkpoints[0] / "trainer_state.json").is_file() and (checkpoints[0] / "optimizer.pt").is_file()
     assert not (tmp_path / "outputs" / "test-adaptor").exists(), "a stopped run publishes no adapter"
 
     # The next run extends the stopped one: max_steps is a soft change, resumed with a warning naming it.
-    resumed = Running(["--config", write_config(tmp_path, {**config, "max_steps": 36}), "--json"])
+    resumed = Running(["--config", write_config(tmp_path, {**config, "max_steps": 20}), "--json"])
     assert resumed.finish() == 0, resumed.stderr[-3000:]
     assert "warning: max_steps: changed since the checkpoint" in resumed.stderr
     result = last_json(resumed.stdout)
-    assert result["status"] == "COMPLETE" and result["steps"] == 36
+    assert result["status"] == "COMPLETE" and result["steps"] == 20
     summary = json.loads((tmp_path / "outputs" / "test-adaptor" / "training_summary.json").read_text())
-    assert summary["resumed_from_step"] == stopped_at and summary["max_steps"] == 36
+    assert summary["resumed_from_step"] == stopped_at and summary["max_steps"] == 20
     second = [i for i in lab_jobs(tmp_path / "tflhome") if i != index]
     steps = [row["step"] for row in metrics_rows(second[0]) if "loss" in row.get("metrics", {})]
     assert min(steps) == stopped_at + 1, "no step is trained twice or skipped"
-    assert max(steps) == 36
-
-
-def test_sigint_to_main_alone_stops_and_reports_stopped(tiny_model, tmp_path):
-    config = base_config(tiny_model, tmp_path, max_steps=40, logging_steps=1, save_steps=1000)
-    run = Running(["--config", write_config(tmp_path, config), "--json"])
-    run.wait_for("step 2/40")
-    run.proc.send_signal(signal.SIGINT)
-    assert run.finish() == 3, run.stderr[-3000:]
-    assert last_json(run.stdout)["status"] == "STOPPED"
-    assert list((tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
+    assert max(steps) == 20
 
 
 def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_path):
@@ -141,11 +131,11 @@ def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_
 def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(tiny_model, tmp_path, to_group):
     rows = tmp_path / "many.jsonl"
     with rows.open("w") as handle:
-        for i in range(120_000):
+        for i in range(40_000):
             handle.write(json.dumps({"prompt": f"What is {i} plus {i}? " * 3, "completion": f" {2 * i}."}) + "\n")
     config = base_config(tiny_model, tmp_path, dataset_name=str(rows), formatting_template="")
     run = Running(["--config", write_config(tmp_path, config), "--json"])
-    run.wait_for("data: 120000 rows")
+    run.wait_for("data: 40000 rows")
     # Wait until preparation is writing its staging folder: a stop must then remove it.
     deadline = time.time() + 60
     while not list((tmp_path / "prepared").glob("*.tmp-*")) and run.proc.poll() is None and time.time() < deadline:
@@ -279,14 +269,16 @@ def test_two_nodes_on_one_machine_train_one_model(tiny_model, tmp_path):
 
 def test_a_lab_job_resumes_from_the_checkpoint_transformerlab_names(tiny_model, tmp_path):
     home = tmp_path / "tflhome"
-    params = base_config(tiny_model, tmp_path, max_steps=30, logging_steps=1, save_steps=1000)
+    params = base_config(tiny_model, tmp_path, max_steps=16, logging_steps=1, save_steps=1000)
     params.pop("output_dir")
     first = _make_lab_job(home, params)
     run = Running(["--json"], env={"_TFL_JOB_ID": first, "_TFL_EXPERIMENT_ID": "exp1"})
-    run.wait_for("step 2/30")
-    os.killpg(run.proc.pid, signal.SIGTERM)
+    run.wait_for("step 2/16")
+    run.proc.send_signal(signal.SIGINT)  # Ctrl-C to main.py alone: a stop like any other
     assert run.finish() == 3, run.stderr[-3000:]
+    assert last_json(run.stdout)["status"] == "STOPPED"
     [first_index] = lab_jobs(home, "exp1")
+    assert read_job(first_index)["status"] == "STOPPED"
     [checkpoint] = (first_index.parent / "checkpoints").glob("checkpoint-*")
     stopped_at = int(checkpoint.name.split("-")[1])
 
@@ -295,7 +287,7 @@ def test_a_lab_job_resumes_from_the_checkpoint_transformerlab_names(tiny_model, 
     assert run.finish() == 0, run.stderr[-3000:]
     assert f"resuming at step {stopped_at}" in run.stderr
     result = last_json(run.stdout)
-    assert result["steps"] == 30
+    assert result["steps"] == 16
 
     # A change that makes the checkpoint unusable (the adapter's rank) is refused, naming it.
     third = _make_lab_job(home, {**params, "lora_r": 8}, parent_job_id=first, resumed_from_checkpoint=checkpoint.name)
@@ -306,8 +298,8 @@ def test_a_lab_job_resumes_from_the_checkpoint_transformerlab_names(tiny_model, 
 
 def test_a_run_whose_stderr_reader_went_away_still_completes(tiny_model, tmp_path):
     # The ranks' output flows through main.py; with its stderr gone it must keep draining their pipe.
-    # 200 logged steps write well over the 64 KiB a pipe holds.
-    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=200, logging_steps=1)
+    # Here the run is short; test_launch.py proves the draining itself with a megabyte of rank output.
+    config = base_config(tiny_model, tmp_path, max_steps=10, logging_steps=1)
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "main.py"), "--config", write_config(tmp_path, config), "--json"],
         stdout=subprocess.PIPE,
