@@ -149,7 +149,9 @@ def conclude(sink, json_on: bool, finished: Finished | None, error: BaseExceptio
         message = "Stopped on request" + (f" at step {step}" if step else "")
         log.warning("%s", message)
         _safely(lambda: sink.stopped(message))
-        emit_json(json_on, {"status": "STOPPED", "job_id": job_id, "steps": step})
+        emit_json(
+            json_on, {"status": "STOPPED", "job_id": job_id, "adaptor_path": None, "steps": step, "final_loss": None}
+        )
         return EXIT_STOPPED
     if isinstance(error, RunFailed):
         message = str(error)
@@ -159,7 +161,8 @@ def conclude(sink, json_on: bool, finished: Finished | None, error: BaseExceptio
         log.error("%s", "".join(traceback.format_exception(error)).rstrip())
     log.error("training failed: %s", message)
     _safely(lambda: sink.fail(message))
-    emit_json(json_on, {"status": "FAILED", "job_id": job_id, "error": message})
+    report = {"status": "FAILED", "job_id": job_id, "adaptor_path": None, "steps": None, "final_loss": None}
+    emit_json(json_on, {**report, "error": message})
     return EXIT_FAILED
 
 

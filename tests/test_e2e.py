@@ -217,12 +217,18 @@ def _legacy_input(tmp_path: Path, tiny_model: str, **form) -> tuple[Path, Path, 
 
 # The lab SDKs that TransformerLab 0.31 and 0.32 put in a plugin's venv; `make setup` installs both.
 LEGACY_SDKS = {"0.0.98 (TransformerLab 0.31)": LEGACY_LAB, "0.1.1 (TransformerLab 0.32)": LEGACY_LAB_032}
+# Two ranks under one SDK, one under the other: both launch paths reach both job stores' code.
+LEGACY_PROCESSES = {"0.0.98 (TransformerLab 0.31)": 2, "0.1.1 (TransformerLab 0.32)": 1}
 
 
-@pytest.mark.parametrize("lab_dir", list(LEGACY_SDKS.values()), ids=list(LEGACY_SDKS))
-def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path, lab_dir):
+@pytest.mark.parametrize(
+    ("lab_dir", "processes"),
+    [(LEGACY_SDKS[name], LEGACY_PROCESSES[name]) for name in LEGACY_SDKS],
+    ids=list(LEGACY_SDKS),
+)
+def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path, lab_dir, processes):
     assert lab_dir.is_dir(), "make setup installs the legacy lab SDKs"
-    input_file, index, adapter = _legacy_input(tmp_path, tiny_model)
+    input_file, index, adapter = _legacy_input(tmp_path, tiny_model, num_processes=str(processes))
     proc = _run_like_the_harness(input_file, tmp_path / "tflhome", lab_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = read_job(index)
@@ -231,7 +237,7 @@ def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path, lab_d
     assert job["job_data"]["completion_status"] == "success"
     assert "loss" in job["job_data"]["current_metrics"]
     summary = json.loads((adapter / "training_summary.json").read_text())
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == processes
     assert summary["parameters"]["max_steps"] == 6 and summary["parameters"]["gradient_checkpointing"] == "false"
     sweep_metrics = json.loads(Path(summary["parameters"]["output_dir"], "metrics.json").read_text())
     assert sweep_metrics["train/loss"] == pytest.approx(summary["final_loss"])
