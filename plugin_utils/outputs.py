@@ -196,7 +196,10 @@ def inspect(
         lock_holder=RunLock.holder(checkpoint_dir),
         unwritable=tuple(path for path in (adapter_dir, checkpoint_dir) if not _writable(path)),
     )
-    if overwrite and not requested and (complete or any(k in HARD_KEYS or k == "world_size" for k in facts.changed())):
+    # A finished adapter is not resumed: without overwrite_output the run is refused, with it it starts afresh;
+    # so is a checkpoint overwrite_output may replace because it cannot be resumed.
+    hard = any(k in HARD_KEYS or k == "world_size" for k in facts.changed())
+    if not requested and (complete or (overwrite and hard)):
         facts = replace(facts, resume_from=None, recorded=None)
     return facts
 

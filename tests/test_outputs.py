@@ -167,12 +167,14 @@ def test_resume_point_returns_the_latest_checkpoint_of_an_interrupted_run(tmp_pa
     assert os.path.isdir(latest)
 
 
-def test_resume_point_keeps_checkpoints_when_not_overwriting(tmp_path):
+def test_a_finished_adapter_is_never_resumed(tmp_path):
+    # Without overwrite_output validation refuses the run (finished_adapter_kept); nothing is resumed either way.
     adapter = tmp_path / "my-adaptor"
     outputs.publish(stage(adapter), str(adapter), {})
     checkpoints = tmp_path / "checkpoints" / "my-adaptor"
-    latest = make_checkpoint(checkpoints, 7)
-    assert resume_point(str(adapter), str(checkpoints), IDENTITY, overwrite=False) == latest
+    make_checkpoint(checkpoints, 7)
+    out = outputs.inspect(str(adapter), str(checkpoints), IDENTITY, overwrite=False)
+    assert out.adapter_complete and out.resume_from is None
 
 
 def test_resume_point_without_checkpoints_is_none(tmp_path):
