@@ -301,7 +301,16 @@ def test_a_lab_job_resumes_from_the_checkpoint_transformerlab_names(tiny_model, 
     assert run.finish() == 0, run.stderr[-3000:]
     assert f"resuming at step {stopped_at}" in run.stderr
     result = last_json(run.stdout)
-    assert result["steps"] == 16
+    assert result["steps"] == 16 and result["status"] == "COMPLETE" and result["job_id"] == second
+    # What the job page shows: progress, metrics, the registered adapter, the checkpoints.
+    [index] = [i for i in lab_jobs(home, "exp1") if str(read_job(i).get("id")) == str(second)]
+    job = read_job(index)
+    assert job["status"] == "COMPLETE" and job["progress"] == 100
+    assert any("loss" in r.get("metrics", {}) for r in metrics_rows(index))
+    models = job["job_data"].get("models") or []
+    assert len(models) == 1 and Path(models[0], "adapter_model.safetensors").is_file()
+    assert Path(result["adaptor_path"]) == Path(models[0])
+    assert Path(index.parent, "checkpoints").is_dir()
 
     # A change that makes the checkpoint unusable (the adapter's rank) is refused, naming it.
     third = _make_lab_job(home, {**params, "lora_r": 8}, parent_job_id=first, resumed_from_checkpoint=checkpoint.name)
