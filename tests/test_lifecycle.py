@@ -178,7 +178,7 @@ def test_stop_before_the_first_step_trains_nothing_and_saves_nothing(tiny_model,
 
 def test_the_legacy_stop_flag_stops_the_run(tiny_model, tmp_path):
     input_file, index, adapter = _legacy_input(
-        tmp_path, tiny_model, max_steps="3000", logging_steps="1", save_steps="100000"
+        tmp_path, tiny_model, max_steps="300", logging_steps="1", save_steps="100000"
     )
     env = {"TFL_HOME_DIR": str(tmp_path / "tflhome"), "PYTHONPATH": str(ROOT / ".legacy-lab")}
     script = (
