@@ -30,6 +30,9 @@ from plugin_utils import chat, data, params, planning  # noqa: E402
 from plugin_utils.chat import RowProblem  # noqa: E402
 from tests.conftest import prepare_data  # noqa: E402
 
+# One worker runs this file: its tokenizers are built once per worker, so spreading it would build them twice.
+pytestmark = pytest.mark.xdist_group("token_exact")
+
 # Words that appear only in user, system and tool messages: none of them may ever be trained.
 PROMPT_WORDS = ["Zebra", "Quartz", "Violin", "Walrus", "Maple", "Cobalt", "Falcon", "Nectar"]
 
@@ -165,9 +168,9 @@ def test_chat_rows_train_exactly_the_assistant_tokens(family_tokenizers, base, f
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("family", ["mistral-v0.1", "mistral-v0.3", "llama-2"])
-def test_mistral_templates_on_the_instruct_tokenizer_with_control_tokens(bases, family, shape):
+def test_mistral_templates_on_the_instruct_tokenizer_with_control_tokens(family_tokenizers, family, shape):
     """Mistral's instruct tokenizer v3, whose [INST], [/INST] and tool tokens are real control tokens."""
-    tok = rt.for_family(bases["mistral-instruct-v3"], family)
+    tok = family_tokenizers("mistral-instruct-v3", family)
     assert tok.convert_ids_to_tokens(tok("[INST]", add_special_tokens=False)["input_ids"]) == ["[INST]"]
     _check_chat_row(tok, family, shape)
 
@@ -253,6 +256,13 @@ def test_trl_conversational_prompt_completion_trains_only_the_completion(family_
 
 
 @pytest.fixture(scope="session")
+def spm_appending_eos_tokenizer(spm_appending_eos):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(spm_appending_eos))
+
+
+@pytest.fixture(scope="session")
 def spm_appending_eos(tmp_path_factory) -> Path:
     """Mistral-7B v0.1's Llama-2-style tokenizer, set to append EOS itself (add_eos_token)."""
     return rt.sentencepiece_dir(tmp_path_factory.mktemp("spm-eos"), "tokenizer.model.v1", add_eos_token=True)
@@ -290,10 +300,8 @@ def test_a_completion_is_tokenized_with_its_prompt_not_on_its_own(bases):
     ],
     ids=["pair", "pair-typed-eos", "text", "template"],
 )
-def test_a_tokenizer_that_appends_eos_gets_exactly_one(spm_appending_eos, fmt, row, overrides):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(spm_appending_eos))
+def test_a_tokenizer_that_appends_eos_gets_exactly_one(spm_appending_eos_tokenizer, fmt, row, overrides):
+    tok = spm_appending_eos_tokenizer
     assert tok("x")["input_ids"][-1] == tok.eos_token_id  # the tokenizer really appends EOS
     encoded = _text_encoder(tok, fmt, list(row), **overrides).encode(row)
     ids, labels = encoded["input_ids"], encoded["labels"]
