@@ -165,20 +165,10 @@ def test_ctrl_c_during_a_dry_run_creates_no_job(tiny_model, tmp_path):
     assert not (tmp_path / "tflhome" / "workspace").exists(), "a dry run never creates or changes a job"
 
 
-def test_stop_before_the_first_step_trains_nothing_and_saves_nothing(tiny_model, tmp_path):
-    config = base_config(tiny_model, tmp_path, max_steps=50)
-    run = Running(["--config", write_config(tmp_path, config), "--json"])
-    run.wait_for("launch:")
-    os.killpg(run.proc.pid, signal.SIGTERM)
-    assert run.finish() == 3, run.stderr[-3000:]
-    assert last_json(run.stdout)["status"] == "STOPPED"
-    assert not list((tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
-    assert not (tmp_path / "outputs" / "test-adaptor").exists()
-
-
-def test_the_legacy_stop_flag_stops_the_run(tiny_model, tmp_path):
+def test_the_legacy_stop_flag_before_the_first_step_stops_the_run_with_nothing_trained_or_saved(tiny_model, tmp_path):
+    # The Stop button of TransformerLab 0.31 pressed while the model loads: the run stops before its first step.
     input_file, index, adapter = _legacy_input(
-        tmp_path, tiny_model, max_steps="300", logging_steps="1", save_steps="100000"
+        tmp_path, tiny_model, max_steps="300", logging_steps="1", save_steps="1", num_processes="1"
     )
     env = {"TFL_HOME_DIR": str(tmp_path / "tflhome"), "PYTHONPATH": str(ROOT / ".legacy-lab")}
     script = (
@@ -192,19 +182,22 @@ def test_the_legacy_stop_flag_stops_the_run(tiny_model, tmp_path):
         env={**os.environ, **env},
     )
     deadline = time.time() + 120
-    while read_job(index).get("progress", 0) < 1 and time.time() < deadline:
-        time.sleep(0.2)
-    # What the Stop button does in TransformerLab 0.31. The job file has no lock and the plugin rewrites it
-    # with each progress update, so (like the host) keep the flag set until the run ends.
+    while "launch:" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    # What the Stop button does. The job file has no lock and the plugin rewrites it, so (like the host) keep
+    # the flag set until the run ends.
     while proc.poll() is None and time.time() < deadline:
         job = read_job(index)
         if not job["job_data"].get("stop"):
             job["job_data"]["stop"] = True
             index.write_text(json.dumps(job))
-        time.sleep(0.5)
+        time.sleep(0.2)
     proc.wait(timeout=120)
     assert proc.returncode == 3, log.read_text()[-3000:]
     assert read_job(index)["status"] == "STOPPED"
+    assert "step 1/" not in log.read_text(), "nothing was trained"
+    checkpoints = Path(tmp_path / "tflhome" / "workspace" / "experiments" / "alpha" / "tensorboards" / "demo")
+    assert not list(checkpoints.rglob("checkpoint-*")), "nothing was saved"
     assert not adapter.exists()
 
 
