@@ -131,11 +131,11 @@ def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_
 def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(tiny_model, tmp_path, to_group):
     rows = tmp_path / "many.jsonl"
     with rows.open("w") as handle:
-        for i in range(40_000):
+        for i in range(25_000):
             handle.write(json.dumps({"prompt": f"What is {i} plus {i}? " * 3, "completion": f" {2 * i}."}) + "\n")
     config = base_config(tiny_model, tmp_path, dataset_name=str(rows), formatting_template="")
     run = Running(["--config", write_config(tmp_path, config), "--json"])
-    run.wait_for("data: 40000 rows")
+    run.wait_for("data: 25000 rows")
     # Wait until preparation is writing its staging folder: a stop must then remove it.
     deadline = time.time() + 60
     while not list((tmp_path / "prepared").glob("*.tmp-*")) and run.proc.poll() is None and time.time() < deadline:
@@ -155,10 +155,10 @@ def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(t
 
 def test_ctrl_c_during_a_dry_run_creates_no_job(tiny_model, tmp_path):
     rows = tmp_path / "many.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": f"Q {i}?", "completion": f" {i}."}) + "\n" for i in range(40_000)))
+    rows.write_text("".join(json.dumps({"prompt": f"Q {i}?", "completion": f" {i}."}) + "\n" for i in range(25_000)))
     config = base_config(tiny_model, tmp_path, dataset_name=str(rows), formatting_template="")
     run = Running(["--config", write_config(tmp_path, config), "--dry-run", "--json"])
-    run.wait_for("data: 40000 rows")
+    run.wait_for("data: 25000 rows")
     run.proc.send_signal(signal.SIGINT)
     assert run.finish(timeout=60) == 3, run.stderr[-3000:]
     assert last_json(run.stdout)["status"] == "STOPPED"
