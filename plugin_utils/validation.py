@@ -142,7 +142,15 @@ def adaptor_name_is_a_name(p):
         )
 
 
-# --- the model ----------------------------------------------------------------------------------
+@rule("parameters")
+def lora_not_on_lm_head(p):
+    """LoRA target modules do not include lm_head (TRL and PEFT cannot train an adapter there)."""
+    modules = {m.strip() for m in p["lora_target_modules"].split(",")}
+    if p["training_mode"] != "full" and "lm_head" in modules:
+        yield error("lora_target_modules", "lm_head cannot carry a LoRA adapter", "Remove lm_head from the list")
+
+
+# --- the model: its folder and config.json, no weights ---------------------------------------------------
 
 
 @rule("model")
@@ -180,14 +188,6 @@ def sequence_fits_model(p, model: ModelFacts):
             f"{p['maximum_sequence_length']} is above the model's context length {limit}",
             f"Use at most {limit}",
         )
-
-
-@rule("parameters")
-def lora_not_on_lm_head(p):
-    """LoRA target modules do not include lm_head (TRL and PEFT cannot train an adapter there)."""
-    modules = {m.strip() for m in p["lora_target_modules"].split(",")}
-    if p["training_mode"] != "full" and "lm_head" in modules:
-        yield error("lora_target_modules", "lm_head cannot carry a LoRA adapter", "Remove lm_head from the list")
 
 
 # --- training length and optimisation ----------------------------------------------------------
@@ -253,9 +253,6 @@ def chat_template_wins_over_formatting_template(p):
         )
 
 
-# --- distribution --------------------------------------------------------------------------------
-
-
 @rule("parameters")
 def templates_are_valid_jinja(p):
     """formatting_template and formatting_chat_template are valid Jinja (parsed, not rendered)."""
@@ -266,6 +263,9 @@ def templates_are_valid_jinja(p):
         found = check(p[parameter]) if p[parameter].strip() else None
         if found:
             yield error(parameter, found, "Fix the template")
+
+
+# --- distribution --------------------------------------------------------------------------------
 
 
 @rule("parameters")
@@ -377,7 +377,7 @@ def cpu_only_note(p, machine: Machine):
 @rule("machine")
 def precision_supported(p, machine: Machine):
     """bf16 only on Ampere or newer GPUs; fp16 only on a GPU."""
-    gpus = [] if p["train_device"] == "cpu" else planned_gpus(p, machine)
+    gpus = planned_gpus(p, machine)
     if p["precision"] == "bf16" and gpus and not all(g.supports_bf16 for g in gpus):
         yield error("precision", "bf16 needs an Ampere or newer GPU", "Use precision=auto (fp16 there) or fp16")
     on_cpu = p["train_device"] == "cpu" or not machine.usable_gpus
