@@ -208,9 +208,8 @@ def prepare_checkpoints(out: OutputFacts) -> str | None:
     """Make the checkpoint folder what validation saw: emptied for a fresh start that replaces older
     checkpoints, else cleared of saves newer than the resume point (cut off mid-save). Returns the resume point."""
     if out.resume_from is None:
-        if out.adapter_complete or _checkpoints(out.checkpoint_dir):
-            for _, path in _checkpoints(out.checkpoint_dir):
-                shutil.rmtree(path, ignore_errors=True)
+        for _, path in _checkpoints(out.checkpoint_dir):
+            shutil.rmtree(path, ignore_errors=True)
         return None
     if os.path.dirname(out.resume_from.rstrip(os.sep)) == out.checkpoint_dir.rstrip(os.sep):
         _remove_unfinished(out.checkpoint_dir, out.resume_from)
