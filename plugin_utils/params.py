@@ -41,6 +41,23 @@ HOST_KEYS: dict[str, dict[str, Any]] = {
 
 # Keys hosts add that carry nothing for training; accepted silently under a host.
 HOST_NOISE = {"type", "name", "description", "_tlab_recipe_datasets", "_tlab_recipe_models", "_dataset_display_name"}
+# What current TransformerLab's Queue Task form leaves in a task's parameters (lab.get_config()): the compute
+# provider's and the sweep's own settings, never the plugin's.
+TASK_FORM_LEFTOVERS = {
+    "use_spot",
+    "resource_group_id",
+    "resource_group_name",
+    "resource_group_custom_override",
+    "custom_sbatch_flags",
+    "docker_image",
+    "region",
+    "fleet_name",
+    "sweep_metric",
+    "lower_is_better",
+    "trackio_project_name",
+}
+# The keys of a parameter's schema in a task's `parameters:`; a key the form did not send keeps its schema.
+SCHEMA_KEYS = {"type", "default", "min", "max", "step", "options", "enum", "ui_widget", "title", "description"}
 
 _TRUE = {"true", "on", "yes", "1"}
 _FALSE = {"false", "off", "no", "0"}
@@ -104,6 +121,14 @@ def _coerce(name: str, value: Any, spec: dict[str, Any]) -> tuple[Any, Problem |
             text = text.strip().lower()
         return text, None
     return value, None
+
+
+def _as_given(value: Any, spec: dict[str, Any]) -> Any:
+    """What a value means: a schema dict left by a task form that did not send the key means its default
+    (None: the plugin's own)."""
+    if isinstance(value, dict) and "type" in value and set(value) <= SCHEMA_KEYS and spec.get("type") != "any":
+        return value.get("default")
+    return value
 
 
 def _num(value: float) -> str:
@@ -188,12 +213,13 @@ def read(raw: Mapping[str, Any], *, headless: bool) -> Reading:
 
     for name, value in raw.items():
         if name not in known:
-            if not headless and name in HOST_NOISE:
+            if not headless and name in HOST_NOISE | TASK_FORM_LEFTOVERS:
                 continue
             close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
             hint = f"Did you mean {close[0]!r}?" if close else "Remove it; see index.json for the parameters"
             (errors if headless else warnings).append(problem(name, "unknown parameter", hint))
             continue
+        value = _as_given(value, known[name])
         if value is None:
             continue
         coerced, issue = _coerce(name, value, known[name])

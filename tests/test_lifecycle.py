@@ -278,6 +278,10 @@ def test_a_lab_job_resumes_from_the_checkpoint_transformerlab_names(tiny_model, 
     home = tmp_path / "tflhome"
     params = base_config(tiny_model, tmp_path, max_steps=16, logging_steps=1, save_steps=1000)
     params.pop("output_dir")
+    # As a current TransformerLab task delivers them: the form's leftovers, and a schema dict the form did not
+    # replace (its default applies).
+    params.update(use_spot=False, docker_image="", sweep_metric="eval/loss", lower_is_better=True)
+    params["save_total_limit"] = {"type": "int", "default": 3, "min": 1, "title": "Checkpoints to keep"}
     first = _make_lab_job(home, params)
     run = Running(["--json"], env={"_TFL_JOB_ID": first, "_TFL_EXPERIMENT_ID": "exp1"})
     run.wait_for("step 2/16")
@@ -293,6 +297,8 @@ def test_a_lab_job_resumes_from_the_checkpoint_transformerlab_names(tiny_model, 
     run = Running(["--json"], env={"_TFL_JOB_ID": second, "_TFL_EXPERIMENT_ID": "exp1"})
     assert run.finish() == 0, run.stderr[-3000:]
     assert f"resuming at step {stopped_at}" in run.stderr
+    assert "unknown parameter" not in run.stderr, "form leftovers are taken silently"
+    assert "save_total_limit" not in run.stderr, "a schema dict means its default"
     result = last_json(run.stdout)
     assert result["steps"] == 16 and result["status"] == "COMPLETE" and result["job_id"] == second
     # What the job page shows: progress, metrics, the registered adapter, the checkpoints.

@@ -394,3 +394,34 @@ def test_host_keys_are_accepted_headless():
     assert values["sweep_config"] == {"learning_rate": [1e-4, 2e-4]}
     assert values["model_name"] == "/models/tiny"
     assert values["chatml_formatted_column"] == "conversations"
+
+
+# --- parameters as current TransformerLab's tasks deliver them ------------------------------------------------
+
+
+@pytest.mark.parametrize("key", sorted(params.TASK_FORM_LEFTOVERS))
+def test_task_form_leftovers_are_ignored_silently_under_a_host(key):
+    values, warnings = resolve(headless=False, **{key: "x"})
+    assert warnings == [] and key not in values
+
+
+def test_a_schema_dict_the_form_did_not_replace_means_its_default():
+    # lab.get_config() is the task's parameters: overwritten by what the form sent; the rest keep their schema.
+    values, warnings = resolve(
+        headless=False,
+        lora_r={"type": "int", "default": 8, "min": 1, "max": 256, "title": "LoRA rank"},
+        learning_rate={"type": "float", "default": 0.0002},
+        packing={"type": "enum", "options": ["auto", "true", "false"], "default": "auto"},
+        max_steps={"type": "int"},  # no default of its own: the plugin's
+    )
+    assert (values["lora_r"], values["learning_rate"], values["packing"]) == (8, 2e-4, "auto")
+    assert values["max_steps"] == params.form_schema()["max_steps"]["default"]
+    assert warnings == []
+
+
+def test_a_schema_dict_whose_default_is_out_of_range_is_still_checked():
+    assert "lora_r" in errors_of(headless=False, lora_r={"type": "int", "default": 0})
+
+
+def test_a_dict_that_is_not_a_schema_is_still_refused():
+    assert "lora_r" in errors_of(headless=False, lora_r={"value": 8})
