@@ -326,7 +326,7 @@ class LegacyJob(NullSink):
         if self.output_dir:
             # Hyperparameter sweeps read <output_dir>/metrics.json.
             os.makedirs(self.output_dir, exist_ok=True)
-            metrics = {"train/loss": score.get("train_loss"), "eval/loss": score.get("eval_loss", score.get("loss"))}
+            metrics = {"train/loss": score.get("train/loss"), "eval/loss": score.get("eval/loss", score.get("loss"))}
             Path(self.output_dir, "metrics.json").write_text(json.dumps(metrics))
 
     def fail(self, message):

@@ -325,11 +325,12 @@ class Staged:
 
 
 def score(result) -> dict[str, float]:
-    """The job's score: eval loss when there is an eval split, else the final training loss."""
+    """The job's score (SPEC §7): `loss` is the eval loss when there is an eval split, else the final training
+    loss; `train/loss` and, with an eval split, `eval/loss` are the keys TransformerLab's sweeps rank by."""
     values = {"loss": result.eval_loss if result.eval_loss is not None else result.final_loss}
-    values["train_loss"] = result.final_loss
+    values["train/loss"] = result.final_loss
     if result.eval_loss is not None:
-        values["eval_loss"] = result.eval_loss
+        values["eval/loss"] = result.eval_loss
     return values
 
 

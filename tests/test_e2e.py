@@ -79,6 +79,7 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     assert job["status"] == "COMPLETE"
     assert job["progress"] == 100
     assert job["job_data"]["score"]["loss"] == pytest.approx(result["final_loss"])
+    assert job["job_data"]["score"]["train/loss"] == pytest.approx(result["final_loss"])
     rows = metrics_rows(index)
     assert any("loss" in r.get("metrics", {}) for r in rows)
     progress = [r["progress"] for r in rows]
@@ -390,3 +391,8 @@ def test_chat_rows_with_a_published_template_train_end_to_end(tiny_model, tmp_pa
     assert result["status"] == "COMPLETE" and result["steps"] == 4
     summary = json.loads((Path(result["adaptor_path"]) / "training_summary.json").read_text())
     assert summary["world_size"] == 2
+    # Evaluated on its own split: the score carries the keys sweeps rank by, `loss` being the eval loss.
+    [index] = lab_jobs(tmp_path / "tflhome")
+    score = read_job(index)["job_data"]["score"]
+    assert score["eval/loss"] == pytest.approx(summary["eval_loss"]) and score["loss"] == score["eval/loss"]
+    assert score["train/loss"] == pytest.approx(summary["final_loss"])

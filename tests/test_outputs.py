@@ -310,3 +310,10 @@ def test_a_write_failure_while_publishing_is_a_clear_failure_and_registers_nothi
         staged.publish(Job(), {}, {})
     assert registered == []
     assert not os.path.exists(staged.merged_staging) and not os.path.exists(staged.adapter_staging)
+
+
+def test_the_score_has_the_keys_transformerlab_sweeps_rank_by():
+    trained = RunResult(status="COMPLETE", final_loss=1.5, eval_loss=None)
+    assert outputs.score(trained) == {"loss": 1.5, "train/loss": 1.5}
+    evaluated = RunResult(status="COMPLETE", final_loss=1.5, eval_loss=1.25)
+    assert outputs.score(evaluated) == {"loss": 1.25, "train/loss": 1.5, "eval/loss": 1.25}
