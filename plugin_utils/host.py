@@ -417,6 +417,8 @@ class LabJob(NullSink):
     def fail(self, message):
         if self._reachable():
             with contextlib.redirect_stdout(sys.stderr):
+                # error_msg is the text the job card shows for a failed job; the final status comes last.
+                _sync(self._lab.job.update_job_data_field("error_msg", message))
                 self._lab.error(message)
 
     def stopped(self, message):

@@ -295,6 +295,7 @@ def test_a_rank_that_raises_fails_the_job_with_its_message_and_leaves_no_process
     job = read_job(index)
     assert job["status"] == "FAILED"
     assert "injected failure in rank 1" in job["job_data"]["completion_details"]
+    assert job["job_data"]["error_msg"] == job["job_data"]["completion_details"]  # what the job card shows
     assert not (tmp_path / "outputs" / "test-adaptor").exists()
     leftovers = tagged_processes(tag, "plugin_utils.worker")
     assert not leftovers, leftovers
@@ -314,6 +315,10 @@ def test_invalid_parameters_fail_a_lab_sdk_job_with_every_line(tiny_model, tmp_p
     assert job["status"] == "FAILED"
     details = job["job_data"]["completion_details"]
     assert all(f"{name}:" in details for name in ("lora_r", "max_steps", "precision"))
+    # The job card of a failed job shows error_msg: the same lines, one per problem.
+    lines = job["job_data"]["error_msg"].splitlines()
+    assert lines[0] == "Invalid configuration:" and len(lines) == 4
+    assert sorted(line.split(":")[0] for line in lines[1:]) == ["lora_r", "max_steps", "precision"]
     assert "Traceback" not in proc.stderr
 
 
