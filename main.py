@@ -62,6 +62,7 @@ def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
 
     job = chosen.sink
     job.start(p)
+    job.log(cli.parameters_text(p))
     job.log(cli.dataset_text(prepared))  # to the job's log and, like every host log line, to stderr
     job.log(cli.plan_text(plan))
     this_run = outputs.identity(p, plan.world_size, prepared.key, plan.as_dict())

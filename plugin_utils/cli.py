@@ -92,6 +92,11 @@ def dataset_text(prepared) -> str:
     return "\n".join(lines)
 
 
+def parameters_text(p) -> str:
+    """The parameters this run uses, as asked with the defaults filled in: what a sweep's child ran with."""
+    return "\n".join(["parameters:", *(f"  {name}: {json.dumps(p[name], default=str)}" for name in sorted(p))])
+
+
 def plan_text(plan) -> str:
     return "\n".join(["plan:", *(f"  {why}" for why in plan.all_reasons())])
 

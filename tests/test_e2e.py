@@ -71,6 +71,9 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     assert summary["parameters"]["packing"] == "auto"
     assert summary["plan"]["speed"]["packing"] is True and summary["plan"]["speed"]["gradient_checkpointing"] is False
     assert "plan:\n" in proc.stderr and "precision: fp32 (auto: the CPU trains in fp32)" in proc.stderr
+    # The effective parameters, defaults filled in, are in the job's log (what a sweep's child ran with).
+    assert "parameters:\n" in proc.stderr and "  learning_rate: 0.001\n" in proc.stderr
+    assert '  learning_rate_schedule: "cosine"\n' in proc.stderr
     assert "gradient checkpointing: off (about" in proc.stderr and "loss: on completions only (auto" in proc.stderr
 
     [index] = lab_jobs(tmp_path / "tflhome")
