@@ -156,6 +156,14 @@ class OutputFacts:
         saved, mine = _compared(self.recorded), _compared(self.identity)
         return [k for k in mine if k in saved and saved[k] != mine[k] and not (k == "dataset" and mine[k] is None)]
 
+    def hard_changes(self) -> list[str]:
+        """Changes that make the checkpoint unusable for this run (the dataset is checked with the data)."""
+        return [k for k in self.changed() if k in HARD_KEYS or k == "world_size"]
+
+    def soft_changes(self) -> list[str]:
+        """Changes the run resumes with, from the checkpoint's step on."""
+        return [k for k in self.changed() if k in SOFT_KEYS]
+
     def dataset_changed(self, key: str) -> bool:
         return self.recorded is not None and _compared(self.recorded).get("dataset") not in (None, key)
 
@@ -198,8 +206,7 @@ def inspect(
     )
     # A finished adapter is not resumed: without overwrite_output the run is refused, with it it starts afresh;
     # so is a checkpoint overwrite_output may replace because it cannot be resumed.
-    hard = any(k in HARD_KEYS or k == "world_size" for k in facts.changed())
-    if not requested and (complete or (overwrite and hard)):
+    if not requested and (complete or (overwrite and facts.hard_changes())):
         facts = replace(facts, resume_from=None, recorded=None)
     return facts
 

@@ -30,7 +30,7 @@ from typing import Any
 from . import speed
 from .errors import InvalidConfig, Problem, problem
 from .machine import Machine, free_disk_gib, has_package
-from .outputs import HARD_KEYS, OutputFacts
+from .outputs import OutputFacts
 from .params import form_schema
 from .planning import (
     asked_processes,
@@ -486,8 +486,7 @@ def resume_keeps_what_the_checkpoint_needs(p, out: OutputFacts):
     checkpoint; other changes (max_steps, epochs, learning rate, schedule, save and logging steps) are warnings."""
     if out.resume_from is None:
         return
-    hard = [name for name in out.changed() if name in HARD_KEYS or name == "world_size"]
-    soft = [name for name in out.changed() if name not in hard and name != "dataset"]
+    hard, soft = out.hard_changes(), out.soft_changes()
     if hard:
         names = ", ".join(out.shown(hard))
         yield error(
@@ -615,7 +614,7 @@ def checkpoint_before_the_end(p, plan, stats):
 
 
 @rule("statistics")
-def evaluation_named(p, plan, stats):
+def evaluation_named(p, stats):
     """The dataset's own eval split replaces eval_split's fraction; at eval_split 0 it is unused (warnings)."""
     own, rows = stats.get("own_eval_split"), stats.get("own_eval_rows", 0)
     if own and p["eval_split"] > 0:
@@ -633,7 +632,7 @@ def evaluation_named(p, plan, stats):
 
 
 @rule("statistics")
-def rows_with_nothing_to_train(p, plan, stats):
+def rows_with_nothing_to_train(p, stats):
     """Rows without an assistant turn are left out, and rows whose answer is empty are counted (warnings)."""
     if stats.get("no_answer"):
         yield warning(
@@ -651,7 +650,7 @@ def rows_with_nothing_to_train(p, plan, stats):
 
 
 @rule("statistics")
-def chat_template_keeps_answers(p, plan, stats):
+def chat_template_keeps_answers(p, stats):
     """Reasoning a chat template leaves out, and turns it closes without a stop token, are counted (warnings)."""
     if stats.get("reasoning_dropped"):
         yield warning(

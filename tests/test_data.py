@@ -813,7 +813,7 @@ def test_empty_answers_and_rows_without_answers_are_counted_and_warned(tmp_path,
     p = make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows))
     prepared = prepare_data(p)
     assert (prepared.stats["empty_answers"], prepared.stats["no_answer"], prepared.stats["rows_used"]) == (1, 1, 4)
-    warnings = [w.line() for _, w in validation.rows_with_nothing_to_train(p, None, prepared.stats)]
+    warnings = [w.line() for _, w in validation.rows_with_nothing_to_train(p, prepared.stats)]
     assert warnings == [
         "dataset_name: 1 of 5 rows have no assistant turn and are left out. "
         "Check their roles (assistant, or gpt/model/bot).",
@@ -840,7 +840,7 @@ def test_a_dataset_split_and_eval_split_follow_the_written_rule(tmp_path, model_
     ).save_to_disk(str(folder))
     p = make_params(model_dir, str(folder), eval_split=eval_split)
     prepared = prepare_data(p)
-    warnings = [w.line() for _, w in validation.evaluation_named(p, None, prepared.stats)]
+    warnings = [w.line() for _, w in validation.evaluation_named(p, prepared.stats)]
     if eval_split == 0:
         assert prepared.stats["eval_rows"] == 0 and not (prepared.stats["eval_rows"] > 0)
         assert warnings == [

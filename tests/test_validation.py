@@ -661,7 +661,7 @@ def test_info_md_rules_table_is_the_rule_list():
     ],
 )
 def test_chat_templates_that_drop_reasoning_or_never_stop_are_flagged(stats, expected):
-    found = [w.line() for _, w in validation.chat_template_keeps_answers(config(), None, stats)]
+    found = [w.line() for _, w in validation.chat_template_keeps_answers(config(), stats)]
     assert len(found) == len(expected)
     for line, part in zip(found, expected, strict=True):
         assert line.startswith("formatting_chat_template: the chat template") and part in line
