@@ -66,7 +66,7 @@ def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
     job.log(cli.dataset_text(prepared))  # to the job's log and, like every host log line, to stderr
     job.log(cli.plan_text(plan))
     this_run = outputs.identity(p, plan.world_size, prepared.key, plan.as_dict())
-    merged = chosen.places.merged_location(p) if p["fuse_model"] and p["training_mode"] != "full" else None
+    merged = chosen.places.merged_location(p) if plan.merge_adapter else None
     staged = outputs.Staged(out.adapter_dir, merged)
     with outputs.RunLock(out.checkpoint_dir), staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
         resume = outputs.prepare_checkpoints(out)

@@ -85,6 +85,8 @@ class Plan:
     speed: Speed = field(default_factory=Speed)
     # Whether the loss is taken on completions / assistant turns only; None until the data's format is known.
     completion_only: bool | None = None
+    # fuse_model with an adapter to merge (training_mode=full has none).
+    merge_adapter: bool = False
     reasons: tuple[str, ...] = ()
 
     @property
@@ -171,5 +173,6 @@ def build(p: Mapping[str, Any], machine: Machine) -> Plan:
         precision=precision,
         strategy=p["distributed_strategy"],
         speed=chosen,
+        merge_adapter=p["fuse_model"] and p["training_mode"] != "full",
         reasons=tuple(reasons),
     )

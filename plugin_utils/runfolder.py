@@ -113,7 +113,7 @@ class RunSpec:
             save_steps=p["save_steps"],
             save_total_limit=p["save_total_limit"],
             log_to_wandb=p["log_to_wandb"],
-            fuse_model=p["fuse_model"] and p["training_mode"] != "full",
+            fuse_model=plan.merge_adapter,
             device=plan.device,
             precision=plan.precision,
             strategy=plan.strategy,
