@@ -22,7 +22,7 @@ from typing import Any
 from . import chat
 from .chat import ChatRenderer, RowProblem
 from .errors import InvalidConfig, StopRequested, problem
-from .sources import CHAT_FORMATS, DataFacts, load_tokenizer, workspace_dir
+from .sources import CHAT_FORMATS, DataFacts, load_tokenizer, workspace_dataset
 from .templates import RowTemplate
 
 log = logging.getLogger("sft")
@@ -56,35 +56,44 @@ def _data_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.suffix in DATA_SUFFIXES and f.name != "index.json")
 
 
-def resolve_source(name: str) -> tuple[str, list[Path]]:
-    """('files', paths) | ('disk', [folder]) | ('hub', []) for a dataset_name."""
+@dataclass(frozen=True)
+class Located:
+    """Where a dataset_name's rows are."""
+
+    kind: str  # files | disk | hub
+    paths: list[Path] = field(default_factory=list)
+    hub_id: str = ""
+    config_name: str | None = None  # the Hub dataset's configuration (a TransformerLab dataset's config_name)
+    workspace: bool = False  # a dataset id of the TransformerLab workspace
+
+
+def resolve_source(name: str) -> Located:
+    """Files, a save_to_disk folder, or a Hub dataset, for a dataset_name: a path, a dataset id of the
+    TransformerLab workspace (SPEC §4), or a Hub id."""
     path = Path(os.path.expanduser(name))
     if path.is_file():
         if path.suffix not in DATA_SUFFIXES:
             raise InvalidConfig(
                 [problem("dataset_name", f"{name} is not a .jsonl/.json/.csv/.parquet file", "Convert it")]
             )
-        return "files", [path]
+        return Located("files", [path])
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
-            return "disk", [path]
+            return Located("disk", [path])
         files = _data_files(path)
         if files:
-            return "files", files
+            return Located("files", files)
         raise InvalidConfig([problem("dataset_name", f"folder {name} holds no data files", "Add .jsonl files to it")])
-    tl_folder = Path(workspace_dir()) / "datasets" / name
-    if (tl_folder / "index.json").exists():
-        try:
-            location = json.loads((tl_folder / "index.json").read_text()).get("location")
-        except (OSError, ValueError):
-            location = None
-        if location == "local":
-            files = _data_files(tl_folder)
-            if not files:
-                raise InvalidConfig(
-                    [problem("dataset_name", f"dataset {name!r} holds no data files", "Re-upload the dataset")]
-                )
-            return "files", files
+    found = workspace_dataset(name)
+    if found and found.location == "huggingfacehub":
+        return Located("hub", hub_id=found.hub_id, config_name=found.config_name, workspace=True)
+    if found:
+        files = _data_files(Path(found.folder))
+        if not files:
+            raise InvalidConfig(
+                [problem("dataset_name", f"dataset {name!r} holds no data files", "Re-upload the dataset")]
+            )
+        return Located("files", files, workspace=True)
     if os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in name or name.startswith((".", "/")):
         raise InvalidConfig(
             [
@@ -95,7 +104,27 @@ def resolve_source(name: str) -> tuple[str, list[Path]]:
                 )
             ]
         )
-    return "hub", []
+    return Located("hub", hub_id=name)
+
+
+def _load_hub(name: str, source: Located):
+    """A Hub dataset; one that cannot be loaded (offline and not in the cache, unknown, gated) is an error
+    naming dataset_name and the fix, not a traceback."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(source.hub_id, source.config_name)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hub = source.hub_id + (f" (config {source.config_name!r})" if source.config_name else "")
+        what = f"{name!r} of this workspace is the Hub dataset {hub}" if source.workspace else f"the Hub dataset {hub}"
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            what += f", not in the local cache while HF_HUB_OFFLINE=1 ({reason})"
+            fix = "Unset HF_HUB_OFFLINE so it can be downloaded, or upload its files to TransformerLab as a dataset"
+        else:
+            what += f", which could not be loaded ({reason})"
+            fix = "Check the id (and HF_TOKEN for a gated dataset), or give a local file"
+        raise InvalidConfig([problem("dataset_name", what, fix)]) from None
 
 
 def _check_json_lines(path: Path) -> None:
@@ -132,12 +161,13 @@ def load_splits(name: str):
     """Load the dataset as a dict of split name -> datasets.Dataset."""
     import datasets
 
-    kind, paths = resolve_source(name)
-    if kind == "disk":
+    source = resolve_source(name)
+    paths = source.paths
+    if source.kind == "disk":
         loaded = datasets.load_from_disk(str(paths[0]))
         splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    elif kind == "hub":
-        splits = dict(datasets.load_dataset(name))
+    elif source.kind == "hub":
+        splits = dict(_load_hub(name, source))
     else:
         by_split: dict[str, list[str]] = {}
         for path in paths:
@@ -494,10 +524,10 @@ def _fingerprint(p: dict[str, Any], model_path: str, data_name: str) -> str:
     )
     digest.update(json.dumps({k: p[k] for k in keys}, sort_keys=True).encode())
     digest.update(PREP_VERSION.encode())
-    kind, paths = resolve_source(data_name)
-    targets = [f for path in paths for f in (sorted(path.rglob("*")) if path.is_dir() else [path])]
-    if kind == "hub":
-        digest.update(data_name.encode())
+    source = resolve_source(data_name)
+    targets = [f for path in source.paths for f in (sorted(path.rglob("*")) if path.is_dir() else [path])]
+    if source.kind == "hub":
+        digest.update(json.dumps([source.hub_id, source.config_name]).encode())
     for target in targets:
         if target.is_file():
             digest.update(str(target.name).encode())

@@ -2,13 +2,16 @@
 freezes the result. `Params` is what the user asked, normalised, and it never changes afterwards: every
 decision derived from it (devices, precision, packing, ...) lives on the plan (`planning.py`).
 
-Cross-parameter rules live in `validation.py`; this module only knows single values.
+Cross-parameter rules live in `validation.py`; this module only knows single values. A model id of the
+TransformerLab workspace (what the task form's model picker sends) is read as its folder, so that everything
+downstream (validation, the tokenizer, the ranks) loads the same weights; the log names both.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, problem
+from .sources import workspace_model
+
+log = logging.getLogger("sft")
 
 MANIFEST = Path(__file__).resolve().parent.parent / "index.json"
 
@@ -230,6 +236,12 @@ def read(raw: Mapping[str, Any], *, headless: bool) -> Reading:
             failed.add(name)
         else:
             values[name] = coerced
+
+    if usable(values, errors, "model_name"):
+        found = workspace_model(values["model_name"])
+        if found:
+            log.info("model_name: %s is %s: %s", values["model_name"], found.how, found.path)
+            values["model_name"] = found.path
 
     for name, spec in schema.items():
         if spec.get("required") and name not in failed and values.get(name) in (None, ""):

@@ -1,5 +1,6 @@
 """Where models and tokenizers come from: a model's config.json without loading weights, the TransformerLab
-workspace, and the tokenizer both the parent (data preparation) and the ranks (training) load.
+workspace (the models and datasets its pickers name by id), and the tokenizer both the parent (data
+preparation) and the ranks (training) load.
 
 Used by validation, planning, data preparation, the hosts and the ranks alike; it imports none of them.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +27,15 @@ def workspace_dir() -> str:
     return os.path.join(home, "workspace")
 
 
+def secure_filename(name: str) -> str:
+    """werkzeug's `secure_filename` on POSIX, which TransformerLab names workspace folders with: ASCII only,
+    '/' and whitespace become '_', anything but letters, digits and '._-' is dropped, and '._' are stripped
+    from both ends ('org/name' -> 'org_name')."""
+    text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    text = "_".join(text.replace("/", " ").split())
+    return re.sub(r"[^A-Za-z0-9_.-]", "", text).strip("._")
+
+
 def looks_local(name: str) -> bool:
     """A model name that is a path rather than a Hub id."""
     return name.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(name)) or name.count("/") > 1
@@ -37,6 +49,137 @@ def read_json(path: str) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+# --- the workspace: what the Queue Task form's model and dataset pickers send -----------------------------
+
+_VERSION = re.compile(r"v(\d+)")
+
+
+@dataclass(frozen=True)
+class WorkspaceModel:
+    path: str  # the folder training loads
+    how: str  # how the id was found, for the log
+
+
+def _weights(folder: str) -> str | None:
+    """The weights of a model entry: its index.json's `model_filename` ('' or '.': the folder itself; a name
+    or an absolute path, as older imports wrote: that). None for a Hub download's metadata, whose weights
+    are in the Hub cache."""
+    index = read_json(os.path.join(folder, "index.json"))
+    details = index.get("json_data") if isinstance(index.get("json_data"), dict) else {}
+    filename = str(details.get("model_filename") or index.get("model_filename") or "")
+    target = folder if filename in ("", ".") else os.path.join(folder, filename)
+    if details.get("source") == "huggingface" and not os.path.isfile(os.path.join(target, "config.json")):
+        return None
+    return target
+
+
+def _tagged_latest(models: str, group: str) -> str | None:
+    """The version TransformerLab's registry resolves a group to: the one tagged 'latest', else the last
+    added (`<workspace>/asset_groups/models/<uuid>/index.json` names the group, `model_list.json` lists its
+    versions)."""
+    groups = os.path.join(os.path.dirname(models), "asset_groups", "models")
+    for entry in sorted(os.listdir(groups)) if os.path.isdir(groups) else []:
+        if read_json(os.path.join(groups, entry, "index.json")).get("name") != group:
+            continue
+        listed = read_json(os.path.join(groups, entry, "model_list.json")).get("versions")
+        versions = [v for v in listed or [] if isinstance(v, dict)]
+        chosen = next((v for v in versions if v.get("tag") == "latest"), versions[-1] if versions else {})
+        return chosen.get("version_label") or None
+    return None
+
+
+def _entry(models: str, folder: str) -> WorkspaceModel | None:
+    """A model folder of the workspace: an entry with its index.json, a registry group (`<group>/<vN>/`: the
+    version the registry tags 'latest', else the newest), or a bare folder of weights (a registry version
+    copied from a job)."""
+    if os.path.isfile(os.path.join(folder, "index.json")):
+        target = _weights(folder)
+        return WorkspaceModel(target, "a model of this workspace") if target else None
+    versions = {
+        int(match.group(1)): entry
+        for entry in (os.listdir(folder) if os.path.isdir(folder) else [])
+        if (match := _VERSION.fullmatch(entry)) and os.path.isdir(os.path.join(folder, entry))
+    }
+    if versions:
+        group = os.path.basename(folder)
+        tagged = _tagged_latest(models, group)
+        version = tagged if tagged in versions.values() else versions[max(versions)]
+        found = _entry(models, os.path.join(folder, version))
+        why = "tagged latest" if tagged == version else "the newest"
+        return WorkspaceModel(found.path, f"registry group {group!r}, version {version} ({why})") if found else None
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return WorkspaceModel(folder, "a model of this workspace")
+    return None
+
+
+def _listed(models: str) -> list[str]:
+    """Every model entry as the workspace's model list has them: `<id>/` and `<group>/<vN>/` with index.json."""
+    found = []
+    for entry in sorted(os.listdir(models)):
+        folder = os.path.join(models, entry)
+        if os.path.isfile(os.path.join(folder, "index.json")):
+            found.append(folder)
+        elif os.path.isdir(folder):
+            found += [
+                os.path.join(folder, sub)
+                for sub in sorted(os.listdir(folder))
+                if os.path.isfile(os.path.join(folder, sub, "index.json"))
+            ]
+    return found
+
+
+def workspace_model(name: str) -> WorkspaceModel | None:
+    """The folder of a model id of the TransformerLab workspace, as the form's model picker sends it (the
+    `model_id` of the entry's index.json); None for a path, or for an id no entry holds (a Hub id).
+
+    Looked for as TransformerLab stores models: the lab SDK's folder for the id (`<workspace>/models/<id>`,
+    each part through secure_filename: flat ids, uploads named `org/name`, registry `<group>/<vN>` and a
+    bare `<group>`), then the entry whose index.json names this id (older folders `org_name`, and models
+    TransformerLab wrote, `TransformerLab/<name>` in `<name>/`)."""
+    if not name or name.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(name)):
+        return None
+    models = os.path.join(workspace_dir(), "models")
+    if not os.path.isdir(models):
+        return None
+    parts = [secure_filename(part) for part in name.split("/")]
+    if all(parts):
+        found = _entry(models, os.path.join(models, *parts))
+        if found:
+            return found
+    for folder in _listed(models):
+        if read_json(os.path.join(folder, "index.json")).get("model_id") == name:
+            target = _weights(folder)
+            return WorkspaceModel(target, "a model of this workspace") if target else None
+    return None
+
+
+@dataclass(frozen=True)
+class WorkspaceDataset:
+    folder: str
+    location: str  # local: the files of `folder`; huggingfacehub: `hub_id` on the Hub
+    hub_id: str
+    config_name: str | None
+
+
+def workspace_dataset(name: str) -> WorkspaceDataset | None:
+    """A dataset id of the TransformerLab workspace, as the form's dataset picker sends it:
+    `<workspace>/datasets/<secure_filename(id)>/index.json` (the lab SDK's `Dataset.get_dir`). Its
+    `location` says where the rows are; a Hub dataset may need its `json_data.config_name`."""
+    safe = secure_filename(name)
+    folder = os.path.join(workspace_dir(), "datasets", safe)
+    if not safe or not os.path.isfile(os.path.join(folder, "index.json")):
+        return None
+    index = read_json(os.path.join(folder, "index.json"))
+    details = index.get("json_data") if isinstance(index.get("json_data"), dict) else {}
+    config = details.get("dataset_config") or details.get("config_name")
+    return WorkspaceDataset(
+        folder=folder,
+        location=str(index.get("location") or "local"),
+        hub_id=str(details.get("huggingfacerepo") or index.get("dataset_id") or name),
+        config_name=str(config) if config else None,
+    )
 
 
 @lru_cache(maxsize=8)
