@@ -43,7 +43,33 @@ if ! has_module lab; then
   install "transformerlab==0.1.46"
 fi
 
-install -r "$here/requirements.txt"
+# The lab SDK depends on trackio. TransformerLab's own job venv (0.40: transformers 4.57, so huggingface_hub<1)
+# holds trackio 0.20 and gradio 6.17, which refuse huggingface_hub 2.x, and TRL imports trackio whenever it is
+# installed (the model card at every checkpoint save): with the pinned huggingface_hub that import fails and
+# the run with it. Those two are raised, in the same resolve as the pins, to releases that accept it.
+older() {  # the distribution $1 is installed, at a release before $2
+  "$py" - "$1" "$2" <<'EOF'
+import importlib.metadata as md
+import re
+import sys
+
+
+def key(version):
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+try:
+    have = md.version(sys.argv[1])
+except md.PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if key(have) < key(sys.argv[2]) else 1)
+EOF
+}
+host_upgrades=()
+if older trackio 0.43.0; then host_upgrades+=("trackio==0.43.0"); fi
+if older gradio 6.31.0; then host_upgrades+=("gradio==6.31.0"); fi
+
+install -r "$here/requirements.txt" ${host_upgrades[@]+"${host_upgrades[@]}"}
 
 if [ "${WITH_DEEPSPEED:-0}" = "1" ]; then
   install "deepspeed==0.19.8"
