@@ -21,14 +21,13 @@ def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
     clock = cli.Clock()
     reading = params.read(chosen.source.raw_params(), headless=chosen.headless)
     p, here = reading.params, machine.detect()
-    out = None
+    out = continued = None
     if params.usable(p, reading.errors, "adaptor_name"):
-        adapter_dir, checkpoint_dir = chosen.places.locations(p)
+        where = chosen.places.locations(p)
         this_run = outputs.identity(p, planning.world_size(p, here), None)
-        requested = chosen.places.checkpoint_to_resume()
-        out = outputs.inspect(
-            adapter_dir, checkpoint_dir, this_run, overwrite=p["overwrite_output"], requested=requested
-        )
+        continued = chosen.places.checkpoint_to_resume(p, this_run["world_size"])
+        requested = continued.checkpoint if continued else None
+        out = outputs.inspect(where, this_run, overwrite=p["overwrite_output"], requested=requested)
     found = validation.check(
         validation.CHECK_PHASES,
         prior=reading.errors,
@@ -65,13 +64,16 @@ def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
     job.log(cli.parameters_text(p))
     job.log(cli.dataset_text(prepared))  # to the job's log and, like every host log line, to stderr
     job.log(cli.plan_text(plan))
+    if continued:
+        job.log(cli.continued_text(continued))
     this_run = outputs.identity(p, plan.world_size, prepared.key, plan.as_dict())
     merged = chosen.places.merged_location(p) if plan.merge_adapter else None
     staged = outputs.Staged(out.adapter_dir, merged)
-    with outputs.RunLock(out.checkpoint_dir), staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
+    with outputs.RunLock(out.where.lock_path), staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
         resume = outputs.prepare_checkpoints(out)
-        outputs.record_run(out.checkpoint_dir, this_run)
+        outputs.write_record(out.where, p["adaptor_name"], job.job_id, finished=False)
         folder = RunFolder(run_dir)
+        folder.write_identity(this_run)
         spec = RunSpec.of(
             p,
             plan,
@@ -79,6 +81,7 @@ def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
             prepared_path=prepared.path,
             has_eval=prepared.stats["eval_rows"] > 0,
             checkpoint_dir=out.checkpoint_dir,
+            checkpoint_staging=out.where.saving_dir,
             resume_from=resume,
             adapter_staging=staged.adapter_staging,
             merged_staging=staged.merged_staging,
@@ -86,7 +89,8 @@ def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
         result = launch.run(job, spec, plan, folder, stop)
         summary = outputs.summary(p, plan, result, prepared.stats, clock.marks)
         final = staged.publish(job, p, summary) if result.has_adapter else None
-    plot = outputs.write_plot(f"{out.checkpoint_dir}/loss_plot.json", result.loss_history)
+        outputs.write_record(out.where, p["adaptor_name"], job.job_id, finished=True)
+    plot = outputs.write_plot(out.where.plot_path, result.loss_history)
     report = {
         "status": "COMPLETE",
         "job_id": job.job_id or None,
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.setup_logging()
     args = cli.parse(argv)
     stop = launch.StopFlag()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop.on_signal)
     sink = host.NullSink()  # until a real run has a host: nothing before it can touch a job
     finished = error = None
@@ -115,6 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as exc:  # every ending, a stop included, is concluded in one place
         error = exc
     code = cli.conclude(sink, args.json, finished, error, stop)
+    grace = sink.kill_grace_seconds()
+    if finished is None and stop.signalled_at is not None and grace is not None:
+        # A task's Stop signals the shell that runs us too, which dies of it; the task's trap then marks the job
+        # FAILED as soon as our output ends. The trap itself is killed `grace` seconds after the signal: keep our
+        # output open until then, and the job stays STOPPED.
+        launch.linger(until=stop.signalled_at + grace + 2.0)
     if code:
         sys.exit(code)
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, EXIT_STOPPED, InvalidConfig, Problem, RunFailed, StopRequested
+from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, InvalidConfig, Problem, RunFailed, StopRequested
 from .runfolder import process_start
 
 log = logging.getLogger("sft")
@@ -97,6 +98,11 @@ def parameters_text(p) -> str:
     return "\n".join(["parameters:", *(f"  {name}: {json.dumps(p[name], default=str)}" for name in sorted(p))])
 
 
+def continued_text(continued) -> str:
+    job = f"job {continued.job_id}" if continued.job_id else "an earlier run"
+    return f"continuing {job} from step {continued.step} ({continued.checkpoint})"
+
+
 def plan_text(plan) -> str:
     return "\n".join(["plan:", *(f"  {why}" for why in plan.all_reasons())])
 
@@ -150,14 +156,15 @@ def conclude(sink, json_on: bool, finished: Finished | None, error: BaseExceptio
         emit_json(json_on, {"ok": False, "errors": errors, "warnings": [p.as_dict() for p in error.warnings]})
         return EXIT_INVALID
     if isinstance(error, StopRequested | KeyboardInterrupt):
-        step = error.args[0] if isinstance(error, StopRequested) and error.args else 0
-        message = "Stopped on request" + (f" at step {step}" if step else "")
+        step, checkpoint = [*error.args, 0, None][:2] if isinstance(error, StopRequested) else (0, None)
+        message = stop_message(step or 0, checkpoint)
         log.warning("%s", message)
         _safely(lambda: sink.stopped(message))
         emit_json(
             json_on, {"status": "STOPPED", "job_id": job_id, "adaptor_path": None, "steps": step, "final_loss": None}
         )
-        return EXIT_STOPPED
+        # Under a task host any other exit than 0 counts as a crash: there the job is STOPPED and we exit 0.
+        return sink.stopped_exit_code
     if isinstance(error, RunFailed):
         message = str(error)
     else:
@@ -169,6 +176,18 @@ def conclude(sink, json_on: bool, finished: Finished | None, error: BaseExceptio
     report = {"status": "FAILED", "job_id": job_id, "adaptor_path": None, "steps": None, "final_loss": None}
     emit_json(json_on, {**report, "error": message})
     return EXIT_FAILED
+
+
+def stop_message(step: int, checkpoint: str | None) -> str:
+    """What a stopped run says: where it stopped, and what the next run continues from."""
+    text = "Stopped on request" + (f" at step {step}" if step else " before the first training step")
+    if checkpoint:
+        saved = int(os.path.basename(checkpoint.rstrip(os.sep)).removeprefix("checkpoint-"))
+        return (
+            f"{text}; the newest complete checkpoint is step {saved} ({checkpoint}): run again with the same "
+            "adaptor_name to continue from it"
+        )
+    return f"{text}; no checkpoint was saved"
 
 
 def _safely(action) -> None:

@@ -23,11 +23,12 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .errors import InvalidConfig, problem
+from .errors import EXIT_OK, EXIT_STOPPED, InvalidConfig, problem
+from .outputs import Continued, Where, unfinished_run
 from .sources import model_config, workspace_dir
 
 log = logging.getLogger("sft")
@@ -142,18 +143,22 @@ class LabConfig:
 
 
 class OutputDir:
-    """<output_dir>/<adaptor_name>, checkpoints in <output_dir>/checkpoints/<adaptor_name>."""
+    """<output_dir>/<adaptor_name>; checkpoints in <output_dir>/checkpoints/<adaptor_name>; the run's own files
+    in <output_dir>/runs/<adaptor_name>."""
 
-    def locations(self, p: Mapping[str, Any]) -> tuple[str, str]:
+    def locations(self, p: Mapping[str, Any]) -> Where:
         root = os.path.abspath(os.path.expanduser(p["output_dir"] or "./outputs"))
-        return os.path.join(root, p["adaptor_name"]), os.path.join(root, "checkpoints", p["adaptor_name"])
+        name = p["adaptor_name"]
+        runs, checkpoints = os.path.join(root, "runs", name), os.path.join(root, "checkpoints", name)
+        return Where(os.path.join(root, name), checkpoints, runs)
 
     def merged_location(self, p: Mapping[str, Any]) -> str:
         """Where fuse_model's merged model goes."""
-        return self.locations(p)[0].rstrip(os.sep) + "-merged"
+        return self.locations(p).adapter_dir.rstrip(os.sep) + "-merged"
 
-    def checkpoint_to_resume(self) -> str | None:
-        """A checkpoint the host asks us to resume from; None: the newest complete one of the folder."""
+    def checkpoint_to_resume(self, p: Mapping[str, Any], world_size: int) -> Continued | None:
+        """A checkpoint elsewhere to resume from (the host's request, or an earlier job's unfinished run of the
+        adapter); None: the newest complete one of this run's own checkpoints folder, if any."""
         return None
 
 
@@ -161,8 +166,8 @@ class LegacyPlaces(OutputDir):
     """The Train tab's adaptor_output_dir; a merged model goes to the workspace's models."""
 
     def locations(self, p):
-        adapter, checkpoints = super().locations(p)
-        return p["adaptor_output_dir"] or adapter, checkpoints
+        where = super().locations(p)
+        return replace(where, adapter_dir=p["adaptor_output_dir"] or where.adapter_dir)
 
     def merged_location(self, p):
         base = os.path.basename(os.path.normpath(p["model_name"]))
@@ -177,14 +182,36 @@ class LabJobPlaces:
 
     def locations(self, p):
         checkpoints = self.connection.get().get_checkpoints_dir()
-        return os.path.join(self.connection.job_dir(), "adaptor", p["adaptor_name"]), checkpoints
+        job_dir = self.connection.job_dir()
+        return Where(os.path.join(job_dir, "adaptor", p["adaptor_name"]), checkpoints, os.path.join(job_dir, "sft"))
 
     def merged_location(self, p):
         return os.path.join(self.connection.job_dir(), "merged", f"{p['adaptor_name']}-merged")
 
-    def checkpoint_to_resume(self):
+    def checkpoint_to_resume(self, p, world_size):
+        """The checkpoint the job page's "Restart from checkpoint" names; else, since every launch of a task is a
+        new job with its own folders, the newest unfinished run of this adapter in the experiment (not under
+        overwrite_output, and not for a sweep's children, which each train afresh)."""
+        lab = self.connection.get()
         with contextlib.redirect_stdout(sys.stderr):
-            return self.connection.get().get_checkpoint_to_resume()
+            requested = lab.get_checkpoint_to_resume()
+            job_data = lab.get_job_data() or {}
+        if requested:
+            return Continued(str(job_data.get("parent_job_id") or ""), requested)
+        if p["overwrite_output"] or "sweep_params" in job_data:
+            return None
+        return unfinished_run(self.other_runs(), p["adaptor_name"], world_size)
+
+    def other_runs(self) -> list[tuple[Where, str]]:
+        """The other jobs of this experiment, as (their folders, their id)."""
+        job_dir = self.connection.job_dir()
+        jobs = os.path.dirname(job_dir.rstrip(os.sep))
+        found = []
+        for entry in sorted(os.listdir(jobs)) if os.path.isdir(jobs) else []:
+            other = os.path.join(jobs, entry)
+            if entry != os.path.basename(job_dir.rstrip(os.sep)) and os.path.isdir(os.path.join(other, "sft")):
+                found.append((Where("", os.path.join(other, "checkpoints"), os.path.join(other, "sft")), entry))
+        return found
 
 
 # --- where progress, logs, the final status and models go ------------------------------------------------
@@ -194,6 +221,14 @@ class NullSink:
     """Logs to stderr and nothing else: `--check` and `--dry-run` can never create or change a job."""
 
     job_id = ""
+    stopped_exit_code = EXIT_STOPPED
+
+    def kill_grace_seconds(self) -> float | None:
+        """Seconds between the host's stop signal and its SIGKILL of every process of the run; None: no kill."""
+        return None
+
+    def checkpoints(self, paths: list[str]) -> None:
+        """The complete checkpoints now in the checkpoints folder, oldest first."""
 
     def start(self, params: Mapping[str, Any]) -> None:
         pass
@@ -340,11 +375,28 @@ class LabJob(NullSink):
     """A job of the lab SDK. `created_here`: a headless run's own job, created when the run starts (so a run
     refused before that leaves none), whose outputs stay in output_dir and are registered as copies."""
 
+    # A task's Stop (current TransformerLab): SIGTERM to every process of the run, SIGKILL 3 s later; any exit
+    # but 0 then counts as a crash, so a stopped run exits 0 once the job is STOPPED.
+    TASK_KILL_GRACE = 3.0
+    METRIC_NAMES: ClassVar[dict[str, str]] = {
+        "loss": "train/loss",
+        "learning_rate": "train/learning_rate",
+        "tokens_per_second": "train/tokens_per_second",
+        "grad_norm": "train/grad_norm",
+        "epoch": "train/epoch",
+        "mean_token_accuracy": "train/mean_token_accuracy",
+        "eval_loss": "eval/loss",
+    }
+
     def __init__(self, connection: LabConnection, *, created_here: bool = False, config: dict | None = None):
         self.connection = connection
         self.created_here = created_here
         self.config = config
         self.started = False
+        self.stopped_exit_code = EXIT_STOPPED if created_here else EXIT_OK
+
+    def kill_grace_seconds(self):
+        return None if self.created_here else self.TASK_KILL_GRACE
 
     @property
     def job_id(self) -> str:
@@ -376,11 +428,31 @@ class LabJob(NullSink):
     def progress(self, percent, metrics, step):
         if self._lab is None:
             return
+        # Named as TensorBoard names them (train/loss, eval/loss, ...): one Metrics chart each on the job page.
+        named = {self.METRIC_NAMES.get(k, k): v for k, v in (metrics or {}).items()}
         with contextlib.redirect_stdout(sys.stderr):
             if self.connection.metrics_api:
-                self._lab.update_progress(percent, metrics=metrics or None, step=step)
+                self._lab.update_progress(percent, metrics=named or None, step=step)
             else:
                 self._lab.update_progress(percent)
+
+    def should_stop(self) -> bool:
+        """The job's own stop request (its Stop button sets job_data.stop and STOPPING), for a provider that
+        does not signal the run."""
+        if self._lab is None or self.created_here:
+            return False
+        with contextlib.redirect_stdout(sys.stderr):
+            data = self._lab.get_job_data() or {}
+            status = _sync(self._lab.job.get_status())
+        return bool(data.get("stop")) or status == "STOPPING"
+
+    def checkpoints(self, paths):
+        if self._lab is None or not paths:
+            return
+        # The job page lists the checkpoints folder only once job_data.checkpoints is set.
+        job = self._lab.job
+        _sync(job.update_job_data_field("checkpoints", list(paths)))
+        _sync(job.update_job_data_field("latest_checkpoint", paths[-1]))
 
     def register_model(self, path, p):
         return self._register(path, p["adaptor_name"], p)

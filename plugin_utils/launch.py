@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import checkpoints
 from .errors import RunFailed, StopRequested
 from .planning import Plan
 from .runfolder import RunFolder, RunSpec, process_start
@@ -65,6 +66,7 @@ class StopFlag:
         self.requested = False
         self.forced = False
         self.interrupting = True
+        self.signalled_at: float | None = None  # when the first stop signal came (not the host's stop flag)
         self.pid = os.getpid()
 
     def request(self) -> None:
@@ -78,6 +80,8 @@ class StopFlag:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        if self.signalled_at is None:
+            self.signalled_at = time.time()
         self.request()
         if self.interrupting:
             raise StopRequested(0)
@@ -242,9 +246,11 @@ def _rank_failure(folder: RunFolder, tail: collections.deque, code: int) -> str:
 class Watcher:
     """Relays rank events to the host and keeps what the run's outcome needs (start, end, first step)."""
 
-    def __init__(self, host, folder: RunFolder):
+    def __init__(self, host, folder: RunFolder, spec: RunSpec | None = None):
         self.host = host
         self.reader = folder.event_reader()
+        self.spec = spec
+        self.step = 0  # the last step a rank reported
         self.percent = 0
         self.last_relay = 0.0
         self.start: dict[str, Any] = {}
@@ -266,6 +272,7 @@ class Watcher:
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         step = event.get("step", 0)
+        self.step = max(self.step, step or 0)
         if kind in ("log", "progress") and self.first_step_at is None and step > 0:
             self.first_step_at = event["time"]
         if kind == "start":
@@ -290,6 +297,10 @@ class Watcher:
                 eta = self._eta(step, event["max_steps"])
                 self.host.progress(percent, {"eta_seconds": round(eta, 1)} if eta is not None else None, step)
                 self.last_relay = time.time()
+        elif kind == "checkpoint":
+            self.host.log(f"checkpoint saved: step {step} ({event['path']})")
+            if self.spec is not None:
+                self.host.checkpoints(checkpoints.complete(self.spec.checkpoint_dir, self.start.get("world_size", 1)))
         elif kind in ("done", "stopped"):
             self.end = event
 
@@ -320,12 +331,17 @@ def run(host, spec: RunSpec, plan: Plan, folder: RunFolder, stop: StopFlag) -> R
     tail: collections.deque = collections.deque(maxlen=200)
     pump = threading.Thread(target=_pump, args=(proc.stdout, tail, folder.ranks_log), daemon=True)
     pump.start()
-    watcher = Watcher(host, folder)
+    watcher = Watcher(host, folder, spec)
     last_poll = 0.0
     stop_sent_at: float | None = None
+    # A host that kills the whole run a few seconds after its stop signal (a task's Stop: SIGKILL 3 s after
+    # SIGTERM) gets its answer first: the job is STOPPED with the newest complete checkpoint named, and this
+    # process exits before the kill. The ranks go on saving (the stop file, and this process gone, say stop).
+    grace = host.kill_grace_seconds()
+    abandoned = False
     try:
         while proc.poll() is None:
-            time.sleep(0.25)
+            time.sleep(0.1 if stop.requested else 0.25)
             watcher.pump()
             now = time.time()
             if not stop.requested and now - last_poll >= STOP_POLL_INTERVAL:
@@ -336,19 +352,25 @@ def run(host, spec: RunSpec, plan: Plan, folder: RunFolder, stop: StopFlag) -> R
                 stop_sent_at = now
                 folder.request_stop()
                 host.log("stop requested: the ranks finish the current step and save a checkpoint")
+            if grace is not None and stop.signalled_at is not None and now - stop.signalled_at > grace - 1.0:
+                abandoned = True
+                break
             if stop_sent_at and (stop.forced or now - stop_sent_at > STOP_GRACE_SECONDS):
                 _kill_group(proc)
     except BaseException:
         _kill_group(proc)
         raise
     finally:
-        _kill_group(proc)  # whatever of the session outlived the launcher (a rank it failed to reap)
-        pump.join(timeout=5)
+        if not abandoned:
+            _kill_group(proc)  # whatever of the session outlived the launcher (a rank it failed to reap)
+        pump.join(timeout=0.2 if abandoned else 5)
     watcher.pump()
+    if abandoned:
+        raise StopRequested(watcher.step, checkpoints.latest(spec.checkpoint_dir, plan.world_size))
     code = proc.returncode
     if stop.requested and (code != 0 or watcher.end is None or watcher.end.get("type") == "stopped"):
         end = watcher.end or {}
-        raise StopRequested(end.get("step", 0))
+        raise StopRequested(end.get("step", watcher.step), checkpoints.latest(spec.checkpoint_dir, plan.world_size))
     if code != 0 or watcher.end is None:
         raise RunFailed(_rank_failure(folder, tail, code))
     end = watcher.end
@@ -368,6 +390,13 @@ def run(host, spec: RunSpec, plan: Plan, folder: RunFolder, stop: StopFlag) -> R
         has_adapter=end.get("has_adapter", True),
         peak_gpu_memory_mib=end.get("peak_gpu_memory_mib"),
     )
+
+
+def linger(until: float) -> None:
+    """Wait (signals and all) until `until`, the time by which the host has killed us."""
+    while time.time() < until:
+        with contextlib.suppress(BaseException):
+            time.sleep(max(0.0, min(0.5, until - time.time())))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

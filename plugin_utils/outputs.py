@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from . import checkpoints
 from .errors import InvalidConfig, RunFailed, problem
 
 SUMMARY_FILE = "training_summary.json"
@@ -56,27 +57,9 @@ def publish(staging: str, final: str, summary: dict[str, Any]) -> str:
     return os.path.abspath(final)
 
 
-def _checkpoint_complete(path: str, world_size: int) -> bool:
-    """A finished save: trainer_state.json (written last by rank 0) and every rank's RNG state."""
-    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return False
-    if world_size > 1:
-        return all(os.path.isfile(os.path.join(path, f"rng_state_{rank}.pth")) for rank in range(world_size))
-    return True
-
-
-def _checkpoints(folder: str) -> list[tuple[int, str]]:
-    """(step, path) of every checkpoint-N folder in `folder`."""
-    if not os.path.isdir(folder):
-        return []
-    steps = [(entry.removeprefix("checkpoint-"), entry) for entry in os.listdir(folder)]
-    return [(int(step), os.path.join(folder, entry)) for step, entry in steps if step.isdigit()]
-
-
 def latest_checkpoint(folder: str, world_size: int = 1) -> str | None:
     """The newest checkpoint whose save finished; one cut off mid-save is skipped."""
-    found = [(step, path) for step, path in _checkpoints(folder) if _checkpoint_complete(path, world_size)]
-    return max(found)[1] if found else None
+    return checkpoints.latest(folder, world_size)
 
 
 # What a resumed run shares with the run that saved its checkpoint, as the user asked it (never what `auto`
@@ -106,7 +89,7 @@ SOFT_KEYS = (
     "save_steps",
     "logging_steps",
 )
-RUN_PARAMS_FILE = "run_params.json"
+RUN_PARAMS_FILE = checkpoints.IDENTITY_FILE
 IDENTITY_VERSION = 2
 SHOWN = {"dataset": "dataset_name (its content or preparation)", "world_size": "num_processes (world size)"}
 
@@ -136,6 +119,91 @@ def _writable(path: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Where:
+    """Where a run's outputs go (the host decides): the adapter; the checkpoints folder, which holds
+    `checkpoint-N` folders and nothing else; and the run's own folder (its lock, the loss plot, the staging
+    folder of checkpoint saves), which no run ever deletes."""
+
+    adapter_dir: str
+    checkpoint_dir: str
+    run_dir: str
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.run_dir, "lock")
+
+    @property
+    def saving_dir(self) -> str:
+        """Where the ranks save a checkpoint before it is moved into the checkpoints folder."""
+        return os.path.join(self.run_dir, "saving")
+
+    @property
+    def plot_path(self) -> str:
+        return os.path.join(self.run_dir, "loss_plot.json")
+
+    @property
+    def record_path(self) -> str:
+        return os.path.join(self.run_dir, RUN_RECORD_FILE)
+
+
+RUN_RECORD_FILE = "run.json"
+
+
+def write_record(where: Where, adaptor_name: str, job_id: str, *, finished: bool) -> None:
+    """The run's record in its own folder: which adapter, which job, since when, and whether it finished. A later
+    job of the same adapter finds an unfinished run by it (see `unfinished_run`)."""
+    os.makedirs(where.run_dir, exist_ok=True)
+    previous = read_record(where.run_dir) or {}
+    record = {
+        "adaptor_name": adaptor_name,
+        "job_id": job_id,
+        "started": previous.get("started", time.time()),
+        "finished": finished,
+    }
+    temporary = f"{where.record_path}.tmp-{os.getpid()}"
+    Path(temporary).write_text(json.dumps(record))
+    os.replace(temporary, where.record_path)
+
+
+def read_record(run_dir: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(Path(run_dir, RUN_RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+@dataclass(frozen=True)
+class Continued:
+    """An earlier job's unfinished run of the same adapter, and the checkpoint this run continues it from."""
+
+    job_id: str
+    checkpoint: str
+
+    @property
+    def step(self) -> int:
+        return checkpoints.step_of(self.checkpoint)
+
+
+def unfinished_run(runs: list[tuple[Where, str]], adaptor_name: str, world_size: int) -> Continued | None:
+    """Of the runs of other jobs ((where, job id) each), the newest one of this adapter, if it is unfinished, has
+    a complete checkpoint and is not running now: the run a new job of the same adapter continues. A newer run
+    that finished (or is running) means nothing to continue."""
+    found = []
+    for where, job_id in runs:
+        record = read_record(where.run_dir)
+        if record and record.get("adaptor_name") == adaptor_name:
+            found.append((float(record.get("started") or 0), job_id, where, record))
+    for _, job_id, where, record in sorted(found, key=lambda item: item[0], reverse=True):
+        if record.get("finished") or RunLock.holder(where.lock_path):
+            return None
+        latest = checkpoints.latest(where.checkpoint_dir, world_size)
+        if latest:
+            return Continued(job_id, latest)
+    return None
+
+
+@dataclass(frozen=True)
 class OutputFacts:
     """The output folders and what they hold, found without changing anything."""
 
@@ -144,10 +212,11 @@ class OutputFacts:
     adapter_complete: bool
     # The checkpoint this run resumes from (the host's request, or the newest complete one); None: a fresh start.
     resume_from: str | None
-    recorded: dict[str, Any] | None  # run_params.json beside that checkpoint
+    recorded: dict[str, Any] | None  # the identity of the run that saved that checkpoint
     identity: dict[str, Any]  # this run's
     lock_holder: str | None
     unwritable: tuple[str, ...] = ()
+    where: Where | None = None
 
     def changed(self) -> list[str]:
         """Compared values that differ from the recorded run (the dataset only once this run's is known)."""
@@ -172,37 +241,40 @@ class OutputFacts:
         return [SHOWN.get(name, name) for name in names]
 
 
+def recorded_identity(checkpoint: str) -> dict[str, Any] | None:
+    """The identity of the run that saved `checkpoint`: inside it, or (saved by an older version) beside it."""
+    for path in (os.path.join(checkpoint, RUN_PARAMS_FILE), os.path.join(os.path.dirname(checkpoint), RUN_PARAMS_FILE)):
+        if os.path.isfile(path):
+            try:
+                recorded = json.loads(Path(path).read_text())
+            except ValueError:
+                return None
+            return recorded if isinstance(recorded, dict) else None
+    return None
+
+
 def inspect(
-    adapter_dir: str,
-    checkpoint_dir: str,
+    where: Where,
     this_run: dict[str, Any],
     *,
     overwrite: bool,
     requested: str | None = None,
 ) -> OutputFacts:
     """The facts validation needs about the outputs. With overwrite_output, a finished adapter or a checkpoint
-    that cannot be resumed means a fresh start (the old checkpoints are removed at launch, not here)."""
-    complete = is_complete_adapter(adapter_dir)
-    if requested:
-        resume, folder = requested, os.path.dirname(requested.rstrip(os.sep))
-    else:
-        resume, folder = latest_checkpoint(checkpoint_dir, this_run["world_size"]), checkpoint_dir
-    recorded_path = os.path.join(folder, RUN_PARAMS_FILE)
-    recorded = None
-    if resume and os.path.isfile(recorded_path):
-        try:
-            recorded = json.loads(Path(recorded_path).read_text())
-        except ValueError:
-            recorded = None
+    that cannot be resumed means a fresh start (the old checkpoints are removed at launch, not here).
+    `requested`: a checkpoint named by the host (or found in an earlier job of this adapter) to resume from."""
+    complete = is_complete_adapter(where.adapter_dir)
+    resume = requested or latest_checkpoint(where.checkpoint_dir, this_run["world_size"])
     facts = OutputFacts(
-        adapter_dir=adapter_dir,
-        checkpoint_dir=checkpoint_dir,
+        adapter_dir=where.adapter_dir,
+        checkpoint_dir=where.checkpoint_dir,
         adapter_complete=complete,
         resume_from=resume,
-        recorded=recorded if isinstance(recorded, dict) else None,
+        recorded=recorded_identity(resume.rstrip(os.sep)) if resume else None,
         identity=this_run,
-        lock_holder=RunLock.holder(checkpoint_dir),
-        unwritable=tuple(path for path in (adapter_dir, checkpoint_dir) if not _writable(path)),
+        lock_holder=RunLock.holder(where.lock_path),
+        unwritable=tuple(path for path in (where.adapter_dir, where.checkpoint_dir) if not _writable(path)),
+        where=where,
     )
     # A finished adapter is not resumed: without overwrite_output the run is refused, with it it starts afresh;
     # so is a checkpoint overwrite_output may replace because it cannot be resumed.
@@ -213,44 +285,38 @@ def inspect(
 
 def prepare_checkpoints(out: OutputFacts) -> str | None:
     """Make the checkpoint folder what validation saw: emptied for a fresh start that replaces older
-    checkpoints, else cleared of saves newer than the resume point (cut off mid-save). Returns the resume point."""
-    if out.resume_from is None:
-        for _, path in _checkpoints(out.checkpoint_dir):
+    checkpoints, else cleared of saves newer than the resume point, and of anything that is no complete
+    checkpoint; the staging folder of saves cut off midway is emptied. Returns the resume point."""
+    if out.where is not None:
+        shutil.rmtree(out.where.saving_dir, ignore_errors=True)
+    world_size = out.identity["world_size"]
+    for step, path in checkpoints.listed(out.checkpoint_dir):
+        if out.resume_from is None:
+            stale = True
+        elif os.path.dirname(out.resume_from.rstrip(os.sep)) == out.checkpoint_dir.rstrip(os.sep):
+            stale = step > checkpoints.step_of(out.resume_from) or not checkpoints.is_complete(path, world_size)
+        else:  # resuming from another job's checkpoint: this folder's own are leftovers
+            stale = not checkpoints.is_complete(path, world_size)
+        if stale:
             shutil.rmtree(path, ignore_errors=True)
-        return None
-    if os.path.dirname(out.resume_from.rstrip(os.sep)) == out.checkpoint_dir.rstrip(os.sep):
-        _remove_unfinished(out.checkpoint_dir, out.resume_from)
     return out.resume_from
 
 
-def _remove_unfinished(checkpoint_dir: str, keep: str) -> None:
-    """Checkpoints newer than the resume point were cut off mid-save; the trainer must not meet them."""
-    keep_step = int(os.path.basename(keep.rstrip(os.sep)).removeprefix("checkpoint-"))
-    for step, path in _checkpoints(checkpoint_dir):
-        if step > keep_step:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def record_run(checkpoint_dir: str, this_run: dict[str, Any]) -> None:
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    Path(checkpoint_dir, RUN_PARAMS_FILE).write_text(json.dumps(this_run, indent=2, default=str))
-
-
 class RunLock:
-    """One run per output: a second run on the same checkpoint folder is refused, not interleaved.
-    The lock is the kernel's (flock), so it goes away with the process that held it."""
+    """One run per output: a second run on the same outputs is refused, not interleaved. The lock is the
+    kernel's (flock) on a file in the run's own folder, which no run deletes, so it goes away only with the
+    process that held it."""
 
-    def __init__(self, checkpoint_dir: str):
-        self.path = os.path.join(checkpoint_dir, ".lock")
+    def __init__(self, path: str):
+        self.path = path
         self.handle = None
 
     @staticmethod
-    def holder(checkpoint_dir: str) -> str | None:
-        """Who holds the lock on this folder now (None when free), found without taking it for longer than a
-        moment and without creating anything."""
+    def holder(path: str) -> str | None:
+        """Who holds the lock now (None when free), found without taking it for longer than a moment and
+        without creating anything."""
         import fcntl
 
-        path = os.path.join(checkpoint_dir, ".lock")
         try:
             handle = open(path)  # noqa: SIM115 - closed below
         except OSError:
@@ -278,7 +344,7 @@ class RunLock:
                 [
                     problem(
                         "adaptor_name",
-                        f"another run ({holder}) is writing {os.path.dirname(self.path)}",
+                        f"another run ({holder}) is writing this adapter's outputs",
                         "Wait for it to finish, or pick another adaptor_name",
                     )
                 ]

@@ -6,6 +6,7 @@
 - `STOP`: the parent's stop request;
 - `error-rank<N>.txt`: a failing rank's exception, for the failure message;
 - `ranks.log`: the ranks' combined output;
+- `run_params.json`: the run's identity, which the first rank copies into every checkpoint it saves;
 - the strategy's generated accelerate / DeepSpeed configs.
 """
 
@@ -23,6 +24,7 @@ SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"
 RANKS_LOG = "ranks.log"
+IDENTITY_FILE = "run_params.json"
 ACCELERATE_CONFIG = "accelerate_config.json"
 DEEPSPEED_CONFIG = "deepspeed_config.json"
 
@@ -75,7 +77,8 @@ class RunSpec:
     # Where things are.
     prepared_path: str
     has_eval: bool
-    checkpoint_dir: str
+    checkpoint_dir: str  # checkpoint-N folders, each complete
+    checkpoint_staging: str  # where a save is written before it is moved into checkpoint_dir
     resume_from: str | None
     adapter_staging: str
     merged_staging: str | None
@@ -85,7 +88,7 @@ class RunSpec:
     @classmethod
     def of(cls, p, plan, folder: RunFolder, **where: Any) -> RunSpec:
         """The spec for these parameters and this plan; `where` gives prepared_path, has_eval, checkpoint_dir,
-        resume_from, adapter_staging and merged_staging."""
+        checkpoint_staging, resume_from, adapter_staging and merged_staging."""
         targets = p["lora_target_modules"].strip()
         modules = (
             ("all-linear",)
@@ -158,6 +161,14 @@ class RunFolder:
 
     def read_spec(self) -> RunSpec:
         return RunSpec.from_json(Path(self.file(SPEC_FILE)).read_text())
+
+    # --- the run's identity, saved into each checkpoint ---
+    def write_identity(self, identity: dict[str, Any]) -> None:
+        Path(self.identity_file).write_text(json.dumps(identity, indent=2, default=str))
+
+    @property
+    def identity_file(self) -> str:
+        return self.file(IDENTITY_FILE)
 
     # --- events ---
     def event_writer(self) -> EventWriter:

@@ -7,13 +7,16 @@ watches for the stop file and they agree on stopping through one collective per 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Any
 
 from transformers import TrainerCallback
 
+from . import checkpoints
 from .runfolder import RunFolder, RunSpec, process_start
 from .sources import load_tokenizer
 
@@ -70,7 +73,7 @@ def _sft_config(spec: RunSpec):
     from trl import SFTConfig
 
     return SFTConfig(
-        output_dir=spec.checkpoint_dir,
+        output_dir=spec.checkpoint_staging,  # saves are moved into checkpoint_dir once complete
         per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
@@ -115,6 +118,44 @@ class StoppedBeforeTraining(Exception):
     """A stop arrived while the model loaded: nothing was trained, nothing is saved."""
 
 
+_SIGNALLED = {"at": None}
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP}
+# A signal is a stop when the parent asks for one (or is gone) within this long; else the rank ends at once.
+STOP_CONFIRM_SECONDS = 1.0
+
+
+def _watch_stop_signals(folder: RunFolder) -> None:
+    """SIGTERM or SIGHUP to a rank. A task host's Stop signals every process of the run at once, the parent
+    included, which then writes the stop file: the rank finishes its step, every rank agrees, and the run saves
+    a checkpoint and ends. Without that confirmation (torch's launcher ending the siblings of a failed rank, or
+    a rank killed by hand) the rank ends at once, as by default. A thread takes the signal, since a rank blocked
+    in a collective runs no Python signal handler."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def wait() -> None:
+        while True:
+            signum = signal.sigwait(STOP_SIGNALS)
+            deadline = time.time() + STOP_CONFIRM_SECONDS
+            while not (folder.stop_requested() or _parent_gone()):
+                if time.time() > deadline:  # the default action (end the process), taken by this thread
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+                    os.kill(os.getpid(), signum)
+                    return
+                time.sleep(0.05)
+            if _SIGNALLED["at"] is None:
+                _SIGNALLED["at"] = time.time()
+                rank = os.environ.get("RANK", "0")
+                print(f"rank {rank}: signal {signum}: stopping after this step", file=sys.stderr, flush=True)
+
+    threading.Thread(target=wait, name="stop-signals", daemon=True).start()
+
+
+def _signalled() -> bool:
+    return _SIGNALLED["at"] is not None
+
+
 def _parent_gone() -> bool:
     parent = int(os.environ.get("SFT_PARENT_PID", "0") or 0)
     if not parent:
@@ -144,7 +185,7 @@ class Reporter(TrainerCallback):
             self.events.emit(kind, **fields)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if _agree(self.folder.stop_requested()):
+        if _agree(self.folder.stop_requested() or _signalled()):
             raise StoppedBeforeTraining()
         self.emit(
             "start",
@@ -161,7 +202,7 @@ class Reporter(TrainerCallback):
             self.last_progress = now
             self.emit("progress", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
         # The parent passes a stop on as a file; a parent that vanished gets the same treatment.
-        if _agree(self.folder.stop_requested() or _parent_gone()):
+        if _agree(self.folder.stop_requested() or _parent_gone() or _signalled()):
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True
@@ -178,6 +219,35 @@ class Reporter(TrainerCallback):
                 row["tokens_per_second"] = (tokens - self.last_tokens[1]) / (now - self.last_tokens[0])
             self.last_tokens = (now, tokens)
         self.emit("log", step=state.global_step, max_steps=state.max_steps, metrics=row)
+
+
+class Publisher(TrainerCallback):
+    """Moves each save from the staging folder into the checkpoints folder in one rename, once every rank has
+    written its part (checkpoints.py), and tells the parent (which lists it for the host)."""
+
+    def __init__(self, spec: RunSpec, folder: RunFolder, reporter: Reporter, is_world_main: bool, is_local_main: bool):
+        self.spec = spec
+        self.folder = folder
+        self.reporter = reporter
+        self.is_world_main = is_world_main
+        self.is_local_main = is_local_main
+
+    def _publish(self, args, state) -> None:
+        staged = os.path.join(args.output_dir, f"{checkpoints.PREFIX}{state.global_step}")
+        if not os.path.isdir(staged):
+            return
+        final = checkpoints.publish(staged, self.spec.checkpoint_dir, self.folder.identity_file)
+        checkpoints.rotate(self.spec.checkpoint_dir, self.spec.save_total_limit, args.world_size)
+        self.reporter.emit("checkpoint", step=state.global_step, path=final)
+
+    def on_save(self, args, state, control, **kwargs):
+        _agree(False)  # a barrier: every rank has written its part of the save
+        if self.is_world_main:
+            self._publish(args, state)
+        _agree(False)
+        if self.is_local_main and not self.is_world_main:
+            # Another node whose staging folder is its own (no shared filesystem): its part stays on this node.
+            self._publish(args, state)
 
 
 _STOP_GROUP = None
@@ -220,6 +290,7 @@ def train(folder: RunFolder) -> int:
     args = _sft_config(spec)
     is_world_main = args.process_index == 0
     reporter = Reporter(folder, is_main=args.local_process_index == 0)
+    publisher = Publisher(spec, folder, reporter, is_world_main, args.local_process_index == 0)
     model = _load_model(spec)
     marks["model_loaded"] = time.time()
     trainer = SFTTrainer(
@@ -229,7 +300,7 @@ def train(folder: RunFolder) -> int:
         eval_dataset=data.get("eval"),
         processing_class=tokenizer,
         peft_config=_peft_config(spec),
-        callbacks=[reporter],
+        callbacks=[reporter, publisher],
     )
     marks["trainer_ready"] = time.time()
     reporter.marks = marks
@@ -294,6 +365,7 @@ def merge_adapter(spec: RunSpec, adapter_dir: str, tokenizer) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     folder = RunFolder((argv or sys.argv[1:])[0])
+    _watch_stop_signals(folder)
     rank = int(os.environ.get("RANK", "0"))
     try:
         return train(folder)

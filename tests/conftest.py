@@ -180,6 +180,7 @@ def spec_of(folder: str, p=None, plan=None, **fields):
         prepared_path=folder,
         has_eval=False,
         checkpoint_dir=folder,
+        checkpoint_staging=f"{folder}/saving",
         resume_from=None,
         adapter_staging=f"{folder}/adapter",
         merged_staging=None,

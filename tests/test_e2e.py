@@ -84,7 +84,10 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     assert job["job_data"]["score"]["loss"] == pytest.approx(result["final_loss"])
     assert job["job_data"]["score"]["train/loss"] == pytest.approx(result["final_loss"])
     rows = metrics_rows(index)
-    assert any("loss" in r.get("metrics", {}) for r in rows)
+    # Named as TensorBoard names them, so the job page's Metrics charts read train/loss, eval/loss, ...
+    logged = [r["metrics"] for r in rows if "train/loss" in r.get("metrics", {})]
+    assert logged and all("loss" not in m and "learning_rate" not in m for m in logged)
+    assert {"train/learning_rate", "train/tokens_per_second"} <= set().union(*logged)
     progress = [r["progress"] for r in rows]
     assert progress == sorted(progress), "progress is monotonic"
     assert job["job_data"]["parameters"]["adaptor_name"] == "test-adaptor"

@@ -216,39 +216,46 @@ def test_choose_with_a_bad_config_reports_it_before_any_job(tmp_path):
 def test_legacy_locations_use_adaptor_output_dir_and_output_dir_checkpoints(tmp_path):
     legacy = host.LegacyPlaces()
     p = config(adaptor_output_dir=str(tmp_path / "models" / "adaptor"), output_dir=str(tmp_path / "job"))
-    adapter, checkpoints = legacy.locations(p)
+    where = legacy.locations(p)
+    adapter, checkpoints = where.adapter_dir, where.checkpoint_dir
     assert adapter == str(tmp_path / "models" / "adaptor")
     assert checkpoints == str(tmp_path / "job" / "checkpoints" / "my-adaptor")
 
 
 def test_legacy_locations_without_adaptor_output_dir_fall_back_to_output_dir(tmp_path):
-    adapter, checkpoints = host.LegacyPlaces().locations(config(output_dir=str(tmp_path / "job")))
+    where = host.LegacyPlaces().locations(config(output_dir=str(tmp_path / "job")))
+    adapter, checkpoints = where.adapter_dir, where.checkpoint_dir
     assert adapter == str(tmp_path / "job" / "my-adaptor")
     assert checkpoints == str(tmp_path / "job" / "checkpoints" / "my-adaptor")
 
 
 def test_headless_locations_are_under_output_dir(tmp_path):
-    adapter, checkpoints = host.OutputDir().locations(config(output_dir=str(tmp_path / "out")))
+    where = host.OutputDir().locations(config(output_dir=str(tmp_path / "out")))
+    adapter, checkpoints = where.adapter_dir, where.checkpoint_dir
     assert adapter == str(tmp_path / "out" / "my-adaptor")
     assert checkpoints == str(tmp_path / "out" / "checkpoints" / "my-adaptor")
+    # The run's own files (its lock, the loss plot, saves in progress) are never in the checkpoints folder.
+    assert where.run_dir == str(tmp_path / "out" / "runs" / "my-adaptor")
+    assert os.path.dirname(where.lock_path) == where.run_dir
 
 
 def test_headless_locations_are_absolute_for_a_relative_output_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    adapter, checkpoints = host.OutputDir().locations(config())  # output_dir ./outputs
+    where = host.OutputDir().locations(config())  # output_dir ./outputs
+    adapter, checkpoints = where.adapter_dir, where.checkpoint_dir
     assert adapter == str(tmp_path / "outputs" / "my-adaptor")
     assert checkpoints == str(tmp_path / "outputs" / "checkpoints" / "my-adaptor")
 
 
 def test_host_locations_expand_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    adapter, _ = host.OutputDir().locations(config(output_dir="~/runs"))
+    adapter = host.OutputDir().locations(config(output_dir="~/runs")).adapter_dir
     assert adapter == str(tmp_path / "runs" / "my-adaptor")
 
 
 def test_empty_output_dir_means_outputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    adapter, _ = host.OutputDir().locations(config(output_dir=""))
+    adapter = host.OutputDir().locations(config(output_dir="")).adapter_dir
     assert adapter == str(tmp_path / "outputs" / "my-adaptor")
 
 

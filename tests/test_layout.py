@@ -13,6 +13,7 @@ ORDER = [
     "errors",
     "machine",
     "runfolder",
+    "checkpoints",
     "chat",
     "templates",
     "sources",

@@ -4,6 +4,7 @@ FSDP on gloo, merging, and two "nodes" on one machine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -101,7 +102,7 @@ def test_sigterm_to_the_group_saves_a_checkpoint_and_the_next_run_resumes_to_the
     summary = json.loads((tmp_path / "outputs" / "test-adaptor" / "training_summary.json").read_text())
     assert summary["resumed_from_step"] == stopped_at and summary["max_steps"] == 20
     second = [i for i in lab_jobs(tmp_path / "tflhome") if i != index]
-    steps = [row["step"] for row in metrics_rows(second[0]) if "loss" in row.get("metrics", {})]
+    steps = [row["step"] for row in metrics_rows(second[0]) if "train/loss" in row.get("metrics", {})]
     assert min(steps) == stopped_at + 1, "no step is trained twice or skipped"
     assert max(steps) == 20
 
@@ -274,46 +275,156 @@ def test_two_nodes_on_one_machine_train_one_model(tiny_model, tmp_path):
     assert other["status"] == "COMPLETE" and other["adaptor_path"] is None
 
 
-def test_a_lab_job_resumes_from_the_checkpoint_transformerlab_names(tiny_model, tmp_path):
+class TaskRun:
+    """`python main.py` run the way current TransformerLab's Local provider runs a task's `run:` (transformerlab-app
+    v0.40.1, compute_providers/local.py): `/bin/bash -c` in a new session, wrapped in the lab SDK's real
+    `tfl-remote-trap`, which marks the job FAILED when the command exits non-zero."""
+
+    def __init__(self, job_id: str, home: Path, tag: str):
+        trap = Path(sys.executable).parent / "tfl-remote-trap"
+        command = f"{trap} -- {sys.executable} {ROOT / 'main.py'} --json"
+        env = {**os.environ, "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1", "TFL_HOME_DIR": str(home)}
+        self.log = home.parent / f"task-{job_id}.log"
+        self.proc = subprocess.Popen(
+            ["/bin/bash", "-c", command],
+            cwd=str(ROOT),
+            env={**env, RUN_TAG: tag},
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            if text in self.output:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"never saw {text!r}; output:\n{self.output[-4000:]}")
+
+    def stop(self, index: Path) -> list[psutil.Process]:
+        """The job's Stop on the Local provider: job_data.stop and STOPPING, then SIGTERM to every process of
+        the tree and SIGKILL to what is left 3 s later (services/process_registry.py). Returns the killed."""
+        _set_job(index, stop=True, status="STOPPING")
+        root = psutil.Process(self.proc.pid)
+        procs = [root, *root.children(recursive=True)]
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=3)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        self.proc.wait(timeout=30)
+        return alive
+
+
+def test_a_task_job_stop_request_without_a_signal_stops_the_run_and_exits_0(tiny_model, tmp_path):
+    """Issue 12, item 5: a provider that only marks the job (job_data.stop, STOPPING) and sends no signal."""
     home = tmp_path / "tflhome"
-    params = base_config(tiny_model, tmp_path, max_steps=16, logging_steps=1, save_steps=1000)
+    params = base_config(tiny_model, tmp_path, max_steps=300, logging_steps=1, save_steps=1000)
+    params.pop("output_dir")
+    job_id = _make_lab_job(home, params)
+    [index] = lab_jobs(home, "exp1")
+    run = TaskRun(job_id, home, f"task-flag-{os.getpid()}-{time.monotonic_ns()}")
+    run.wait_for("step 2/300")
+    _set_job(index, stop=True, status="STOPPING")
+    assert run.proc.wait(timeout=120) == 0, run.output[-3000:]
+    job = read_job(index)
+    assert job["status"] == "STOPPED" and job["job_data"]["live_status"] == "Remote command finished"
+    [checkpoint] = (index.parent / "checkpoints").iterdir()
+    assert (
+        f"the newest complete checkpoint is step {checkpoint.name.split('-')[1]}"
+        in job["job_data"]["completion_details"]
+    )
+
+
+def _set_job(index: Path, *, stop: bool, status: str) -> None:
+    """What the API does to the job's record through the lab SDK when Stop is pressed."""
+    script = (
+        "import asyncio, sys\n"
+        "from lab import Job\n"
+        "async def main():\n"
+        "    job = await Job.get(sys.argv[1], 'exp1')\n"
+        "    await job.update_job_data_field('stop', True)\n"
+        "    await job.update_status(sys.argv[2])\n"
+        "asyncio.run(main())\n"
+    )
+    home = index.parents[5]
+    env = {**os.environ, "TFL_HOME_DIR": str(home)}
+    subprocess.run([sys.executable, "-c", script, index.parent.name, status], env=env, check=True, timeout=60)
+
+
+def test_a_task_stop_ends_stopped_with_complete_checkpoints_and_a_new_job_resumes(tiny_model, tmp_path):
+    """Issue 12, item 5: under a task host the run ends STOPPED (exit 0: the trap counts anything else as a
+    crash) before the SIGKILL that follows SIGTERM by 3 s; the checkpoints folder holds complete checkpoint-N
+    folders only, listed in job_data; a job restarted from the checkpoint continues from its step."""
+    home = tmp_path / "tflhome"
+    tag = f"task-stop-{os.getpid()}-{time.monotonic_ns()}"
+    params = base_config(tiny_model, tmp_path, max_steps=60, logging_steps=1, save_steps=2)
     params.pop("output_dir")
     # As a current TransformerLab task delivers them: the form's leftovers, and a schema dict the form did not
     # replace (its default applies).
     params.update(use_spot=False, docker_image="", sweep_metric="eval/loss", lower_is_better=True)
     params["save_total_limit"] = {"type": "int", "default": 3, "min": 1, "title": "Checkpoints to keep"}
     first = _make_lab_job(home, params)
-    run = Running(["--json"], env={"_TFL_JOB_ID": first, "_TFL_EXPERIMENT_ID": "exp1"})
-    run.wait_for("step 2/16")
-    run.proc.send_signal(signal.SIGINT)  # Ctrl-C to main.py alone: a stop like any other
-    assert run.finish() == 3, run.stderr[-3000:]
-    assert last_json(run.stdout)["status"] == "STOPPED"
     [first_index] = lab_jobs(home, "exp1")
-    assert read_job(first_index)["status"] == "STOPPED"
-    [checkpoint] = (first_index.parent / "checkpoints").glob("checkpoint-*")
+    run = TaskRun(first, home, tag)
+    run.wait_for("checkpoint saved: step 4")
+    run.stop(first_index)
+    output = run.output
+    assert last_json(output)["status"] == "STOPPED", output[-3000:]
+    job = read_job(first_index)
+    # The shell between the trap and main.py dies of the SIGTERM, so the trap would mark the job FAILED once
+    # main.py's output ends: main.py keeps it open until the SIGKILL takes the trap.
+    assert job["status"] == "STOPPED", json.dumps(job, indent=1)[-3000:]
+    assert job["job_data"].get("live_status") != "Remote command crashed"
+    assert "Stopped on request at step" in job["job_data"]["completion_details"]
+    # The checkpoints folder holds complete checkpoint-N folders and nothing else, as job_data lists them.
+    folder = first_index.parent / "checkpoints"
+    entries = sorted(folder.iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert entries and all(p.name.startswith("checkpoint-") for p in entries), [p.name for p in entries]
+    assert all((p / "trainer_state.json").is_file() and (p / "adapter_model.safetensors").is_file() for p in entries)
+    assert len(entries) <= 3, "save_total_limit (its schema default) is kept"
+    assert job["job_data"]["checkpoints"] == [str(p) for p in entries]
+    assert job["job_data"]["latest_checkpoint"] == str(entries[-1])
+    checkpoint = entries[-1]
     stopped_at = int(checkpoint.name.split("-")[1])
+    assert f"the newest complete checkpoint is step {stopped_at}" in job["job_data"]["completion_details"]
+    assert not no_processes_left(tag, timeout=10), "no process of the run is left"
 
-    second = _make_lab_job(home, params, parent_job_id=first, resumed_from_checkpoint=checkpoint.name)
+    # Queued again with the same adaptor_name (every launch is a new job): it continues the stopped run.
+    params["max_steps"] = stopped_at + 4  # a soft change: the resumed run goes on to it, with a warning
+    second = _make_lab_job(home, params)
     run = Running(["--json"], env={"_TFL_JOB_ID": second, "_TFL_EXPERIMENT_ID": "exp1"})
     assert run.finish() == 0, run.stderr[-3000:]
+    assert f"continuing job {first} from step {stopped_at} ({checkpoint})" in run.stderr
     assert f"resuming at step {stopped_at}" in run.stderr
     assert "unknown parameter" not in run.stderr, "form leftovers are taken silently"
     # The schema dict means its default: the logged effective parameters show it, and nothing complains.
     assert "  save_total_limit: 3\n" in run.stderr
     assert not [line for line in run.stderr.splitlines() if "save_total_limit" in line and "[sft]" in line]
     result = last_json(run.stdout)
-    assert result["steps"] == 16 and result["status"] == "COMPLETE" and result["job_id"] == second
+    assert result["steps"] == stopped_at + 4 and result["status"] == "COMPLETE" and result["job_id"] == second
     # What the job page shows: progress, metrics, the registered adapter, the checkpoints.
     [index] = [i for i in lab_jobs(home, "exp1") if str(read_job(i).get("id")) == str(second)]
     job = read_job(index)
     assert job["status"] == "COMPLETE" and job["progress"] == 100
-    assert any("loss" in r.get("metrics", {}) for r in metrics_rows(index))
+    steps = [r["step"] for r in metrics_rows(index) if "train/loss" in r.get("metrics", {})]
+    assert min(steps) == stopped_at + 1 and max(steps) == stopped_at + 4, "the metrics continue from the step"
+    assert "warning: max_steps: changed since the checkpoint" in run.stderr
     models = job["job_data"].get("models") or []
     assert len(models) == 1 and Path(models[0], "adapter_model.safetensors").is_file()
     assert Path(result["adaptor_path"]) == Path(models[0])
-    assert Path(index.parent, "checkpoints").is_dir()
+    saved = sorted(Path(index.parent, "checkpoints").iterdir())
+    assert saved and all(p.name.startswith("checkpoint-") for p in saved), "the run's own files live elsewhere"
 
-    # A change that makes the checkpoint unusable (the adapter's rank) is refused, naming it.
+    # "Restart from checkpoint" on the job page names the checkpoint; a change that makes it unusable (the
+    # adapter's rank) is refused, naming it.
     third = _make_lab_job(home, {**params, "lora_r": 8}, parent_job_id=first, resumed_from_checkpoint=checkpoint.name)
     run = Running(["--json"], env={"_TFL_JOB_ID": third, "_TFL_EXPERIMENT_ID": "exp1"})
     assert run.finish() == 2

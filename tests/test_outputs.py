@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -34,9 +35,18 @@ def leftovers(folder) -> list[str]:
 IDENTITY = outputs.identity({k: "x" for k in (*outputs.HARD_KEYS, *outputs.SOFT_KEYS)}, 1, "k")
 
 
+def where(adapter, checkpoints) -> outputs.Where:
+    return outputs.Where(str(adapter), str(checkpoints), os.path.join(os.path.dirname(str(checkpoints)), "runs"))
+
+
 def resume_point(adapter: str, checkpoints: str, identity: dict, *, overwrite: bool) -> str | None:
     """What a run resumes from, with the checkpoint folder made ready for it (as main.py does at launch)."""
-    return outputs.prepare_checkpoints(outputs.inspect(adapter, checkpoints, identity, overwrite=overwrite))
+    return outputs.prepare_checkpoints(outputs.inspect(where(adapter, checkpoints), identity, overwrite=overwrite))
+
+
+def record(checkpoint: str, identity: dict) -> None:
+    """The identity the first rank writes into each checkpoint it saves."""
+    Path(checkpoint, outputs.RUN_PARAMS_FILE).write_text(json.dumps(identity))
 
 
 def make_checkpoint(folder, step: int, complete: bool = True) -> str:
@@ -173,7 +183,7 @@ def test_a_finished_adapter_is_never_resumed(tmp_path):
     outputs.publish(stage(adapter), str(adapter), {})
     checkpoints = tmp_path / "checkpoints" / "my-adaptor"
     make_checkpoint(checkpoints, 7)
-    out = outputs.inspect(str(adapter), str(checkpoints), IDENTITY, overwrite=False)
+    out = outputs.inspect(where(adapter, checkpoints), IDENTITY, overwrite=False)
     assert out.adapter_complete and out.resume_from is None
 
 
@@ -229,12 +239,11 @@ def test_summary_records_parameters_world_size_steps_loss_runtime_and_versions()
 
 def test_a_changed_checkpoint_is_replaced_only_under_overwrite_output(tmp_path):
     checkpoints = tmp_path / "c"
-    make_checkpoint(checkpoints, 4)
-    outputs.record_run(str(checkpoints), IDENTITY)
+    record(make_checkpoint(checkpoints, 4), IDENTITY)
     changed = {**IDENTITY, "asked": {**IDENTITY["asked"], "lora_r": 8}}
-    out = outputs.inspect(str(tmp_path / "a"), str(checkpoints), changed, overwrite=False)
+    out = outputs.inspect(where(tmp_path / "a", checkpoints), changed, overwrite=False)
     assert out.resume_from is not None and out.changed() == ["lora_r"]  # validation refuses it
-    # overwrite_output starts afresh instead: the checkpoints go, the folder (and its lock) stays
+    # overwrite_output starts afresh instead: the checkpoints go (the lock lives in the run's own folder)
     assert resume_point(str(tmp_path / "a"), str(checkpoints), changed, overwrite=True) is None
     assert not (checkpoints / "checkpoint-4").exists() and checkpoints.is_dir()
 
@@ -247,7 +256,7 @@ def test_a_checkpoint_missing_a_ranks_rng_state_is_incomplete(tmp_path):
     open(os.path.join(newer, "rng_state_0.pth"), "w").close()  # rank 1 never finished saving
     assert outputs.latest_checkpoint(str(tmp_path), world_size=2) == older
     identity = {**IDENTITY, "world_size": 2}
-    outputs.record_run(str(tmp_path), identity)
+    record(older, identity)
     assert resume_point(str(tmp_path / "a"), str(tmp_path), identity, overwrite=False) == older
     assert not os.path.exists(newer), "a checkpoint cut off mid-save is removed before resuming"
 
@@ -266,7 +275,7 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lo
             "print('held', flush=True);"
             "time.sleep(30)",
             str(ROOT),
-            str(tmp_path),
+            str(tmp_path / "lock"),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -275,13 +284,13 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lo
         assert holder.stdout.readline().strip() == "held"
         with (
             pytest.raises(InvalidConfig, match=r"adaptor_name: another run \(pid \d+\) is writing"),
-            outputs.RunLock(str(tmp_path)),
+            outputs.RunLock(str(tmp_path / "lock")),
         ):
             pass
     finally:
         holder.kill()
         holder.wait()
-    with outputs.RunLock(str(tmp_path)):  # released with the process that held it
+    with outputs.RunLock(str(tmp_path / "lock")):  # released with the process that held it
         pass
 
 
@@ -317,3 +326,108 @@ def test_the_score_has_the_keys_transformerlab_sweeps_rank_by():
     assert outputs.score(trained) == {"loss": 1.5, "train/loss": 1.5}
     evaluated = RunResult(status="COMPLETE", final_loss=1.5, eval_loss=1.25)
     assert outputs.score(evaluated) == {"loss": 1.25, "train/loss": 1.5, "eval/loss": 1.25}
+
+
+# --- the checkpoints folder: complete checkpoint-N folders only --------------------------------------------
+
+
+def staged_save(saving, step: int, ranks: int = 1) -> str:
+    """A save as the ranks leave it in the staging folder: weights, RNG states, trainer_state.json last."""
+    path = os.path.join(str(saving), f"checkpoint-{step}")
+    os.makedirs(path)
+    Path(path, "adapter_model.safetensors").write_bytes(b"weights")
+    for rank in range(ranks):
+        Path(path, f"rng_state_{rank}.pth" if ranks > 1 else "rng_state.pth").write_bytes(b"rng")
+    Path(path, "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_a_published_save_is_renamed_in_whole_with_its_identity_and_older_ones_rotate(tmp_path):
+    from plugin_utils import checkpoints
+
+    identity = tmp_path / "run_params.json"
+    identity.write_text(json.dumps(IDENTITY))
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        final = checkpoints.publish(staged_save(tmp_path / "saving", step), str(folder), str(identity))
+        assert final == str(folder / f"checkpoint-{step}")
+        checkpoints.rotate(str(folder), keep=2)
+    assert sorted(os.listdir(folder)) == ["checkpoint-4", "checkpoint-6"]
+    assert not os.listdir(tmp_path / "saving"), "the staging folder is emptied by each rename"
+    assert outputs.recorded_identity(str(folder / "checkpoint-6")) == IDENTITY
+
+
+def test_a_save_cut_off_in_staging_never_reaches_the_checkpoints_folder_and_is_cleared(tmp_path):
+    # SIGKILL mid-save (a task host's Stop, 3 s after SIGTERM) leaves the half-written save in staging only.
+    where = outputs.Where(str(tmp_path / "a"), str(tmp_path / "checkpoints"), str(tmp_path / "runs"))
+    from plugin_utils import checkpoints
+
+    checkpoints.publish(staged_save(where.saving_dir, 2), where.checkpoint_dir, None)
+    cut = os.path.join(where.saving_dir, "checkpoint-4")
+    os.makedirs(cut)
+    Path(cut, "adapter_model.safetensors").write_bytes(b"half")
+    out = outputs.inspect(where, IDENTITY, overwrite=False)
+    assert out.resume_from == os.path.join(where.checkpoint_dir, "checkpoint-2")
+    assert outputs.prepare_checkpoints(out) == out.resume_from
+    assert not os.path.exists(where.saving_dir)
+
+
+def test_a_half_written_trainer_state_is_no_complete_checkpoint(tmp_path):
+    from plugin_utils import checkpoints
+
+    done = make_checkpoint(tmp_path, 2)
+    cut = make_checkpoint(tmp_path, 4)
+    Path(cut, "trainer_state.json").write_text('{"global_st')  # cut off while written
+    assert checkpoints.latest(str(tmp_path)) == done
+
+
+# --- continuing an earlier job's run (each task launch is a new job) ---------------------------------------
+
+
+def job_run(jobs, job_id: str, adaptor: str, started: float, *, steps=(), finished=False) -> outputs.Where:
+    where = outputs.Where("", str(jobs / job_id / "checkpoints"), str(jobs / job_id / "sft"))
+    os.makedirs(where.run_dir)
+    Path(where.record_path).write_text(
+        json.dumps({"adaptor_name": adaptor, "job_id": job_id, "started": started, "finished": finished})
+    )
+    for step in steps:
+        make_checkpoint(where.checkpoint_dir, step)
+    return where
+
+
+def test_a_new_job_continues_the_newest_unfinished_run_of_its_adapter(tmp_path):
+    runs = [
+        (job_run(tmp_path, "1", "mine", 100.0, steps=(10, 20)), "1"),
+        (job_run(tmp_path, "2", "mine", 200.0, steps=(30,)), "2"),
+        (job_run(tmp_path, "3", "other", 300.0, steps=(40,)), "3"),
+    ]
+    found = outputs.unfinished_run(runs, "mine", 1)
+    assert found == outputs.Continued("2", str(tmp_path / "2" / "checkpoints" / "checkpoint-30"))
+    assert found.step == 30
+    # Stopped before its first save: the run before it is continued.
+    runs.append((job_run(tmp_path, "4", "mine", 400.0), "4"))
+    assert outputs.unfinished_run(runs, "mine", 1).job_id == "2"
+    assert outputs.unfinished_run(runs, "nobody", 1) is None
+
+
+def test_a_finished_or_running_newer_run_means_a_fresh_start(tmp_path):
+    older = (job_run(tmp_path, "1", "mine", 100.0, steps=(10,)), "1")
+    finished = (job_run(tmp_path, "2", "mine", 200.0, steps=(20,), finished=True), "2")
+    assert outputs.unfinished_run([older, finished], "mine", 1) is None
+    running_where = job_run(tmp_path, "3", "mine", 300.0, steps=(30,))
+    with outputs.RunLock(running_where.lock_path):
+        assert outputs.unfinished_run([older, (running_where, "3")], "mine", 1) is None
+    assert outputs.unfinished_run([older, (running_where, "3")], "mine", 1).job_id == "3"
+
+
+def test_the_run_record_keeps_its_start_and_says_when_it_finished(tmp_path):
+    where = outputs.Where(str(tmp_path / "a"), str(tmp_path / "c"), str(tmp_path / "runs"))
+    outputs.write_record(where, "mine", "7", finished=False)
+    started = outputs.read_record(where.run_dir)["started"]
+    outputs.write_record(where, "mine", "7", finished=True)
+    assert outputs.read_record(where.run_dir) == {
+        "adaptor_name": "mine",
+        "job_id": "7",
+        "started": started,
+        "finished": True,
+    }

@@ -7,6 +7,8 @@ by hand here: a fake of what nvidia-smi and CUDA_VISIBLE_DEVICES would report. E
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -66,8 +68,12 @@ def messages(rule, p, machine=None, **facts) -> list[str]:
     return [problem.line() for _, problem in call(rule, p, machine, **facts)]
 
 
+def where(adapter: str, checkpoints: str) -> outputs.Where:
+    return outputs.Where(adapter, checkpoints, os.path.join(os.path.dirname(checkpoints), "runs"))
+
+
 def out_facts(p, adapter: str, checkpoints: str) -> outputs.OutputFacts:
-    return outputs.inspect(adapter, checkpoints, outputs.identity(p, 1, None), overwrite=p["overwrite_output"])
+    return outputs.inspect(where(adapter, checkpoints), outputs.identity(p, 1, None), overwrite=p["overwrite_output"])
 
 
 def checked(p, machine) -> validation.Findings:
@@ -426,13 +432,15 @@ def test_a_lock_held_by_another_process_is_found_without_taking_it(tmp_path):
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
+    lock = tmp_path / "runs" / "lock"  # the run's own folder, beside the checkpoints
+    lock.parent.mkdir()
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import fcntl, sys; h = open(sys.argv[1], 'a+'); fcntl.flock(h, fcntl.LOCK_EX); h.write('pid 4242'); "
             "h.flush(); print('locked', flush=True); sys.stdin.read()",
-            str(ckpt / ".lock"),
+            str(lock),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -448,16 +456,17 @@ def test_a_lock_held_by_another_process_is_found_without_taking_it(tmp_path):
         holder.wait(timeout=10)
     # Released: nothing to report, and checking took nothing (the lock can be taken at once).
     assert not findings(validation.no_other_run_writes_here, p, out=out_facts(p, str(tmp_path / "a"), str(ckpt)))
-    with outputs.RunLock(str(ckpt)):
+    with outputs.RunLock(str(lock)):
         pass
 
 
 def saved_checkpoint(folder, p, world: int = 1, data_key: str | None = "data-1"):
-    """A complete checkpoint-2 with the run_params.json of a run with parameters p."""
+    """A complete checkpoint-2 with the run_params.json of a run with parameters p inside, as the first rank
+    writes it."""
     step = folder / "checkpoint-2"
     step.mkdir(parents=True)
     (step / "trainer_state.json").write_text("{}")
-    outputs.record_run(str(folder), outputs.identity(p, world, data_key))
+    (step / "run_params.json").write_text(json.dumps(outputs.identity(p, world, data_key)))
     return str(step)
 
 
@@ -487,18 +496,18 @@ def test_resuming_on_another_world_size_is_refused_and_overwrite_starts_afresh(t
     ckpt = tmp_path / "ckpt"
     saved_checkpoint(ckpt, config(), world=1)
     p = config(num_processes="2")
-    out = outputs.inspect(str(tmp_path / "a"), str(ckpt), outputs.identity(p, 2, None), overwrite=False)
+    out = outputs.inspect(where(str(tmp_path / "a"), str(ckpt)), outputs.identity(p, 2, None), overwrite=False)
     # Two ranks need two RNG states: this checkpoint is not complete for them, so nothing is resumed.
     assert out.resume_from is None
     (ckpt / "checkpoint-2" / "rng_state_0.pth").write_text("")
     (ckpt / "checkpoint-2" / "rng_state_1.pth").write_text("")
-    out = outputs.inspect(str(tmp_path / "a"), str(ckpt), outputs.identity(p, 2, None), overwrite=False)
+    out = outputs.inspect(where(str(tmp_path / "a"), str(ckpt)), outputs.identity(p, 2, None), overwrite=False)
     [line] = messages(validation.resume_keeps_what_the_checkpoint_needs, p, out=out)
     assert "num_processes (world size)" in line
-    out = outputs.inspect(str(tmp_path / "a"), str(ckpt), outputs.identity(p, 2, None), overwrite=True)
+    out = outputs.inspect(where(str(tmp_path / "a"), str(ckpt)), outputs.identity(p, 2, None), overwrite=True)
     assert out.resume_from is None and not messages(validation.resume_keeps_what_the_checkpoint_needs, p, out=out)
     assert outputs.prepare_checkpoints(out) is None
-    assert not (ckpt / "checkpoint-2").exists() and (ckpt / "run_params.json").exists()
+    assert not (ckpt / "checkpoint-2").exists() and ckpt.is_dir()
 
 
 def test_resuming_on_other_data_is_a_data_error(tmp_path):
@@ -517,7 +526,9 @@ def test_a_recorded_identity_of_the_first_version_is_still_understood(tmp_path):
     saved_checkpoint(ckpt, config())
     flat = {**{k: config()[k] for k in (*outputs.HARD_KEYS, *outputs.SOFT_KEYS)}, "world_size": 1, "dataset": "d"}
     flat["lora_r"] = 4
-    (ckpt / "run_params.json").write_text(__import__("json").dumps(flat))
+    # Written beside the checkpoints by the versions that wrote this format.
+    (ckpt / "checkpoint-2" / "run_params.json").unlink()
+    (ckpt / "run_params.json").write_text(json.dumps(flat))
     p = config()
     assert findings(validation.resume_keeps_what_the_checkpoint_needs, p, out=out_facts(p, "/x/a", str(ckpt))) == {
         ("error", "lora_r")
