@@ -7,6 +7,7 @@ Started three ways (TransformerLab's plugin harness, the lab SDK with _TFL_JOB_I
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import tempfile
@@ -16,11 +17,13 @@ from plugin_utils.errors import InvalidConfig
 from plugin_utils.runfolder import RunFolder, RunSpec
 
 
-def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
+def run(args, chosen: host.Host, stop: launch.StopFlag, nodes: machine.Nodes | None = None) -> cli.Finished:
     """The pipeline. Returns how it finished; anything that ends it early is raised."""
     clock = cli.Clock()
-    reading = params.read(chosen.source.raw_params(), headless=chosen.headless)
+    reading = params.read(chosen.source.raw_params(), headless=chosen.headless, nodes=nodes)
     p, here = reading.params, machine.detect()
+    if p["machine_rank"] > 0:
+        chosen.sink = host.OtherNode(chosen.sink)  # the main node alone reports to the job
     out = continued = None
     if params.usable(p, reading.errors, "adaptor_name"):
         where = chosen.places.locations(p)
@@ -69,9 +72,12 @@ def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
     this_run = outputs.identity(p, plan.world_size, prepared.key, plan.as_dict())
     merged = chosen.places.merged_location(p) if plan.merge_adapter else None
     staged = outputs.Staged(out.adapter_dir, merged)
-    with outputs.RunLock(out.where.lock_path), staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
+    main_node = plan.machine_rank == 0  # the other nodes of a multi-node run write beside it, under its lock
+    lock = outputs.RunLock(out.where.lock_path) if main_node else contextlib.nullcontext()
+    with lock, staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
         resume = outputs.prepare_checkpoints(out)
-        outputs.write_record(out.where, p["adaptor_name"], job.job_id, finished=False)
+        if main_node:
+            outputs.write_record(out.where, p["adaptor_name"], job.job_id, finished=False)
         folder = RunFolder(run_dir)
         folder.write_identity(this_run)
         spec = RunSpec.of(
@@ -89,7 +95,8 @@ def run(args, chosen: host.Host, stop: launch.StopFlag) -> cli.Finished:
         result = launch.run(job, spec, plan, folder, stop)
         summary = outputs.summary(p, plan, result, prepared.stats, clock.marks)
         final = staged.publish(job, p, summary) if result.has_adapter else None
-        outputs.write_record(out.where, p["adaptor_name"], job.job_id, finished=True)
+        if main_node:
+            outputs.write_record(out.where, p["adaptor_name"], job.job_id, finished=True)
     plot = outputs.write_plot(out.where.plot_path, result.loss_history)
     report = {
         "status": "COMPLETE",
@@ -107,17 +114,19 @@ def main(argv: list[str] | None = None) -> None:
     stop = launch.StopFlag()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, stop.on_signal)
-    sink = host.NullSink()  # until a real run has a host: nothing before it can touch a job
-    finished = error = None
+    chosen = finished = error = None
     try:
         chosen = host.choose(args)
-        if not (args.check or args.dry_run):
-            sink = chosen.sink
-        finished = run(args, chosen, stop)
+        nodes = machine.nodes_from_env()
+        if nodes and nodes.needs_srun and not (args.check or args.dry_run):
+            sys.exit(launch.run_on_every_node(nodes, sys.argv[1:] if argv is None else argv, stop))
+        finished = run(args, chosen, stop, nodes)
     except SystemExit:
         raise
     except BaseException as exc:  # every ending, a stop included, is concluded in one place
         error = exc
+    # Until a real run has a host, nothing can touch a job: --check and --dry-run never do.
+    sink = chosen.sink if chosen is not None and not (args.check or args.dry_run) else host.NullSink()
     code = cli.conclude(sink, args.json, finished, error, stop)
     grace = sink.kill_grace_seconds()
     if finished is None and stop.signalled_at is not None and grace is not None:

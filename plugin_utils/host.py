@@ -498,11 +498,24 @@ class LabJob(NullSink):
             _end_job(self._lab.job, "STOPPED", "success", message)
 
 
-@dataclass(frozen=True)
+class OtherNode(NullSink):
+    """A node other than the main one of a multi-node run: the main node alone reports to the job, registers the
+    models and ends the job; this one logs to its own output. It exits as the main node's host expects (0 for a
+    stop under a task host, whose trap on every node counts any other exit as a crash)."""
+
+    def __init__(self, main: NullSink):
+        self.stopped_exit_code = main.stopped_exit_code
+        self._grace = main.kill_grace_seconds()
+
+    def kill_grace_seconds(self):
+        return self._grace
+
+
+@dataclass
 class Host:
     source: ConfigFile | InputFile | LabConfig
     places: OutputDir | LabJobPlaces
-    sink: NullSink
+    sink: NullSink  # replaced by OtherNode on the other nodes of a multi-node run
 
     @property
     def headless(self) -> bool:

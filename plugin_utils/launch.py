@@ -23,6 +23,7 @@ from typing import Any
 
 from . import checkpoints
 from .errors import RunFailed, StopRequested
+from .machine import NODE_LEVEL_VARIABLES
 from .planning import Plan
 from .runfolder import RunFolder, RunSpec, process_start
 from .strategies import mixed_precision, write_configs
@@ -152,7 +153,7 @@ def rank_environment(plan: Plan) -> dict[str, str]:
 
 
 def rank_env(plan: Plan, log_to_wandb: bool = False) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in NODE_LEVEL_VARIABLES}
     if log_to_wandb and not env.get("WANDB_API_KEY"):
         env.setdefault("WANDB_MODE", "offline")
     env.update(rank_environment(plan))
@@ -390,6 +391,29 @@ def run(host, spec: RunSpec, plan: Plan, folder: RunFolder, stop: StopFlag) -> R
         has_adapter=end.get("has_adapter", True),
         peak_gpu_memory_mib=end.get("peak_gpu_memory_mib"),
     )
+
+
+def srun_command(nodes, argv: list[str]) -> list[str]:
+    """This command again, once on every node of a SLURM allocation (SLURM runs a task's command once)."""
+    srun = ["srun", f"--nodes={nodes.count}", f"--ntasks={nodes.count}", "--ntasks-per-node=1"]
+    return [*srun, "--kill-on-bad-exit=1", sys.executable, os.path.join(PLUGIN_DIR, "main.py"), *argv]
+
+
+def run_on_every_node(nodes, argv: list[str], stop: StopFlag) -> int:
+    """Start this command on every node through srun and wait for it; a stop is passed on (srun forwards
+    SIGTERM to its tasks). Node 0's copy reports to the job; this process only waits."""
+    cmd = srun_command(nodes, argv)
+    log.info("SLURM: %s nodes; starting on each: %s", nodes.count, " ".join(cmd))
+    proc = subprocess.Popen(cmd, env={**os.environ, "SFT_UNDER_SRUN": "1"}, stdin=subprocess.DEVNULL)
+    stop.interrupting = False
+    sent = False
+    while proc.poll() is None:
+        time.sleep(0.2)
+        if stop.requested and not sent:
+            sent = True
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    return proc.returncode
 
 
 def linger(until: float) -> None:

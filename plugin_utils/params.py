@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, problem
+from .machine import Nodes
 from .sources import workspace_model
 
 log = logging.getLogger("sft")
@@ -206,10 +207,28 @@ class Reading:
     warnings: list[Problem] = field(default_factory=list)
 
 
-def read(raw: Mapping[str, Any], *, headless: bool) -> Reading:
+def _apply_nodes(values: dict[str, Any], nodes: Nodes, given: set[str]) -> None:
+    values["num_machines"] = nodes.count
+    values["machine_rank"] = nodes.rank
+    if "main_process_ip" not in given or not values["main_process_ip"]:
+        values["main_process_ip"] = nodes.main_ip
+    if "main_process_port" not in given or not values["main_process_port"]:
+        values["main_process_port"] = nodes.main_port
+    log.info(
+        "nodes: %s machines from %s; this is machine %s; the main node is %s:%s",
+        nodes.count,
+        nodes.source,
+        nodes.rank,
+        values["main_process_ip"],
+        values["main_process_port"],
+    )
+
+
+def read(raw: Mapping[str, Any], *, headless: bool, nodes: Nodes | None = None) -> Reading:
     """Coerce every value, fill defaults, and report every single-value problem at once. A value that failed
     keeps its default, so the cross-parameter rules can still run and every problem is reported in one go.
-    Unknown keys are errors headless, warnings under a host (hosts add keys of their own)."""
+    Unknown keys are errors headless, warnings under a host (hosts add keys of their own). `nodes`: the nodes a
+    scheduler's environment describes, which fill the machine settings the user left alone."""
     schema = form_schema()
     known = {**HOST_KEYS, **schema}
     errors: list[Problem] = []
@@ -236,6 +255,9 @@ def read(raw: Mapping[str, Any], *, headless: bool) -> Reading:
             failed.add(name)
         else:
             values[name] = coerced
+
+    if nodes is not None and values["num_machines"] == 1 and "num_machines" not in failed:
+        _apply_nodes(values, nodes, given={k for k, v in raw.items() if _as_given(v, known.get(k, {})) is not None})
 
     if usable(values, errors, "model_name"):
         found = workspace_model(values["model_name"])

@@ -471,8 +471,9 @@ def outputs_writable(p, out: OutputFacts):
 
 @rule("outputs")
 def no_other_run_writes_here(p, out: OutputFacts):
-    """No other run is writing the same checkpoint folder (its lock is checked, not taken)."""
-    if out.lock_holder:
+    """No other run is writing the same checkpoint folder (its lock is checked, not taken). The other nodes of a
+    multi-node run write beside the main node, which holds the lock."""
+    if out.lock_holder and p["machine_rank"] == 0:
         yield error(
             "adaptor_name",
             f"another run ({out.lock_holder}) is writing {out.checkpoint_dir}",

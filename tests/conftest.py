@@ -131,12 +131,12 @@ def write_config(tmp_path: Path, config: dict) -> str:
     return str(path)
 
 
-def resolve(raw: dict, *, headless: bool):
+def resolve(raw: dict, *, headless: bool, nodes=None):
     """Read parameters as main.py does; single-value errors raise (with the warnings), else (params, warnings)."""
     from plugin_utils import params
     from plugin_utils.errors import InvalidConfig
 
-    reading = params.read(raw, headless=headless)
+    reading = params.read(raw, headless=headless, nodes=nodes)
     if reading.errors:
         raise InvalidConfig(reading.errors, reading.warnings)
     return reading.params, reading.warnings

@@ -242,37 +242,105 @@ def test_fuse_model_writes_a_merged_model_that_loads_and_is_registered_even_with
     assert len(read_job(index)["job_data"]["models"]) == 2
 
 
-def test_two_nodes_on_one_machine_train_one_model(tiny_model, tmp_path):
+def _two_node_job(tiny_model, tmp_path) -> tuple[Path, str, dict]:
+    """A task's job in the shared workspace both "nodes" see, as providers run a task on several nodes."""
+    home = tmp_path / "tflhome"
+    params = base_config(tiny_model, tmp_path, num_processes=1, max_steps=4, logging_steps=1)
+    params.pop("output_dir")
+    return home, _make_lab_job(home, params), params
+
+
+def _one_job_for_two_nodes(home: Path, job_id: str, outputs: list[str]) -> None:
+    """The main node alone reported: one COMPLETE, one row of metrics per step, one adapter of world size 2."""
+    [index] = lab_jobs(home, "exp1")
+    job = read_job(index)
+    assert job["status"] == "COMPLETE" and job["progress"] == 100, outputs
+    steps = [r["step"] for r in metrics_rows(index) if "train/loss" in r.get("metrics", {})]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4], "one node reports each step"
+    [model] = job["job_data"]["models"]
+    assert json.loads(Path(model, "training_summary.json").read_text())["world_size"] == 2
+
+
+def test_two_skypilot_nodes_train_one_model_and_only_node_0_reports(tiny_model, tmp_path):
     from plugin_utils.launch import free_port
 
-    port = free_port()  # fixed for both nodes, as multi-node runs need
+    home, job_id, _ = _two_node_job(tiny_model, tmp_path)
+    port = free_port()
     runs = []
     for rank in (0, 1):
-        node = tmp_path / f"node{rank}"
-        node.mkdir()
-        (node / "tflhome").mkdir()
-        config = base_config(
-            tiny_model,
-            node,
-            num_processes=1,
-            max_steps=4,
-            num_machines=2,
-            machine_rank=rank,
-            main_process_ip="127.0.0.1",
-            main_process_port=port,
-        )
-        runs.append(
-            Running(
-                ["--config", write_config(node, config), "--json"],
-                env={"TFL_HOME_DIR": str(node / "tflhome"), "SFT_PREPARED_CACHE": str(node / "prepared")},
-            )
-        )
+        # What SkyPilot sets on each node, and what TransformerLab's SkyPilot provider prepends to `run`,
+        # node-level RANK and WORLD_SIZE included.
+        env = {
+            "SKYPILOT_NUM_NODES": "2",
+            "SKYPILOT_NODE_RANK": str(rank),
+            "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "NODE_RANK": str(rank),
+            "RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "2",
+            "_TFL_JOB_ID": job_id,
+            "_TFL_EXPERIMENT_ID": "exp1",
+            "SFT_PREPARED_CACHE": str(tmp_path / f"prepared{rank}"),
+        }
+        runs.append(Running(["--json"], env=env))
     codes = [run.finish() for run in runs]
     assert codes == [0, 0], "\n".join(run.stderr[-2000:] for run in runs)
+    assert "nodes: 2 machines from SkyPilot" in runs[1].stderr and "this is machine 1" in runs[1].stderr
     main_node, other = (last_json(run.stdout) for run in runs)
-    summary = json.loads(Path(main_node["adaptor_path"], "training_summary.json").read_text())
-    assert summary["world_size"] == 2
-    assert other["status"] == "COMPLETE" and other["adaptor_path"] is None
+    assert main_node["status"] == other["status"] == "COMPLETE" and other["adaptor_path"] is None
+    _one_job_for_two_nodes(home, job_id, [run.stderr[-2000:] for run in runs])
+
+
+FAKE_SRUN = """#!{python}
+# srun as SLURM runs it for --nodes=N --ntasks-per-node=1: the command once per node (here all on this machine,
+# each "node" with its own SLURM_NODEID and prepared-data cache), ending with the worst exit code.
+import os, subprocess, sys
+args = sys.argv[1:]
+nodes = int(next(a.split("=", 1)[1] for a in args if a.startswith("--nodes=")))
+command = args[next(i for i, a in enumerate(args) if not a.startswith("--")):]
+cache = os.environ["SFT_PREPARED_CACHE"]
+step = {{"SLURM_STEP_ID": "0"}}
+procs = [
+    subprocess.Popen(command, env={{**os.environ, **step, "SLURM_NODEID": str(n), "SLURM_PROCID": str(n),
+                                    "SFT_PREPARED_CACHE": cache + str(n)}})
+    for n in range(nodes)
+]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+
+def test_a_slurm_allocation_starts_the_run_on_every_node_with_srun(tiny_model, tmp_path):
+    from plugin_utils.launch import free_port
+
+    home, job_id, _ = _two_node_job(tiny_model, tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"  # a fake: there is no SLURM here
+    srun.write_text(FAKE_SRUN.format(python=sys.executable))
+    srun.chmod(0o755)
+    # What TransformerLab's SLURM provider exports in the batch script, which runs `run` once.
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NODELIST": "localhost",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "NODE_RANK": "0",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "_TFL_JOB_ID": job_id,
+        "_TFL_EXPERIMENT_ID": "exp1",
+        "SFT_PREPARED_CACHE": str(tmp_path / "prepared"),
+    }
+    run = Running(["--json"], env=env)
+    assert run.finish() == 0, run.stderr[-4000:]
+    assert "SLURM: 2 nodes; starting on each: srun --nodes=2" in run.stderr
+    assert "this is machine 1" in run.stderr
+    _one_job_for_two_nodes(home, job_id, [run.stderr[-3000:]])
 
 
 class TaskRun:
