@@ -133,6 +133,8 @@ def _watch_stop_signals(folder: RunFolder) -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # A forked child (a data-loader worker) keeps the default: SIGTERM ends it.
+    os.register_at_fork(after_in_child=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS))
 
     def wait() -> None:
         while True:
