@@ -247,6 +247,11 @@ def read(raw: Mapping[str, Any], *, headless: bool, nodes: Nodes | None = None) 
         value = _as_given(value, known[name])
         if value is None:
             continue
+        if not headless and value == "" and known[name].get("type") in ("integer", "number"):
+            # A number field the user cleared in a host's form (the task form sends ''): its default.
+            default = known[name].get("default")
+            warnings.append(problem(name, f"left empty, so its default {default} is used", "Give a value to change it"))
+            continue
         coerced, issue = _coerce(name, value, known[name])
         if issue is None and isinstance(coerced, str):
             issue = _check_string(name, coerced, known[name])

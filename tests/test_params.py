@@ -425,3 +425,19 @@ def test_a_schema_dict_whose_default_is_out_of_range_is_still_checked():
 
 def test_a_dict_that_is_not_a_schema_is_still_refused():
     assert "lora_r" in errors_of(headless=False, lora_r={"value": 8})
+
+
+def test_a_number_field_cleared_in_a_hosts_form_means_its_default_with_a_warning():
+    # The task form (current TransformerLab) sends '' for a cleared number field; headless it stays an error.
+    reading = params.read(
+        {"model_name": "m", "dataset_name": "d", "adaptor_name": "a", "learning_rate": "", "max_steps": ""},
+        headless=False,
+    )
+    assert not reading.errors
+    assert reading.params["learning_rate"] == params.defaults()["learning_rate"]
+    assert [w.line() for w in reading.warnings] == [
+        f"learning_rate: left empty, so its default {params.defaults()['learning_rate']} is used. Give a value to "
+        "change it.",
+        "max_steps: left empty, so its default -1 is used. Give a value to change it.",
+    ]
+    assert "expected a number" in errors_of(learning_rate="")["learning_rate"]
