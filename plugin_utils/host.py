@@ -9,6 +9,12 @@
 | `--check`, `--dry-run` | (as above) | (as above) | NullSink: never creates or changes a job |
 
 Training code never knows which host it runs under. Only the parent process uses this module.
+
+A remote workspace (the lab SDK's storage in a bucket: s3://, gs://, gcs://, abfs://, as on cloud providers)
+is reached through the SDK's storage alone: the run trains in local folders (`LabConnection.work_dir`), each new
+checkpoint is uploaded and rotated away there (`LabJob.checkpoints`), the adapter and the loss plot are
+uploaded when the run completes, and a checkpoint the host names for resuming is downloaded first. Every path
+the rest of the plugin opens is local.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import inspect
 import json
 import logging
 import os
+import posixpath
 import shutil
 import sys
 import time
@@ -27,7 +34,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import EXIT_OK, EXIT_STOPPED, InvalidConfig, problem
+from . import checkpoints
+from .errors import EXIT_OK, EXIT_STOPPED, InvalidConfig, RunFailed, problem
 from .outputs import Continued, Where, unfinished_run
 from .sources import model_config, workspace_dir
 
@@ -65,6 +73,27 @@ def _import_lab():
     with contextlib.redirect_stdout(sys.stderr):
         import lab
     return lab
+
+
+def _storage():
+    """The lab SDK's storage (local folders and buckets alike); None in SDKs older than remote workspaces."""
+    return getattr(_import_lab(), "storage", None)
+
+
+def _is_remote(path: str) -> bool:
+    storage = _storage()
+    return bool(storage is not None and storage.is_remote_path(path))
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    return name.startswith(checkpoints.PREFIX) and name.removeprefix(checkpoints.PREFIX).isdigit()
+
+
+def local_jobs_dir() -> str:
+    """Where jobs of a remote workspace train on this machine, one folder per job: SFT_LOCAL_DIR, else
+    ~/.cache/sft_trainer_trl/jobs."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "sft_trainer_trl", "jobs")
+    return os.path.abspath(os.path.expanduser(os.environ.get("SFT_LOCAL_DIR") or default))
 
 
 # --- where parameters come from ------------------------------------------------------------------------
@@ -109,6 +138,8 @@ class LabConnection:
         self.experiment = experiment
         self.lab = None
         self.metrics_api = True
+        self._checkpoints_dir: str | None = None
+        self._remote: bool | None = None
 
     def get(self):
         if self.lab is None:
@@ -123,8 +154,33 @@ class LabConnection:
     def job_id(self) -> str:
         return str(self.lab.job.id) if self.lab is not None else ""
 
+    def checkpoints_dir(self) -> str:
+        """The job's checkpoints folder as the SDK names it: a local path, or a URI in a remote workspace."""
+        if self._checkpoints_dir is None:
+            lab = self.get()
+            with contextlib.redirect_stdout(sys.stderr):
+                self._checkpoints_dir = lab.get_checkpoints_dir()
+        return self._checkpoints_dir
+
     def job_dir(self) -> str:
-        return os.path.dirname(self.get().get_checkpoints_dir().rstrip("/"))
+        """The job's folder in the workspace (a URI in a remote workspace)."""
+        return posixpath.dirname(self.checkpoints_dir().rstrip("/"))
+
+    @property
+    def remote(self) -> bool:
+        """Whether the job's folders are in a bucket (the workspace of a cloud provider)."""
+        if self._remote is None:
+            storage = _storage()
+            self._remote = bool(storage is not None and storage.is_remote_path(str(_sync(self.get().job.get_dir()))))
+        return self._remote
+
+    def work_dir(self) -> str:
+        """The job's folder this machine trains in: the job's own, or for a job of a remote workspace a local
+        folder named by the job (see `local_jobs_dir`)."""
+        job_dir = self.job_dir()
+        if not self.remote:
+            return job_dir
+        return os.path.join(local_jobs_dir(), posixpath.basename(job_dir))
 
 
 class LabConfig:
@@ -175,18 +231,19 @@ class LegacyPlaces(OutputDir):
 
 
 class LabJobPlaces:
-    """The job's own folders; TransformerLab may name a checkpoint to resume from."""
+    """The job's own folders; TransformerLab may name a checkpoint to resume from. A job of a remote workspace
+    trains in a local folder of the same layout (`LabConnection.work_dir`); its sink uploads what the job keeps."""
 
     def __init__(self, connection: LabConnection):
         self.connection = connection
 
     def locations(self, p):
-        checkpoints = self.connection.get().get_checkpoints_dir()
-        job_dir = self.connection.job_dir()
-        return Where(os.path.join(job_dir, "adaptor", p["adaptor_name"]), checkpoints, os.path.join(job_dir, "sft"))
+        work = self.connection.work_dir()
+        checkpoints = os.path.join(work, "checkpoints") if self.connection.remote else self.connection.checkpoints_dir()
+        return Where(os.path.join(work, "adaptor", p["adaptor_name"]), checkpoints, os.path.join(work, "sft"))
 
     def merged_location(self, p):
-        return os.path.join(self.connection.job_dir(), "merged", f"{p['adaptor_name']}-merged")
+        return os.path.join(self.connection.work_dir(), "merged", f"{p['adaptor_name']}-merged")
 
     def checkpoint_to_resume(self, p, world_size):
         """The checkpoint the job page's "Restart from checkpoint" names; else, since every launch of a task is a
@@ -197,10 +254,34 @@ class LabJobPlaces:
             requested = lab.get_checkpoint_to_resume()
             job_data = lab.get_job_data() or {}
         if requested:
-            return Continued(str(job_data.get("parent_job_id") or ""), requested)
+            local = self._downloaded(requested) if _is_remote(requested) else requested
+            return Continued(str(job_data.get("parent_job_id") or ""), local)
         if p["overwrite_output"] or "sweep_params" in job_data:
             return None
+        if self.connection.remote:
+            log.info(
+                "remote workspace: earlier jobs are not searched for an unfinished run of this adapter; "
+                "use Restart from checkpoint on that job to continue it"
+            )
+            return None
         return unfinished_run(self.other_runs(), p["adaptor_name"], world_size)
+
+    def _downloaded(self, uri: str) -> str:
+        """A checkpoint in the bucket, copied whole into this job's local folder (its identity file with it);
+        the copy is moved into place only once complete, and reused by a later attempt of the same job."""
+        target = os.path.join(self.connection.work_dir(), "resume", posixpath.basename(uri.rstrip("/")))
+        if os.path.isdir(target):
+            return target
+        partial = f"{target}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        log.info("downloading the checkpoint to resume from: %s -> %s", uri, target)
+        try:
+            _sync(_storage().copy_dir(uri, partial))
+            os.replace(partial, target)
+        except Exception as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise RunFailed(f"could not download the checkpoint to resume from ({uri}): {exc}") from None
+        return target
 
     def other_runs(self) -> list[tuple[Where, str]]:
         """The other jobs of this experiment, as (their folders, their id)."""
@@ -394,6 +475,10 @@ class LabJob(NullSink):
         self.config = config
         self.started = False
         self.stopped_exit_code = EXIT_STOPPED if created_here else EXIT_OK
+        # In a remote workspace: the checkpoints in the job's checkpoints folder there (name -> URI), and the
+        # names this run uploaded.
+        self._remote_checkpoints: dict[str, str] | None = None
+        self._uploaded: set[str] = set()
 
     def kill_grace_seconds(self):
         return None if self.created_here else self.TASK_KILL_GRACE
@@ -449,10 +534,42 @@ class LabJob(NullSink):
     def checkpoints(self, paths):
         if self._lab is None or not paths:
             return
+        if self.connection.remote:
+            paths = self._mirror(paths)
         # The job page lists the checkpoints folder only once job_data.checkpoints is set.
         job = self._lab.job
         _sync(job.update_job_data_field("checkpoints", list(paths)))
-        _sync(job.update_job_data_field("latest_checkpoint", paths[-1]))
+        _sync(job.update_job_data_field("latest_checkpoint", paths[-1] if paths else None))
+
+    def _mirror(self, paths: list[str]) -> list[str]:
+        """A remote workspace's checkpoints folder made to hold what the local one holds: each new checkpoint
+        uploaded (`lab.save_checkpoint`), then those rotated away locally removed there. A failed upload is
+        logged and tried again at the next save; training goes on. Returns the URIs there, oldest first."""
+        storage = _storage()
+        folder = self.connection.checkpoints_dir()
+        if self._remote_checkpoints is None:  # what an earlier attempt of this job may have left there
+            with contextlib.redirect_stdout(sys.stderr):
+                found = _sync(storage.ls(folder, detail=False)) if _sync(storage.exists(folder)) else []
+            names = (posixpath.basename(str(uri).rstrip("/")) for uri in found)
+            self._remote_checkpoints = {n: storage.join(folder, n) for n in names if _is_checkpoint_name(n)}
+        local = {os.path.basename(path.rstrip(os.sep)): path for path in paths}
+        for name, path in local.items():
+            if name in self._uploaded:
+                continue
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    self._remote_checkpoints[name] = self._lab.save_checkpoint(path, name)
+                self._uploaded.add(name)
+            except Exception as exc:
+                log.warning("could not upload %s to %s (tried again at the next save): %s", name, folder, exc)
+        for name in [n for n in self._remote_checkpoints if n not in local]:
+            try:
+                _sync(storage.rm_tree(self._remote_checkpoints[name]))
+                del self._remote_checkpoints[name]
+                self._uploaded.discard(name)
+            except Exception as exc:
+                log.warning("could not remove checkpoint %s from %s: %s", name, folder, exc)
+        return [uri for _, uri in sorted((checkpoints.step_of(n), u) for n, u in self._remote_checkpoints.items())]
 
     def register_model(self, path, p):
         return self._register(path, p["adaptor_name"], p)
@@ -483,8 +600,21 @@ class LabJob(NullSink):
             )
 
     def complete(self, message, score, plot_path):
+        if plot_path and self.connection.remote:
+            plot_path = self._uploaded_plot(plot_path)
         with contextlib.redirect_stdout(sys.stderr):
             self._lab.finish(message, score=score, plot_data_path=plot_path)
+
+    def _uploaded_plot(self, path: str) -> str | None:
+        """The loss plot copied beside the job in a remote workspace (`<job>/sft/`, where a local workspace has
+        it), which the host reads through its storage; None (no plot) if the copy fails."""
+        target = posixpath.join(self.connection.job_dir(), "sft", os.path.basename(path))
+        try:
+            _sync(_storage().copy_file(path, target))
+        except Exception as exc:
+            log.warning("could not upload the loss plot to %s: %s", target, exc)
+            return None
+        return target
 
     def fail(self, message):
         if self._reachable():
