@@ -183,6 +183,9 @@ class LabConnection:
         return os.path.join(local_jobs_dir(), posixpath.basename(job_dir))
 
 
+RECORD_READS = 20
+
+
 class LabConfig:
     """Parameters from `lab.get_config()`: what the task or the job was given."""
 
@@ -192,7 +195,17 @@ class LabConfig:
         self.connection = connection
 
     def raw_params(self) -> dict[str, Any]:
-        return dict(self.connection.get().get_config())
+        # The job's record is rewritten in place (truncated, then written): a read that lands in between (another
+        # node of the run, or the host, writing the job) finds no parameters. A task always has some: read again.
+        lab = self.connection.get()
+        for _ in range(RECORD_READS - 1):
+            with contextlib.redirect_stdout(sys.stderr):
+                config = lab.get_config()
+            if config:
+                return dict(config)
+            time.sleep(0.1)
+        with contextlib.redirect_stdout(sys.stderr):
+            return dict(lab.get_config())
 
 
 # --- where outputs and checkpoints live ------------------------------------------------------------------

@@ -286,3 +286,17 @@ def test_a_missing_lab_home_stops_before_lab_is_imported(tmp_path, monkeypatch):
         host.LabConfig(host.LabConnection(None)).raw_params()
     assert ("lab" in sys.modules) == imported_before
     assert not os.path.exists(tmp_path / "gone")
+
+
+def test_task_parameters_read_mid_rewrite_are_read_again():
+    # The lab SDK rewrites a job's record in place; a read landing in between finds no parameters (get_config
+    # returns {}), as another node of a multi-node run can see while the main node writes the job.
+    answers = iter([{}, {}, {"adaptor_name": "x"}])
+
+    class Lab:
+        def get_config(self):
+            return next(answers)
+
+    connection = host.LabConnection(None)
+    connection.lab = Lab()
+    assert host.LabConfig(connection).raw_params() == {"adaptor_name": "x"}
