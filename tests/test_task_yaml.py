@@ -59,6 +59,9 @@ def test_every_task_parameter_is_one_the_form_can_render():
             assert spec["default"] in spec["options"], name
         if "step" in spec:
             assert 0 < spec["step"] <= spec["max"] - spec["min"], name
+            # The slider can show the default exactly: it sits on the step grid from the minimum.
+            steps = (spec["default"] - spec["min"]) / spec["step"]
+            assert abs(steps - round(steps)) < 1e-6, name
 
 
 def test_the_task_asks_for_every_form_parameter_and_the_train_tabs_own_fields_but_no_per_node_setting():

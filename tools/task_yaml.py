@@ -76,6 +76,20 @@ TAB_FIELDS: dict[str, dict[str, Any]] = {
 }
 
 
+def _slider_step(low: float, high: float, default: float) -> float:
+    """The largest round step (1, 2 or 5 times a power of ten) of at most 1/SLIDER_STEPS of the range that the
+    minimum and the default sit on, so the slider can show the default exactly."""
+    import math
+
+    most = (high - low) / SLIDER_STEPS
+    exponent = math.floor(math.log10(most))
+    candidates = sorted((m * 10.0**e for e in range(exponent - 2, exponent + 1) for m in (1, 2, 5)), reverse=True)
+    for step in candidates:
+        if step <= most + 1e-12 and all(abs(v / step - round(v / step)) < 1e-6 for v in (low, default)):
+            return round(step, 10)
+    return round(most, 6)
+
+
 def _number(value: float, kind: str) -> int | float:
     return int(value) if kind == "int" else float(value)
 
@@ -99,7 +113,7 @@ def task_parameter(name: str, spec: dict[str, Any], ui: dict[str, Any]) -> dict[
         out["max"] = _number(spec["maximum"], kind)
     if ui.get("ui:widget") == "range" and "min" in out and "max" in out:
         out["ui_widget"] = "slider"
-        out["step"] = round((out["max"] - out["min"]) / SLIDER_STEPS, 6)
+        out["step"] = _slider_step(out["min"], out["max"], out.get("default", out["min"]))
     elif kind == "bool":
         out["ui_widget"] = "switch"
     out["title"] = spec.get("title", name)
