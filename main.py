@@ -52,6 +52,7 @@ def run(args, chosen: host.Host, stop: launch.StopFlag, nodes: machine.Nodes | N
     found = validation.check(("data",), p=p, out=out, data=source.facts())
     found.raise_errors()
     plan = plan.with_loss_mode(p, source.format)
+    stop.guard_forks()
     prepared = data.prepare(p, source, plan.completion_only, preview=args.preview, stopping=lambda: stop.requested)
     found.add(validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats))
     found.raise_errors()

@@ -81,11 +81,32 @@ class StopFlag:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        if self.interrupting and self._forking:
+            # Inside os.fork's hooks an exception is swallowed, with a lock of theirs (logging's) half taken: the
+            # stop would be lost and the next fork (a worker pool refilling itself) would hang. Come back once the
+            # fork is done.
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
         if self.signalled_at is None:
             self.signalled_at = time.time()
         self.request()
         if self.interrupting:
             raise StopRequested(0)
+
+    _forking = False
+
+    def guard_forks(self) -> None:
+        """Mark the time this process spends in os.fork (its hooks included), so a stop signal arriving then is
+        taken once the fork is done. Registered once the libraries that fork (datasets' worker pools) have
+        registered theirs: the last registered runs first before a fork and last after it."""
+
+        def entering() -> None:
+            StopFlag._forking = True
+
+        def leaving() -> None:
+            StopFlag._forking = False
+
+        os.register_at_fork(before=entering, after_in_parent=leaving, after_in_child=leaving)
 
 
 def free_port() -> int:
