@@ -20,18 +20,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.task_host import TaskRun, make_lab_job  # noqa: E402 - after the path is set
+
 TEMPLATE = "Question: {{ prompt }}\nAnswer:{{ completion }}"
 LEFTOVERS = {
     "use_spot": False,
@@ -44,27 +44,6 @@ LEFTOVERS = {
 }
 
 
-def lab_call(home: Path, code: str, *args: str) -> str:
-    """Run lab SDK code in a child process (as the API server would), returning its last stderr line."""
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TFL_HOME_DIR": str(home)},
-        check=True,
-    )
-    return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-
-
-def make_job(home: Path, parameters: dict, **job_data) -> str:
-    code = (
-        "import json, sys\nfrom lab import lab\nlab.init('exp1')\n"
-        "lab.set_config({'parameters': json.loads(sys.argv[1]), **json.loads(sys.argv[2])})\n"
-        "sys.stderr.write(str(lab.job.id))\n"
-    )
-    return lab_call(home, code, json.dumps(parameters), json.dumps(job_data))
-
-
 def read_job(home: Path, job_id: str) -> dict:
     index = home / "workspace" / "experiments" / "exp1" / "jobs" / job_id / "index.json"
     for _ in range(100):
@@ -72,58 +51,6 @@ def read_job(home: Path, job_id: str) -> dict:
             return json.loads(index.read_text())
         time.sleep(0.02)
     return json.loads(index.read_text())
-
-
-def mark_stopping(home: Path, job_id: str) -> None:
-    code = (
-        "import asyncio, sys\nfrom lab import Job\n"
-        "async def main():\n    job = await Job.get(sys.argv[1], 'exp1')\n"
-        "    await job.update_job_data_field('stop', True)\n    await job.update_status('STOPPING')\n"
-        "asyncio.run(main())\n"
-    )
-    lab_call(home, code, job_id)
-
-
-class TaskRun:
-    """`run:` as the Local provider runs it: /bin/bash -c in a new session, through tfl-remote-trap."""
-
-    def __init__(self, home: Path, job_id: str):
-        trap = Path(sys.executable).parent / "tfl-remote-trap"
-        self.log = home.parent / f"job-{job_id}.log"
-        env = {**os.environ, "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1", "TFL_HOME_DIR": str(home)}
-        self.proc = subprocess.Popen(
-            ["/bin/bash", "-c", f"{trap} -- {sys.executable} {ROOT / 'main.py'} --json"],
-            cwd=str(ROOT),
-            env=env,
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, text: str, timeout: float = 300) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline and self.proc.poll() is None and text not in self.output():
-            time.sleep(0.05)
-
-    def stop(self, home: Path, job_id: str) -> list[str]:
-        """The provider's Stop (transformerlab-app v0.40.1 services/process_registry.py)."""
-        mark_stopping(home, job_id)
-        root = psutil.Process(self.proc.pid)
-        procs = [root, *root.children(recursive=True)]
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=3)
-        killed = []
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                killed.append(" ".join(proc.cmdline()[1:3]))
-                proc.kill()
-        self.proc.wait(timeout=30)
-        return killed
 
 
 def task_parameters(form: dict) -> dict:
@@ -172,22 +99,22 @@ def main() -> None:
         "1. parameters as the job holds them (schema dicts, form values, leftovers; first 12 keys)",
         dict(list(params.items())[:12]) | {k: params[k] for k in LEFTOVERS},
     )
-    job = make_job(home, params)
+    job = make_lab_job(home, params)
     run = TaskRun(home, job)
     run.proc.wait(timeout=600)
     done = read_job(home, job)
     show("1. a 2-process run", summary(done, "score", "completion_details", "checkpoints"))
-    print("log lines:", *[line for line in run.output().splitlines() if "training started" in line], sep="\n  ")
+    print("log lines:", *[line for line in run.output.splitlines() if "training started" in line], sep="\n  ")
 
-    bad = make_job(home, task_parameters({**form, "adaptor_name": "bad", "batch_size": 0, "lora_alpha": "abc"}))
+    bad = make_lab_job(home, task_parameters({**form, "adaptor_name": "bad", "batch_size": 0, "lora_alpha": "abc"}))
     TaskRun(home, bad).proc.wait(timeout=300)
     show("2. an invalid run", summary(read_job(home, bad), "error_msg", "live_status"))
 
     stop_form = {**form, "adaptor_name": "stopped", "max_steps": 200, "save_steps": 2, "eval_split": 0}
-    first = make_job(home, task_parameters(stop_form))
+    first = make_lab_job(home, task_parameters(stop_form))
     run = TaskRun(home, first)
-    run.wait_for("checkpoint saved: step 4")
-    killed = run.stop(home, first)
+    run.wait_for("checkpoint saved: step 4", timeout=300)
+    killed = [" ".join(line.split()[1:3]) for line in run.stop()]
     stopped = read_job(home, first)
     folder = home / "workspace" / "experiments" / "exp1" / "jobs" / first / "checkpoints"
     entries = sorted(p.name for p in folder.iterdir())
@@ -202,19 +129,19 @@ def main() -> None:
         },
     )
 
-    second = make_job(home, task_parameters({**stop_form, "max_steps": int(complete[-1].split("-")[1]) + 4}))
+    second = make_lab_job(home, task_parameters({**stop_form, "max_steps": int(complete[-1].split("-")[1]) + 4}))
     run = TaskRun(home, second)
     run.proc.wait(timeout=600)
-    lines = [line for line in run.output().splitlines() if "continuing job" in line or "resuming at step" in line]
+    lines = [line for line in run.output.splitlines() if "continuing job" in line or "resuming at step" in line]
     show("4. queued again with the same adaptor_name: a new job", summary(read_job(home, second), "score"))
     print("log lines:", *lines, sep="\n  ")
 
-    sweep_job = make_job(home, {}, sweep_parent=True, sweep_metric="eval/loss", lower_is_better=True)
+    sweep_job = make_lab_job(home, {}, sweep_parent=True, sweep_metric="eval/loss", lower_is_better=True)
     children = []
     for index, rate in enumerate((0.002, 0.0002)):
         child_params = task_parameters({**form, "adaptor_name": "swept", "learning_rate": rate, "num_processes": 1})
         children.append(
-            make_job(
+            make_lab_job(
                 home,
                 child_params,
                 sweep_params={"learning_rate": rate},

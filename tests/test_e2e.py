@@ -24,6 +24,7 @@ from .conftest import (
     tagged_processes,
     write_config,
 )
+from .task_host import make_lab_job
 
 pytestmark = pytest.mark.slow
 
@@ -91,26 +92,6 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     progress = [r["progress"] for r in rows]
     assert progress == sorted(progress), "progress is monotonic"
     assert job["job_data"]["parameters"]["adaptor_name"] == "test-adaptor"
-
-
-def _make_lab_job(home: Path, params: dict, **job_data) -> str:
-    script = textwrap.dedent(
-        """
-        import json, sys
-        from lab import lab
-        lab.init("exp1")
-        lab.set_config({"parameters": json.loads(sys.argv[1]), **json.loads(sys.argv[2])})
-        sys.stderr.write(str(lab.job.id))
-        """
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(params), json.dumps(job_data)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TFL_HOME_DIR": str(home)},
-        check=True,
-    )
-    return proc.stderr.strip().splitlines()[-1]
 
 
 def tensorboard_events(path: Path) -> list:
@@ -310,7 +291,7 @@ def test_a_rank_that_raises_fails_the_job_with_its_message_and_leaves_no_process
 def test_invalid_parameters_fail_a_lab_sdk_job_with_every_line(tiny_model, tmp_path):
     home = tmp_path / "tflhome"
     params = base_config(tiny_model, tmp_path, max_steps=0, lora_r="lots", precision="fp16")
-    job_id = _make_lab_job(home, params)
+    job_id = make_lab_job(home, params)
     proc = run_main(["--json"], env={"_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     report = last_json(proc.stdout)
@@ -331,7 +312,7 @@ def test_invalid_parameters_fail_a_lab_sdk_job_with_every_line(tiny_model, tmp_p
 def test_cross_parameter_errors_are_reported_together_and_fail_the_job(tiny_model, tmp_path):
     home = tmp_path / "tflhome"
     params = base_config(tiny_model, tmp_path, max_steps=0, precision="fp16", lora_target_modules="lm_head")
-    job_id = _make_lab_job(home, params)
+    job_id = make_lab_job(home, params)
     proc = run_main(["--json"], env={"_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1"})
     assert proc.returncode == 2
     report = last_json(proc.stdout)

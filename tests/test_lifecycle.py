@@ -4,7 +4,6 @@ FSDP on gloo, merging, and two "nodes" on one machine."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -18,7 +17,8 @@ import psutil
 import pytest
 
 from .conftest import ROOT, RUN_TAG, base_config, last_json, tagged_processes, write_config
-from .test_e2e import _legacy_input, _make_lab_job, lab_jobs, metrics_rows, read_job
+from .task_host import TaskRun, make_lab_job, mark_stopping
+from .test_e2e import _legacy_input, lab_jobs, metrics_rows, read_job
 
 pytestmark = pytest.mark.slow
 
@@ -247,7 +247,7 @@ def _two_node_job(tiny_model, tmp_path) -> tuple[Path, str, dict]:
     home = tmp_path / "tflhome"
     params = base_config(tiny_model, tmp_path, num_processes=1, max_steps=4, logging_steps=1)
     params.pop("output_dir")
-    return home, _make_lab_job(home, params), params
+    return home, make_lab_job(home, params), params
 
 
 def _one_job_for_two_nodes(home: Path, job_id: str, outputs: list[str]) -> None:
@@ -343,69 +343,21 @@ def test_a_slurm_allocation_starts_the_run_on_every_node_with_srun(tiny_model, t
     _one_job_for_two_nodes(home, job_id, [run.stderr[-3000:]])
 
 
-class TaskRun:
-    """`python main.py` run the way current TransformerLab's Local provider runs a task's `run:` (transformerlab-app
-    v0.40.1, compute_providers/local.py): `/bin/bash -c` in a new session, wrapped in the lab SDK's real
-    `tfl-remote-trap`, which marks the job FAILED when the command exits non-zero."""
-
-    def __init__(self, job_id: str, home: Path, tag: str):
-        trap = Path(sys.executable).parent / "tfl-remote-trap"
-        command = f"{trap} -- {sys.executable} {ROOT / 'main.py'} --json"
-        env = {**os.environ, "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1", "TFL_HOME_DIR": str(home)}
-        self.log = home.parent / f"task-{job_id}.log"
-        self.proc = subprocess.Popen(
-            ["/bin/bash", "-c", command],
-            cwd=str(ROOT),
-            env={**env, RUN_TAG: tag},
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, text: str, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline and self.proc.poll() is None:
-            if text in self.output:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"never saw {text!r}; output:\n{self.output[-4000:]}")
-
-    def stop(self, index: Path) -> list[psutil.Process]:
-        """The job's Stop on the Local provider: job_data.stop and STOPPING, then SIGTERM to every process of
-        the tree and SIGKILL to what is left 3 s later (services/process_registry.py). Returns the killed."""
-        _set_job(index, stop=True, status="STOPPING")
-        root = psutil.Process(self.proc.pid)
-        procs = [root, *root.children(recursive=True)]
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=3)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        self.proc.wait(timeout=30)
-        return alive
-
-
 def test_a_task_job_stop_request_without_a_signal_stops_the_run_and_exits_0(tiny_model, tmp_path):
     """Issue 12, item 5: a provider that only marks the job (job_data.stop, STOPPING) and sends no signal."""
     home = tmp_path / "tflhome"
     params = base_config(tiny_model, tmp_path, max_steps=300, logging_steps=1, save_steps=1000)
     params.pop("output_dir")
-    job_id = _make_lab_job(home, params)
+    job_id = make_lab_job(home, params)
     [index] = lab_jobs(home, "exp1")
-    run = TaskRun(job_id, home, f"task-flag-{os.getpid()}-{time.monotonic_ns()}")
+    run = TaskRun(home, job_id, env={RUN_TAG: f"task-flag-{os.getpid()}-{time.monotonic_ns()}"})
     run.wait_for("step 2/300")
     # The job's record has no lock and the run rewrites it (progress, metrics), so a write of the host's can be
     # lost: like the host, keep the request there until the run ends.
     deadline = time.time() + 120
     while run.proc.poll() is None and time.time() < deadline:
         if not read_job(index)["job_data"].get("stop"):
-            _set_job(index, stop=True, status="STOPPING")
+            mark_stopping(home, job_id)
         time.sleep(0.5)
     assert run.proc.wait(timeout=30) == 0, run.output[-3000:]
     job = read_job(index)
@@ -415,22 +367,6 @@ def test_a_task_job_stop_request_without_a_signal_stops_the_run_and_exits_0(tiny
         f"the newest complete checkpoint is step {checkpoint.name.split('-')[1]}"
         in job["job_data"]["completion_details"]
     )
-
-
-def _set_job(index: Path, *, stop: bool, status: str) -> None:
-    """What the API does to the job's record through the lab SDK when Stop is pressed."""
-    script = (
-        "import asyncio, sys\n"
-        "from lab import Job\n"
-        "async def main():\n"
-        "    job = await Job.get(sys.argv[1], 'exp1')\n"
-        "    await job.update_job_data_field('stop', True)\n"
-        "    await job.update_status(sys.argv[2])\n"
-        "asyncio.run(main())\n"
-    )
-    home = index.parents[5]
-    env = {**os.environ, "TFL_HOME_DIR": str(home)}
-    subprocess.run([sys.executable, "-c", script, index.parent.name, status], env=env, check=True, timeout=60)
 
 
 def test_a_task_stop_ends_stopped_with_complete_checkpoints_and_a_new_job_resumes(tiny_model, tmp_path):
@@ -445,11 +381,11 @@ def test_a_task_stop_ends_stopped_with_complete_checkpoints_and_a_new_job_resume
     # replace (its default applies).
     params.update(use_spot=False, docker_image="", sweep_metric="eval/loss", lower_is_better=True)
     params["save_total_limit"] = {"type": "int", "default": 3, "min": 1, "title": "Checkpoints to keep"}
-    first = _make_lab_job(home, params)
+    first = make_lab_job(home, params)
     [first_index] = lab_jobs(home, "exp1")
-    run = TaskRun(first, home, tag)
+    run = TaskRun(home, first, env={RUN_TAG: tag})
     run.wait_for("checkpoint saved: step 4")
-    run.stop(first_index)
+    run.stop()
     output = run.output
     assert last_json(output)["status"] == "STOPPED", output[-3000:]
     job = read_job(first_index)
@@ -473,7 +409,7 @@ def test_a_task_stop_ends_stopped_with_complete_checkpoints_and_a_new_job_resume
 
     # Queued again with the same adaptor_name (every launch is a new job): it continues the stopped run.
     params["max_steps"] = stopped_at + 4  # a soft change: the resumed run goes on to it, with a warning
-    second = _make_lab_job(home, params)
+    second = make_lab_job(home, params)
     run = Running(["--json"], env={"_TFL_JOB_ID": second, "_TFL_EXPERIMENT_ID": "exp1"})
     assert run.finish() == 0, run.stderr[-3000:]
     assert f"continuing job {first} from step {stopped_at} ({checkpoint})" in run.stderr
@@ -499,7 +435,7 @@ def test_a_task_stop_ends_stopped_with_complete_checkpoints_and_a_new_job_resume
 
     # "Restart from checkpoint" on the job page names the checkpoint; a change that makes it unusable (the
     # adapter's rank) is refused, naming it.
-    third = _make_lab_job(home, {**params, "lora_r": 8}, parent_job_id=first, resumed_from_checkpoint=checkpoint.name)
+    third = make_lab_job(home, {**params, "lora_r": 8}, parent_job_id=first, resumed_from_checkpoint=checkpoint.name)
     run = Running(["--json"], env={"_TFL_JOB_ID": third, "_TFL_EXPERIMENT_ID": "exp1"})
     assert run.finish() == 2
     assert "lora_r" in last_json(run.stdout)["errors"][0]["message"]

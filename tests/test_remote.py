@@ -23,7 +23,8 @@ import pytest
 from plugin_utils import host
 
 from .conftest import ROOT, base_config, last_json
-from .test_e2e import _make_lab_job, read_job
+from .task_host import make_lab_job
+from .test_e2e import read_job
 from .test_lifecycle import Running
 
 FAKE_S3 = '''\
@@ -175,7 +176,7 @@ def test_a_job_of_a_remote_workspace_trains_locally_uploads_and_a_new_job_resume
     home = tmp_path / "tflhome"
     params = base_config(tiny_model, tmp_path, max_steps=4, save_steps=2, logging_steps=1, save_total_limit=1)
     params.pop("output_dir")
-    first = _make_lab_job(home, params)
+    first = make_lab_job(home, params)
     job_uri = f"s3://bucket/experiments/exp1/jobs/{first}"
     user_home = tmp_path / "home"  # the machine's HOME: the local folders go under ~/.cache by default
     user_home.mkdir()
@@ -217,7 +218,7 @@ def test_a_job_of_a_remote_workspace_trains_locally_uploads_and_a_new_job_resume
     # compared, and training goes on from its step (max_steps raised: a soft change). SFT_LOCAL_DIR moves
     # the local folders.
     params["max_steps"] = 6
-    second = _make_lab_job(home, params, parent_job_id=first, resumed_from_checkpoint="checkpoint-4")
+    second = make_lab_job(home, params, parent_job_id=first, resumed_from_checkpoint="checkpoint-4")
     folders = tmp_path / "local-jobs"
     env = {"_TFL_JOB_ID": second, "_TFL_EXPERIMENT_ID": "exp1", "HOME": str(user_home), "SFT_LOCAL_DIR": str(folders)}
     run = Running(["--json"], env=env)
