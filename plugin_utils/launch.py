@@ -425,7 +425,13 @@ def run_on_every_node(nodes, argv: list[str], stop: StopFlag) -> int:
     SIGTERM to its tasks). Node 0's copy reports to the job; this process only waits."""
     cmd = srun_command(nodes, argv)
     log.info("SLURM: %s nodes; starting on each: %s", nodes.count, " ".join(cmd))
-    proc = subprocess.Popen(cmd, env={**os.environ, "SFT_UNDER_SRUN": "1"}, stdin=subprocess.DEVNULL)
+    try:
+        proc = subprocess.Popen(cmd, env={**os.environ, "SFT_UNDER_SRUN": "1"}, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise RunFailed(
+            f"SLURM gave this job {nodes.count} nodes but srun is not on PATH, so the run cannot start on each; "
+            "load SLURM's environment in the task's setup, or run it on one node"
+        ) from None
     stop.interrupting = False
     sent = False
     while proc.poll() is None:

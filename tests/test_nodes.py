@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import stat
 
+import pytest
+
 from plugin_utils import launch, machine
 
 from .conftest import plan_of, resolve
@@ -91,3 +93,12 @@ def test_srun_runs_this_command_once_per_node():
     cmd = launch.srun_command(nodes, ["--json"])
     assert cmd[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     assert cmd[-2:] == [os.path.join(launch.PLUGIN_DIR, "main.py"), "--json"]
+
+
+def test_without_srun_a_slurm_allocation_fails_with_the_fix(monkeypatch):
+    from plugin_utils.errors import RunFailed
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    nodes = machine.Nodes(2, 0, "h", 29500, "SLURM", needs_srun=True)
+    with pytest.raises(RunFailed, match="srun is not on PATH"):
+        launch.run_on_every_node(nodes, ["--json"], launch.StopFlag())
