@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, stop.on_signal)
     chosen = finished = error = None
     try:
-        chosen = host.choose(args)
         nodes = machine.nodes_from_env()
+        chosen = host.choose(args, nodes)
         if nodes and nodes.needs_srun and not (args.check or args.dry_run):
             sys.exit(launch.run_on_every_node(nodes, sys.argv[1:] if argv is None else argv, stop))
         finished = run(args, chosen, stop, nodes)

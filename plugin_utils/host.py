@@ -134,8 +134,11 @@ class LabConnection:
     """The lab SDK, imported and initialised on first use (`lab.init` attaches to _TFL_JOB_ID's job, or
     creates a job in the local workspace)."""
 
-    def __init__(self, experiment: str | None):
+    def __init__(self, experiment: str | None, *, read_only: bool = False):
         self.experiment = experiment
+        # Another node of a multi-node run reads the job and never writes it: `lab.init` writes the job's record
+        # (start time, status, live status), and two nodes writing it at once leave it corrupt for good.
+        self.read_only = read_only
         self.lab = None
         self.metrics_api = True
         self._checkpoints_dir: str | None = None
@@ -143,9 +146,15 @@ class LabConnection:
 
     def get(self):
         if self.lab is None:
-            lab = _import_lab().lab
+            module = _import_lab()
+            lab = module.lab
             with contextlib.redirect_stdout(sys.stderr):
-                lab.init(experiment_id=self.experiment)
+                if self.read_only and hasattr(lab, "_job") and hasattr(lab, "_experiment"):
+                    experiment = self.experiment or os.environ.get("_TFL_EXPERIMENT_ID") or "alpha"
+                    lab._experiment = _sync(module.Experiment.create_or_get(experiment, create_new=False))
+                    lab._job = _sync(module.Job.get(os.environ["_TFL_JOB_ID"], lab._experiment.id))
+                else:
+                    lab.init(experiment_id=self.experiment)
             self.metrics_api = "metrics" in inspect.signature(lab.update_progress).parameters
             self.lab = lab
         return self.lab
@@ -682,7 +691,7 @@ def read_config(path: str, overrides: list[str]) -> dict[str, Any]:
     return params
 
 
-def choose(args) -> Host:
+def choose(args, nodes=None) -> Host:
     """The host for this start: input file (legacy harness), _TFL_JOB_ID (lab SDK), or --config (headless)."""
     if args.input_file:
         source = InputFile(args.input_file)
@@ -692,7 +701,7 @@ def choose(args) -> Host:
         connection = LabConnection(args.experiment or "alpha")
         return Host(ConfigFile(config), OutputDir(), LabJob(connection, created_here=True, config=config))
     if os.environ.get("_TFL_JOB_ID"):
-        connection = LabConnection(None)
+        connection = LabConnection(None, read_only=nodes is not None and nodes.rank > 0)
         return Host(LabConfig(connection), LabJobPlaces(connection), LabJob(connection))
     raise InvalidConfig(
         [problem("--config", "no parameters given", "Run `python main.py --config run.json` (see README.md)")]

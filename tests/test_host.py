@@ -1,7 +1,8 @@
 """plugin_utils/host.py: reading a headless config, choosing the host for each way of starting, where
 each host puts the adapter and checkpoints, and a missing lab home as a clear error (SPEC §2, §7).
 
-Nothing here imports `lab`: the end-to-end tests drive the real SDK."""
+Nothing here imports `lab` (a test that needs it runs it in a process of its own): the end-to-end tests drive the
+real SDK."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from plugin_utils import host, params
 from plugin_utils.errors import InvalidConfig
-from tests.conftest import resolve
+from tests.conftest import ROOT, resolve
 
 
 def args(**given) -> argparse.Namespace:
@@ -300,3 +301,28 @@ def test_task_parameters_read_mid_rewrite_are_read_again():
     connection = host.LabConnection(None)
     connection.lab = Lab()
     assert host.LabConfig(connection).raw_params() == {"adaptor_name": "x"}
+
+
+def test_another_node_reads_the_task_job_without_writing_it(tmp_path):
+    # Every node of a multi-node task attaches to the same job; lab.init writes its record, and two nodes doing
+    # so at once left it corrupt ("Corrupt JSON ... treating as empty": no parameters on either node).
+    import subprocess
+
+    from .task_host import make_lab_job
+
+    home = tmp_path / "tflhome"
+    job_id = make_lab_job(home, {"adaptor_name": "x"})
+    [index] = (home / "workspace" / "experiments" / "exp1" / "jobs").glob("*/index.json")
+    before = index.read_bytes()
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from plugin_utils import host\n"
+        "connection = host.LabConnection(None, read_only=True)\n"
+        "print(host.LabConfig(connection).raw_params()['adaptor_name'], connection.job_id)\n"
+    )
+    env = {**os.environ, "TFL_HOME_DIR": str(home), "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1"}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT)], capture_output=True, text=True, env=env, check=True, timeout=120
+    )
+    assert out.stdout.split() == ["x", job_id]
+    assert index.read_bytes() == before, "the job's record is untouched"
