@@ -184,27 +184,10 @@ import json
 import sys
 
 cfg, work, task, label, procs = sys.argv[1:]
-config = {
-    "model_name": f"{work}/tiny-model-128x4",
-    "dataset_name": f"{task}/demo/sample_data.jsonl",
-    "formatting_template": "Question: {{ prompt }}\nAnswer:{{ completion }}",
-    "completion_only_loss": "auto",
-    "adaptor_name": f"host-stack-{label}",
-    "output_dir": f"{work}/outputs",
-    "overwrite_output": True,
-    "train_device": "cpu",
-    "num_processes": int(procs),
-    "num_train_epochs": 40,
-    "batch_size": 8,
-    "gradient_accumulation_steps": 1,
-    "learning_rate": 3e-3,
-    "lora_r": 16,
-    "lora_alpha": 32,
-    "maximum_sequence_length": 128,
-    "logging_steps": 25,
-    "save_steps": 100,
-    "eval_split": 0.1,
-}
+sys.path.insert(0, task)
+from demo.run_demo import demo_config
+
+config = demo_config(f"{work}/tiny-model-128x4", f"{work}/outputs", f"host-stack-{label}", int(procs))
 json.dump(config, open(cfg, "w"), indent=2)
 EOF
   step "run: python main.py --config $label.json (num_processes $procs, train_device cpu)"

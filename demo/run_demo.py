@@ -20,23 +20,19 @@ ROOT = HERE.parent
 WORKSPACE = HERE / "workspace"
 
 
-def main() -> int:
-    sys.path.insert(0, str(ROOT))
-    from demo.tiny_model import build
-
-    home = WORKSPACE / "tflhome"
-    home.mkdir(parents=True, exist_ok=True)
-    model = build(WORKSPACE / "tiny-model-128x4", hidden=128, layers=4)
-    config = {
-        "model_name": str(model),
+def demo_config(model: str, output_dir: str, adaptor_name: str = "demo-adaptor", num_processes: int = 2) -> dict:
+    """The demo's parameters: 40 epochs of LoRA on the bundled rows, on the CPU (also what bench/host_stack.sh
+    trains in TransformerLab's job venv)."""
+    return {
+        "model_name": model,
         "dataset_name": str(HERE / "sample_data.jsonl"),
         "formatting_template": "Question: {{ prompt }}\nAnswer:{{ completion }}",
         "completion_only_loss": "auto",
-        "adaptor_name": "demo-adaptor",
-        "output_dir": str(WORKSPACE / "outputs"),
+        "adaptor_name": adaptor_name,
+        "output_dir": output_dir,
         "overwrite_output": True,
         "train_device": "cpu",
-        "num_processes": 2,
+        "num_processes": num_processes,
         "num_train_epochs": 40,
         "batch_size": 8,
         "gradient_accumulation_steps": 1,
@@ -48,6 +44,16 @@ def main() -> int:
         "save_steps": 100,
         "eval_split": 0.1,
     }
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    from demo.tiny_model import build
+
+    home = WORKSPACE / "tflhome"
+    home.mkdir(parents=True, exist_ok=True)
+    model = build(WORKSPACE / "tiny-model-128x4", hidden=128, layers=4)
+    config = demo_config(str(model), str(WORKSPACE / "outputs"))
     config_path = WORKSPACE / "demo_config.json"
     config_path.write_text(json.dumps(config, indent=2))
     env = {
