@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, stop.on_signal)
     chosen = finished = error = None
     try:
+        cli.check_flags(args)
         nodes = machine.nodes_from_env()
         chosen = host.choose(args, nodes)
         if nodes and nodes.needs_srun and not (args.check or args.dry_run):

@@ -4,6 +4,7 @@ ended into the job's final status, the last JSON line and the exit code (SPEC §
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, InvalidConfig, Problem, RunFailed, StopRequested
+from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, InvalidConfig, Problem, RunFailed, StopRequested, problem
 from .runfolder import process_start
 
 log = logging.getLogger("sft")
@@ -31,8 +32,34 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input_file", help=argparse.SUPPRESS)
     parser.add_argument("--plugin_dir", help=argparse.SUPPRESS)
     parser.add_argument("--experiment_name", help=argparse.SUPPRESS)
-    args, _unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    # Checked by check_flags() where an unknown flag becomes a clean error (exit 2), not here.
+    args.unknown = unknown
+    args.known_flags = sorted(
+        option for action in parser._actions for option in action.option_strings if action.help != argparse.SUPPRESS
+    )
     return args
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """An unknown flag is an error naming the flag it resembles when the plugin is run by hand (`--dry_run` or
+    `--chek` would otherwise start a real run); under TransformerLab's harness, which passes flags of its own,
+    it is ignored."""
+    if args.input_file or not args.unknown:
+        return
+    problems = []
+    for given in args.unknown:
+        flag = given.split("=", 1)[0]
+        if not flag.startswith("-"):
+            problems.append(problem(given, "unexpected argument", "Give parameters in the --config file or with --set"))
+            continue
+        spelled = "--" + flag.lstrip("-").replace("_", "-")
+        close = (
+            [spelled] if spelled in args.known_flags else difflib.get_close_matches(spelled, args.known_flags, 1, 0.6)
+        )
+        fix = f"Did you mean {close[0]}?" if close else f"Known flags: {', '.join(args.known_flags)}"
+        problems.append(problem(flag, "unknown flag", fix))
+    raise InvalidConfig(problems)
 
 
 def setup_logging() -> None:

@@ -25,7 +25,8 @@ class Problem:
 def problem(parameter: str, what: str, fix: str = "") -> Problem:
     """One line: `<parameter>: <what is wrong>. <how to fix it>`."""
     what = what.rstrip(".")
-    text = f"{what}. {fix.rstrip('.')}." if fix else f"{what}."
+    fix = fix if fix.endswith(("?", "!")) else fix.rstrip(".") + "." if fix else ""
+    text = f"{what}. {fix}" if fix else f"{what}."
     return Problem(parameter, text)
 
 

@@ -320,15 +320,25 @@ def num_processes_is_auto_or_count(p):
     """num_processes is auto or a positive count."""
     value = str(p["num_processes"]).strip().lower()
     if value != "auto" and not (value.isdigit() and int(value) >= 1):
-        yield error("num_processes", f"{p['num_processes']!r} is neither 'auto' nor a count", "Use auto or 1, 2, ...")
+        yield error(
+            "num_processes", f"{p['num_processes']!r} is neither 'auto' nor a count", "Use auto or a count such as 2"
+        )
 
 
 @rule("parameters")
 def gpu_ids_is_auto_or_list(p):
-    """gpu_ids is auto or a comma list of ids."""
+    """gpu_ids is auto or a comma list of distinct ids (a GPU listed twice would get two processes)."""
     value = str(p["gpu_ids"]).replace(" ", "")
-    if value.lower() != "auto" and not all(part.isdigit() for part in value.split(",")):
+    if value.lower() == "auto":
+        return
+    parts = value.split(",")
+    if not all(part.isdigit() for part in parts):
         yield error("gpu_ids", f"{p['gpu_ids']!r} is not a list of GPU ids", "Use auto, or ids such as 0,1")
+        return
+    twice = sorted({int(part) for part in parts if [int(x) for x in parts].count(int(part)) > 1})
+    if twice:
+        listed = ", ".join(map(str, twice))
+        yield error("gpu_ids", f"GPU {listed} is listed more than once", "List each GPU once, such as 0,1")
 
 
 # --- this machine ----------------------------------------------------------------------------------
@@ -350,6 +360,19 @@ def gpus_exist(p, machine: Machine):
             f"GPU {', '.join(map(str, missing))} does not exist{where} (visible: {usable or 'none'})",
             "Pick ids from the visible GPUs, or auto",
         )
+
+
+@rule("machine")
+def cpu_processes_fit_cores(p, machine: Machine):
+    """Training on the CPU, more processes than cores only share them out: a warning."""
+    count = asked_processes(p)
+    if count is None or planned_gpus(p, machine) or count <= machine.cpu_count:
+        return
+    yield warning(
+        "num_processes",
+        f"{count} processes on the CPU of a machine with {machine.cpu_count} cores share them out and train slower",
+        f"Use at most {machine.cpu_count}",
+    )
 
 
 @rule("machine")

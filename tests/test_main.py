@@ -120,3 +120,26 @@ def test_a_missing_adaptor_name_is_required(tiny_model, tmp_path):
     proc = run_main(["--config", write_config(tmp_path, config), "--check", "--json"])
     assert proc.returncode == 2
     assert last_json(proc.stdout)["errors"][0]["parameter"] == "adaptor_name"
+
+
+def test_a_mistyped_flag_is_refused_with_the_flag_it_resembles_and_trains_nothing(tiny_model, tmp_path):
+    # Issue 13, item 3: unknown flags were ignored, so `--dry_run` started a real training run.
+    config = write_config(tmp_path, base_config(tiny_model, tmp_path))
+    proc = run_main(["--config", config, "--dry_run", "--chek", "--preview=2", "extra", "--json"])
+    assert proc.returncode == 2, proc.stderr
+    errors = {e["parameter"]: e["message"] for e in last_json(proc.stdout)["errors"]}
+    assert errors == {
+        "--dry_run": "unknown flag. Did you mean --dry-run?",
+        "--chek": "unknown flag. Did you mean --check?",
+        "extra": "unexpected argument. Give parameters in the --config file or with --set.",
+    }
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "tflhome" / "workspace").exists()
+
+
+def test_the_harness_may_pass_flags_of_its_own():
+    from plugin_utils import cli
+
+    args = cli.parse(["--plugin_dir", "/p", "--input_file", "/f.json", "--experiment_name", "e", "--job_id", "7"])
+    cli.check_flags(args)  # TransformerLab's harness: its flags are taken, others ignored
+    assert (args.input_file, args.unknown) == ("/f.json", ["--job_id", "7"])

@@ -343,10 +343,12 @@ def test_all_problems_are_reported_at_once():
         )
     found = {p.parameter for p in caught.value.errors}
     assert found == {"learning_rat", "batch_size", "lora_r", "precision", "packing", "max_steps", "adaptor_name"}
-    # One line each, in the `<parameter>: <what>. <fix>.` form.
+    # One line each, in the `<parameter>: <what>. <fix>.` form; a question ends with its question mark alone.
     lines = str(caught.value).splitlines()
     assert len(lines) == len(found)
-    assert all(line.split(": ", 1)[0] in found and line.endswith(".") for line in lines)
+    assert all(line.split(": ", 1)[0] in found and line.endswith((".", "?")) for line in lines)
+    assert not [line for line in lines if line.endswith(("?.", "..", " ."))]
+    assert "learning_rat: unknown parameter. Did you mean 'learning_rate'?" in lines
 
 
 def test_warnings_travel_with_the_errors_under_a_host():

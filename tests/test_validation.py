@@ -202,6 +202,9 @@ CONFIG_CASES = [
     (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "0,,1"}, {("error", "gpu_ids")}),
     (validation.gpu_ids_is_auto_or_list, {"gpu_ids": ""}, {("error", "gpu_ids")}),
     (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "all"}, {("error", "gpu_ids")}),
+    # A GPU listed twice would get two processes on one card (issue 13, item 4).
+    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "0,0"}, {("error", "gpu_ids")}),
+    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "1, 0, 1"}, {("error", "gpu_ids")}),
     (validation.lora_not_on_lm_head, {}, set()),
     (validation.lora_not_on_lm_head, {"lora_target_modules": "q_proj,v_proj"}, set()),
     (validation.lora_not_on_lm_head, {"lora_target_modules": "q_proj, lm_head"}, {("error", "lora_target_modules")}),
@@ -241,6 +244,11 @@ MACHINE_CASES = [
     (validation.processes_fit_gpus, {"num_processes": "2", "gpu_ids": "1"}, TWO_AMPERE, {("error", "num_processes")}),
     (validation.processes_fit_gpus, {"num_processes": "auto"}, TWO_AMPERE, set()),
     (validation.processes_fit_gpus, {"num_processes": "4"}, CPU_ONLY, set()),
+    # More CPU processes than cores only share them out (issue 13, item 4): a warning.
+    (validation.cpu_processes_fit_cores, {"num_processes": "8"}, CPU_ONLY, set()),
+    (validation.cpu_processes_fit_cores, {"num_processes": "64"}, CPU_ONLY, {("warning", "num_processes")}),
+    (validation.cpu_processes_fit_cores, {"num_processes": "auto"}, CPU_ONLY, set()),
+    (validation.cpu_processes_fit_cores, {"num_processes": "2"}, TWO_AMPERE, set()),
     (validation.processes_fit_gpus, {"num_processes": "4", "train_device": "cpu"}, TWO_AMPERE, set()),
     (validation.cpu_only_note, {}, CPU_ONLY, {("warning", "train_device")}),
     (validation.cpu_only_note, {"train_device": "cpu"}, CPU_ONLY, set()),
@@ -833,3 +841,15 @@ def test_the_plan_records_each_decision_with_its_reason():
 def test_deepspeed_needs_cuda_gpus():
     found = validation.strategy_packages_installed(config(distributed_strategy="deepspeed_zero2"), CPU_ONLY)
     assert [(s, p.parameter, "CUDA" in p.message) for s, p in found] == [("error", "distributed_strategy", True)]
+
+
+def test_a_gpu_listed_twice_and_cpu_oversubscription_are_named_with_the_fix():
+    [line] = messages(validation.gpu_ids_is_auto_or_list, config(gpu_ids="1,0,1"))
+    assert line == "gpu_ids: GPU 1 is listed more than once. List each GPU once, such as 0,1."
+    [line] = messages(validation.cpu_processes_fit_cores, config(num_processes="64"), CPU_ONLY)
+    assert line == (
+        "num_processes: 64 processes on the CPU of a machine with 8 cores share them out and train slower. "
+        "Use at most 8."
+    )
+    [line] = messages(validation.num_processes_is_auto_or_count, config(num_processes="x"))
+    assert line == "num_processes: 'x' is neither 'auto' nor a count. Use auto or a count such as 2."
