@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -431,3 +432,45 @@ def test_the_run_record_keeps_its_start_and_says_when_it_finished(tmp_path):
         "started": started,
         "finished": True,
     }
+
+
+# --- the run lock survives what the run deletes (issue 13, item 2) ---------------------------------------------
+
+
+def test_overwrite_output_removes_the_checkpoints_but_never_the_lock_held_on_them(tmp_path):
+    where = outputs.Where(str(tmp_path / "a"), str(tmp_path / "checkpoints"), str(tmp_path / "runs"))
+    record(make_checkpoint(where.checkpoint_dir, 4), IDENTITY)
+    changed = {**IDENTITY, "asked": {**IDENTITY["asked"], "lora_r": 8}}
+    with outputs.RunLock(where.lock_path):
+        out = outputs.inspect(where, changed, overwrite=True)
+        assert outputs.prepare_checkpoints(out) is None and not os.listdir(where.checkpoint_dir)
+        # The lock is in the run's own folder, which nothing deletes: a second run is still refused.
+        assert os.path.isfile(where.lock_path)
+        assert outputs.inspect(where, changed, overwrite=True).lock_holder == f"pid {os.getpid()}"
+
+
+def test_of_two_runs_started_at_the_same_moment_exactly_one_takes_the_lock(tmp_path):
+    import subprocess
+
+    lock, go = tmp_path / "runs" / "lock", tmp_path / "go"
+    script = (
+        "import os, sys, time; sys.path.insert(0, sys.argv[1])\n"
+        "from plugin_utils.errors import InvalidConfig\n"
+        "from plugin_utils.outputs import RunLock\n"
+        "while not os.path.exists(sys.argv[3]): time.sleep(0.001)\n"
+        "try:\n"
+        "    with RunLock(sys.argv[2]):\n"
+        "        print('took', flush=True); time.sleep(2)\n"
+        "except InvalidConfig as exc:\n"
+        "    print('refused', exc, flush=True)\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(ROOT), str(lock), str(go)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    time.sleep(1.0)  # both are waiting for the same start
+    go.touch()
+    answers = sorted(proc.communicate(timeout=60)[0].split()[0] for proc in procs)
+    assert answers == ["refused", "took"]
