@@ -7,12 +7,12 @@ import argparse
 import difflib
 import json
 import logging
-import os
 import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from . import checkpoints
 from .errors import EXIT_FAILED, EXIT_INVALID, EXIT_OK, InvalidConfig, Problem, RunFailed, StopRequested, problem
 from .runfolder import process_start
 
@@ -209,7 +209,7 @@ def stop_message(step: int, checkpoint: str | None) -> str:
     """What a stopped run says: where it stopped, and what the next run continues from."""
     text = "Stopped on request" + (f" at step {step}" if step else " before the first training step")
     if checkpoint:
-        saved = int(os.path.basename(checkpoint.rstrip(os.sep)).removeprefix("checkpoint-"))
+        saved = checkpoints.step_of(checkpoint)
         return (
             f"{text}; the newest complete checkpoint is step {saved} ({checkpoint}): run again with the same "
             "adaptor_name to continue from it"

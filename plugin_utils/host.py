@@ -60,6 +60,14 @@ def _end_job(job, status: str, completion: str, message: str, extra: dict[str, A
     _sync(job.update_status(status))
 
 
+def _stop_asked(job) -> bool:
+    """The job's own stop request, as its Stop button leaves it: job_data.stop, or the status STOPPING (the
+    legacy job API of lab 0.0.98 has no status to read)."""
+    data = _sync(job.get_job_data()) or {}
+    status = _sync(job.get_status()) if hasattr(job, "get_status") else None
+    return bool(data.get("stop")) or status == "STOPPING"
+
+
 def _check_lab_home() -> None:
     # Importing `lab` exits the process when these name a missing folder; say so instead.
     for var in ("TFL_HOME_DIR", "TFL_WORKSPACE_DIR"):
@@ -440,11 +448,7 @@ class LegacyJob(NullSink):
         self._writer.flush()
 
     def should_stop(self) -> bool:
-        if self.job is None:
-            return False
-        data = _sync(self.job.get_job_data()) or {}
-        status = _sync(self.job.get_status()) if hasattr(self.job, "get_status") else None
-        return bool(data.get("stop")) or status == "STOPPING"
+        return self.job is not None and _stop_asked(self.job)
 
     def _finish(self, status: str, completion: str, message: str, extra: dict[str, Any] | None = None) -> None:
         if self._writer is not None:
@@ -549,9 +553,7 @@ class LabJob(NullSink):
         if self._lab is None or self.created_here:
             return False
         with contextlib.redirect_stdout(sys.stderr):
-            data = self._lab.get_job_data() or {}
-            status = _sync(self._lab.job.get_status())
-        return bool(data.get("stop")) or status == "STOPPING"
+            return _stop_asked(self._lab.job)
 
     def checkpoints(self, paths):
         if self._lab is None or not paths:

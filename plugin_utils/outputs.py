@@ -15,6 +15,7 @@ from typing import Any
 
 from . import checkpoints
 from .errors import InvalidConfig, RunFailed, problem
+from .sources import read_json
 
 SUMMARY_FILE = "training_summary.json"
 LIBRARIES = ("trl", "transformers", "accelerate", "peft", "datasets", "torch", "transformerlab")
@@ -166,11 +167,7 @@ def write_record(where: Where, adaptor_name: str, job_id: str, *, finished: bool
 
 
 def read_record(run_dir: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(Path(run_dir, RUN_RECORD_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    return read_json(os.path.join(run_dir, RUN_RECORD_FILE)) or None
 
 
 @dataclass(frozen=True)
