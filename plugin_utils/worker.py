@@ -208,6 +208,10 @@ class Reporter(TrainerCallback):
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True
+        if control.should_training_stop:
+            # The last trained step is always logged, whatever logging_steps is: the final loss, the job's score
+            # and the last row of its metrics are the loss up to that step, never one from steps before.
+            control.should_log = True
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -49,7 +49,8 @@ def metrics_rows(index: Path) -> list[dict]:
 
 
 def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, tmp_path):
-    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=8)
+    # Logged at steps 1, 3 and 6 by logging_steps; step 8, the last one trained, is logged because it is the last.
+    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=8, logging_steps=3)
     del config["gradient_checkpointing"]  # auto: decided from the memory estimate
     proc = run_main(["--config", write_config(tmp_path, config), "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -89,6 +90,10 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     logged = [r["metrics"] for r in rows if "train/loss" in r.get("metrics", {})]
     assert logged and all("loss" not in m and "learning_rate" not in m for m in logged)
     assert {"train/learning_rate", "train/tokens_per_second"} <= set().union(*logged)
+    # The final loss, the score and the last row of the metrics are the loss at the last trained step.
+    last = [r for r in rows if "train/loss" in r.get("metrics", {})][-1]
+    assert last["metrics"]["train/loss"] == pytest.approx(result["final_loss"])
+    assert last.get("step") == 8, rows
     progress = [r["progress"] for r in rows]
     assert progress == sorted(progress), "progress is monotonic"
     assert job["job_data"]["parameters"]["adaptor_name"] == "test-adaptor"
