@@ -1,20 +1,29 @@
-"""What this machine offers, found without importing torch: GPUs (nvidia-smi), packages, free disk."""
+"""What this machine offers, found without importing torch: GPUs (NVML, else nvidia-smi), packages, free disk."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
 class Gpu:
-    index: int
+    index: int  # as nvidia-smi numbers GPUs; a MIG device has its GPU's
     name: str
     memory_mib: int
     compute_capability: float
+    uuid: str = ""  # GPU-...; a MIG device's MIG-...
+    # A MIG device: its GPU's uuid and "<GPU instance>/<compute instance>" (CUDA's older MIG-GPU-<uuid>/gi/ci name).
+    parent_uuid: str = ""
+    instance: str = ""
+    # A GPU in MIG mode is used only through its MIG devices.
+    mig_mode: bool = False
+    mig_devices: tuple[Gpu, ...] = ()
 
     @property
     def ampere_or_newer(self) -> bool:
@@ -24,66 +33,208 @@ class Gpu:
     def supports_bf16(self) -> bool:
         return self.ampere_or_newer
 
+    @property
+    def is_mig(self) -> bool:
+        return bool(self.parent_uuid)
+
+
+def _matching(entry: str, gpus: list[Gpu]) -> Gpu | None:
+    """The GPU one CUDA_VISIBLE_DEVICES entry names, as CUDA reads it: an index, a GPU- UUID or a prefix of one
+    that only one GPU has, a MIG- id (or a unique prefix), or the older MIG-GPU-<uuid>/<gi>/<ci>; None if none."""
+    if entry.isdigit():
+        return next((g for g in gpus if g.index == int(entry)), None)
+    if entry.startswith("MIG-GPU-") and "/" in entry:
+        parent, _, instance = entry.removeprefix("MIG-").partition("/")
+        found = [m for g in gpus for m in g.mig_devices if (m.parent_uuid, m.instance) == (parent, instance)]
+    elif entry.startswith("MIG-"):
+        found = [m for g in gpus for m in g.mig_devices if m.uuid.startswith(entry)]
+    elif entry.startswith("GPU-"):
+        found = [g for g in gpus if g.uuid.startswith(entry)]
+    else:
+        found = []
+    return found[0] if len(found) == 1 else None
+
 
 @dataclass
 class Machine:
     gpus: list[Gpu] = field(default_factory=list)
-    # What CUDA_VISIBLE_DEVICES allows, as nvidia-smi indices; None when unset.
-    visible: list[int] | None = None
+    # CUDA_VISIBLE_DEVICES's entries as written (indices, GPU- UUIDs or prefixes, MIG- ids), up to a -1 that
+    # hides the rest; None when unset.
+    visible: list[int | str] | None = None
     cpu_count: int = 1
     ram_bytes: float | None = None
 
+    def _named(self) -> tuple[list[tuple[str, Gpu]], str]:
+        """The devices CUDA gives this process, in its order, each with the CUDA_VISIBLE_DEVICES entry that names
+        it; and the first entry that names no GPU here ('' if none), where CUDA stops reading the list."""
+        unknown = ""
+        if self.visible is None:
+            listed = [(str(g.index), g) for g in self.gpus]
+        else:
+            listed = []
+            for entry in map(str, self.visible):
+                gpu = _matching(entry, self.gpus)
+                if gpu is None:
+                    unknown = entry
+                    break
+                if all(gpu != seen for _, seen in listed):
+                    listed.append((entry, gpu))
+        named, mig_taken = [], False
+        for entry, gpu in listed:
+            devices = [(m.uuid, m) for m in gpu.mig_devices] if gpu.mig_mode else [(entry, gpu)]
+            for name, device in devices:
+                # CUDA gives one process one MIG device at most: the first it is shown.
+                if device.is_mig and mig_taken:
+                    continue
+                mig_taken = mig_taken or device.is_mig
+                named.append((name, device))
+        return named, unknown
+
     @property
     def usable_gpus(self) -> list[Gpu]:
-        if self.visible is None:
-            return list(self.gpus)
-        by_index = {g.index: g for g in self.gpus}
-        return [by_index[i] for i in self.visible if i in by_index]
+        return [gpu for _, gpu in self._named()[0]]
+
+    @property
+    def unknown_visible(self) -> str:
+        """The first CUDA_VISIBLE_DEVICES entry that names no GPU here ('' if none): CUDA hides the GPUs listed
+        from it on."""
+        return self._named()[1]
+
+    def cuda_id(self, gpu: Gpu) -> str:
+        """How a rank's CUDA_VISIBLE_DEVICES names this GPU: as this process's own names it (a UUID stays that
+        UUID), a MIG device by its id, else by its index."""
+        named = next((name for name, device in self._named()[0] if device == gpu), "")
+        return named or (gpu.uuid if gpu.is_mig else str(gpu.index))
 
 
 def has_package(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _nvml_gpu(nvml, index: int) -> Gpu:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+    gpu = Gpu(
+        index,
+        _text(nvml.nvmlDeviceGetName(handle)),
+        nvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20,
+        float(f"{major}.{minor}"),
+        _text(nvml.nvmlDeviceGetUUID(handle)),
+    )
+    try:
+        mig_on = nvml.nvmlDeviceGetMigMode(handle)[0] == nvml.NVML_DEVICE_MIG_ENABLE
+    except nvml.NVMLError:  # a GPU without MIG
+        return gpu
+    if not mig_on:
+        return gpu
+    devices = []
+    for slot in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+        try:
+            mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except nvml.NVMLError:  # an empty slot
+            continue
+        instance = f"{nvml.nvmlDeviceGetGpuInstanceId(mig)}/{nvml.nvmlDeviceGetComputeInstanceId(mig)}"
+        devices.append(
+            Gpu(
+                index,
+                _text(nvml.nvmlDeviceGetName(mig)),
+                nvml.nvmlDeviceGetMemoryInfo(mig).total // 2**20,
+                gpu.compute_capability,
+                _text(nvml.nvmlDeviceGetUUID(mig)),
+                parent_uuid=gpu.uuid,
+                instance=instance,
+            )
+        )
+    return replace(gpu, mig_mode=True, mig_devices=tuple(devices))
+
+
+def _query_nvml() -> list[Gpu] | None:
+    """The GPUs as NVML (nvidia-ml-py) reports them; None when it cannot: not installed, or no driver library."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        return [_nvml_gpu(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except pynvml.NVMLError:
+        return None
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def _nvidia_smi(exe: str, *args: str) -> str:
+    try:
+        return subprocess.run([exe, *args], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# `nvidia-smi -L`'s lines for a GPU and for its MIG devices.
+_GPU_LINE = re.compile(r"^GPU (\d+):.*\(UUID: (GPU-[^)\s]+)\)")
+_MIG_LINE = re.compile(r"^\s+MIG (\S+)\s+Device\s+\d+:\s+\(UUID: (MIG-[^)\s]+)\)")
+_PROFILE_GB = re.compile(r"(\d+)gb$")
+
+
+def _mig_devices_from_smi(exe: str, gpus: list[Gpu]) -> list[Gpu]:
+    """The MIG devices `nvidia-smi -L` lists under the GPUs in MIG mode. Their memory is the nominal size their
+    profile names (1g.10gb: 10 GB), within a few percent of NVML's figure."""
+    by_index = {g.index: g for g in gpus}
+    found: dict[int, list[Gpu]] = {}
+    parent = None
+    for line in _nvidia_smi(exe, "-L").splitlines():
+        if match := _GPU_LINE.match(line):
+            parent = by_index.get(int(match.group(1)))
+        elif (match := _MIG_LINE.match(line)) and parent is not None and parent.mig_mode:
+            profile, uuid = match.groups()
+            size = _PROFILE_GB.search(profile)
+            memory = int(size.group(1)) * 1000 if size else parent.memory_mib
+            name = f"{parent.name} MIG {profile}"
+            mig = Gpu(parent.index, name, memory, parent.compute_capability, uuid, parent_uuid=parent.uuid)
+            found.setdefault(parent.index, []).append(mig)
+    return [replace(g, mig_devices=tuple(found.get(g.index, ()))) if g.mig_mode else g for g in gpus]
+
+
 def _query_nvidia_smi() -> list[Gpu]:
+    """The GPUs as nvidia-smi reports them; none when it is missing or fails (no driver)."""
     exe = shutil.which("nvidia-smi")
     if not exe:
         return []
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=index,name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
+    fields = "index,name,memory.total,compute_cap,uuid,mig.mode.current"
+    out = _nvidia_smi(exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits")
     gpus = []
     for line in out.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) < 4:
+        if len(parts) < 5:
             continue
         try:
-            gpus.append(Gpu(int(parts[0]), parts[1], int(float(parts[2])), float(parts[3])))
+            gpu = Gpu(int(parts[0]), parts[1], int(float(parts[2])), float(parts[3]), parts[4])
         except ValueError:
             continue
-    return gpus
+        gpus.append(replace(gpu, mig_mode=len(parts) > 5 and parts[5] == "Enabled"))
+    return _mig_devices_from_smi(exe, gpus) if any(g.mig_mode for g in gpus) else gpus
 
 
-def _visible_devices() -> list[int] | None:
+def _visible_devices() -> list[int | str] | None:
+    """CUDA_VISIBLE_DEVICES's entries, up to the first -1 (or empty entry): CUDA shows nothing from there on."""
     raw = os.environ.get("CUDA_VISIBLE_DEVICES")
     if raw is None:
         return None
-    ids = []
+    entries: list[int | str] = []
     for part in raw.split(","):
         part = part.strip()
-        if part.isdigit():
-            ids.append(int(part))
-        elif part:
-            # UUID-style entries (GPU-...) or -1 hide the rest; keep what we understood.
+        if not part or re.fullmatch(r"-\d+", part):
             break
-    return ids
+        entries.append(int(part) if part.isdigit() else part)
+    return entries
 
 
 def _ram_bytes() -> float | None:
@@ -93,20 +244,36 @@ def _ram_bytes() -> float | None:
         return None
 
 
+def detect_gpus() -> list[Gpu]:
+    """Every GPU here: from NVML, else from nvidia-smi; none without a driver."""
+    found = _query_nvml()
+    return _query_nvidia_smi() if found is None else found
+
+
 def detect() -> Machine:
     return Machine(
-        gpus=_query_nvidia_smi(), visible=_visible_devices(), cpu_count=os.cpu_count() or 1, ram_bytes=_ram_bytes()
+        gpus=detect_gpus(), visible=_visible_devices(), cpu_count=os.cpu_count() or 1, ram_bytes=_ram_bytes()
     )
 
 
-def free_disk_gib(path: str) -> float:
-    probe = os.path.abspath(path)
+def _existing(path: str) -> str:
+    """The path, or its nearest parent that exists (a folder not made yet is on its parent's disk)."""
+    probe = os.path.abspath(os.path.expanduser(path))
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
             break
         probe = parent
-    return shutil.disk_usage(probe).free / 2**30
+    return probe
+
+
+def free_disk_gib(path: str) -> float:
+    return shutil.disk_usage(_existing(path)).free / 2**30
+
+
+def filesystem(path: str) -> int:
+    """The filesystem a path is (or would be) on: folders on the same one share its free space."""
+    return os.stat(_existing(path)).st_dev
 
 
 # --- several nodes, as schedulers describe them -----------------------------------------------------------

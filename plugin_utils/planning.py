@@ -2,19 +2,23 @@
 
 The parameters stay what the user asked (`auto` stays `auto`); what `auto` became on this machine lives
 here: the device and GPUs, processes per machine, machines and world size, precision, the strategy, the
-speed settings (attention, packing, gradient checkpointing, Liger, TF32, dataloader workers) and, once the
-data's format is known, whether only completions are trained. Nothing here imports torch.
+speed settings (attention, packing, gradient checkpointing, Liger, TF32, dataloader workers), the disk the
+run writes and, once the data's format is known, whether only completions are trained. Nothing here imports
+torch.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import speed
 from .machine import Gpu, Machine
-from .sources import CHAT_FORMATS, model_config
+from .sources import CHAT_FORMATS, model_config, read_json
 from .speed import Speed
 
 
@@ -88,10 +92,21 @@ class Plan:
     # fuse_model with an adapter to merge (training_mode=full has none).
     merge_adapter: bool = False
     reasons: tuple[str, ...] = ()
+    # The planned GPUs as this process's CUDA_VISIBLE_DEVICES names them (GPU- and MIG- ids kept), else by index.
+    visible_devices: tuple[str, ...] = ()
+    # What the run writes at most (outputs and checkpoints together); None when the model's size is unknown.
+    disk_gib: float | None = None
 
     @property
     def world_size(self) -> int:
         return self.num_processes * self.num_machines
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        """The ranks' CUDA_VISIBLE_DEVICES: the planned GPUs; empty (every GPU hidden) on the CPU."""
+        if self.device != "cuda":
+            return ""
+        return ",".join(self.visible_devices or map(str, self.gpu_ids))
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -132,8 +147,13 @@ def build(p: Mapping[str, Any], machine: Machine) -> Plan:
     count = processes_here(p, machine)
     device = "cuda" if gpus else "cpu"
     reasons = []
+    visible = tuple(machine.cuda_id(g) for g in gpus)
     if device == "cuda":
-        reasons.append(f"device: GPU {', '.join(str(g.index) for g in gpus)} ({gpus[0].name})")
+        named = ", ".join(v for v in visible if not v.isdigit())
+        reasons.append(
+            f"device: GPU {', '.join(str(g.index) for g in gpus)} ({gpus[0].name})"
+            + (f", as CUDA_VISIBLE_DEVICES names them: {named}" if named else "")
+        )
     else:
         why = "train_device=cpu" if p["train_device"] == "cpu" else "no GPU visible"
         reasons.append(f"device: CPU ({why})")
@@ -151,6 +171,9 @@ def build(p: Mapping[str, Any], machine: Machine) -> Plan:
     else:
         reasons.append(f"precision: {precision} (auto: {'Ampere or newer' if precision == 'bf16' else 'no bf16 here'})")
     reasons.append(f"strategy: {p['distributed_strategy']}")
+    config = model_config(p["model_name"]) if p["model_name"] else None
+    disk = disk_estimate(p, config, model_parameters(p["model_name"], config), precision)
+    reasons.append(disk.reason() if disk else "disk: the model's size is unknown here: at least 1 GiB free is asked")
     chosen = speed.choose(
         p,
         device=device,
@@ -159,7 +182,7 @@ def build(p: Mapping[str, Any], machine: Machine) -> Plan:
         world_size=count * p["num_machines"],
         cpu_count=machine.cpu_count,
         processes_here=count,
-        model_config=model_config(p["model_name"]) if p["model_name"] else None,
+        model_config=config,
         ram_bytes=machine.ram_bytes,
     )
     return Plan(
@@ -175,4 +198,145 @@ def build(p: Mapping[str, Any], machine: Machine) -> Plan:
         speed=chosen,
         merge_adapter=p["fuse_model"] and p["training_mode"] != "full",
         reasons=tuple(reasons),
+        visible_devices=visible if device == "cuda" else (),
+        disk_gib=round(disk.peak / GIB, 2) if disk else None,
+    )
+
+
+# --- disk: what the run writes, from the model's size ---------------------------------------------------------
+
+GIB = 2**30
+# Saved beside the weights each time: the tokenizer (a large one is about 35 MB), trainer and scheduler state,
+# one RNG state per rank, the run's parameters.
+SMALL_FILES = 64 * 2**20
+# The linear layers of a decoder block a LoRA target name selects, by the names models give them, each as
+# (inputs, outputs, one per expert) over the model's sizes. all-linear adapts the first seven.
+ATTENTION_OUT = ("q_dim", "hidden", False)
+MLP_IN, MLP_OUT = ("hidden", "intermediate", True), ("intermediate", "hidden", True)
+BLOCK_LINEARS = {
+    "q_proj": (("hidden", "q_dim", False),),
+    "k_proj": (("hidden", "kv_dim", False),),
+    "v_proj": (("hidden", "kv_dim", False),),
+    "o_proj": (ATTENTION_OUT,),
+    "gate_proj": (MLP_IN,),
+    "up_proj": (MLP_IN,),
+    "down_proj": (MLP_OUT,),
+    **dict.fromkeys(("qkv_proj", "c_attn", "query_key_value", "Wqkv"), (("hidden", "qkv_dim", False),)),
+    **dict.fromkeys(("dense", "out_proj"), (ATTENTION_OUT,)),
+    "gate_up_proj": (("hidden", "gate_up", True),),
+    **dict.fromkeys(("c_fc", "fc1", "w1", "w3"), (MLP_IN,)),
+    **dict.fromkeys(("fc2", "w2"), (MLP_OUT,)),
+    "c_proj": (ATTENTION_OUT, MLP_OUT),  # GPT-2 names both outputs so
+}
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_parameter_count(config: Mapping[str, Any], r: int, targets: str) -> int | None:
+    """Parameters of a LoRA adapter of rank r: r x (inputs + outputs) per adapted linear layer of each block.
+    A name not listed above counts as the widest layer of a block. None when config.json lacks the sizes."""
+    s = speed._shape(dict(config))  # config.json's sizes, read as the memory estimate reads them
+    if s is None:
+        return None
+    sizes = {**s, "qkv_dim": s["q_dim"] + 2 * s["kv_dim"], "gate_up": 2 * s["intermediate"]}
+    names = ALL_LINEAR if targets.strip() in ("", "all-linear") else [t.strip() for t in targets.split(",")]
+    per_layer = 0
+    for name in filter(None, names):
+        for inputs, outputs, per_expert in BLOCK_LINEARS.get(name, (MLP_IN,)):
+            per_layer += (sizes[inputs] + sizes[outputs]) * (s["experts"] if per_expert else 1)
+    return r * per_layer * s["layers"]
+
+
+def _model_folder(name: str) -> str | None:
+    """The folder of a local model, or of its snapshot in the Hub cache; None when neither is here."""
+    folder = os.path.expanduser(name)
+    if os.path.isdir(folder):
+        return folder
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # huggingface_hub missing, or a name that is no repo id
+        return None
+    return os.path.dirname(cached) if isinstance(cached, str) else None
+
+
+def _safetensors_parameters(folder: str) -> int | None:
+    """The exact parameter count of a model's weights, from their safetensors headers (a few kB each, the
+    weights never read); None unless every file the index lists (or model.safetensors) is here."""
+    index = read_json(os.path.join(folder, "model.safetensors.index.json")).get("weight_map")
+    files = sorted(set(index.values())) if isinstance(index, dict) else ["model.safetensors"]
+    total = 0
+    for name in files:
+        try:
+            with open(os.path.join(folder, name), "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size)) if 0 < size < 2**28 else None
+        except (OSError, ValueError):
+            return None
+        if not isinstance(header, dict):
+            return None
+        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    return total or None
+
+
+def model_parameters(name: str, config: Mapping[str, Any] | None) -> int | None:
+    """The model's parameter count: exact from its safetensors files when they are here (and not quantized,
+    whose packed tensors undercount), else from config.json's sizes; None when neither is known."""
+    folder = _model_folder(name) if name else None
+    if folder and not (config or {}).get("quantization_config"):
+        exact = _safetensors_parameters(folder)
+        if exact:
+            return exact
+    return speed.parameter_count(dict(config)) if config else None
+
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    """Bytes a run writes: its outputs (the adapter or the full weights), the merged model under fuse_model,
+    and each checkpoint (the trained weights, AdamW's state and small files); `checkpoints` exist at once at
+    most: save_total_limit kept and the one being saved."""
+
+    outputs: int
+    merged: int
+    checkpoint: int
+    checkpoints: int
+
+    @property
+    def peak(self) -> int:
+        return self.outputs + self.merged + self.checkpoints * self.checkpoint
+
+    def reason(self) -> str:
+        merged = f", merged model {self.merged / GIB:.2f} GiB" if self.merged else ""
+        return (
+            f"disk: about {self.peak / GIB:.2f} GiB written at most: outputs {self.outputs / GIB:.2f} GiB{merged}, "
+            f"{self.checkpoints} checkpoints of {self.checkpoint / GIB:.2f} GiB (save_total_limit and the one saving)"
+        )
+
+
+def disk_estimate(
+    p: Mapping[str, Any], config: Mapping[str, Any] | None, parameters: int | None, precision: str
+) -> DiskEstimate | None:
+    """What the run writes, from the model's parameter count (None: unknown, so no estimate). An upper bound:
+    - full: the weights in the training precision (2 bytes in bf16/fp16, 4 in fp32);
+    - lora/qlora: the adapter in fp32 (PEFT keeps adapter weights in fp32 over a 16-bit base, and saves them so);
+    - a checkpoint adds AdamW's two moments, which torch keeps in the trained weights' dtype; under full with
+      deepspeed, its fp32 master weights and fp32 moments instead (12 bytes a parameter);
+    - fuse_model: the base with the adapter merged, in the precision the merge loads it in (fp32 on the CPU)."""
+    if not parameters:
+        return None
+    width = 4 if precision == "fp32" else 2
+    full = p["training_mode"] == "full"
+    if full:
+        trained, weights = parameters, parameters * width
+    else:
+        adapter = lora_parameter_count(config, p["lora_r"], p["lora_target_modules"]) if config else None
+        trained = adapter or parameters // 20  # an adapter of an unknown shape: a generous 5% of the model
+        weights = trained * 4
+    optimizer = trained * 12 if full and p["distributed_strategy"].startswith("deepspeed") else weights * 2
+    merged = parameters * width if p["fuse_model"] and not full else 0
+    return DiskEstimate(
+        outputs=weights + SMALL_FILES,
+        merged=merged,
+        checkpoint=weights + optimizer + SMALL_FILES,
+        checkpoints=p["save_total_limit"] + 1,
     )

@@ -27,13 +27,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import speed
+from . import checkpoints, speed
 from .errors import InvalidConfig, Problem, problem
-from .machine import Machine, free_disk_gib, has_package
+from .machine import Machine, filesystem, free_disk_gib, has_package
 from .outputs import OutputFacts
 from .params import form_schema
 from .planning import (
+    GIB,
     asked_processes,
+    disk_estimate,
+    model_parameters,
     planned_gpus,
     planned_steps,
     precision_for,
@@ -363,6 +366,22 @@ def gpus_exist(p, machine: Machine):
 
 
 @rule("machine")
+def cuda_visible_devices_name_gpus(p, machine: Machine):
+    """Each CUDA_VISIBLE_DEVICES entry names a GPU here: an index, a GPU- UUID (or a prefix only one GPU has) or a
+    MIG- id (CUDA hides the GPUs listed from the first entry that does not)."""
+    unknown = machine.unknown_visible
+    if p["train_device"] == "cpu" or not unknown or not machine.gpus:
+        return
+    left = [g.index for g in machine.usable_gpus]
+    yield error(
+        "CUDA_VISIBLE_DEVICES",
+        f"{unknown!r} names no GPU here (or, as a prefix, more than one), so CUDA hides it and the GPUs listed "
+        f"after it: the run would train on {f'GPU {left}' if left else 'the CPU'}",
+        "Name GPUs by index, GPU- UUID or MIG- id as `nvidia-smi -L` lists them, or unset CUDA_VISIBLE_DEVICES",
+    )
+
+
+@rule("machine")
 def cpu_processes_fit_cores(p, machine: Machine):
     """Training on the CPU, more processes than cores only share them out: a warning."""
     count = asked_processes(p)
@@ -462,14 +481,6 @@ def packing_without_flash_attention(p, machine: Machine):
         )
 
 
-@rule("machine")
-def enough_disk(p, machine: Machine):
-    """At least 1 GiB is free where outputs go."""
-    free = free_disk_gib(p["output_dir"] or ".")
-    if free < 1:
-        yield error("output_dir", f"only {free:.2f} GiB free there", "Free some disk space or pick another output_dir")
-
-
 # --- outputs ---------------------------------------------------------------------------------------
 
 
@@ -525,6 +536,51 @@ def resume_keeps_what_the_checkpoint_needs(p, out: OutputFacts):
             f"changed since the checkpoint in {os.path.dirname(out.resume_from)} was saved; "
             f"the run resumes at its step with the new values",
             "",
+        )
+
+
+@rule("outputs")
+def enough_disk(p, machine: Machine, model: ModelFacts, out: OutputFacts):
+    """Each disk outputs go to has room for what the run writes there, estimated from the model's size: the
+    adapter or full weights, save_total_limit + 1 checkpoints with their optimizer state, the merged model under
+    fuse_model, plus 1 GiB and 5%. At least 1 GiB is free when the model's size is unknown."""
+    gpus = planned_gpus(p, machine)
+    estimate = disk_estimate(p, model.config, model_parameters(p["model_name"], model.config), precision_for(p, gpus))
+    if estimate is None:  # a Hub id not in the cache: the floor alone
+        demands = [(out.adapter_dir, "", 0), (out.checkpoint_dir, "", 0)]
+    else:
+        staging = out.where.saving_dir if out.where else out.checkpoint_dir
+        # A save is written to staging, then moved into the checkpoints folder (copied there from another disk)
+        # before the oldest is removed; a resumed run's checkpoints are on the disk already.
+        copied = filesystem(staging) != filesystem(out.checkpoint_dir)
+        kept = len(checkpoints.complete(out.checkpoint_dir, out.identity["world_size"])) if out.resume_from else 0
+        new = max(0, p["save_total_limit"] - kept) + copied
+        # The merged model is counted beside the adapter (the legacy host puts it in the workspace's models).
+        demands = [
+            (out.adapter_dir, "adapter" if p["training_mode"] != "full" else "model", estimate.outputs),
+            (out.adapter_dir, "merged model", estimate.merged),
+            (out.checkpoint_dir, "checkpoints", new * estimate.checkpoint),
+            (staging, "checkpoints", estimate.checkpoint),
+        ]
+    needs: dict[int, tuple[str, dict[str, int]]] = {}
+    for path, what, amount in demands:
+        parts = needs.setdefault(filesystem(path), (path, {}))[1]
+        parts[what] = parts.get(what, 0) + amount
+    for path, parts in needs.values():
+        free, written = free_disk_gib(path), sum(parts.values()) / GIB
+        margin = 1 + 0.05 * written
+        if free >= written + margin:
+            continue
+        if estimate is None:
+            yield error("output_dir", f"only {free:.2f} GiB free at {path}", "Free space or pick another output_dir")
+            continue
+        shown = ", ".join(f"{what} {amount / GIB:.2f} GiB" for what, amount in parts.items() if amount)
+        yield error(
+            "adaptor_output_dir" if path == out.adapter_dir and p["adaptor_output_dir"] else "output_dir",
+            f"{path} has {free:.2f} GiB free but the run needs about {written + margin:.2f} GiB there ({shown}, "
+            f"margin {margin:.2f} GiB; {estimate.checkpoint / GIB:.2f} GiB per checkpoint, save_total_limit="
+            f"{p['save_total_limit']})",
+            "Free disk space there, lower save_total_limit, or pick another output_dir",
         )
 
 

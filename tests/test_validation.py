@@ -323,19 +323,164 @@ def test_deepspeed_strategies_need_deepspeed(monkeypatch, strategy, installed, e
     assert findings(validation.strategy_packages_installed, p, TWO_AMPERE) == expected
 
 
+# --- disk: what the run writes, from the model's size (issue 13, item 8) ---------------------------------
+
+# The config.json files these models publish (the sizes that matter, as they publish them).
+LLAMA_3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+}
+QWEN_25_05B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "max_position_embeddings": 32768,
+    "model_type": "qwen2",
+    "num_attention_heads": 14,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 151936,
+}
+
+
+def model_folder(tmp_path, config_json: dict, name: str = "model") -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config_json))
+    return str(folder)
+
+
+def disk_facts(tmp_path, **overrides):
+    """Parameters and output facts for a run writing under tmp_path/outputs."""
+    p = config(output_dir=str(tmp_path / "outputs"), **overrides)
+    root = tmp_path / "outputs"
+    return p, out_facts(p, str(root / "my-adaptor"), str(root / "checkpoints" / "my-adaptor"))
+
+
+def fake_free(monkeypatch, free_gib: float | dict[str, float]) -> list[str]:
+    """Free space faked (the real disk's is whatever it is): one figure, or one per path prefix."""
+    asked: list[str] = []
+
+    def free(path: str) -> float:
+        asked.append(path)
+        if isinstance(free_gib, dict):
+            return next(v for k, v in free_gib.items() if path.startswith(k))
+        return free_gib
+
+    monkeypatch.setattr(validation, "free_disk_gib", free)
+    return asked
+
+
+@pytest.mark.parametrize(("known", "parameters"), [(LLAMA_3_8B, 8.03e9), (QWEN_25_05B, 0.494e9)])
+def test_parameter_count_from_config_json_is_within_a_percent(tmp_path, known, parameters):
+    folder = model_folder(tmp_path, known)
+    counted = planning.model_parameters(folder, sources.model_config(folder))
+    assert abs(counted - parameters) / parameters < 0.01
+
+
+def test_lora_adapter_size_follows_rank_and_targets():
+    # Llama-3-8B, r=16 on every linear layer of its blocks: PEFT reports 41,943,040 trainable parameters.
+    assert planning.lora_parameter_count(LLAMA_3_8B, 16, "all-linear") == 41_943_040
+    # q and v only: r x ((4096 + 4096) + (4096 + 1024)) x 32 layers.
+    assert planning.lora_parameter_count(LLAMA_3_8B, 8, "q_proj,v_proj") == 8 * (8192 + 5120) * 32
+
+
+def test_parameter_count_is_exact_from_safetensors_headers(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = model_folder(tmp_path, LLAMA_3_8B)  # config.json says 8B; the weights here say otherwise
+    save_file({"a": np.zeros((3, 5), np.float16), "b": np.zeros(7, np.float16)}, f"{folder}/model-1.safetensors")
+    save_file({"c": np.zeros((2, 2, 2), np.float32)}, f"{folder}/model-2.safetensors")
+    save_file({"x": np.zeros(1000, np.float32)}, f"{folder}/consolidated.safetensors")  # a copy the index skips
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "model-1.safetensors", "b": "model-1.safetensors", "c": "model-2.safetensors"},
+    }
+    Path(folder, "model.safetensors.index.json").write_text(json.dumps(index))
+    assert planning.model_parameters(folder, LLAMA_3_8B) == 15 + 7 + 8
+    # A shard missing (a download cut short): config.json's estimate instead.
+    os.remove(f"{folder}/model-2.safetensors")
+    assert planning.model_parameters(folder, LLAMA_3_8B) > 8e9
+
+
+def test_model_size_unknown_keeps_the_one_gib_floor(tmp_path):
+    p = config(model_name="some-org/not-cached")
+    assert planning.model_parameters(p["model_name"], None) is None
+    assert planning.disk_estimate(p, None, None, "bf16") is None
+
+
 @pytest.mark.parametrize(("free_gib", "expected"), [(50.0, set()), (1.0, set()), (0.5, {("error", "output_dir")})])
-def test_enough_disk_needs_a_gib_free_where_outputs_go(monkeypatch, tmp_path, free_gib, expected):
-    asked = []
-    monkeypatch.setattr(validation, "free_disk_gib", lambda path: asked.append(path) or free_gib)
-    p = config(output_dir=str(tmp_path / "outputs"))
-    assert findings(validation.enough_disk, p, CPU_ONLY) == expected
-    assert asked == [str(tmp_path / "outputs")]
+def test_enough_disk_needs_a_gib_free_where_the_model_size_is_unknown(monkeypatch, tmp_path, free_gib, expected):
+    # MODEL_DIR's config.json has no sizes and the folder no weights.
+    asked = fake_free(monkeypatch, free_gib)
+    p, out = disk_facts(tmp_path)
+    assert findings(validation.enough_disk, p, CPU_ONLY, out=out) == expected
+    assert asked == [out.adapter_dir]  # adapter and checkpoints on one disk: measured once
 
 
 def test_enough_disk_measures_the_real_disk_here(tmp_path):
     # A folder that does not exist yet is measured at its nearest existing parent.
-    p = config(output_dir=str(tmp_path / "not" / "yet"))
-    assert findings(validation.enough_disk, p, CPU_ONLY) <= {("error", "output_dir")}
+    p, out = disk_facts(tmp_path)
+    assert findings(validation.enough_disk, p, CPU_ONLY, out=out) <= {("error", "output_dir")}
+
+
+def test_a_full_fine_tune_that_cannot_fit_is_refused_up_front_and_lora_fits(monkeypatch, tmp_path):
+    fake_free(monkeypatch, 100.0)
+    model = model_folder(tmp_path, LLAMA_3_8B)
+    p, out = disk_facts(tmp_path, model_name=model, training_mode="full", save_total_limit=2)
+    [line] = messages(validation.enough_disk, p, TWO_AMPERE, out=out)
+    # 15 GiB of bf16 weights, and 3 checkpoints of 45 GiB (the weights and AdamW's two bf16 moments).
+    assert line.startswith(f"output_dir: {out.adapter_dir} has 100.00 GiB free but the run needs about ")
+    assert "save_total_limit=2" in line
+    assert line.endswith("Free disk space there, lower save_total_limit, or pick another output_dir.")
+    needed = float(line.split("needs about ")[1].split(" GiB")[0])
+    assert 150 < needed < 200
+    # A LoRA adapter of the same model: a small fraction of that.
+    p, out = disk_facts(tmp_path, model_name=model, training_mode="lora", save_total_limit=2)
+    assert messages(validation.enough_disk, p, TWO_AMPERE, out=out) == []
+    lora = planning.disk_estimate(p, LLAMA_3_8B, 8_030_261_248, "bf16")
+    full = planning.disk_estimate({**p, "training_mode": "full"}, LLAMA_3_8B, 8_030_261_248, "bf16")
+    assert lora.peak < full.peak / 50
+
+
+def test_fuse_model_adds_the_merged_model(tmp_path):
+    p = config(model_name=model_folder(tmp_path, QWEN_25_05B), fuse_model=True)
+    merged = planning.disk_estimate(p, QWEN_25_05B, 494_032_768, "bf16")
+    assert merged.merged == 494_032_768 * 2  # a 16-bit copy of the base
+    assert planning.disk_estimate(p, QWEN_25_05B, 494_032_768, "fp32").merged == 494_032_768 * 4  # the CPU's fp32
+    assert planning.disk_estimate({**p, "fuse_model": False}, QWEN_25_05B, 494_032_768, "bf16").merged == 0
+
+
+def test_each_disk_is_checked_for_what_goes_there(monkeypatch, tmp_path):
+    # The checkpoints on a disk of their own (faked: one filesystem per top folder here).
+    model = model_folder(tmp_path, LLAMA_3_8B)
+    p = config(model_name=model, training_mode="full", output_dir=str(tmp_path / "outputs"))
+    out = out_facts(p, str(tmp_path / "adapters" / "a"), str(tmp_path / "big" / "checkpoints"))
+    monkeypatch.setattr(validation, "filesystem", lambda path: path.split(os.sep)[len(str(tmp_path).split(os.sep))])
+    asked = fake_free(monkeypatch, {str(tmp_path / "adapters"): 20.0, str(tmp_path / "big"): 50.0, "": 1000.0})
+    [line] = messages(validation.enough_disk, p, TWO_AMPERE, out=out)
+    assert line.startswith(f"output_dir: {out.checkpoint_dir} has 50.00 GiB free")  # the weights fit in 20 GiB
+    assert asked == [out.adapter_dir, out.checkpoint_dir]  # the staging folder is beside the checkpoints
+
+
+def test_the_plan_shows_the_disk_estimate(tmp_path):
+    plan = planning.build(config(model_name=model_folder(tmp_path, QWEN_25_05B)), TWO_AMPERE)
+    assert 0 < plan.disk_gib < 2
+    assert any(why.startswith("disk: about ") for why in plan.reasons)
+    assert planning.build(config(), CPU_ONLY).disk_gib is None  # MODEL_DIR's size is unknown
 
 
 # --- the model: config.json is read, weights never ------------------------------------------------------
@@ -650,6 +795,7 @@ def test_prepared_rows_that_cannot_train_or_evaluate_are_errors(overrides, stats
 def test_every_rule_has_table_cases():
     covered = {rule for rule, *_ in CONFIG_CASES} | {rule for rule, *_ in MACHINE_CASES}
     covered |= {validation.wandb_key, validation.strategy_packages_installed, validation.enough_disk}
+    covered |= {validation.cuda_visible_devices_name_gpus}  # in test_machine.py, on fake NVML and nvidia-smi
     covered |= {validation.model_is_reachable, validation.model_is_not_an_adapter, validation.sequence_fits_model}
     covered |= {validation.strategy_needs_several_processes, validation.packing_without_flash_attention}
     covered |= {validation.finished_adapter_kept, validation.outputs_writable, validation.no_other_run_writes_here}
