@@ -476,6 +476,21 @@ def test_each_disk_is_checked_for_what_goes_there(monkeypatch, tmp_path):
     assert asked == [out.adapter_dir, out.checkpoint_dir]  # the staging folder is beside the checkpoints
 
 
+def test_a_resumed_run_counts_the_checkpoints_already_on_disk(monkeypatch, tmp_path):
+    model = model_folder(tmp_path, QWEN_25_05B)
+    p, out = disk_facts(tmp_path, model_name=model, training_mode="full", save_total_limit=2)
+    one = planning.disk_estimate(p, QWEN_25_05B, planning.model_parameters(model, QWEN_25_05B), "bf16").checkpoint
+    for step in (10, 20):
+        Path(out.checkpoint_dir, f"checkpoint-{step}").mkdir(parents=True)
+        Path(out.checkpoint_dir, f"checkpoint-{step}", "trainer_state.json").write_text("{}")
+    resumed = out_facts(p, out.adapter_dir, out.checkpoint_dir)
+    assert resumed.resume_from.endswith("checkpoint-20")
+    # Room for the outputs and one more checkpoint: the resumed run fits, a fresh one would not.
+    fake_free(monkeypatch, (2 * one) / 2**30 + 1.5)
+    assert findings(validation.enough_disk, p, TWO_AMPERE, out=resumed) == set()
+    assert findings(validation.enough_disk, p, TWO_AMPERE, out=out) == {("error", "output_dir")}
+
+
 def test_the_plan_shows_the_disk_estimate(tmp_path):
     plan = planning.build(config(model_name=model_folder(tmp_path, QWEN_25_05B)), TWO_AMPERE)
     assert 0 < plan.disk_gib < 2
