@@ -7,6 +7,9 @@ everything that affects the result. Ranks memory-map that folder and never templ
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -14,6 +17,9 @@ import math
 import os
 import re
 import shutil
+import tempfile
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,17 +42,13 @@ PARALLEL_ROWS = 20_000
 
 @dataclass
 class Prepared:
-    path: str
+    path: str  # the cache folder, named by cache_key
+    key: str  # the data key (Source.key): what a resumed run must share
     stats: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
     cached: bool = False
     # The same rows for people: the training text with the trained parts between ⟦ and ⟧.
     marked: list[str] = field(default_factory=list)
-
-    @property
-    def key(self) -> str:
-        """The fingerprint of everything that shaped these rows (the cache folder's name)."""
-        return os.path.basename(self.path)
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -508,21 +510,79 @@ def _tokens_of(encoding, added: list[int], start: int, end: int) -> tuple[int, i
 # --- preparation ---------------------------------------------------------------------------------
 
 
-def _fingerprint(p: dict[str, Any], model_path: str, data_name: str) -> str:
+# --- the cache's key -----------------------------------------------------------------------------
+
+# Every parameter the data code reads, besides model_name and dataset_name (which enter the key by content:
+# the tokenizer's files, the data's bytes). tests/test_cache.py holds the data code to this list.
+SHAPING_PARAMETERS = (
+    "formatting_template",
+    "apply_chat_template",
+    "chatml_formatted_column",
+    "formatting_chat_template",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "completion_column",
+    "maximum_sequence_length",
+    "eval_split",
+    "seed",
+)
+# The files a tokenizer may be loaded from (AutoTokenizer and the tokenizer classes it picks): every file of
+# the model folder or Hub snapshot that matches one of these, never the weights.
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab*",
+    "merges*",
+    "*.model",
+    "*.spm",
+    "*.tiktoken",
+    "chat_template*",
+    "additional_chat_templates/*",
+    "config.json",
+)
+# The code that turns rows into tokens: this plugin's own modules (by content) and the libraries (by version).
+SHAPING_SOURCES = tuple(Path(__file__).with_name(name) for name in ("data.py", "chat.py", "templates.py", "sources.py"))
+SHAPING_LIBRARIES = ("transformers", "tokenizers", "datasets", "jinja2", "sentencepiece")
+
+
+def _hash_file(digest, path: Path) -> None:
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def tokenizer_folder(model_name: str) -> tuple[Path | None, str]:
+    """The folder the tokenizer is loaded from and, for a Hub id, the commit of that snapshot. Online, the
+    Hub says which commit is current (its tokenizer files are fetched, as loading the tokenizer would);
+    offline, the cache's. (None, '') when neither has it: loading the tokenizer then names the problem."""
+    folder = Path(os.path.expanduser(model_name))
+    if folder.is_dir():
+        return folder, ""
+    try:
+        from huggingface_hub import snapshot_download
+
+        found = snapshot_download(model_name, allow_patterns=list(TOKENIZER_FILES), local_files_only=_offline())
+        snapshot = Path(found)
+    except Exception:  # not cached offline, unreachable, gated, or no valid repo id
+        return None, ""
+    return snapshot, snapshot.name
+
+
+def _tokenizer_files(folder: Path) -> list[Path]:
+    found = {path for pattern in TOKENIZER_FILES for path in folder.glob(pattern) if path.is_file()}
+    return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
+
+
+def _fingerprint(p: Mapping[str, Any], model_path: str, data_name: str) -> str:
+    """The data key: the rows, the tokenizer (every file it may read, and the Hub commit), the template and
+    every data-shaping parameter. A resumed run must have the same (the code's version is not part of it)."""
     digest = hashlib.sha256()
-    keys = (
-        "formatting_template",
-        "apply_chat_template",
-        "chatml_formatted_column",
-        "formatting_chat_template",
-        "completion_only_loss",
-        "assistant_only_loss",
-        "completion_column",
-        "maximum_sequence_length",
-        "eval_split",
-        "seed",
-    )
-    digest.update(json.dumps({k: p[k] for k in keys}, sort_keys=True).encode())
+    digest.update(json.dumps({k: p[k] for k in SHAPING_PARAMETERS}, sort_keys=True).encode())
     digest.update(PREP_VERSION.encode())
     source = resolve_source(data_name)
     targets = [f for path in source.paths for f in (sorted(path.rglob("*")) if path.is_dir() else [path])]
@@ -531,29 +591,179 @@ def _fingerprint(p: dict[str, Any], model_path: str, data_name: str) -> str:
     for target in targets:
         if target.is_file():
             digest.update(str(target.name).encode())
-            with target.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    model_dir = Path(model_path)
-    tokenizer_files = [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-        "tokenizer.model",  # SentencePiece-only models (Llama-2, Mistral v0.1) are converted from it
-    ]
-    if model_dir.is_dir():
-        for name in tokenizer_files:
-            if (model_dir / name).exists():
-                digest.update((model_dir / name).read_bytes())
-    else:
-        digest.update(model_path.encode())
+            _hash_file(digest, target)
+    folder, revision = tokenizer_folder(model_path)
+    # A local folder is known by its files alone; a Hub model by its id and commit too.
+    digest.update(json.dumps(["" if folder and not revision else model_path, revision]).encode())
+    for path in _tokenizer_files(folder) if folder else []:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        _hash_file(digest, path)
+        digest.update(b"\0")
     return digest.hexdigest()[:24]
+
+
+def toolchain() -> dict[str, str]:
+    """The code that shapes the rows: the plugin's data modules by content, the libraries by version."""
+    from importlib import metadata
+
+    found = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in SHAPING_SOURCES}
+    for name in SHAPING_LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def cache_key(data_key: str, completion_only: bool) -> str:
+    """The prepared folder's name: the data key, the loss mode, and the code and libraries that shaped the
+    rows (a new version prepares again, while a checkpoint stays resumable)."""
+    facts = {"data": data_key, "completion_only": completion_only, "toolchain": toolchain()}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# --- the cache's folder --------------------------------------------------------------------------
+#
+# <root>/<key>/               a prepared dataset, published whole by one rename (stats.json is in it)
+# <root>/<key>.tmp-<pid>-*/   a preparation under way; renamed to <key> when done
+# Each folder holds in_use.lock: a run reading the folder (or building it) holds a shared lock on it for its
+# whole life, and a folder is removed only under an exclusive one, so nothing in use is ever removed.
+
+DEFAULT_KEEP = 20
+DEFAULT_MAX_GIB = 20.0
+IN_USE = "in_use.lock"
+STAGING = ".tmp-"
+# A staging folder nobody holds is removed once it is this old (younger, its preparation may be starting).
+STALE_STAGING_S = 3600
+# Lock descriptors held until this process exits: the prepared folders this run reads.
+_held: list[int] = []
 
 
 def cache_root() -> str:
     default = os.path.join(os.path.expanduser("~"), ".cache", "sft_trainer_trl", "prepared")
     return os.environ.get("SFT_PREPARED_CACHE", default)
+
+
+@dataclass(frozen=True)
+class CacheBounds:
+    entries: int
+    bytes: int
+
+
+def _env_number(name: str, default: float, kind: type, what: str) -> Any:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise InvalidConfig([problem(name, f"{raw!r} is not {what}", f"Set it to one, or unset it for {default:g}")])
+    return value
+
+
+def cache_bounds() -> CacheBounds:
+    """How much the cache keeps: the SFT_PREPARED_CACHE_KEEP most recently used datasets, at most
+    SFT_PREPARED_CACHE_MAX_GIB in all, whichever is smaller."""
+    entries = _env_number("SFT_PREPARED_CACHE_KEEP", DEFAULT_KEEP, int, "a whole number of datasets above 0")
+    gib = _env_number("SFT_PREPARED_CACHE_MAX_GIB", DEFAULT_MAX_GIB, float, "a size in GiB above 0")
+    return CacheBounds(entries, int(gib * 2**30))
+
+
+def _lock(folder: Path, exclusive: bool) -> int | None:
+    """A lock on folder's in_use.lock, checked to be still at that path once taken (a remover may have moved
+    the folder away meanwhile): its descriptor, or None when the folder is gone or (exclusive) in use."""
+    try:
+        fd = os.open(folder / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        if os.path.samestat(os.fstat(fd), os.stat(folder / IN_USE)):
+            return fd
+    except (BlockingIOError, FileNotFoundError):
+        pass
+    os.close(fd)
+    return None
+
+
+def _use(folder: Path) -> dict[str, Any] | None:
+    """The statistics of a complete prepared folder, now held in use by this process and marked as just
+    used; None when there is none."""
+    if not (folder / "stats.json").is_file():
+        return None
+    try:
+        fd = _lock(folder, exclusive=False)
+    except PermissionError:  # a cache this user may only read: usable, not marked
+        return json.loads((folder / "stats.json").read_text())
+    if fd is None:
+        return None
+    try:
+        stats = json.loads((folder / "stats.json").read_text())
+        os.utime(folder)
+    except FileNotFoundError:
+        os.close(fd)
+        return None
+    _held.append(fd)
+    return stats
+
+
+def _remove(folder: Path) -> bool:
+    """Remove a folder nobody holds: moved away from its name at once, then deleted. False when it is in use
+    or already gone (a concurrent remover took it)."""
+    try:
+        fd = _lock(folder, exclusive=True)
+    except PermissionError:  # a cache this user may only read
+        return False
+    if fd is None:
+        return False
+    trash = folder.with_name(f"{folder.name}{STAGING}removed-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for top, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(top, name)).st_size
+    return total
+
+
+def evict(root: Path, bounds: CacheBounds, using: Path) -> None:
+    """Remove the least recently used prepared datasets beyond the bounds, and staging folders that nobody
+    holds any more (a preparation that was killed). `using` (this run's) and every folder another process
+    holds stay, and count; folders a concurrent evictor removes first are skipped."""
+    entries = []
+    now = time.time()
+    for folder in root.iterdir() if root.is_dir() else []:
+        try:
+            info = folder.stat()
+        except FileNotFoundError:
+            continue
+        if not folder.is_dir() or folder.name.startswith(".") or folder == using:
+            continue
+        if STAGING in folder.name:
+            if now - info.st_mtime > STALE_STAGING_S:
+                _remove(folder)
+            continue
+        entries.append((info.st_mtime, folder))
+    count, size, full = 1, _size(using), False
+    for _, folder in sorted(entries, reverse=True):
+        folder_size = _size(folder)
+        full = full or count >= bounds.entries or size + folder_size > bounds.bytes
+        if full and _remove(folder):
+            log.info("data: removed the least recently used prepared dataset %s", folder)
+            continue
+        count, size = count + 1, size + folder_size
 
 
 def _percentiles(ordered) -> dict[str, int]:
@@ -577,7 +787,7 @@ class Source:
     why: str
     columns: list[str]
     head: list[dict[str, Any]]  # the first rows: the format is found from them, the preview shows them
-    key: str  # the fingerprint of everything that shapes the prepared rows (the cache folder's name)
+    key: str  # the data key: the rows, tokenizer, template and data settings (_fingerprint)
 
     def facts(self) -> DataFacts:
         return DataFacts(format=self.format, columns=tuple(self.columns), key=self.key)
@@ -602,6 +812,7 @@ def prepare(
     """Format, tokenize and save the rows; reuse the cache when nothing changed. `completion_only` is the
     plan's loss mode: whether only completions (assistant turns) are trained. `stopping()` is asked once more
     before the result is published: a stop that a worker pool swallowed still leaves nothing behind."""
+    bounds = cache_bounds()  # a bad bound is an error before any work
     tokenizer = load_tokenizer(p["model_name"])
     encoder = Encoder(p, source.format, tokenizer, source.columns, completion_only)
     max_len = p["maximum_sequence_length"]
@@ -621,27 +832,54 @@ def prepare(
             }
         )
 
-    target = os.path.join(cache_root(), source.key)
-    stats_path = os.path.join(target, "stats.json")
-    if os.path.exists(stats_path):
-        stats = json.loads(Path(stats_path).read_text())
+    root = Path(cache_root())
+    target = root / cache_key(source.key, completion_only)
+    stats = _use(target)
+    if stats is not None:
         log.info("data: reusing the prepared dataset at %s (same data, template, tokenizer and settings)", target)
-        return Prepared(target, stats, samples, cached=True, marked=marked)
+        evict(root, bounds, target)
+        return Prepared(str(target), source.key, stats, samples, cached=True, marked=marked)
 
-    os.makedirs(cache_root(), exist_ok=True)
-    staging = f"{target}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}{STAGING}{os.getpid()}-", dir=root))
+    fd = _lock(staging, exclusive=False)  # held while building: evictors leave the folder alone
+    ours = False
     try:
-        stats = {**_build(source.splits, encoder, p, staging), **source.eval_info}
-        Path(staging, "stats.json").write_text(json.dumps(stats, indent=2))
+        stats = {**_build(source.splits, encoder, p, str(staging)), **source.eval_info}
+        (staging / "stats.json").write_text(json.dumps(stats, indent=2))
         if stopping():
             raise StopRequested(0)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        published = _publish(staging, target)
+        ours = published is None
+        stats = stats if ours else published
     finally:
+        if fd is not None and ours:
+            _held.append(fd)  # the published folder is this run's: in use until it exits
+        elif fd is not None:
+            os.close(fd)
         shutil.rmtree(staging, ignore_errors=True)
-    return Prepared(target, stats, samples, marked=marked)
+    evict(root, bounds, target)
+    return Prepared(str(target), source.key, stats, samples, marked=marked)
+
+
+def _publish(staging: Path, target: Path) -> dict[str, Any] | None:
+    """Give the finished staging folder its key in one rename, so that no half-written folder is ever under
+    the key. When an identical preparation published first, its folder is used and this one dropped: a
+    published folder is never replaced, as another run may be reading it. None when ours was published, else
+    the statistics of the one that was."""
+    for _ in range(10):
+        try:
+            os.rename(staging, target)
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        stats = _use(target)
+        if stats is not None:
+            return stats
+        # A folder at the key with no complete dataset in it (or one just removed): nobody reads it.
+        _remove(target)
+    raise RuntimeError(f"could not publish the prepared dataset at {target}")
 
 
 def _eval_text(info: dict[str, Any]) -> str:
@@ -722,7 +960,7 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
 
     rows_total = sum(len(s) for s in splits.values())
     workers = min(os.cpu_count() or 1, 8) if rows_total >= PARALLEL_ROWS else None
-    work = f"{staging}.work"
+    work = os.path.join(staging, ".work")  # inside the staging folder, under its lock
     os.makedirs(work, exist_ok=True)
     try:
         tokenized = {}
