@@ -8,13 +8,28 @@ Started three ways (TransformerLab's plugin harness, the lab SDK with _TFL_JOB_I
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 import tempfile
 
-from plugin_utils import cli, data, host, launch, machine, outputs, params, planning, sources, validation
+from plugin_utils import (
+    checkpoints,
+    cli,
+    data,
+    host,
+    launch,
+    machine,
+    outputs,
+    params,
+    planning,
+    sources,
+    validation,
+)
 from plugin_utils.errors import InvalidConfig
 from plugin_utils.runfolder import RunFolder, RunSpec
+
+log = logging.getLogger("sft")
 
 
 def run(args, chosen: host.Host, stop: launch.StopFlag, nodes: machine.Nodes | None = None) -> cli.Finished:
@@ -70,10 +85,12 @@ def run(args, chosen: host.Host, stop: launch.StopFlag, nodes: machine.Nodes | N
     job.log(cli.plan_text(plan))
     if continued:
         job.log(cli.continued_text(continued))
+    main_node = plan.machine_rank == 0  # the other nodes of a multi-node run write beside it, under its lock
+    if main_node:
+        close_left_open_jobs(chosen, p, job)
     this_run = outputs.identity(p, plan.world_size, prepared.key, plan.as_dict())
     merged = chosen.places.merged_location(p) if plan.merge_adapter else None
     staged = outputs.Staged(out.adapter_dir, merged)
-    main_node = plan.machine_rank == 0  # the other nodes of a multi-node run write beside it, under its lock
     lock = outputs.RunLock(out.where.lock_path) if main_node else contextlib.nullcontext()
     with lock, staged, tempfile.TemporaryDirectory(prefix="sft-run-") as run_dir:
         resume = outputs.prepare_checkpoints(out)
@@ -93,7 +110,8 @@ def run(args, chosen: host.Host, stop: launch.StopFlag, nodes: machine.Nodes | N
             adapter_staging=staged.adapter_staging,
             merged_staging=staged.merged_staging,
         )
-        result = launch.run(job, spec, plan, folder, stop)
+        held = (lock.fileno(),) if main_node else ()
+        result = launch.run(job, spec, plan, folder, stop, keep_open=held)
         summary = outputs.summary(p, plan, result, prepared.stats, clock.marks)
         final = staged.publish(job, p, summary) if result.has_adapter else None
         if main_node:
@@ -107,6 +125,25 @@ def run(args, chosen: host.Host, stop: launch.StopFlag, nodes: machine.Nodes | N
         "final_loss": result.final_loss,
     }
     return cli.Finished(report, (outputs.completion_message(result, final), outputs.score(result), plot))
+
+
+def close_left_open_jobs(chosen: host.Host, p, job: host.NullSink) -> None:
+    """Jobs an earlier run left open when its process died (killed, out of memory, the machine gone) are ended
+    here, STOPPED when its ranks saved a checkpoint, else FAILED, with the reason: the job list never shows a dead
+    run as running, or (the 0.31/0.32 host) as a success."""
+    for left in outputs.left_behind(chosen.places.earlier_runs(p), job.job_id):
+        try:
+            closed = job.close_left_open(left.job_id, left.status, left.message(job.job_id))
+        except Exception as exc:  # another job's state: worth a warning, never this run
+            log.warning("could not close job %s, which a dead process left open: %s", left.job_id, exc)
+            continue
+        if closed:
+            log.warning(
+                "job %s was left open by a process that died; marked %s%s",
+                left.job_id,
+                left.status,
+                f" (it saved a checkpoint at step {checkpoints.step_of(left.checkpoint)})" if left.checkpoint else "",
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,6 +68,19 @@ def _stop_asked(job) -> bool:
     return bool(data.get("stop")) or status == "STOPPING"
 
 
+def _close_left_open(job, status: str, message: str) -> bool:
+    """End a job a dead process left open: still RUNNING, or COMPLETE without the completion we always write (the
+    0.31/0.32 host marks a RUNNING job COMPLETE once its process is gone). False: it was concluded, left alone."""
+    current = _sync(job.get_status()) if hasattr(job, "get_status") else None
+    data = _sync(job.get_job_data()) or {}
+    if not (current == "RUNNING" or (current == "COMPLETE" and "completion_status" not in data)):
+        return False
+    if status == "FAILED":
+        _sync(job.update_job_data_field("error_msg", message))
+    _end_job(job, status, "failed" if status == "FAILED" else "success", message)
+    return True
+
+
 def _check_lab_home() -> None:
     # Importing `lab` exits the process when these name a missing folder; say so instead.
     for var in ("TFL_HOME_DIR", "TFL_WORKSPACE_DIR"):
@@ -247,6 +260,10 @@ class OutputDir:
         adapter); None: the newest complete one of this run's own checkpoints folder, if any."""
         return None
 
+    def earlier_runs(self, p: Mapping[str, Any]) -> list[tuple[Where, str]]:
+        """The runs whose job this run may find left open by a dead process: the earlier run of these outputs."""
+        return [(self.locations(p), "")]
+
 
 class LegacyPlaces(OutputDir):
     """The Train tab's adaptor_output_dir; a merged model goes to the workspace's models."""
@@ -313,6 +330,10 @@ class LabJobPlaces:
             raise RunFailed(f"could not download the checkpoint to resume from ({uri}): {exc}") from None
         return target
 
+    def earlier_runs(self, p):
+        """Every other job's run in the experiment (each job has its own folders)."""
+        return [] if self.connection.remote else self.other_runs()
+
     def other_runs(self) -> list[tuple[Where, str]]:
         """The other jobs of this experiment, as (their folders, their id)."""
         job_dir = self.connection.job_dir()
@@ -368,6 +389,10 @@ class NullSink:
     def stopped(self, message: str) -> None:
         pass
 
+    def close_left_open(self, job_id: str, status: str, message: str) -> bool:
+        """End another job of this host that a dead process left open (see outputs.left_behind); True if it was."""
+        return False
+
 
 class LegacyJob(NullSink):
     """TransformerLab 0.31/0.32's job store (`lab.Job(job_id)`), and the TensorBoard logs its Train tab charts."""
@@ -388,12 +413,20 @@ class LegacyJob(NullSink):
 
     def _attach(self) -> None:
         if self.job is None and self.job_id:
-            lab = _import_lab()
-            if len(inspect.signature(lab.Job).parameters) == 1:
-                self.job = lab.Job(self.job_id)
-            else:
-                name = self.experiment.get("name") or self.experiment.get("id") or self.config.get("experiment_name")
-                self.job = lab.Job(self.job_id, str(name))
+            self.job = self._job(self.job_id)
+
+    def _job(self, job_id: str):
+        lab = _import_lab()
+        if len(inspect.signature(lab.Job).parameters) == 1:
+            return lab.Job(job_id)
+        name = self.experiment.get("name") or self.experiment.get("id") or self.config.get("experiment_name")
+        return lab.Job(job_id, str(name))
+
+    def close_left_open(self, job_id, status, message):
+        job = self._job(job_id)
+        if not os.path.isfile(os.path.join(_sync(job.get_dir()), "index.json")):
+            return False  # not a job of this workspace (any more)
+        return _close_left_open(job, status, message)
 
     def register_merged(self, path, p):
         # The model folder format of TransformerLab's local models (an index.json beside the weights).
@@ -650,6 +683,16 @@ class LabJob(NullSink):
     def stopped(self, message):
         if self._reachable():
             _end_job(self._lab.job, "STOPPED", "success", message)
+
+    def close_left_open(self, job_id, status, message):
+        lab = self.connection.get()
+        module = _import_lab()
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                job = _sync(module.Job.get(job_id, lab._experiment.id))
+            except Exception:  # not a job of this experiment (any more)
+                return False
+            return _close_left_open(job, status, message)
 
 
 class OtherNode(NullSink):

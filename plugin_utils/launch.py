@@ -138,7 +138,7 @@ def rendezvous_port(plan: Plan) -> int:
 
 def command(plan: Plan, run_dir: str, port: int, configs: dict[str, str] | None = None) -> list[str]:
     configs = configs or {}
-    entry = ["-m", "plugin_utils.worker", run_dir]
+    entry = ["-m", "plugin_utils.rank", run_dir]
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     if "accelerate" in configs:
         return [*launcher, "--config_file", configs["accelerate"], *entry]
@@ -166,11 +166,11 @@ def command(plan: Plan, run_dir: str, port: int, configs: dict[str, str] | None 
 
 
 def rank_environment(plan: Plan) -> dict[str, str]:
-    """GPUs are selected here, never inside the ranks after torch starts. Ids are as nvidia-smi shows them,
-    which is what CUDA_VISIBLE_DEVICES takes; an empty value hides every GPU."""
-    visible = ",".join(str(i) for i in plan.gpu_ids) if plan.device == "cuda" else ""
+    """GPUs are selected here, never inside the ranks after torch starts: the planned GPUs as this process's
+    CUDA_VISIBLE_DEVICES names them (a GPU- or MIG- id stays that id), else by nvidia-smi index; an empty
+    value hides every GPU."""
     # CUDA numbers cards fastest first unless told otherwise; nvidia-smi numbers them by bus.
-    return {"CUDA_VISIBLE_DEVICES": visible, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    return {"CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def rank_env(plan: Plan, log_to_wandb: bool = False) -> dict[str, str]:
@@ -189,22 +189,70 @@ def rank_env(plan: Plan, log_to_wandb: bool = False) -> dict[str, str]:
     return env
 
 
-def _pump(stream, tail: collections.deque, log_path: str) -> None:
-    """Echo the ranks' output, keep its tail, and keep all of it in the run folder's log. It always drains
-    the pipe, even once our own stderr is gone (a closed terminal or log reader): ranks blocked on a full pipe
-    would hang the run."""
-    echo = True
-    with open(log_path, "ab") as kept:
-        for raw in iter(stream.readline, b""):
-            kept.write(raw)
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            tail.append(line)
-            if echo:
-                try:
-                    sys.stderr.write(line + "\n")
-                except (OSError, ValueError):
-                    echo = False
-    stream.close()
+class Tail:
+    """Follows the launcher's and the ranks' log files in the run folder (each rank writes its own, see rank.py):
+    echoes the launcher's and this node's first rank's lines to our stderr, and keeps the last lines of every
+    file for the failure message. Reading files, never a pipe the ranks depend on, it can stop (or this process
+    die) without the ranks noticing."""
+
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
+        self.lines: collections.deque = collections.deque(maxlen=200)
+        self._offsets: dict[str, int] = {}
+        self._pending: dict[str, bytes] = {}
+        self._echo = True
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="rank-logs", daemon=True)
+
+    def start(self) -> Tail:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._done.set()
+        self._thread.join(timeout=timeout)
+
+    def _follow(self) -> None:
+        while not self._done.wait(0.2):
+            self.read()
+        self.read(final=True)
+
+    def _files(self) -> list[tuple[str, str]]:
+        """(path, label) of the logs to follow: the launcher's first, then each rank's, by rank."""
+        found = [(self.folder.launcher_log, "")]
+        logs = self.folder.logs_dir
+        names = os.listdir(logs) if os.path.isdir(logs) else []
+        numbers = (name.removeprefix("rank-").removesuffix(".log") for name in names if name.startswith("rank-"))
+        ranks = sorted(int(number) for number in numbers if number.isdigit())
+        found += [(self.folder.rank_log(rank), "" if rank == 0 else f"[rank {rank}] ") for rank in ranks]
+        return found
+
+    def read(self, final: bool = False) -> None:
+        for path, label in self._files():
+            try:
+                with open(path, "rb") as handle:
+                    handle.seek(self._offsets.get(path, 0))
+                    chunk = handle.read()
+            except OSError:
+                continue
+            self._offsets[path] = self._offsets.get(path, 0) + len(chunk)
+            lines = (self._pending.get(path, b"") + chunk).split(b"\n")
+            self._pending[path] = lines.pop()  # a line still being written
+            if final and self._pending[path]:
+                lines.append(self._pending.pop(path))
+            for raw in lines:
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                self.lines.append(label + line)
+                if not label:  # the launcher and the first rank speak for the run; the others' files are kept
+                    self._say(line)
+
+    def _say(self, line: str) -> None:
+        if self._echo:
+            try:
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                self._echo = False  # our stderr is gone (a closed terminal): the ranks never notice
 
 
 # What a rank reports when a sibling died first: never the root cause while another report exists.
@@ -220,6 +268,7 @@ SECONDARY_FAILURES = (
 )
 
 
+TRACEBACK_LINES = 6
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED")
 OOM_ADVICE = (
     "The GPU ran out of memory: lower batch_size (raise gradient_accumulation_steps to keep the effective "
@@ -253,7 +302,9 @@ def _rank_failure(folder: RunFolder, tail: collections.deque, code: int) -> str:
     killed = _signal_death(tail)
     if reports and not (killed and reports[0][0]):
         _, _, rank, summary = reports[0]
-        message = f"rank {rank} failed: {summary}"
+        # The innermost frames of its traceback (the last line repeats the summary).
+        frames = [line for line in folder.rank_traceback(rank).splitlines() if line.strip()][-TRACEBACK_LINES - 1 : -1]
+        message = f"rank {rank} failed: {summary}" + ("\nwhere it failed:\n" + "\n".join(frames) if frames else "")
     elif killed:
         message = killed
     else:
@@ -331,28 +382,34 @@ class Watcher:
             self.handle(event)
 
 
-def run(host, spec: RunSpec, plan: Plan, folder: RunFolder, stop: StopFlag) -> RunResult:
-    """Launch the ranks on this spec and watch them to the end; `host` gets progress and answers should_stop."""
+def run(
+    host, spec: RunSpec, plan: Plan, folder: RunFolder, stop: StopFlag, keep_open: tuple[int, ...] = ()
+) -> RunResult:
+    """Launch the ranks on this spec and watch them to the end; `host` gets progress and answers should_stop.
+    `keep_open`: descriptors the ranks' launcher inherits (the run lock's)."""
     stop.interrupting = False  # from here on a stop is passed to the ranks, which save first
     port = rendezvous_port(plan)
     configs = write_configs(folder, plan, port)
     folder.write_spec(spec)
     cmd = command(plan, folder.path, port, configs)
     log.info("launch: %s", " ".join(cmd))
-    proc = subprocess.Popen(
-        cmd,
-        env=rank_env(plan, spec.log_to_wandb),
-        cwd=PLUGIN_DIR,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        # Its own session: a signal to our process group reaches us alone, and we stop the ranks in order
-        # (torch's launcher would otherwise SIGKILL them 30 s after forwarding the signal, mid-save).
-        start_new_session=True,
-    )
-    tail: collections.deque = collections.deque(maxlen=200)
-    pump = threading.Thread(target=_pump, args=(proc.stdout, tail, folder.ranks_log), daemon=True)
-    pump.start()
+    os.makedirs(folder.logs_dir, exist_ok=True)
+    with open(folder.launcher_log, "ab") as launcher_output:
+        proc = subprocess.Popen(
+            cmd,
+            env=rank_env(plan, spec.log_to_wandb),
+            cwd=PLUGIN_DIR,
+            stdout=launcher_output,  # a file: the ranks never write into a pipe whose reader may die
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # The run lock, held by the ranks' launcher too: while ranks outlive us (saving after a stop, or after
+            # this process was killed), no other run takes their outputs.
+            pass_fds=tuple(keep_open),
+            # Its own session: a signal to our process group reaches us alone, and we stop the ranks in order
+            # (torch's launcher would otherwise SIGKILL them 30 s after forwarding the signal, mid-save).
+            start_new_session=True,
+        )
+    tail = Tail(folder).start()
     watcher = Watcher(host, folder, spec)
     last_poll = 0.0
     stop_sent_at: float | None = None
@@ -385,7 +442,7 @@ def run(host, spec: RunSpec, plan: Plan, folder: RunFolder, stop: StopFlag) -> R
     finally:
         if not abandoned:
             _kill_group(proc)  # whatever of the session outlived the launcher (a rank it failed to reap)
-        pump.join(timeout=0.2 if abandoned else 5)
+        tail.stop(timeout=0.2 if abandoned else 5)
     watcher.pump()
     if abandoned:
         raise StopRequested(watcher.step, checkpoints.latest(spec.checkpoint_dir, plan.world_size))
@@ -394,7 +451,7 @@ def run(host, spec: RunSpec, plan: Plan, folder: RunFolder, stop: StopFlag) -> R
         end = watcher.end or {}
         raise StopRequested(end.get("step", watcher.step), checkpoints.latest(spec.checkpoint_dir, plan.world_size))
     if code != 0 or watcher.end is None:
-        raise RunFailed(_rank_failure(folder, tail, code))
+        raise RunFailed(_rank_failure(folder, tail.lines, code))
     end = watcher.end
     began = process_start()
     return RunResult(

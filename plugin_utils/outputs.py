@@ -171,6 +171,43 @@ def read_record(run_dir: str) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
+class LeftBehind:
+    """A run whose controlling process died without concluding its job (killed, out of memory, its machine gone):
+    its record says unfinished and nothing holds its lock. Its ranks may have saved a checkpoint on the way out."""
+
+    job_id: str
+    checkpoint: str | None
+
+    @property
+    def status(self) -> str:
+        return "STOPPED" if self.checkpoint else "FAILED"
+
+    def message(self, found_by: str) -> str:
+        ended = "The process running this job ended without concluding it (killed, out of memory, or its machine lost)"
+        if self.checkpoint:
+            step = checkpoints.step_of(self.checkpoint)
+            return (
+                f"{ended}; its training saved a checkpoint at step {step} ({self.checkpoint}), which a new run of the "
+                f"same adapter resumes from. Found and closed by job {found_by}."
+            )
+        return f"{ended}, before any checkpoint was saved. Found and closed by job {found_by}."
+
+
+def left_behind(runs: list[tuple[Where, str]], current_job: str) -> list[LeftBehind]:
+    """Of these runs ((where, job id) each), those whose job a dead process left open: unfinished record, free
+    lock. Whether the job itself still says RUNNING is the host's to check."""
+    found = []
+    for where, job_id in runs:
+        record = read_record(where.run_dir) or {}
+        job = str(record.get("job_id") or job_id or "")
+        if not job or job == current_job or record.get("finished") is not False:
+            continue
+        if RunLock.holder(where.lock_path) is None:
+            found.append(LeftBehind(job, checkpoints.latest(where.checkpoint_dir)))
+    return found
+
+
+@dataclass(frozen=True)
 class Continued:
     """An earlier job's unfinished run of the same adapter, and the checkpoint this run continues it from."""
 
@@ -302,7 +339,7 @@ def prepare_checkpoints(out: OutputFacts) -> str | None:
 class RunLock:
     """One run per output: a second run on the same outputs is refused, not interleaved. The lock is the
     kernel's (flock) on a file in the run's own folder, which no run deletes, so it goes away only with the
-    process that held it."""
+    processes that hold it: this one and the ranks' launcher, which inherits it."""
 
     def __init__(self, path: str):
         self.path = path
@@ -351,10 +388,13 @@ class RunLock:
         self.handle.flush()
         return self
 
-    def __exit__(self, *exc) -> None:
-        import fcntl
+    def fileno(self) -> int | None:
+        """The lock's descriptor, for processes that hold the lock with us (the ranks' launcher)."""
+        return self.handle.fileno() if self.handle is not None else None
 
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
+    def __exit__(self, *exc) -> None:
+        # Closed, never unlocked: the lock is the open file's, and it lasts while any process that inherited it
+        # (ranks still saving after a stop) lives.
         self.handle.close()
 
 

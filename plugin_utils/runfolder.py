@@ -23,7 +23,7 @@ SPEC_VERSION = 1
 SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"
-RANKS_LOG = "ranks.log"
+LOGS_DIR = "logs"
 IDENTITY_FILE = "run_params.json"
 ACCELERATE_CONFIG = "accelerate_config.json"
 DEEPSPEED_CONFIG = "deepspeed_config.json"
@@ -191,6 +191,13 @@ class RunFolder:
     def write_error(self, rank: int, summary: str, details: str) -> None:
         Path(self.error_file(rank)).write_text(summary + "\n\n" + details)
 
+    def rank_traceback(self, rank: int) -> str:
+        """The traceback a rank wrote with its error ("" if none)."""
+        try:
+            return Path(self.error_file(rank)).read_text().split("\n\n", 1)[1]
+        except (OSError, IndexError):
+            return ""
+
     def rank_errors(self) -> list[tuple[int, int, str]]:
         """(rank, when written in ns, first paragraph) of every rank's error file."""
         found = []
@@ -201,9 +208,19 @@ class RunFolder:
                 found.append((rank, os.stat(path).st_mtime_ns, Path(path).read_text().split("\n\n", 1)[0].strip()))
         return found
 
+    # --- output: the launcher's and each rank's own file, tailed by the parent (never a pipe it owns, so the
+    # ranks outlive a parent that dies) ---
     @property
-    def ranks_log(self) -> str:
-        return self.file(RANKS_LOG)
+    def logs_dir(self) -> str:
+        return self.file(LOGS_DIR)
+
+    @property
+    def launcher_log(self) -> str:
+        return os.path.join(self.logs_dir, "launcher.log")
+
+    def rank_log(self, local_rank: int) -> str:
+        """A rank's output, by its rank on this node (the run folder is this node's own)."""
+        return os.path.join(self.logs_dir, f"rank-{local_rank}.log")
 
 
 class EventWriter:

@@ -1,5 +1,5 @@
-"""One training rank. Started by the parent (`python -m plugin_utils.worker RUN_DIR`, or through
-`accelerate launch -m`), it reads the run spec, loads the prepared dataset memory-mapped, builds the model
+"""One training rank. Started by the parent through `plugin_utils.rank` (`python -m plugin_utils.rank RUN_DIR`,
+or through `accelerate launch -m`), it reads the run spec, loads the prepared dataset memory-mapped, builds the model
 with its LoRA adapter, and trains with TRL's SFTTrainer. Rank 0 writes progress events; every rank
 watches for the stop file and they agree on stopping through one collective per step.
 """
@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from . import checkpoints
 from .runfolder import RunFolder, RunSpec, process_start
@@ -168,7 +168,12 @@ def _parent_gone() -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    # Killed but not yet reaped by its own parent (a zombie): gone all the same.
+    try:
+        with open(f"/proc/{parent}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 class Reporter(TrainerCallback):
@@ -180,6 +185,7 @@ class Reporter(TrainerCallback):
         self.last_progress = 0.0
         self.last_tokens: tuple[float, float] | None = None
         self.stopped = False
+        self.orphaned = False
         self.marks: dict[str, float] = {}
 
     def emit(self, kind: str, **fields: Any) -> None:
@@ -204,7 +210,12 @@ class Reporter(TrainerCallback):
             self.last_progress = now
             self.emit("progress", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
         # The parent passes a stop on as a file; a parent that vanished gets the same treatment.
-        if _agree(self.folder.stop_requested() or _parent_gone() or _signalled()):
+        orphaned = _parent_gone()
+        if orphaned and not self.orphaned:
+            self.orphaned = True
+            rank = os.environ.get("RANK", "0")
+            print(f"rank {rank}: the parent process is gone: saving a checkpoint and stopping", flush=True)
+        if _agree(self.folder.stop_requested() or orphaned or _signalled()):
             self.stopped = True
             control.should_training_stop = True
             control.should_save = True
@@ -308,6 +319,8 @@ def train(folder: RunFolder) -> int:
         peft_config=_peft_config(spec),
         callbacks=[reporter, publisher],
     )
+    # Each logged step reaches the log once, as the parent's line; the trainer would print its raw dict too.
+    trainer.remove_callback(PrinterCallback)
     marks["trainer_ready"] = time.time()
     reporter.marks = marks
     started = time.time()

@@ -77,6 +77,13 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     assert "parameters:\n" in proc.stderr and "  learning_rate: 0.001\n" in proc.stderr
     assert '  learning_rate_schedule: "cosine"\n' in proc.stderr
     assert "gradient checkpointing: off (about" in proc.stderr and "loss: on completions only (auto" in proc.stderr
+    # A log a person reads: one line per logged step (1, 3 and 6 by logging_steps, 8 as the last), no trainer's
+    # raw dict beside it, no library progress bars, and no warning repeated by the second rank.
+    step_lines = [line for line in proc.stderr.splitlines() if line.startswith("[sft] step ")]
+    assert [line.split(":")[0] for line in step_lines] == [f"[sft] step {s}/8" for s in (1, 3, 6, 8)], step_lines
+    assert "{'loss'" not in proc.stderr and "'train_runtime'" not in proc.stderr
+    assert "it/s]" not in proc.stderr and "examples/s]" not in proc.stderr and "%|" not in proc.stderr
+    assert "FutureWarning" not in proc.stderr and "warnings.warn(" not in proc.stderr
 
     [index] = lab_jobs(tmp_path / "tflhome")
     job = read_job(index)
@@ -283,13 +290,15 @@ def test_a_rank_that_raises_fails_the_job_with_its_message_and_leaves_no_process
     result = last_json(proc.stdout)
     assert result["status"] == "FAILED"
     assert "rank 1 failed: RuntimeError: injected failure in rank 1" in result["error"]
+    # Its traceback's innermost frames, from the rank's own error file: where the injected failure was raised.
+    assert "\nwhere it failed:\n" in result["error"] and "sitecustomize.py" in result["error"], result["error"]
     [index] = lab_jobs(tmp_path / "tflhome")
     job = read_job(index)
     assert job["status"] == "FAILED"
     assert "injected failure in rank 1" in job["job_data"]["completion_details"]
     assert job["job_data"]["error_msg"] == job["job_data"]["completion_details"]  # what the job card shows
     assert not (tmp_path / "outputs" / "test-adaptor").exists()
-    leftovers = tagged_processes(tag, "plugin_utils.worker")
+    leftovers = tagged_processes(tag, "plugin_utils.rank")
     assert not leftovers, leftovers
 
 

@@ -326,3 +326,60 @@ def test_another_node_reads_the_task_job_without_writing_it(tmp_path):
     )
     assert out.stdout.split() == ["x", job_id]
     assert index.read_bytes() == before, "the job's record is untouched"
+
+
+# --- a job a dead process left open, closed by the next run (legacy job store of 0.31/0.32) --------------------
+
+CLOSE_LEFT_OPEN = """
+import json, sys
+import main
+from plugin_utils import host, params
+source = host.InputFile(sys.argv[1])
+chosen = host.Host(source, host.LegacyPlaces(), host.LegacyJob(source))
+p = params.read(source.raw_params(), headless=False).params
+main.close_left_open_jobs(chosen, p, chosen.sink)
+"""
+
+
+@pytest.mark.parametrize("lab_dir", [".legacy-lab", ".legacy-lab-0.1.1"])
+@pytest.mark.parametrize(
+    ("job_data", "checkpoint", "expected"),
+    [
+        ({}, True, "STOPPED"),  # the 0.31/0.32 host marked it COMPLETE once its process was gone
+        ({}, False, "FAILED"),
+        ({"completion_status": "success"}, True, "COMPLETE"),  # concluded by the plugin: left alone
+    ],
+)
+def test_the_next_legacy_run_closes_a_job_a_killed_process_left(tmp_path, lab_dir, job_data, checkpoint, expected):
+    import subprocess
+
+    home = tmp_path / "tflhome"
+    output_dir = tmp_path / "tensorboards" / "demo"
+    for job_id, status in (("7", "COMPLETE"), ("8", "RUNNING")):
+        folder = home / "workspace" / "jobs" / job_id
+        folder.mkdir(parents=True)
+        record = {"id": job_id, "experiment_id": "1", "status": status, "type": "TRAIN", "progress": 40}
+        (folder / "index.json").write_text(json.dumps({**record, "job_data": job_data if job_id == "7" else {}}))
+    # Job 7's run: its record says unfinished, nothing holds its lock, and (maybe) its ranks saved on the way out.
+    run_dir = output_dir / "runs" / "my-adaptor"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"adaptor_name": "my-adaptor", "job_id": "7", "finished": False}))
+    if checkpoint:
+        saved = output_dir / "checkpoints" / "my-adaptor" / "checkpoint-4"
+        saved.mkdir(parents=True)
+        (saved / "trainer_state.json").write_text("{}")
+    given = config(job_id="8", output_dir=str(output_dir), adaptor_output_dir=str(tmp_path / "adaptors" / "a"))
+    input_file = write_json(tmp_path / "plugin_input_8.json", {"experiment": {"name": "alpha"}, "config": given})
+    env = {**os.environ, "TFL_HOME_DIR": str(home), "PYTHONPATH": os.pathsep.join([str(ROOT / lab_dir), str(ROOT)])}
+    proc = subprocess.run(
+        [sys.executable, "-c", CLOSE_LEFT_OPEN, input_file], capture_output=True, text=True, env=env, cwd=str(ROOT)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = json.loads((home / "workspace" / "jobs" / "7" / "index.json").read_text())
+    assert job["status"] == expected, (job, proc.stderr[-2000:])
+    if expected != "COMPLETE":
+        details = job["job_data"]["completion_details"]
+        assert details.startswith("The process running this job ended without concluding it") and "job 8" in details
+        assert ("checkpoint at step 4" in details) == checkpoint
+        assert f"job 7 was left open by a process that died; marked {expected}" in proc.stderr
+    assert json.loads((home / "workspace" / "jobs" / "8" / "index.json").read_text())["status"] == "RUNNING"

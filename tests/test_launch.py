@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,7 @@ def option(cmd: list[str], flag: str) -> str:
 
 def test_one_process_is_a_plain_python_worker(tmp_path):
     cmd = launch.command(CPU_ONE, str(tmp_path), 29500)
-    assert cmd == [sys.executable, "-m", "plugin_utils.worker", str(tmp_path)]
+    assert cmd == [sys.executable, "-m", "plugin_utils.rank", str(tmp_path)]
 
 
 def test_two_processes_go_through_accelerate_launch_with_a_port(tmp_path):
@@ -54,7 +55,7 @@ def test_two_processes_go_through_accelerate_launch_with_a_port(tmp_path):
     assert option(cmd, "--machine_rank") == "0"
     assert 0 < int(option(cmd, "--main_process_port")) < 65536
     assert "--main_process_ip" not in cmd
-    assert cmd[-3:] == ["-m", "plugin_utils.worker", str(tmp_path)]
+    assert cmd[-3:] == ["-m", "plugin_utils.rank", str(tmp_path)]
 
 
 def test_two_cpu_processes_also_use_accelerate_launch(tmp_path):
@@ -371,34 +372,61 @@ SECONDARY = "DistBackendError: Connection closed by peer; remote worker died"
 def write_report(run_dir, rank: int, summary: str, mtime_ns: int) -> None:
     path = error_file(str(run_dir), rank)
     with open(path, "w") as handle:
-        handle.write(summary + "\n\nTraceback (most recent call last):\n  ...\n")
+        handle.write(
+            f'{summary}\n\nTraceback (most recent call last):\n  File "/x/train.py", line 7, in step\n'
+            f"    loss = model(batch)\n{summary}\n"
+        )
     os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def first_line(message: str) -> str:
+    return message.split("\n", 1)[0]
+
+
+def test_rank_failure_ends_with_the_innermost_frames_of_the_ranks_traceback(tmp_path):
+    write_report(tmp_path, 1, ROOT_CAUSE, time.time_ns())
+    assert launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1) == (
+        f"rank 1 failed: {ROOT_CAUSE}\nwhere it failed:\nTraceback (most recent call last):\n"
+        '  File "/x/train.py", line 7, in step\n    loss = model(batch)'
+    )
 
 
 def test_rank_failure_prefers_the_root_cause_over_an_older_secondary_report(tmp_path):
     now = time.time_ns()
     write_report(tmp_path, 0, SECONDARY, now - 5_000_000_000)
     write_report(tmp_path, 1, ROOT_CAUSE, now)
-    assert launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1) == f"rank 1 failed: {ROOT_CAUSE}"
+    assert (
+        first_line(launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1))
+        == f"rank 1 failed: {ROOT_CAUSE}"
+    )
 
 
 def test_rank_failure_prefers_the_root_cause_over_a_newer_secondary_report(tmp_path):
     now = time.time_ns()
     write_report(tmp_path, 1, ROOT_CAUSE, now - 5_000_000_000)
     write_report(tmp_path, 0, SECONDARY, now)
-    assert launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1) == f"rank 1 failed: {ROOT_CAUSE}"
+    assert (
+        first_line(launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1))
+        == f"rank 1 failed: {ROOT_CAUSE}"
+    )
 
 
 def test_rank_failure_picks_the_earliest_of_several_root_causes(tmp_path):
     now = time.time_ns()
     write_report(tmp_path, 0, "ValueError: second", now)
     write_report(tmp_path, 1, "ValueError: first", now - 1_000_000_000)
-    assert launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1) == "rank 1 failed: ValueError: first"
+    assert (
+        first_line(launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1))
+        == "rank 1 failed: ValueError: first"
+    )
 
 
 def test_rank_failure_reports_a_secondary_failure_when_it_is_all_there_is(tmp_path):
     write_report(tmp_path, 2, SECONDARY, time.time_ns())
-    assert launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1) == f"rank 2 failed: {SECONDARY}"
+    assert (
+        first_line(launch._rank_failure(RunFolder(str(tmp_path)), collections.deque(), 1))
+        == f"rank 2 failed: {SECONDARY}"
+    )
 
 
 def test_rank_failure_falls_back_to_the_output_tail(tmp_path):
@@ -442,31 +470,43 @@ def test_a_rank_killed_by_a_signal_is_named_from_the_launcher_summary(tmp_path):
     assert launch._rank_failure(RunFolder(str(tmp_path)), tail, 1) == "rank 1 was killed (Signal 9 (SIGKILL))"
 
 
-# --- _pump ----------------------------------------------------------------------------------------------------
+# --- Tail: the ranks' log files, followed ------------------------------------------------------------------
 
 
-def test_the_pump_drains_the_ranks_output_after_our_stderr_is_gone(tmp_path, monkeypatch):
-    # Ranks blocked on a full pipe would hang the run: once our own stderr is closed (a closed terminal or log
-    # reader), the pump must still read everything, keep it in the run folder's log and keep the tail.
+def test_the_tail_echoes_the_launcher_and_rank_0_keeps_every_rank_and_waits_for_whole_lines(tmp_path, capsys):
+    folder = RunFolder(str(tmp_path))
+    os.makedirs(folder.logs_dir)
+    Path(folder.launcher_log).write_text("launcher says\n")
+    Path(folder.rank_log(0)).write_text("rank zero line\nhalf a li")
+    Path(folder.rank_log(1)).write_text("FutureWarning: repeated by every rank\n")
+    tail = launch.Tail(folder)
+    tail.read()
+    assert capsys.readouterr().err == "launcher says\nrank zero line\n"
+    with open(folder.rank_log(0), "a") as handle:
+        handle.write("ne\nunfinished")
+    tail.read()
+    assert capsys.readouterr().err == "half a line\n"
+    tail.read(final=True)  # the ranks are gone: what is left is a last line without its newline
+    assert capsys.readouterr().err == "unfinished\n"
+    assert list(tail.lines) == [
+        "launcher says",
+        "rank zero line",
+        "[rank 1] FutureWarning: repeated by every rank",
+        "half a line",
+        "unfinished",
+    ]
+
+
+def test_the_tail_keeps_reading_after_our_stderr_is_gone(tmp_path, monkeypatch):
+    # A closed terminal or log reader: the tail goes on keeping lines for the failure message, silently.
     import io
-    import subprocess
-    import sys
-    import threading
 
-    writer = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfor i in range(20000): sys.stdout.write(f'line {i} ' + 'x' * 40 + '\\n')"],
-        stdout=subprocess.PIPE,
-    )
+    folder = RunFolder(str(tmp_path))
+    os.makedirs(folder.logs_dir)
+    Path(folder.rank_log(0)).write_text("".join(f"line {i}\n" for i in range(1000)))
     gone = io.StringIO()
     gone.close()
     monkeypatch.setattr(sys, "stderr", gone)
-    tail = collections.deque(maxlen=5)
-    log_path = str(tmp_path / "ranks.log")
-    pump = threading.Thread(target=launch._pump, args=(writer.stdout, tail, log_path))
-    pump.start()
-    assert writer.wait(timeout=60) == 0  # about 1 MB went through a 64 KiB pipe
-    pump.join(timeout=60)
-    assert not pump.is_alive()
-    assert list(tail)[-1].startswith("line 19999 ")
-    with open(log_path) as kept:
-        assert sum(1 for _ in kept) == 20000
+    tail = launch.Tail(folder)
+    tail.read()
+    assert list(tail.lines)[-1] == "line 999"

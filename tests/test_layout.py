@@ -27,6 +27,7 @@ ORDER = [
     "host",
     "launch",
     "worker",
+    "rank",
     "cli",
 ]
 
@@ -44,6 +45,11 @@ def imports_of(path: Path) -> list[tuple[str, bool]]:
     return found
 
 
+# The one import made inside a function, on purpose: a rank sends its output to its own file before the worker
+# loads the libraries that print.
+DEFERRED = {("rank", "worker")}
+
+
 def test_every_module_is_placed_in_a_stage():
     modules = {p.stem for p in (ROOT / "plugin_utils").glob("*.py")} - {"__init__"}
     assert modules == set(ORDER)
@@ -53,6 +59,8 @@ def test_modules_import_only_earlier_stages_and_only_at_the_top():
     wrong = []
     for name in ORDER:
         for imported, at_top in imports_of(ROOT / "plugin_utils" / f"{name}.py"):
+            if (name, imported) in DEFERRED:
+                continue
             if ORDER.index(imported) >= ORDER.index(name) or not at_top:
                 wrong.append(f"{name} imports {imported}" + ("" if at_top else " inside a function"))
     assert not wrong, wrong

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import ROOT, RUN_TAG, base_config, last_json, tagged_processes, write_config
+from .conftest import ROOT, RUN_TAG, base_config, last_json, run_main, tagged_processes, write_config
 from .task_host import TaskRun, make_lab_job, mark_stopping
 from .test_e2e import _legacy_input, lab_jobs, metrics_rows, read_job
 
@@ -112,7 +112,7 @@ def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_
     config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=3000, logging_steps=1, save_steps=10000)
     run = Running(["--config", write_config(tmp_path, config), "--json"], env={RUN_TAG: tag})
     run.wait_for("step 3/3000")
-    ranks = [p for p in tagged_processes(tag, "plugin_utils.worker") if p.environ().get("RANK") == "1"]
+    ranks = [p for p in tagged_processes(tag, "plugin_utils.rank") if p.environ().get("RANK") == "1"]
     assert len(ranks) == 1
     killed = time.time()
     ranks[0].kill()
@@ -439,3 +439,47 @@ def test_a_task_stop_ends_stopped_with_complete_checkpoints_and_a_new_job_resume
     run = Running(["--json"], env={"_TFL_JOB_ID": third, "_TFL_EXPERIMENT_ID": "exp1"})
     assert run.finish() == 2
     assert "lora_r" in last_json(run.stdout)["errors"][0]["message"]
+
+
+@pytest.mark.parametrize(("logging_steps", "processes"), [(1, 2), (10, 1)])
+def test_kill_9_of_main_py_leaves_ranks_that_save_and_the_next_run_closes_the_job_and_resumes(
+    tiny_model, tmp_path, logging_steps, processes
+):
+    # main.py killed outright (kill -9, the OOM killer): the ranks, whose output is their own files rather than a
+    # pipe to it, see their parent gone, finish the step, save a complete checkpoint and exit. The job stays
+    # RUNNING (nothing is left to end it) until the next run of the adapter finds it and closes it.
+    tag = f"parent-kill-{os.getpid()}-{time.monotonic_ns()}"
+    config = base_config(
+        tiny_model, tmp_path, num_processes=processes, max_steps=3000, logging_steps=logging_steps, save_steps=10000
+    )
+    run = Running(["--config", write_config(tmp_path, config), "--json"], env={RUN_TAG: tag})
+    run.wait_for("step 1/3000")
+    time.sleep(1.0)
+    run_dir = next(line for line in run.lines if "launch: " in line).split()[-1]
+    run.proc.kill()
+    run.proc.wait(timeout=10)
+    try:
+        assert not no_processes_left(tag, timeout=120), "the ranks save and exit once their parent is gone"
+        rank_logs = "".join(path.read_text() for path in sorted(Path(run_dir, "logs").glob("rank-*.log")))
+        assert "the parent process is gone: saving a checkpoint and stopping" in rank_logs
+        assert "Traceback" not in rank_logs and "BrokenPipeError" not in rank_logs, rank_logs[-3000:]
+    finally:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)  # what the killed parent would have removed
+    saved = sorted((tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
+    assert len(saved) == 1, saved
+    step = int(saved[0].name.split("-")[1])
+    assert step >= 1 and (saved[0] / "trainer_state.json").is_file() and (saved[0] / "optimizer.pt").is_file()
+    [first] = lab_jobs(tmp_path / "tflhome")
+    assert read_job(first)["status"] == "RUNNING"
+
+    resumed = run_main(["--config", write_config(tmp_path, {**config, "max_steps": step + 2}), "--json"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming at step {step}" in resumed.stderr
+    assert "was left open by a process that died; marked STOPPED" in resumed.stderr
+    assert last_json(resumed.stdout)["status"] == "COMPLETE"
+    closed = read_job(first)
+    assert closed["status"] == "STOPPED", closed
+    details = closed["job_data"]["completion_details"]
+    assert "ended without concluding it" in details and f"checkpoint at step {step}" in details
