@@ -932,9 +932,6 @@ def _column_sum(ds, column: str, predicate=None) -> int:
 
 
 def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[str, Any]:
-    import pyarrow.compute as pc
-    from datasets import DatasetDict
-
     max_len = p["maximum_sequence_length"]
 
     flags = ("empty", "no_answer", "reasoning_dropped", "open_turn")
@@ -965,45 +962,69 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
     try:
         tokenized = {}
         for name, split in splits.items():
-            tokenized[name] = split.map(
-                encoder_for(name),
-                with_indices=True,
-                batched=True,
-                batch_size=1000,
-                num_proc=workers,
-                remove_columns=split.column_names,
-                cache_file_name=os.path.join(work, f"{name}.arrow"),
-                desc=f"Preparing {name} rows",
-            )
-        stats = _statistics(tokenized, encoder.fmt, p)
-        kept = {
-            name: ds.filter(
-                lambda t: [x > 0 for x in t],
-                input_columns="trained",
-                batched=True,
-                cache_file_name=os.path.join(work, f"{name}-kept.arrow"),
-            )
-            for name, ds in tokenized.items()
-        }
-        # Splits that cannot work (nothing to train, an eval fraction that leaves no training rows, an eval
-        # split with nothing left) are saved as they are: validation's statistics rules refuse them.
-        rows = len(kept["train"])
-        if "eval" not in kept and p["eval_split"] > 0 and 0 < math.ceil(p["eval_split"] * rows) < rows:
-            parts = kept["train"].train_test_split(
-                test_size=p["eval_split"],
-                seed=p["seed"],
-                train_indices_cache_file_name=os.path.join(work, "split-train.arrow"),
-                test_indices_cache_file_name=os.path.join(work, "split-eval.arrow"),
-            )
-            kept = {"train": parts["train"], "eval": parts["test"]}
-        stats["rows_used"] = len(kept["train"])
-        stats["eval_rows"] = len(kept["eval"]) if "eval" in kept else 0
-        stats["trainable_tokens"] = _column_sum(kept["train"], "trained")
-        stats["total_tokens"] = _column_sum(kept["train"], "length", lambda v: pc.min_element_wise(v, max_len))
-        final = DatasetDict({name: ds.select_columns(["input_ids", "labels"]) for name, ds in kept.items()})
-        final.save_to_disk(staging)
+            # One bar, for the one step that takes a while on a large dataset; none for the small steps after.
+            with _progress_bars(shown=rows_total >= PARALLEL_ROWS):
+                tokenized[name] = split.map(
+                    encoder_for(name),
+                    with_indices=True,
+                    batched=True,
+                    batch_size=1000,
+                    num_proc=workers,
+                    remove_columns=split.column_names,
+                    cache_file_name=os.path.join(work, f"{name}.arrow"),
+                    desc=f"Preparing {name} rows",
+                )
+        with _progress_bars(shown=False):
+            return _kept_and_saved(tokenized, encoder, p, staging, work, max_len)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """datasets' progress bars on or off for a block, as they were after it."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    (datasets.enable_progress_bars if shown else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.disable_progress_bars if was_disabled else datasets.enable_progress_bars)()
+
+
+def _kept_and_saved(tokenized, encoder, p: dict[str, Any], staging: str, work: str, max_len: int) -> dict[str, Any]:
+    """The rows with something to train, split for evaluation when asked, saved to `staging`; their statistics."""
+    import pyarrow.compute as pc
+    from datasets import DatasetDict
+
+    stats = _statistics(tokenized, encoder.fmt, p)
+    kept = {
+        name: ds.filter(
+            lambda t: [x > 0 for x in t],
+            input_columns="trained",
+            batched=True,
+            cache_file_name=os.path.join(work, f"{name}-kept.arrow"),
+        )
+        for name, ds in tokenized.items()
+    }
+    # Splits that cannot work (nothing to train, an eval fraction that leaves no training rows, an eval
+    # split with nothing left) are saved as they are: validation's statistics rules refuse them.
+    rows = len(kept["train"])
+    if "eval" not in kept and p["eval_split"] > 0 and 0 < math.ceil(p["eval_split"] * rows) < rows:
+        parts = kept["train"].train_test_split(
+            test_size=p["eval_split"],
+            seed=p["seed"],
+            train_indices_cache_file_name=os.path.join(work, "split-train.arrow"),
+            test_indices_cache_file_name=os.path.join(work, "split-eval.arrow"),
+        )
+        kept = {"train": parts["train"], "eval": parts["test"]}
+    stats["rows_used"] = len(kept["train"])
+    stats["eval_rows"] = len(kept["eval"]) if "eval" in kept else 0
+    stats["trainable_tokens"] = _column_sum(kept["train"], "trained")
+    stats["total_tokens"] = _column_sum(kept["train"], "length", lambda v: pc.min_element_wise(v, max_len))
+    final = DatasetDict({name: ds.select_columns(["input_ids", "labels"]) for name, ds in kept.items()})
+    final.save_to_disk(staging)
     return stats
 
 
