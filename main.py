@@ -19,6 +19,7 @@ from plugin_utils import (
     data,
     host,
     launch,
+    layers,
     machine,
     outputs,
     params,
@@ -63,8 +64,14 @@ def run(args, chosen: host.Host, stop: launch.StopFlag, nodes: machine.Nodes | N
     if args.check:
         return cli.Finished(cli.check_report(warnings, plan))
 
-    source = data.load(p)
-    found = validation.check(("data",), p=p, out=out, data=source.facts())
+    # What only the loaded model would reveal, from its config on the meta device: wrong LoRA targets, an
+    # architecture that is no causal LM. Reported with the data's problems, all at once.
+    found = validation.check(("layers",), p=p, plan=plan, layers=layers.describe(p["model_name"]))
+    try:
+        source = data.load(p)
+    except InvalidConfig as exc:
+        raise InvalidConfig(found.errors + exc.errors, found.warnings + exc.warnings) from None
+    found.add(validation.check(("data",), p=p, out=out, data=source.facts()))
     found.raise_errors()
     plan = plan.with_loss_mode(p, source.format)
     stop.guard_forks()

@@ -10,11 +10,12 @@ Phases, in order:
 - machine: GPUs, installed packages, disk;
 - model: the model's folder and config.json (no weights, no torch);
 - outputs: the adapter and checkpoint folders: a finished adapter, resuming, the run lock (checked, not taken);
+- layers: the model's modules, built from config.json on the meta device (layers.py: torch, but no weights);
 - data: the dataset's format and columns, before tokenizing;
 - statistics: the prepared rows.
 
-`--check` runs the first four; `--dry-run` and a real run run all six, so a run `--dry-run` accepted is never
-refused later for a reason it could have seen. `check()` returns the findings; the caller decides.
+`--check` runs the first four (torch-free); `--dry-run` and a real run run all seven, so a run `--dry-run`
+accepted is never refused later for a reason it could have seen. `check()` returns the findings; the caller decides.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from . import checkpoints, speed
 from .errors import InvalidConfig, Problem, problem
+from .layers import Layers, targets
 from .machine import Machine, filesystem, free_disk_gib, has_package
 from .outputs import OutputFacts
 from .params import form_schema
@@ -46,7 +48,7 @@ from .planning import (
 from .sources import CHAT_FORMATS, DataFacts, ModelFacts
 from .templates import chat_syntax_problem, syntax_problem
 
-PHASES = ("parameters", "machine", "model", "outputs", "data", "statistics")
+PHASES = ("parameters", "machine", "model", "outputs", "layers", "data", "statistics")
 # The phases `--check` runs: everything that needs no data.
 CHECK_PHASES = PHASES[:4]
 # What info.md's rules table calls each phase.
@@ -55,6 +57,7 @@ PHASE_NAMES = {
     "machine": "this machine",
     "model": "the model",
     "outputs": "outputs",
+    "layers": "the model's layers",
     "data": "the data",
     "statistics": "the prepared rows",
 }
@@ -314,7 +317,7 @@ def multi_node_needs_address(p):
         yield error(
             "machine_rank",
             f"{p['machine_rank']} is not below num_machines={p['num_machines']}",
-            "Use 0 .. num_machines-1",
+            f"Number the machines 0 to {p['num_machines'] - 1}, the main node 0",
         )
 
 
@@ -581,6 +584,48 @@ def enough_disk(p, machine: Machine, model: ModelFacts, out: OutputFacts):
             f"margin {margin:.2f} GiB; {estimate.checkpoint / GIB:.2f} GiB per checkpoint, save_total_limit="
             f"{p['save_total_limit']})",
             "Free disk space there, lower save_total_limit, or pick another output_dir",
+        )
+
+
+# --- the model's layers (built on the meta device: no weights) ------------------------------------------------
+
+
+@rule("layers")
+def model_builds_as_a_causal_lm(layers: Layers):
+    """transformers builds the model's architecture as a causal language model (from config.json, on the meta
+    device, without its weights)."""
+    if layers.error:
+        yield error(
+            "model_name",
+            f"transformers cannot build this model as a causal language model ({layers.error})",
+            "Pick a causal language model (a decoder such as Llama, Qwen or Mistral)",
+        )
+
+
+@rule("layers")
+def lora_targets_are_layers(p, layers: Layers):
+    """Each LoRA target module names a layer of the model that LoRA can adapt; one misspelt name in a comma list
+    is an error naming the layers there are, not an adapter on the other names only."""
+    names = targets(p["lora_target_modules"])
+    if p["training_mode"] == "full" or layers.error or names is None:
+        return
+    problems = [why for name in names if (why := layers.unknown_target(name))]
+    if problems:
+        yield error(
+            "lora_target_modules",
+            "; ".join(problems),
+            f"Use the names of this model's layers ({', '.join(layers.adaptable_names())}), or all-linear",
+        )
+
+
+@rule("layers")
+def gradient_checkpointing_supported(plan, layers: Layers):
+    """Gradient checkpointing is on only for a model that supports it."""
+    if plan.gradient_checkpointing and not layers.error and not layers.supports_gradient_checkpointing:
+        yield error(
+            "gradient_checkpointing",
+            "this model does not support gradient checkpointing",
+            "Set gradient_checkpointing to false",
         )
 
 

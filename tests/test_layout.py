@@ -17,6 +17,7 @@ ORDER = [
     "chat",
     "templates",
     "sources",
+    "layers",
     "params",
     "speed",
     "planning",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -287,6 +288,19 @@ MACHINE_CASES = [
 )
 def test_machine_rule_findings(rule, overrides, machine, expected):
     assert findings(rule, config(**overrides), machine) == expected
+
+
+# Punctuation a proof-reader would strike: a question mark or comma before a full stop, a doubled stop, a space
+# before punctuation, an empty list or choice ("Use auto or 1, 2, ."), doubled spaces.
+BAD_PUNCTUATION = re.compile(r"\?\.|,\.|(?<![.'])\.\.(?![.'])|\s[.,;:](?!\w)|, \.|\(\s|\s\)|\S  \S|\(\)|: \.")
+
+
+def test_every_message_the_rule_tables_produce_is_proof_read():
+    lines = [line for rule, overrides, _ in CONFIG_CASES for line in messages(rule, config(**overrides))]
+    lines += [line for rule, o, machine, _ in MACHINE_CASES for line in messages(rule, config(**o), machine)]
+    assert len(lines) > 40
+    assert not [line for line in lines if BAD_PUNCTUATION.search(line)]
+    assert all(line.endswith((".", "?")) and ": " in line for line in lines), lines
 
 
 @pytest.mark.parametrize(
@@ -820,6 +834,9 @@ def test_every_rule_has_table_cases():
     covered |= {validation.evaluation_has_rows}
     covered |= {validation.effective_batch_fits_dataset, validation.checkpoint_before_the_end}
     covered |= {validation.chat_template_keeps_answers}
+    # In test_layers.py, on models built from real configs on the meta device:
+    covered |= {validation.model_builds_as_a_causal_lm, validation.lora_targets_are_layers}
+    covered |= {validation.gradient_checkpointing_supported}
     # In test_data.py, on real prepared datasets:
     covered |= {validation.evaluation_named, validation.rows_with_nothing_to_train}
     assert {rule for rules in validation.RULES.values() for rule in rules} <= covered

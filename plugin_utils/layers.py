@@ -1,0 +1,86 @@
+"""The model's layers, listed without its weights: the model is built from its config.json on the meta device
+(no memory, no file but the config read), so `--dry-run` and a real run check what only the loaded model
+would otherwise reveal: LoRA target modules that name no layer, an architecture transformers cannot build as
+a causal language model, gradient checkpointing the model does not support.
+
+`describe()` needs torch and transformers; `Layers` and its matching do not, so validation's rules over it
+stay torch-free.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from .sources import model_config
+
+# The layer classes PEFT's LoRA adapts (torch's, transformers' GPT-2 Conv1D, bitsandbytes' quantized Linear).
+ADAPTABLE = frozenset(
+    {"Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention", "Linear4bit", "Linear8bitLt"}
+)
+
+
+@dataclass(frozen=True)
+class Layers:
+    """Every module of the model by its full name (as PEFT sees it) and class name."""
+
+    modules: dict[str, str] = field(default_factory=dict)
+    output_layer: str | None = None  # the output embedding (lm_head): never an adapter target
+    supports_gradient_checkpointing: bool = True
+    error: str | None = None  # why the model could not be built from its config; nothing else is known then
+
+    def matching(self, target: str) -> list[str]:
+        """The modules a LoRA target name selects, as PEFT matches a list of names: the full name, or its end
+        after a dot."""
+        return [name for name in self.modules if name == target or name.endswith("." + target)]
+
+    def adaptable_names(self) -> list[str]:
+        """The short names that select the layers LoRA can adapt (q_proj, v_proj, ...), the output layer left
+        out, in the model's order."""
+        seen: dict[str, None] = {}
+        for name, kind in self.modules.items():
+            if kind in ADAPTABLE and name != self.output_layer and kind != "Embedding":
+                seen.setdefault(name.rsplit(".", 1)[-1], None)
+        return list(seen)
+
+    def unknown_target(self, target: str) -> str | None:
+        """Why `target` cannot be a LoRA target of this model, or None when it selects an adaptable layer."""
+        found = self.matching(target)
+        if not found:
+            close = difflib.get_close_matches(target, self.adaptable_names(), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return f"{target!r} names no layer of this model{hint}"
+        if not any(self.modules[name] in ADAPTABLE for name in found):
+            return f"{target!r} is a block ({self.modules[found[0]]}), not a layer LoRA can adapt"
+        return None
+
+
+def targets(value: str) -> list[str] | None:
+    """The names of a lora_target_modules value; None for all-linear (every linear layer but the output)."""
+    value = (value or "").strip()
+    if value in ("", "all-linear"):
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def describe(model_name: str) -> Layers | None:
+    """The model's modules, built from its config.json on the meta device. None when the config cannot be read
+    here (a Hub id that is not cached): the real load finds out then."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_config(model_name) is None:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(model_name)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # any failure here is the one the real load would meet, minutes later
+        return Layers(error=" ".join(f"{type(exc).__name__}: {exc}".split())[:300])
+    output = model.get_output_embeddings()
+    output_name = next((name for name, module in model.named_modules() if module is output), None)
+    return Layers(
+        modules={name: type(module).__name__ for name, module in model.named_modules() if name},
+        output_layer=output_name,
+        supports_gradient_checkpointing=bool(getattr(model, "supports_gradient_checkpointing", True)),
+    )
