@@ -107,6 +107,20 @@ def test_sigterm_to_the_group_saves_a_checkpoint_and_the_next_run_resumes_to_the
     assert max(steps) == 20
 
 
+def test_sighup_from_a_closed_terminal_is_a_stop_that_saves(tiny_model, tmp_path):
+    # A closed SSH session sends SIGHUP to its process group: the run stops as for SIGTERM, saving first.
+    config = base_config(tiny_model, tmp_path, num_processes=1, max_steps=3000, logging_steps=1, save_steps=10000)
+    run = Running(["--config", write_config(tmp_path, config), "--json"])
+    run.wait_for("step 2/3000")
+    os.killpg(run.proc.pid, signal.SIGHUP)
+    assert run.finish() == 3, run.stderr[-3000:]
+    assert last_json(run.stdout)["status"] == "STOPPED"
+    [index] = lab_jobs(tmp_path / "tflhome")
+    assert read_job(index)["status"] == "STOPPED"
+    [saved] = (tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*")
+    assert int(saved.name.split("-")[1]) >= 2 and (saved / "trainer_state.json").is_file()
+
+
 def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_path):
     tag = f"kill-9-{os.getpid()}-{time.monotonic_ns()}"
     config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=3000, logging_steps=1, save_steps=10000)

@@ -474,3 +474,28 @@ def test_of_two_runs_started_at_the_same_moment_exactly_one_takes_the_lock(tmp_p
     go.touch()
     answers = sorted(proc.communicate(timeout=60)[0].split()[0] for proc in procs)
     assert answers == ["refused", "took"]
+
+
+def test_the_run_lock_lasts_while_a_process_that_inherited_it_lives(tmp_path):
+    # The ranks' launcher inherits the lock: once main.py has gone (killed, or exited after a task's Stop), a
+    # run started meanwhile is still refused until the ranks that save into these outputs are done.
+    import subprocess
+    import sys
+
+    from plugin_utils.errors import InvalidConfig
+
+    lock = outputs.RunLock(str(tmp_path / "run" / "lock"))
+    with lock:
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=(lock.fileno(),), start_new_session=True
+        )
+    try:
+        assert outputs.RunLock.holder(lock.path) is not None, "held by the child after our own handle closed"
+        with pytest.raises(InvalidConfig, match="another run"), outputs.RunLock(lock.path):
+            pass
+    finally:
+        child.kill()
+        child.wait()
+    assert outputs.RunLock.holder(lock.path) is None
+    with outputs.RunLock(lock.path):
+        pass
