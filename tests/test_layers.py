@@ -5,41 +5,16 @@ transformers' Conv1D, not nn.Linear) and Qwen2.5-0.5B's published config.json.""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from plugin_utils import layers, params, planning, validation
 from plugin_utils.machine import Machine
 
 from .conftest import base_config, run_main, write_config
+from .model_configs import QWEN2_5_0_5B, model_folder
 
-# Qwen/Qwen2.5-0.5B's config.json as published on the Hub (the fields transformers reads).
-QWEN2_5_0_5B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-06,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-}
 GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2}
 CPU = Machine(gpus=[], cpu_count=2)
-
-
-def model_folder(tmp_path: Path, config: dict) -> str:
-    folder = tmp_path / config["model_type"]
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config))
-    return str(folder)
 
 
 def run_params(model: str, **overrides) -> dict:
@@ -66,7 +41,7 @@ def test_the_layers_of_a_real_architecture_are_listed_without_weights(tmp_path):
 
 
 def test_gpt2s_conv1d_projections_are_layers_lora_adapts(tmp_path):
-    described = layers.describe(model_folder(tmp_path, GPT2))
+    described = layers.describe(model_folder(tmp_path, GPT2, "gpt2"))
     assert described.modules["transformer.h.0.attn.c_attn"] == "Conv1D"
     assert described.unknown_target("c_attn") is None
     assert described.unknown_target("q_proj") == "'q_proj' names no layer of this model (did you mean 'c_proj'?)"
@@ -104,7 +79,7 @@ def test_full_fine_tuning_has_no_lora_targets_to_check(tmp_path):
 
 def test_an_architecture_that_is_no_causal_lm_is_refused_naming_model_name(tmp_path):
     t5 = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "d_model": 32, "num_layers": 1}
-    [line] = layer_errors(run_params(model_folder(tmp_path, t5)))
+    [line] = layer_errors(run_params(model_folder(tmp_path, t5, "t5")))
     assert line.startswith("model_name: transformers cannot build this model as a causal language model (")
     assert line.endswith("Pick a causal language model (a decoder such as Llama, Qwen or Mistral).")
 

@@ -177,14 +177,17 @@ def usable(found: machine.Machine) -> list[tuple[int, str]]:
 
 # --- where the GPUs come from --------------------------------------------------------------------------------
 
+# What both sources report of the fake machine: (index, name, memory MiB, compute capability, uuid).
+THE_GPUS = [
+    (0, "NVIDIA A100-SXM4-40GB", 40960, 8.0, UUID_0),
+    (1, "NVIDIA H100 80GB HBM3", 81559, 9.0, UUID_1),
+    (2, "NVIDIA A100-SXM4-80GB", 81920, 8.0, UUID_2),
+]
+
 
 def test_nvml_reports_each_gpu_with_its_uuid_and_mig_devices(nvml, monkeypatch):
     gpus = detected(monkeypatch, None).gpus
-    assert [(g.index, g.name, g.memory_mib, g.compute_capability, g.uuid) for g in gpus] == [
-        (0, "NVIDIA A100-SXM4-40GB", 40960, 8.0, UUID_0),
-        (1, "NVIDIA H100 80GB HBM3", 81559, 9.0, UUID_1),
-        (2, "NVIDIA A100-SXM4-80GB", 81920, 8.0, UUID_2),
-    ]
+    assert [(g.index, g.name, g.memory_mib, g.compute_capability, g.uuid) for g in gpus] == THE_GPUS
     assert not gpus[0].mig_mode and gpus[2].mig_mode
     # A MIG device is a device of its own: its own memory, its GPU's compute capability.
     [a, b] = gpus[2].mig_devices
@@ -194,11 +197,7 @@ def test_nvml_reports_each_gpu_with_its_uuid_and_mig_devices(nvml, monkeypatch):
 
 def test_nvidia_smi_is_the_fallback_when_nvml_is_missing(smi_only, monkeypatch):
     gpus = detected(monkeypatch, None).gpus
-    assert [(g.index, g.name, g.memory_mib, g.compute_capability, g.uuid) for g in gpus] == [
-        (0, "NVIDIA A100-SXM4-40GB", 40960, 8.0, UUID_0),
-        (1, "NVIDIA H100 80GB HBM3", 81559, 9.0, UUID_1),
-        (2, "NVIDIA A100-SXM4-80GB", 81920, 8.0, UUID_2),
-    ]
+    assert [(g.index, g.name, g.memory_mib, g.compute_capability, g.uuid) for g in gpus] == THE_GPUS
     # MIG devices from `nvidia-smi -L`, with the nominal memory of their profile.
     assert [(m.uuid, m.memory_mib, m.compute_capability) for m in gpus[2].mig_devices] == [
         (MIG_A, 10000, 8.0),

@@ -13,19 +13,10 @@ from plugin_utils import params, planning, speed, validation, worker
 from plugin_utils.machine import Gpu, Machine
 
 from .conftest import SAMPLE, plan_of, spec_of
+from .model_configs import QWEN2_5_0_5B
 
 GIB = 2**30
 
-QWEN_05B = {  # Qwen2.5-0.5B's config.json sizes
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-}
 LLAMA_7B = {  # Llama-2-7B
     "model_type": "llama",
     "hidden_size": 4096,
@@ -69,7 +60,7 @@ def choose(p, *, device="cuda", gpu_list=None, precision="bf16", installed=(), m
 
 
 def test_on_the_cpu_auto_means_sdpa_no_packing_no_workers_no_tf32(monkeypatch):
-    s = choose(config(), device="cpu", precision="fp32", model_config=QWEN_05B, monkeypatch=monkeypatch)
+    s = choose(config(), device="cpu", precision="fp32", model_config=QWEN2_5_0_5B, monkeypatch=monkeypatch)
     assert (s.attention, s.packing, s.liger, s.tf32, s.dataloader_workers) == ("sdpa", False, False, False, 0)
     assert any("flash-attention not used: on the CPU" in why for why in s.reasons)
 
@@ -86,13 +77,13 @@ def test_on_the_cpu_auto_packs_small_batches_where_the_mask_is_cheap(monkeypatch
 
 
 def test_flash_attention_installed_on_ampere_turns_packing_tf32_and_workers_on(monkeypatch):
-    s = choose(config(), installed={"flash_attn"}, model_config=QWEN_05B, monkeypatch=monkeypatch)
+    s = choose(config(), installed={"flash_attn"}, model_config=QWEN2_5_0_5B, monkeypatch=monkeypatch)
     assert (s.attention, s.packing, s.tf32) == ("flash_attention_2", True, True)
     assert s.dataloader_workers == 2  # 16 CPUs for 2 processes: 2 each, one core left for the rank itself
 
 
 def test_without_flash_attn_auto_packing_stays_off_and_says_why(monkeypatch):
-    s = choose(config(), model_config=QWEN_05B, monkeypatch=monkeypatch)
+    s = choose(config(), model_config=QWEN2_5_0_5B, monkeypatch=monkeypatch)
     assert (s.attention, s.packing) == ("sdpa", False)
     assert any("flash-attn is not installed" in why for why in s.reasons)
     assert any(why.startswith("packing: off (without flash-attention") for why in s.reasons)
@@ -136,7 +127,7 @@ def test_explicit_values_win_over_auto(monkeypatch):
 
 def test_gradient_checkpointing_auto_is_off_when_the_estimate_fits_with_room(monkeypatch):
     p = config(batch_size=4, maximum_sequence_length=2048)
-    s = choose(p, model_config=QWEN_05B, monkeypatch=monkeypatch)
+    s = choose(p, model_config=QWEN2_5_0_5B, monkeypatch=monkeypatch)
     assert not s.gradient_checkpointing
     [why] = [w for w in s.reasons if w.startswith("gradient checkpointing")]
     assert "GiB estimated per GPU without it, 80.0 GiB available" in why
@@ -172,7 +163,7 @@ def test_the_plan_holds_what_auto_switches_became_and_the_parameters_stay_as_ask
 
 @pytest.mark.parametrize(
     ("shape", "published"),
-    [(QWEN_05B, 494_032_768), (LLAMA_7B, 6_738_415_616)],
+    [(QWEN2_5_0_5B, 494_032_768), (LLAMA_7B, 6_738_415_616)],
     ids=["qwen2.5-0.5b", "llama-2-7b"],
 )
 def test_parameter_count_from_config_matches_the_published_size(shape, published):

@@ -19,6 +19,8 @@ from plugin_utils import launch, outputs, params, planning, sources, validation
 from plugin_utils.errors import InvalidConfig
 from plugin_utils.machine import Gpu, Machine
 
+from .model_configs import LLAMA_3_8B, QWEN2_5_0_5B, model_folder
+
 # Fakes for hardware that cannot exist here: an Ampere-class and a pre-Ampere GPU.
 A100 = 8.0
 V100 = 7.0
@@ -339,42 +341,6 @@ def test_deepspeed_strategies_need_deepspeed(monkeypatch, strategy, installed, e
 
 # --- disk: what the run writes, from the model's size (issue 13, item 8) ---------------------------------
 
-# The config.json files these models publish (the sizes that matter, as they publish them).
-LLAMA_3_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "max_position_embeddings": 8192,
-    "model_type": "llama",
-    "num_attention_heads": 32,
-    "num_hidden_layers": 32,
-    "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-05,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "vocab_size": 128256,
-}
-QWEN_25_05B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "max_position_embeddings": 32768,
-    "model_type": "qwen2",
-    "num_attention_heads": 14,
-    "num_hidden_layers": 24,
-    "num_key_value_heads": 2,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-    "vocab_size": 151936,
-}
-
-
-def model_folder(tmp_path, config_json: dict, name: str = "model") -> str:
-    folder = tmp_path / name
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config_json))
-    return str(folder)
-
 
 def disk_facts(tmp_path, **overrides):
     """Parameters and output facts for a run writing under tmp_path/outputs."""
@@ -397,7 +363,7 @@ def fake_free(monkeypatch, free_gib: float | dict[str, float]) -> list[str]:
     return asked
 
 
-@pytest.mark.parametrize(("known", "parameters"), [(LLAMA_3_8B, 8.03e9), (QWEN_25_05B, 0.494e9)])
+@pytest.mark.parametrize(("known", "parameters"), [(LLAMA_3_8B, 8.03e9), (QWEN2_5_0_5B, 0.494e9)])
 def test_parameter_count_from_config_json_is_within_a_percent(tmp_path, known, parameters):
     folder = model_folder(tmp_path, known)
     counted = planning.model_parameters(folder, sources.model_config(folder))
@@ -471,11 +437,11 @@ def test_a_full_fine_tune_that_cannot_fit_is_refused_up_front_and_lora_fits(monk
 
 
 def test_fuse_model_adds_the_merged_model(tmp_path):
-    p = config(model_name=model_folder(tmp_path, QWEN_25_05B), fuse_model=True)
-    merged = planning.disk_estimate(p, QWEN_25_05B, 494_032_768, "bf16")
+    p = config(model_name=model_folder(tmp_path, QWEN2_5_0_5B), fuse_model=True)
+    merged = planning.disk_estimate(p, QWEN2_5_0_5B, 494_032_768, "bf16")
     assert merged.merged == 494_032_768 * 2  # a 16-bit copy of the base
-    assert planning.disk_estimate(p, QWEN_25_05B, 494_032_768, "fp32").merged == 494_032_768 * 4  # the CPU's fp32
-    assert planning.disk_estimate({**p, "fuse_model": False}, QWEN_25_05B, 494_032_768, "bf16").merged == 0
+    assert planning.disk_estimate(p, QWEN2_5_0_5B, 494_032_768, "fp32").merged == 494_032_768 * 4  # the CPU's fp32
+    assert planning.disk_estimate({**p, "fuse_model": False}, QWEN2_5_0_5B, 494_032_768, "bf16").merged == 0
 
 
 def test_each_disk_is_checked_for_what_goes_there(monkeypatch, tmp_path):
@@ -491,9 +457,9 @@ def test_each_disk_is_checked_for_what_goes_there(monkeypatch, tmp_path):
 
 
 def test_a_resumed_run_counts_the_checkpoints_already_on_disk(monkeypatch, tmp_path):
-    model = model_folder(tmp_path, QWEN_25_05B)
+    model = model_folder(tmp_path, QWEN2_5_0_5B)
     p, out = disk_facts(tmp_path, model_name=model, training_mode="full", save_total_limit=2)
-    one = planning.disk_estimate(p, QWEN_25_05B, planning.model_parameters(model, QWEN_25_05B), "bf16").checkpoint
+    one = planning.disk_estimate(p, QWEN2_5_0_5B, planning.model_parameters(model, QWEN2_5_0_5B), "bf16").checkpoint
     for step in (10, 20):
         Path(out.checkpoint_dir, f"checkpoint-{step}").mkdir(parents=True)
         Path(out.checkpoint_dir, f"checkpoint-{step}", "trainer_state.json").write_text("{}")
@@ -506,7 +472,7 @@ def test_a_resumed_run_counts_the_checkpoints_already_on_disk(monkeypatch, tmp_p
 
 
 def test_the_plan_shows_the_disk_estimate(tmp_path):
-    plan = planning.build(config(model_name=model_folder(tmp_path, QWEN_25_05B)), TWO_AMPERE)
+    plan = planning.build(config(model_name=model_folder(tmp_path, QWEN2_5_0_5B)), TWO_AMPERE)
     assert 0 < plan.disk_gib < 2
     assert any(why.startswith("disk: about ") for why in plan.reasons)
     assert planning.build(config(), CPU_ONLY).disk_gib is None  # MODEL_DIR's size is unknown
