@@ -18,7 +18,7 @@ from typing import Any
 
 from . import speed
 from .machine import Gpu, Machine
-from .sources import CHAT_FORMATS, model_config, read_json
+from .sources import CHAT_FORMATS, model_config, model_folder, read_json
 from .speed import Speed
 
 
@@ -246,20 +246,6 @@ def lora_parameter_count(config: Mapping[str, Any], r: int, targets: str) -> int
     return r * per_layer * s["layers"]
 
 
-def _model_folder(name: str) -> str | None:
-    """The folder of a local model, or of its snapshot in the Hub cache; None when neither is here."""
-    folder = os.path.expanduser(name)
-    if os.path.isdir(folder):
-        return folder
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(name, "config.json")
-    except Exception:  # huggingface_hub missing, or a name that is no repo id
-        return None
-    return os.path.dirname(cached) if isinstance(cached, str) else None
-
-
 def _safetensors_parameters(folder: str) -> int | None:
     """The exact parameter count of a model's weights, from their safetensors headers (a few kB each, the
     weights never read); None unless every file the index lists (or model.safetensors) is here."""
@@ -282,7 +268,7 @@ def _safetensors_parameters(folder: str) -> int | None:
 def model_parameters(name: str, config: Mapping[str, Any] | None) -> int | None:
     """The model's parameter count: exact from its safetensors files when they are here (and not quantized,
     whose packed tensors undercount), else from config.json's sizes; None when neither is known."""
-    folder = _model_folder(name) if name else None
+    folder = model_folder(name) if name else None
     if folder and not (config or {}).get("quantization_config"):
         exact = _safetensors_parameters(folder)
         if exact:

@@ -182,13 +182,12 @@ def workspace_dataset(name: str) -> WorkspaceDataset | None:
     )
 
 
-@lru_cache(maxsize=8)
-def model_config(name: str) -> dict[str, Any] | None:
-    """The model's config.json (local folder or the Hub cache), without loading weights or torch."""
+def model_folder(name: str) -> str | None:
+    """The model's folder: a local one, or its snapshot in the Hub cache (the one holding its config.json); None
+    when neither is here."""
     folder = os.path.expanduser(name)
     if os.path.isdir(folder):
-        path = os.path.join(folder, "config.json")
-        return read_json(path) if os.path.isfile(path) else None
+        return folder
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
@@ -197,7 +196,15 @@ def model_config(name: str) -> dict[str, Any] | None:
         cached = try_to_load_from_cache(name, "config.json")
     except Exception:  # a name that is no valid repo id
         return None
-    return read_json(cached) if isinstance(cached, str) else None
+    return os.path.dirname(cached) if isinstance(cached, str) else None
+
+
+@lru_cache(maxsize=8)
+def model_config(name: str) -> dict[str, Any] | None:
+    """The model's config.json (local folder or the Hub cache), without loading weights or torch."""
+    folder = model_folder(name)
+    path = os.path.join(folder, "config.json") if folder else ""
+    return read_json(path) if path and os.path.isfile(path) else None
 
 
 @dataclass(frozen=True)
