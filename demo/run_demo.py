@@ -41,7 +41,7 @@ def demo_config(model: str, output_dir: str, adaptor_name: str = "demo-adaptor",
         "lora_alpha": 32,
         "maximum_sequence_length": 128,
         "logging_steps": 25,
-        "save_steps": 100,
+        "save_steps": 40,  # a checkpoint halfway and one at the end (80 steps)
         "eval_split": 0.1,
     }
 
