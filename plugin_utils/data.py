@@ -701,7 +701,7 @@ def _use(folder: Path) -> dict[str, Any] | None:
         return None
     try:
         stats = json.loads((folder / "stats.json").read_text())
-        os.utime(folder)
+        os.utime(folder / "stats.json")  # its last use (the folder's own time moves with what is created in it)
     except FileNotFoundError:
         os.close(fd)
         return None
@@ -755,7 +755,13 @@ def evict(root: Path, bounds: CacheBounds, using: Path) -> None:
             if now - info.st_mtime > STALE_STAGING_S:
                 _remove(folder)
             continue
-        entries.append((info.st_mtime, folder))
+        # Last used: stats.json's time (see _use), never the folder's, which taking a lock in it may move.
+        # Without stats.json it holds no dataset: first to go.
+        try:
+            used = (folder / "stats.json").stat().st_mtime
+        except FileNotFoundError:
+            used = 0.0
+        entries.append((used, folder))
     count, size, full = 1, _size(using), False
     for _, folder in sorted(entries, reverse=True):
         folder_size = _size(folder)

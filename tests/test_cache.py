@@ -66,6 +66,7 @@ def old_entry(name: str, age_s: float, size: int = KIB) -> Path:
     (folder / "stats.json").write_text("{}")
     (folder / "data.arrow").write_bytes(b"\0" * size)
     when = time.time() - age_s
+    os.utime(folder / "stats.json", (when, when))  # when it was last used
     os.utime(folder, (when, when))
     return folder
 
