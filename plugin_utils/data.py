@@ -184,7 +184,8 @@ def load_splits(name: str):
         try:
             # CSV cells are text: "1." stays "1." instead of becoming a float, and empty cells stay "".
             options = _csv_as_text(paths[0]) if builder == "csv" else {}
-            splits = dict(datasets.load_dataset(builder, data_files=by_split, **options))
+            with _progress_bars(shown=False):  # reading local files: quick, and the row count is logged next
+                splits = dict(datasets.load_dataset(builder, data_files=by_split, **options))
         except Exception as exc:
             # Name the file and line when a JSON Lines file is at fault (checked only on failure: it costs a pass).
             for path in paths:
@@ -982,8 +983,29 @@ def _build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[st
                 )
         with _progress_bars(shown=False):
             return _kept_and_saved(tokenized, encoder, p, staging, work, max_len)
+    except BaseException:
+        _end_worker_processes()
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _end_worker_processes() -> None:
+    """End the processes a parallel map started (its worker pool, and the manager process datasets starts beside
+    it). A stop that interrupts the map can leave them running, and this process would then never exit: at exit
+    it waits for them."""
+    try:
+        import multiprocess
+    except ImportError:
+        return
+    children = multiprocess.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=5)
 
 
 @contextlib.contextmanager
