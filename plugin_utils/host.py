@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -151,6 +152,40 @@ class InputFile:
         return dict(self.config)
 
 
+class _SdkOutput(io.TextIOBase):
+    """The lab SDK's prints while it attaches, passed on to stderr (stdout carries --json's report), all but its
+    own debugging line about Trackio, printed for every job."""
+
+    NOISE = ("Trackio available:",)
+
+    def __init__(self) -> None:
+        self._line = ""
+
+    def write(self, text: str) -> int:
+        self._line += text
+        *whole, self._line = self._line.split("\n")
+        for line in whole:
+            if not line.startswith(self.NOISE):
+                sys.stderr.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._line and not self._line.startswith(self.NOISE):
+            sys.stderr.write(self._line)
+        self._line = ""
+        sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _sdk_output():
+    out = _SdkOutput()
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        out.flush()
+
+
 class LabConnection:
     """The lab SDK, imported and initialised on first use (`lab.init` attaches to _TFL_JOB_ID's job, or
     creates a job in the local workspace)."""
@@ -169,7 +204,7 @@ class LabConnection:
         if self.lab is None:
             module = _import_lab()
             lab = module.lab
-            with contextlib.redirect_stdout(sys.stderr):
+            with _sdk_output():
                 if self.read_only and hasattr(lab, "_job") and hasattr(lab, "_experiment"):
                     experiment = self.experiment or os.environ.get("_TFL_EXPERIMENT_ID") or "alpha"
                     lab._experiment = _sync(module.Experiment.create_or_get(experiment, create_new=False))

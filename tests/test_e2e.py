@@ -84,6 +84,7 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     assert "{'loss'" not in proc.stderr and "'train_runtime'" not in proc.stderr
     assert "it/s]" not in proc.stderr and "examples/s]" not in proc.stderr and "%|" not in proc.stderr
     assert "FutureWarning" not in proc.stderr and "warnings.warn(" not in proc.stderr
+    assert "Trackio available" not in proc.stderr  # the lab SDK's debugging line, printed for every job
 
     [index] = lab_jobs(tmp_path / "tflhome")
     job = read_job(index)
