@@ -55,14 +55,6 @@ class Layers:
         return None
 
 
-def targets(value: str) -> list[str] | None:
-    """The names of a lora_target_modules value; None for all-linear (every linear layer but the output)."""
-    value = (value or "").strip()
-    if value in ("", "all-linear"):
-        return None
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
 def describe(model_name: str) -> Layers | None:
     """The model's modules, built from its config.json on the meta device. None when the config cannot be read
     here (a Hub id that is not cached): the real load finds out then."""

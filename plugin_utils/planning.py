@@ -18,6 +18,7 @@ from typing import Any
 
 from . import speed
 from .machine import Gpu, Machine
+from .runfolder import lora_targets
 from .sources import CHAT_FORMATS, model_config, model_folder, read_json
 from .speed import Speed
 
@@ -238,9 +239,10 @@ def lora_parameter_count(config: Mapping[str, Any], r: int, targets: str) -> int
     if s is None:
         return None
     sizes = {**s, "qkv_dim": s["q_dim"] + 2 * s["kv_dim"], "gate_up": 2 * s["intermediate"]}
-    names = ALL_LINEAR if targets.strip() in ("", "all-linear") else [t.strip() for t in targets.split(",")]
+    names = lora_targets(targets)
+    names = ALL_LINEAR if names is None else names
     per_layer = 0
-    for name in filter(None, names):
+    for name in names:
         for inputs, outputs, per_expert in BLOCK_LINEARS.get(name, (MLP_IN,)):
             per_layer += (sizes[inputs] + sizes[outputs]) * (s["experts"] if per_expert else 1)
     return r * per_layer * s["layers"]

@@ -89,12 +89,8 @@ class RunSpec:
     def of(cls, p, plan, folder: RunFolder, **where: Any) -> RunSpec:
         """The spec for these parameters and this plan; `where` gives prepared_path, has_eval, checkpoint_dir,
         checkpoint_staging, resume_from, adapter_staging and merged_staging."""
-        targets = p["lora_target_modules"].strip()
-        modules = (
-            ("all-linear",)
-            if targets in ("", "all-linear")
-            else tuple(m.strip() for m in targets.split(",") if m.strip())
-        )
+        names = lora_targets(p["lora_target_modules"])
+        modules = ("all-linear",) if names is None else tuple(names)
         s = plan.speed
         return cls(
             model_name=p["model_name"],
@@ -146,6 +142,15 @@ class RunSpec:
             raise ValueError(f"run spec has unknown fields {sorted(unknown)}")
         values["lora_target_modules"] = tuple(values["lora_target_modules"])
         return cls(**values)
+
+
+def lora_targets(value: str) -> list[str] | None:
+    """The module names of a lora_target_modules value (a comma list); None for all-linear (or empty): every
+    linear layer but the output."""
+    value = (value or "").strip()
+    if value in ("", "all-linear"):
+        return None
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 class RunFolder:

@@ -30,7 +30,7 @@ from typing import Any
 
 from . import checkpoints, speed
 from .errors import InvalidConfig, Problem, problem
-from .layers import Layers, targets
+from .layers import Layers
 from .machine import Machine, filesystem, free_disk_gib, has_package
 from .outputs import OutputFacts
 from .params import form_schema
@@ -45,6 +45,7 @@ from .planning import (
     selected_gpu_ids,
     world_size,
 )
+from .runfolder import lora_targets
 from .sources import CHAT_FORMATS, DataFacts, ModelFacts
 from .templates import chat_syntax_problem, syntax_problem
 
@@ -151,7 +152,7 @@ def adaptor_name_is_a_name(p):
 @rule("parameters")
 def lora_not_on_lm_head(p):
     """LoRA target modules do not include lm_head (TRL and PEFT cannot train an adapter there)."""
-    modules = {m.strip() for m in p["lora_target_modules"].split(",")}
+    modules = set(lora_targets(p["lora_target_modules"]) or ())
     if p["training_mode"] != "full" and "lm_head" in modules:
         yield error("lora_target_modules", "lm_head cannot carry a LoRA adapter", "Remove lm_head from the list")
 
@@ -606,7 +607,7 @@ def model_builds_as_a_causal_lm(layers: Layers):
 def lora_targets_are_layers(p, layers: Layers):
     """Each LoRA target module names a layer of the model that LoRA can adapt; one misspelt name in a comma list
     is an error naming the layers there are, not an adapter on the other names only."""
-    names = targets(p["lora_target_modules"])
+    names = lora_targets(p["lora_target_modules"])
     if p["training_mode"] == "full" or layers.error or names is None:
         return
     problems = [why for name in names if (why := layers.unknown_target(name))]
