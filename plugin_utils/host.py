@@ -573,6 +573,7 @@ class LabJob(NullSink):
         # names this run uploaded.
         self._remote_checkpoints: dict[str, str] | None = None
         self._uploaded: set[str] = set()
+        self._listed: dict[str, Any] = {}  # job_data's checkpoint fields as last written
 
     def kill_grace_seconds(self):
         return None if self.created_here else self.TASK_KILL_GRACE
@@ -629,9 +630,9 @@ class LabJob(NullSink):
         if self.connection.remote:
             paths = self._mirror(paths)
         # The job page lists the checkpoints folder only once job_data.checkpoints is set.
-        job = self._lab.job
-        _sync(job.update_job_data_field("checkpoints", list(paths)))
-        _sync(job.update_job_data_field("latest_checkpoint", paths[-1] if paths else None))
+        self._listed = {"checkpoints": list(paths), "latest_checkpoint": paths[-1] if paths else None}
+        for key, value in self._listed.items():
+            _sync(self._lab.job.update_job_data_field(key, value))
 
     def _mirror(self, paths: list[str]) -> list[str]:
         """A remote workspace's checkpoints folder made to hold what the local one holds: each new checkpoint
@@ -717,7 +718,9 @@ class LabJob(NullSink):
 
     def stopped(self, message):
         if self._reachable():
-            _end_job(self._lab.job, "STOPPED", "success", message)
+            # The checkpoints written again with the final status: a host's Stop writes the job's record while we
+            # may be writing it, and a listing lost that way would leave the job page without its checkpoints.
+            _end_job(self._lab.job, "STOPPED", "success", message, self._listed)
 
     def close_left_open(self, job_id, status, message):
         lab = self.connection.get()

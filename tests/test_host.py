@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -383,3 +384,37 @@ def test_the_next_legacy_run_closes_a_job_a_killed_process_left(tmp_path, lab_di
         assert ("checkpoint at step 4" in details) == checkpoint
         assert f"job 7 was left open by a process that died; marked {expected}" in proc.stderr
     assert json.loads((home / "workspace" / "jobs" / "8" / "index.json").read_text())["status"] == "RUNNING"
+
+
+STOP_AFTER_A_LOST_LISTING = """
+import asyncio
+from plugin_utils import host
+sink = host.LabJob(host.LabConnection(None))
+sink.start({})
+sink.checkpoints(["/ckpt/checkpoint-2", "/ckpt/checkpoint-4"])
+job = sink.connection.get().job
+async def lost():  # the host's Stop rewrote the record from a copy read before the listing: the listing is gone
+    data = await job.get_job_data()
+    data.pop("checkpoints"), data.pop("latest_checkpoint")
+    await job.set_job_data(data)
+asyncio.run(lost())
+sink.stopped("Stopped on request at step 5")
+"""
+
+
+def test_a_stop_lists_the_checkpoints_again_with_the_final_status(tmp_path):
+    from .task_host import EXPERIMENT, make_lab_job
+
+    home = tmp_path / "tflhome"
+    job_id = make_lab_job(home, config())
+    env = {**os.environ, "TFL_HOME_DIR": str(home), "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": EXPERIMENT}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", STOP_AFTER_A_LOST_LISTING], capture_output=True, text=True, env=env, cwd=str(ROOT)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [index] = (home / "workspace" / "experiments" / EXPERIMENT / "jobs").glob("*/index.json")
+    job = json.loads(index.read_text())
+    assert job["status"] == "STOPPED"
+    assert job["job_data"]["checkpoints"] == ["/ckpt/checkpoint-2", "/ckpt/checkpoint-4"]
+    assert job["job_data"]["latest_checkpoint"] == "/ckpt/checkpoint-4"
