@@ -1,8 +1,8 @@
 """Starts the ranks and watches them: relays rank-0 events to the host, passes stop requests on, and
 turns the ranks' exit into a result. Only this process writes to the host.
 
-One process needs no distributed launch; two or more go through `accelerate launch --multi_gpu`
-(NCCL on GPUs; gloo on CPU, where the ranks' `use_cpu=True` makes them one group).
+One process needs no distributed launch; two or more go through `accelerate launch` with the run's own launcher
+config (strategies.py; NCCL on GPUs, gloo on CPU, where the ranks' `use_cpu=True` makes them one group).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .errors import RunFailed, StopRequested
 from .machine import NODE_LEVEL_VARIABLES
 from .planning import Plan
 from .runfolder import RunFolder, RunSpec, process_start
-from .strategies import mixed_precision, write_configs
+from .strategies import launched_by_accelerate, write_configs
 
 log = logging.getLogger("sft")
 PLUGIN_DIR = str(Path(__file__).resolve().parent.parent)
@@ -136,33 +136,28 @@ def rendezvous_port(plan: Plan) -> int:
     return port
 
 
-def command(plan: Plan, run_dir: str, port: int, configs: dict[str, str] | None = None) -> list[str]:
-    configs = configs or {}
+def command(run_dir: str, configs: dict[str, str]) -> list[str]:
+    """The ranks' command: `accelerate launch` with the run's own launcher config (strategies.py), else one plain
+    Python process."""
     entry = ["-m", "plugin_utils.rank", run_dir]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     if "accelerate" in configs:
-        return [*launcher, "--config_file", configs["accelerate"], *entry]
-    if plan.world_size == 1:
-        return [sys.executable, *entry]
-    launch = [
-        *launcher,
-        "--multi_gpu",
-        "--num_processes",
-        str(plan.world_size),
-        "--num_machines",
-        str(plan.num_machines),
-        "--machine_rank",
-        str(plan.machine_rank),
-        "--main_process_port",
-        str(port),
-        "--mixed_precision",
-        mixed_precision(plan),
-        "--dynamo_backend",
-        "no",
-    ]
-    if plan.main_process_ip:
-        launch += ["--main_process_ip", plan.main_process_ip]
-    return [*launch, *entry]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", configs["accelerate"], *entry]
+    return [sys.executable, *entry]
+
+
+def lone_deepspeed_rank(plan: Plan, port: int) -> dict[str, str]:
+    """What a DeepSpeed rank started without a launcher needs: DeepSpeed sets up its process group from these
+    variables, and without them goes looking for MPI (`mpi4py`, which is not installed) and fails."""
+    if launched_by_accelerate(plan) or not plan.strategy.startswith("deepspeed"):
+        return {}
+    return {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
 
 
 def rank_environment(plan: Plan) -> dict[str, str]:
@@ -173,11 +168,12 @@ def rank_environment(plan: Plan) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
-def rank_env(plan: Plan, log_to_wandb: bool = False) -> dict[str, str]:
+def rank_env(plan: Plan, log_to_wandb: bool = False, port: int = 0) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in NODE_LEVEL_VARIABLES}
     if log_to_wandb and not env.get("WANDB_API_KEY"):
         env.setdefault("WANDB_MODE", "offline")
     env.update(rank_environment(plan))
+    env.update(lone_deepspeed_rank(plan, port))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PLUGIN_DIR, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -391,13 +387,13 @@ def run(
     port = rendezvous_port(plan)
     configs = write_configs(folder, plan, port)
     folder.write_spec(spec)
-    cmd = command(plan, folder.path, port, configs)
+    cmd = command(folder.path, configs)
     log.info("launch: %s", " ".join(cmd))
     os.makedirs(folder.logs_dir, exist_ok=True)
     with open(folder.launcher_log, "ab") as launcher_output:
         proc = subprocess.Popen(
             cmd,
-            env=rank_env(plan, spec.log_to_wandb),
+            env=rank_env(plan, spec.log_to_wandb, port),
             cwd=PLUGIN_DIR,
             stdout=launcher_output,  # a file: the ranks never write into a pipe whose reader may die
             stderr=subprocess.STDOUT,

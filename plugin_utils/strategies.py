@@ -1,8 +1,14 @@
-"""Distributed strategies: the accelerate launcher arguments and the generated FSDP / DeepSpeed configs.
+"""Distributed strategies: the accelerate launcher's config and the generated DeepSpeed config.
 
-- ddp: `accelerate launch --multi_gpu` (a full model copy per process; the right choice for LoRA).
-- fsdp: an accelerate FSDP2 config file (parameters, gradients and optimizer state sharded).
-- deepspeed_zero2 / deepspeed_zero3: a DeepSpeed config handed to the training arguments.
+Every launch of two or more processes (and FSDP, even with one) gets an accelerate config file written into the
+run folder and passed with `--config_file`: accelerate then never reads a user's saved default config
+(`~/.cache/huggingface/accelerate/default_config.yaml`), whose `gpu_ids`, `num_processes` or `mixed_precision` would
+otherwise override the plan's, or refuse the launch.
+
+- ddp: `MULTI_GPU` (a full model copy per process; the right choice for LoRA). On the CPU the ranks form one gloo
+  group (`use_cpu`).
+- fsdp: an FSDP2 config (parameters, gradients and optimizer state sharded).
+- deepspeed_zero2 / deepspeed_zero3: `MULTI_GPU` processes, and a DeepSpeed config handed to the training arguments.
 """
 
 from __future__ import annotations
@@ -17,10 +23,16 @@ def mixed_precision(plan) -> str:
     return {"bf16": "bf16", "fp16": "fp16"}.get(plan.precision, "no")
 
 
-def fsdp_config(plan, port: int) -> dict[str, Any]:
-    return {
+def launched_by_accelerate(plan) -> bool:
+    """Whether the ranks start through `accelerate launch` (else one plain Python process)."""
+    return plan.world_size > 1 or plan.strategy == "fsdp"
+
+
+def accelerate_config(plan, port: int) -> dict[str, Any]:
+    """The whole launcher configuration: every key accelerate would otherwise take from a saved default config."""
+    config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "FSDP",
+        "distributed_type": "FSDP" if plan.strategy == "fsdp" else "MULTI_GPU",
         "num_processes": plan.world_size,
         "num_machines": plan.num_machines,
         "machine_rank": plan.machine_rank,
@@ -28,9 +40,14 @@ def fsdp_config(plan, port: int) -> dict[str, Any]:
         "main_process_port": port,
         "mixed_precision": mixed_precision(plan),
         "use_cpu": plan.device == "cpu",
+        # The plan's GPUs are this process's CUDA_VISIBLE_DEVICES already; "all" leaves it as it is.
+        "gpu_ids": "all",
         "rdzv_backend": "static",
         "same_network": True,
-        "fsdp_config": {
+        "dynamo_config": {"dynamo_backend": "NO"},
+    }
+    if plan.strategy == "fsdp":
+        config["fsdp_config"] = {
             "fsdp_version": 2,
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_reshard_after_forward": True,
@@ -40,8 +57,8 @@ def fsdp_config(plan, port: int) -> dict[str, Any]:
             "fsdp_state_dict_type": "FULL_STATE_DICT",
             # FSDP checkpoints activations itself; the Trainer's own checkpointing is then turned off.
             "fsdp_activation_checkpointing": plan.gradient_checkpointing,
-        },
-    }
+        }
+    return config
 
 
 def deepspeed_config(plan) -> dict[str, Any]:
@@ -71,13 +88,13 @@ def deepspeed_config(plan) -> dict[str, Any]:
 
 
 def write_configs(folder: RunFolder, plan, port: int) -> dict[str, str]:
-    """Write what the strategy needs into the run folder; returns {'accelerate'|'deepspeed': path}."""
+    """Write what the launch and the strategy need into the run folder; returns {'accelerate'|'deepspeed': path}."""
     written = {}
-    if plan.strategy == "fsdp":
+    if launched_by_accelerate(plan):
         written["accelerate"] = folder.file(ACCELERATE_CONFIG)
         with open(written["accelerate"], "w") as handle:
-            json.dump(fsdp_config(plan, port), handle, indent=2)
-    elif plan.strategy.startswith("deepspeed"):
+            json.dump(accelerate_config(plan, port), handle, indent=2)
+    if plan.strategy.startswith("deepspeed"):
         written["deepspeed"] = folder.file(DEEPSPEED_CONFIG)
         with open(written["deepspeed"], "w") as handle:
             json.dump(deepspeed_config(plan), handle, indent=2)

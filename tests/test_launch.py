@@ -41,27 +41,77 @@ def option(cmd: list[str], flag: str) -> str:
 # --- command() -----------------------------------------------------------------------------------------
 
 
+def launch_of(plan, tmp_path, port: int = 29500) -> tuple[list[str], dict]:
+    """The ranks' command for this plan, and the accelerate config it names (empty without one)."""
+    from plugin_utils.strategies import write_configs
+
+    configs = write_configs(RunFolder(str(tmp_path)), plan, port)
+    cmd = launch.command(str(tmp_path), configs)
+    written = json.loads(Path(configs["accelerate"]).read_text()) if "accelerate" in configs else {}
+    return cmd, written
+
+
 def test_one_process_is_a_plain_python_worker(tmp_path):
-    cmd = launch.command(CPU_ONE, str(tmp_path), 29500)
+    cmd, written = launch_of(CPU_ONE, tmp_path)
     assert cmd == [sys.executable, "-m", "plugin_utils.rank", str(tmp_path)]
+    assert written == {}
 
 
-def test_two_processes_go_through_accelerate_launch_with_a_port(tmp_path):
-    cmd = launch.command(CUDA_TWO, str(tmp_path), 29500)
+def test_two_processes_go_through_accelerate_launch_with_the_runs_own_config(tmp_path):
+    cmd, written = launch_of(CUDA_TWO, tmp_path)
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert "--multi_gpu" in cmd
-    assert option(cmd, "--num_processes") == "2"
-    assert option(cmd, "--num_machines") == "1"
-    assert option(cmd, "--machine_rank") == "0"
-    assert 0 < int(option(cmd, "--main_process_port")) < 65536
-    assert "--main_process_ip" not in cmd
+    assert option(cmd, "--config_file") == str(tmp_path / "accelerate_config.json")
     assert cmd[-3:] == ["-m", "plugin_utils.rank", str(tmp_path)]
+    assert written["distributed_type"] == "MULTI_GPU"
+    assert (written["num_processes"], written["num_machines"], written["machine_rank"]) == (2, 1, 0)
+    assert written["main_process_port"] == 29500 and written["main_process_ip"] is None
+    assert written["mixed_precision"] == "bf16" and written["use_cpu"] is False
+    # The plan's GPUs are the ranks' CUDA_VISIBLE_DEVICES already: accelerate must not narrow them again.
+    assert written["gpu_ids"] == "all"
 
 
 def test_two_cpu_processes_also_use_accelerate_launch(tmp_path):
-    cmd = launch.command(CPU_TWO, str(tmp_path), 29500)
+    cmd, written = launch_of(CPU_TWO, tmp_path)
     assert "accelerate.commands.launch" in cmd
-    assert option(cmd, "--num_processes") == "2"
+    assert written["num_processes"] == 2 and written["use_cpu"] is True and written["mixed_precision"] == "no"
+
+
+def test_the_launcher_never_reads_a_saved_default_accelerate_config(tmp_path, monkeypatch):
+    """accelerate loads ~/.cache/huggingface/accelerate/default_config.yaml unless --config_file names another: a
+    saved `gpu_ids: "0"` refused every two-GPU launch, and its other values overrode the plan's. Every launch
+    names the run's own file, and that file names every value the launch depends on."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    for plan in (CPU_TWO, CUDA_TWO, plan_of(num_processes=2, strategy="fsdp")):
+        cmd, _ = launch_of(plan, tmp_path)
+        assert "--config_file" in cmd
+        loaded = ClusterConfig.from_json_file(option(cmd, "--config_file"))  # accelerate's own reader accepts it
+        assert loaded.gpu_ids == "all" and loaded.num_processes == plan.world_size
+
+
+def test_a_lone_deepspeed_rank_gets_the_variables_deepspeed_sets_up_its_group_from(tmp_path):
+    """DeepSpeed with one process (every one-GPU machine) starts the rank without a launcher. Without RANK,
+    LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, DeepSpeed's init_distributed runs mpi_discovery, which
+    imports mpi4py (not installed): the run crashed before its first step. (DeepSpeed needs CUDA: the plan is a
+    fake one-GPU plan, and bench/gpu.py runs deepspeed_zero3 on one GPU for real.)"""
+    for strategy in ("deepspeed_zero2", "deepspeed_zero3"):
+        plan = plan_of(device="cuda", gpu_ids=[0], precision="bf16", strategy=strategy)
+        cmd, _ = launch_of(plan, tmp_path)
+        assert cmd[:2] == [sys.executable, "-m"] and "accelerate.commands.launch" not in cmd
+        env = launch.rank_env(plan, port=29511)
+        assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")} == {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29511",
+        }
+    # Without DeepSpeed a lone rank stays undistributed, and launched ranks get their variables from the launcher.
+    for plan in (CPU_ONE, plan_of(device="cuda", gpu_ids=[0], precision="bf16"), CUDA_TWO):
+        assert "LOCAL_RANK" not in launch.rank_env(plan, port=29511)
+    assert "RANK" not in launch.rank_env(
+        plan_of(device="cuda", gpu_ids=[0, 1], num_processes=2, strategy="deepspeed_zero3")
+    )
 
 
 def test_a_fixed_free_port_is_kept_and_a_busy_one_replaced_on_one_machine():
@@ -91,22 +141,19 @@ def test_multi_node_arguments_pass_through_with_processes_across_all_machines(tm
         main_process_ip="10.0.0.1",
         main_process_port=29500,
     )
-    cmd = launch.command(plan, str(tmp_path), 29500)
-    assert "--multi_gpu" in cmd
-    assert option(cmd, "--num_processes") == "4"  # 2 per node x 2 nodes
-    assert option(cmd, "--num_machines") == "2"
-    assert option(cmd, "--machine_rank") == "1"
-    assert option(cmd, "--main_process_ip") == "10.0.0.1"
-    assert option(cmd, "--main_process_port") == "29500"
+    _, written = launch_of(plan, tmp_path)
+    assert written["num_processes"] == 4  # 2 per node x 2 nodes
+    assert (written["num_machines"], written["machine_rank"]) == (2, 1)
+    assert (written["main_process_ip"], written["main_process_port"]) == ("10.0.0.1", 29500)
 
 
 def test_multi_node_with_one_process_per_node_still_uses_accelerate(tmp_path):
     plan = plan_of(
         device="cuda", gpu_ids=[0], precision="bf16", num_machines=3, machine_rank=2, main_process_ip="10.0.0.1"
     )
-    cmd = launch.command(plan, str(tmp_path), 29500)
+    cmd, written = launch_of(plan, tmp_path)
     assert "accelerate.commands.launch" in cmd
-    assert option(cmd, "--num_processes") == "3"
+    assert written["num_processes"] == 3
 
 
 def test_free_port_is_bindable():

@@ -30,10 +30,14 @@ def config(**overrides) -> dict:
     return p
 
 
-def test_ddp_writes_no_config_and_launches_with_multi_gpu(tmp_path):
-    assert strategies.write_configs(RunFolder(str(tmp_path)), GPUS, 29500) == {}
-    cmd = launch.command(GPUS, str(tmp_path), 29500, {})
-    assert "--multi_gpu" in cmd and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+def test_ddp_writes_a_multi_gpu_launcher_config(tmp_path):
+    written = strategies.write_configs(RunFolder(str(tmp_path)), GPUS, 29500)
+    assert set(written) == {"accelerate"}
+    data = read(written["accelerate"])
+    assert data["distributed_type"] == "MULTI_GPU" and data["mixed_precision"] == "bf16"
+    assert "fsdp_config" not in data
+    cmd = launch.command(str(tmp_path), written)
+    assert cmd[cmd.index("--config_file") + 1] == written["accelerate"]
 
 
 def test_fsdp_writes_an_fsdp2_accelerate_config_used_by_the_launcher(tmp_path):
@@ -46,9 +50,8 @@ def test_fsdp_writes_an_fsdp2_accelerate_config_used_by_the_launcher(tmp_path):
     fsdp = data["fsdp_config"]
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     assert fsdp["fsdp_activation_checkpointing"] is True
-    cmd = launch.command(plan, str(tmp_path), 29501, written)
+    cmd = launch.command(str(tmp_path), written)
     assert cmd[cmd.index("--config_file") + 1] == written["accelerate"]
-    assert "--multi_gpu" not in cmd
 
 
 def test_fsdp_on_cpu_uses_cpu_ranks_and_full_precision(tmp_path):
@@ -84,8 +87,8 @@ def test_deepspeed_zero2_and_zero3_configs(tmp_path):
         spec_of(str(tmp_path), {"distributed_strategy": "deepspeed_zero3"}, plan).deepspeed_config
         == written["deepspeed"]
     )
-    cmd = launch.command(plan, str(tmp_path), 29500, written)
-    assert "--multi_gpu" in cmd  # the DeepSpeed config reaches the ranks through the training arguments
+    # Two DeepSpeed ranks are MULTI_GPU processes: the DeepSpeed config reaches them through the training arguments.
+    assert read(written["accelerate"])["distributed_type"] == "MULTI_GPU"
 
 
 def test_the_worker_leaves_activation_checkpointing_to_fsdp(tmp_path):
