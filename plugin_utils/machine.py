@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -24,6 +25,13 @@ class Gpu:
     # A GPU in MIG mode is used only through its MIG devices.
     mig_mode: bool = False
     mig_devices: tuple[Gpu, ...] = ()
+    # Free memory when it was read (another process may hold some); None when unknown.
+    free_mib: int | None = None
+
+    @property
+    def available_mib(self) -> int:
+        """The memory this run can count on: the free memory when known, else the total."""
+        return self.memory_mib if self.free_mib is None else min(self.free_mib, self.memory_mib)
 
     @property
     def ampere_or_newer(self) -> bool:
@@ -111,6 +119,16 @@ def has_package(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def package_version(distribution: str) -> tuple[int, ...] | None:
+    """An installed distribution's release as numbers ((0, 50, 2)), read from its metadata without importing it;
+    None when it is not installed."""
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -118,12 +136,14 @@ def _text(value: str | bytes) -> str:
 def _nvml_gpu(nvml, index: int) -> Gpu:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
     gpu = Gpu(
         index,
         _text(nvml.nvmlDeviceGetName(handle)),
-        nvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20,
+        memory.total // 2**20,
         float(f"{major}.{minor}"),
         _text(nvml.nvmlDeviceGetUUID(handle)),
+        free_mib=memory.free // 2**20,
     )
     try:
         mig_on = nvml.nvmlDeviceGetMigMode(handle)[0] == nvml.NVML_DEVICE_MIG_ENABLE
@@ -138,15 +158,17 @@ def _nvml_gpu(nvml, index: int) -> Gpu:
         except nvml.NVMLError:  # an empty slot
             continue
         instance = f"{nvml.nvmlDeviceGetGpuInstanceId(mig)}/{nvml.nvmlDeviceGetComputeInstanceId(mig)}"
+        memory = nvml.nvmlDeviceGetMemoryInfo(mig)
         devices.append(
             Gpu(
                 index,
                 _text(nvml.nvmlDeviceGetName(mig)),
-                nvml.nvmlDeviceGetMemoryInfo(mig).total // 2**20,
+                memory.total // 2**20,
                 gpu.compute_capability,
                 _text(nvml.nvmlDeviceGetUUID(mig)),
                 parent_uuid=gpu.uuid,
                 instance=instance,
+                free_mib=memory.free // 2**20,
             )
         )
     return replace(gpu, mig_mode=True, mig_devices=tuple(devices))
@@ -208,7 +230,7 @@ def _query_nvidia_smi() -> list[Gpu]:
     exe = shutil.which("nvidia-smi")
     if not exe:
         return []
-    fields = "index,name,memory.total,compute_cap,uuid,mig.mode.current"
+    fields = "index,name,memory.total,compute_cap,uuid,mig.mode.current,memory.free"
     out = _nvidia_smi(exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits")
     gpus = []
     for line in out.strip().splitlines():
@@ -219,7 +241,8 @@ def _query_nvidia_smi() -> list[Gpu]:
             gpu = Gpu(int(parts[0]), parts[1], int(float(parts[2])), float(parts[3]), parts[4])
         except ValueError:
             continue
-        gpus.append(replace(gpu, mig_mode=len(parts) > 5 and parts[5] == "Enabled"))
+        free = int(float(parts[6])) if len(parts) > 6 and parts[6].replace(".", "", 1).isdigit() else None
+        gpus.append(replace(gpu, mig_mode=len(parts) > 5 and parts[5] == "Enabled", free_mib=free))
     return _mig_devices_from_smi(exe, gpus) if any(g.mig_mode for g in gpus) else gpus
 
 

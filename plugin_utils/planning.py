@@ -18,7 +18,6 @@ from typing import Any
 
 from . import speed
 from .machine import Gpu, Machine
-from .runfolder import lora_targets
 from .sources import CHAT_FORMATS, model_config, model_folder, read_json
 from .speed import Speed
 
@@ -85,7 +84,9 @@ class Plan:
     machine_rank: int
     main_process_ip: str
     main_process_port: int  # 0: a free one is picked at launch
-    precision: str
+    precision: str  # what autocast computes in
+    # What the weights are loaded and updated in: the precision, or fp32 where full fine-tuning needs a master copy.
+    weights_precision: str
     strategy: str
     speed: Speed = field(default_factory=Speed)
     # Whether the loss is taken on completions / assistant turns only; None until the data's format is known.
@@ -172,6 +173,12 @@ def build(p: Mapping[str, Any], machine: Machine) -> Plan:
     else:
         reasons.append(f"precision: {precision} (auto: {'Ampere or newer' if precision == 'bf16' else 'no bf16 here'})")
     reasons.append(f"strategy: {p['distributed_strategy']}")
+    weights = speed.weights_precision(p["training_mode"], p["distributed_strategy"], precision)
+    if weights != precision:
+        reasons.append(
+            f"weights: fp32, computed in {precision} (full fine-tuning updates an fp32 copy: {precision} weights "
+            "would lose small updates)"
+        )
     config = model_config(p["model_name"]) if p["model_name"] else None
     disk = disk_estimate(p, config, model_parameters(p["model_name"], config), precision)
     reasons.append(disk.reason() if disk else "disk: the model's size is unknown here: at least 1 GiB free is asked")
@@ -197,6 +204,7 @@ def build(p: Mapping[str, Any], machine: Machine) -> Plan:
         precision=precision,
         strategy=p["distributed_strategy"],
         speed=chosen,
+        weights_precision=weights,
         merge_adapter=p["fuse_model"] and p["training_mode"] != "full",
         reasons=tuple(reasons),
         visible_devices=visible if device == "cuda" else (),
@@ -210,42 +218,6 @@ GIB = 2**30
 # Saved beside the weights each time: the tokenizer (a large one is about 35 MB), trainer and scheduler state,
 # one RNG state per rank, the run's parameters.
 SMALL_FILES = 64 * 2**20
-# The linear layers of a decoder block a LoRA target name selects, by the names models give them, each as
-# (inputs, outputs, one per expert) over the model's sizes. all-linear adapts the first seven.
-ATTENTION_OUT = ("q_dim", "hidden", False)
-MLP_IN, MLP_OUT = ("hidden", "intermediate", True), ("intermediate", "hidden", True)
-BLOCK_LINEARS = {
-    "q_proj": (("hidden", "q_dim", False),),
-    "k_proj": (("hidden", "kv_dim", False),),
-    "v_proj": (("hidden", "kv_dim", False),),
-    "o_proj": (ATTENTION_OUT,),
-    "gate_proj": (MLP_IN,),
-    "up_proj": (MLP_IN,),
-    "down_proj": (MLP_OUT,),
-    **dict.fromkeys(("qkv_proj", "c_attn", "query_key_value", "Wqkv"), (("hidden", "qkv_dim", False),)),
-    **dict.fromkeys(("dense", "out_proj"), (ATTENTION_OUT,)),
-    "gate_up_proj": (("hidden", "gate_up", True),),
-    **dict.fromkeys(("c_fc", "fc1", "w1", "w3"), (MLP_IN,)),
-    **dict.fromkeys(("fc2", "w2"), (MLP_OUT,)),
-    "c_proj": (ATTENTION_OUT, MLP_OUT),  # GPT-2 names both outputs so
-}
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def lora_parameter_count(config: Mapping[str, Any], r: int, targets: str) -> int | None:
-    """Parameters of a LoRA adapter of rank r: r x (inputs + outputs) per adapted linear layer of each block.
-    A name not listed above counts as the widest layer of a block. None when config.json lacks the sizes."""
-    s = speed._shape(dict(config))  # config.json's sizes, read as the memory estimate reads them
-    if s is None:
-        return None
-    sizes = {**s, "qkv_dim": s["q_dim"] + 2 * s["kv_dim"], "gate_up": 2 * s["intermediate"]}
-    names = lora_targets(targets)
-    names = ALL_LINEAR if names is None else names
-    per_layer = 0
-    for name in names:
-        for inputs, outputs, per_expert in BLOCK_LINEARS.get(name, (MLP_IN,)):
-            per_layer += (sizes[inputs] + sizes[outputs]) * (s["experts"] if per_expert else 1)
-    return r * per_layer * s["layers"]
 
 
 def _safetensors_parameters(folder: str) -> int | None:
@@ -305,26 +277,31 @@ def disk_estimate(
     p: Mapping[str, Any], config: Mapping[str, Any] | None, parameters: int | None, precision: str
 ) -> DiskEstimate | None:
     """What the run writes, from the model's parameter count (None: unknown, so no estimate). An upper bound:
-    - full: the weights in the training precision (2 bytes in bf16/fp16, 4 in fp32);
-    - lora/qlora: the adapter in fp32 (PEFT keeps adapter weights in fp32 over a 16-bit base, and saves them so);
-    - a checkpoint adds AdamW's two moments, which torch keeps in the trained weights' dtype; under full with
-      deepspeed, its fp32 master weights and fp32 moments instead (12 bytes a parameter);
-    - fuse_model: the base with the adapter merged, in the precision the merge loads it in (fp32 on the CPU)."""
+    - full: the model saved in the training precision (2 bytes in bf16/fp16, 4 in fp32; FSDP saves the fp32 weights
+      it trains); its checkpoints hold the weights as they are trained (fp32 under ddp and FSDP, 16-bit under
+      DeepSpeed) and AdamW's two moments in their dtype, or DeepSpeed's fp32 master weights and moments (12 bytes);
+    - lora/qlora: the adapter in fp32 (PEFT keeps adapter weights in fp32 over a 16-bit base, and saves them so),
+      and AdamW's two moments beside it in each checkpoint;
+    - fuse_model: the base with the adapter merged, in the precision the merge loads it in."""
     if not parameters:
         return None
     width = 4 if precision == "fp32" else 2
-    full = p["training_mode"] == "full"
-    if full:
-        trained, weights = parameters, parameters * width
+    strategy = p["distributed_strategy"]
+    if p["training_mode"] == "full":
+        weights = parameters * (4 if strategy == "fsdp" else width)
+        deepspeed = strategy.startswith("deepspeed")
+        trained = parameters * (width if deepspeed else 4)
+        checkpoint = trained + parameters * (12 if deepspeed else 8)
+        merged = 0
     else:
-        adapter = lora_parameter_count(config, p["lora_r"], p["lora_target_modules"]) if config else None
-        trained = adapter or parameters // 20  # an adapter of an unknown shape: a generous 5% of the model
-        weights = trained * 4
-    optimizer = trained * 12 if full and p["distributed_strategy"].startswith("deepspeed") else weights * 2
-    merged = parameters * width if p["fuse_model"] and not full else 0
+        adapter = speed.lora_parameter_count(config, p["lora_r"], p["lora_target_modules"]) if config else None
+        weights = (adapter or parameters // 20) * 4  # an adapter of an unknown shape: a generous 5% of the model
+        checkpoint = weights * 3
+        merged_width = 4 if speed.merge_precision(p["training_mode"], precision) == "fp32" else 2
+        merged = parameters * merged_width if p["fuse_model"] else 0
     return DiskEstimate(
         outputs=weights + SMALL_FILES,
         merged=merged,
-        checkpoint=weights + optimizer + SMALL_FILES,
+        checkpoint=checkpoint + SMALL_FILES,
         checkpoints=p["save_total_limit"] + 1,
     )

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"
@@ -66,7 +66,8 @@ class RunSpec:
     fuse_model: bool
     # The plan's decisions.
     device: str  # cuda | cpu
-    precision: str  # bf16 | fp16 | fp32
+    precision: str  # bf16 | fp16 | fp32: what autocast computes in
+    weights_precision: str  # what the weights are loaded and updated in
     strategy: str  # ddp | fsdp | deepspeed_zero2 | deepspeed_zero3
     attention: str
     packing: bool
@@ -115,6 +116,7 @@ class RunSpec:
             fuse_model=plan.merge_adapter,
             device=plan.device,
             precision=plan.precision,
+            weights_precision=plan.weights_precision,
             strategy=plan.strategy,
             attention=s.attention,
             packing=s.packing,

@@ -5,11 +5,32 @@ reason the run log shows. BENCHMARKS.md holds the figures behind each choice.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .machine import Gpu, has_package
+from .runfolder import lora_targets
+
+
+def liger_model_types() -> frozenset[str] | None:
+    """The model types the installed liger-kernel has kernels for, read from its table (MODEL_TYPE_TO_APPLY_LIGER_FN
+    in liger_kernel/transformers/monkey_patch.py) without importing it, which would import torch and Triton. On a
+    model type missing there it applies nothing, silently. None when the table cannot be read."""
+    found = importlib.util.find_spec("liger_kernel")
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(next(iter(found.submodule_search_locations)), "transformers", "monkey_patch.py")
+    try:
+        table = re.search(r"MODEL_TYPE_TO_APPLY_LIGER_FN\s*=\s*\{(.*?)\n\}", path.read_text(), re.S)
+    except OSError:
+        return None
+    types = frozenset(re.findall(r"[\"']([\w.-]+)[\"']\s*:", table.group(1))) if table else frozenset()
+    return types or None
 
 
 def kernel_installed(name: str) -> bool:
@@ -84,6 +105,93 @@ def parameter_count(config: dict[str, Any]) -> int | None:
     return None if s is None else _parameters(s)
 
 
+# The linear layers of a decoder block a LoRA target name selects, by the names models give them, each as
+# (inputs, outputs, one per expert) over the model's sizes. all-linear adapts the first seven.
+ATTENTION_OUT = ("q_dim", "hidden", False)
+MLP_IN, MLP_OUT = ("hidden", "intermediate", True), ("intermediate", "hidden", True)
+BLOCK_LINEARS = {
+    "q_proj": (("hidden", "q_dim", False),),
+    "k_proj": (("hidden", "kv_dim", False),),
+    "v_proj": (("hidden", "kv_dim", False),),
+    "o_proj": (ATTENTION_OUT,),
+    "gate_proj": (MLP_IN,),
+    "up_proj": (MLP_IN,),
+    "down_proj": (MLP_OUT,),
+    **dict.fromkeys(("qkv_proj", "c_attn", "query_key_value", "Wqkv"), (("hidden", "qkv_dim", False),)),
+    **dict.fromkeys(("dense", "out_proj"), (ATTENTION_OUT,)),
+    "gate_up_proj": (("hidden", "gate_up", True),),
+    **dict.fromkeys(("c_fc", "fc1", "w1", "w3"), (MLP_IN,)),
+    **dict.fromkeys(("fc2", "w2"), (MLP_OUT,)),
+    "c_proj": (ATTENTION_OUT, MLP_OUT),  # GPT-2 names both outputs so
+}
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_parameter_count(config: Mapping[str, Any], r: int, targets: str) -> int | None:
+    """Parameters of a LoRA adapter of rank r: r x (inputs + outputs) per adapted linear layer of each block.
+    A name not listed above counts as the widest layer of a block. None when config.json lacks the sizes."""
+    s = _shape(dict(config))
+    if s is None:
+        return None
+    sizes = {**s, "qkv_dim": s["q_dim"] + 2 * s["kv_dim"], "gate_up": 2 * s["intermediate"]}
+    names = lora_targets(targets)
+    names = ALL_LINEAR if names is None else names
+    per_layer = 0
+    for name in names:
+        for inputs, outputs, per_expert in BLOCK_LINEARS.get(name, (MLP_IN,)):
+            per_layer += (sizes[inputs] + sizes[outputs]) * (s["experts"] if per_expert else 1)
+    return r * per_layer * s["layers"]
+
+
+def weights_precision(training_mode: str, strategy: str, precision: str) -> str:
+    """The precision the weights are loaded and updated in. Full fine-tuning under ddp (or one process) keeps them
+    in fp32 while autocast computes in bf16/fp16, as TRL's own default does: bf16 weights lose every update below
+    their resolution (a 1e-5 step on a weight near 1), and the fp16 loss scaler refuses fp16 gradients outright.
+    FSDP upcasts trainable weights itself, DeepSpeed keeps its own fp32 master copy, and LoRA trains fp32 adapters
+    over a frozen 16-bit base: those load in the training precision."""
+    return "fp32" if training_mode == "full" and strategy == "ddp" else precision
+
+
+def merge_precision(training_mode: str, precision: str) -> str:
+    """What fuse_model merges the adapter into: a 16-bit (bf16) copy of the base, or fp32 for a LoRA trained in fp32.
+    A 4-bit base cannot hold merged values, so a QLoRA adapter is merged into bf16 weights too, and fp16 merges are
+    made in bf16, whose range the merged sums cannot overflow."""
+    return "fp32" if training_mode == "lora" and precision == "fp32" else "bf16"
+
+
+def full_training_bytes(strategy: str, width: int, world_size: int) -> float:
+    """Bytes per parameter on one device for full fine-tuning: weights, gradients and AdamW's two moments, by
+    strategy, as these library versions allocate them.
+    - ddp (and one process): fp32 weights, gradients and moments (16), the 16-bit copy autocast keeps of each
+      weight during a step (2), and DDP's gradient buckets beside the gradients (4) when there are several ranks;
+    - fsdp: accelerate upcasts trainable weights to fp32, all sharded: 16 / world;
+    - deepspeed_zero2: 16-bit weights and gradients, fp32 master weights and moments sharded: 2 + 2 + 12 / world;
+    - deepspeed_zero3: all of it sharded: 16 / world."""
+    if strategy == "fsdp":
+        return 16 / world_size
+    if strategy == "deepspeed_zero2":
+        return 2 * width + 12 / world_size
+    if strategy == "deepspeed_zero3":
+        return (2 * width + 12) / world_size
+    return 16 + (2 if width == 2 else 0) + (4 if world_size > 1 else 0)
+
+
+# TRL 1.16's fused LM head (trl/kernels/chunked_logprob.py) projects at most this many tokens onto this many
+# vocabulary entries at a time: the full (tokens x vocabulary) logits are never built.
+LOGITS_TILE_TOKENS = 4096
+LOGITS_TILE_VOCAB = 32768
+# Per token, besides its hidden state's fp32 gradient: log-probability, entropy, top-1 and the running
+# log-sum-exp statistics.
+LOGITS_PER_TOKEN = 32
+
+
+def logits_memory(s: dict[str, int], tokens: int, width: int) -> float:
+    """The LM head and the loss: one projection tile in the compute precision, the hidden states' fp32 gradient,
+    and a few fp32 values per token."""
+    tile = min(tokens, LOGITS_TILE_TOKENS) * min(s["vocab"], LOGITS_TILE_VOCAB) * width
+    return tile + tokens * (4 * s["hidden"] + LOGITS_PER_TOKEN)
+
+
 def estimate_memory(
     config: dict[str, Any],
     p: dict[str, Any],
@@ -91,30 +199,28 @@ def estimate_memory(
     precision: str,
     world_size: int,
     checkpointing: bool,
-    liger: bool = False,
 ) -> float | None:
     """Bytes one device needs for training: weights, gradients and optimizer state, activations of one
-    micro-batch of batch_size x maximum_sequence_length tokens, logits and the loss. An upper-side estimate
-    (every row at full length); None when config.json lacks the sizes."""
+    micro-batch of batch_size x maximum_sequence_length tokens, the LM head and the loss, and the CUDA runtime.
+    An upper-side estimate (every row at full length); None when config.json lacks the sizes."""
     s = _shape(config)
     if s is None:
         return None
     params, embeddings = _parameters(s), _embeddings(s)
     h, layers, inter = s["hidden"], s["layers"], s["intermediate"]
     width = 2 if precision in ("bf16", "fp16") else 4
-    sharded = p["distributed_strategy"] in ("fsdp", "deepspeed_zero3")
-    # 4-bit blocks with their scales under qlora; embeddings stay in the compute dtype.
-    quantized = p["training_mode"] == "qlora"
-    weights = (params - embeddings) * 0.5625 + embeddings * width if quantized else params * width
+    strategy = p["distributed_strategy"]
     if p["training_mode"] == "full":
-        states = params * (width + 2 * width)  # gradients and two Adam moments in the weights' dtype
-        if p["distributed_strategy"] == "deepspeed_zero2":
-            states /= world_size
+        weights_and_states = params * full_training_bytes(strategy, width, world_size)
     else:
-        adapted = layers * (2 * h + s["q_dim"] + 2 * s["kv_dim"] + s["q_dim"] + h + 3 * (h + inter))
-        states = p["lora_r"] * adapted * 4 * 4  # fp32 adapter weights, gradients and two moments
-    if sharded:
-        weights, states = weights / world_size, states / world_size
+        # 4-bit blocks with their scales under qlora; embeddings stay in the compute dtype.
+        quantized = p["training_mode"] == "qlora"
+        weights = (params - embeddings) * 0.5625 + embeddings * width if quantized else params * width
+        adapter = lora_parameter_count(config, p["lora_r"], p["lora_target_modules"]) or 0
+        states = adapter * 16  # fp32 adapter weights, gradients and two moments
+        if strategy in ("fsdp", "deepspeed_zero3"):
+            weights, states = weights / world_size, states / world_size
+        weights_and_states = weights + states
     tokens = p["batch_size"] * p["maximum_sequence_length"]
     # Saved for the backward pass per token and layer: norms, attention inputs/outputs, q/k/v, and the MLP's
     # gate, up, activation and down inputs; adapters with dropout keep a dropped copy of each adapted input.
@@ -126,9 +232,7 @@ def estimate_memory(
     # Checkpointing keeps each layer's input and recomputes one layer at a time.
     activations = tokens * (layers * h * width + per_layer) if checkpointing else tokens * layers * per_layer
     activations += tokens * width * (4 * h + 2 * inter)  # gradients in flight during the backward pass
-    # Logits in the compute dtype, their fp32 copy for the loss and its gradient; Liger fuses them away.
-    logits = 0 if liger else tokens * s["vocab"] * (width + 4 + 4)
-    return weights + states + activations + logits + RUNTIME_OVERHEAD
+    return weights_and_states + activations + logits_memory(s, tokens, width) + RUNTIME_OVERHEAD
 
 
 def masked_packing_is_slow(p: dict[str, Any], device: str) -> bool:
@@ -200,25 +304,30 @@ def choose(
         speed.packing = p["packing"] == "true"
         why.append(f"packing: {'on' if speed.packing else 'off'} (set)")
 
-    speed.liger = cuda and kernel_installed("liger_kernel")
-    if speed.liger:
-        why.append("liger kernels: on (installed): fused RMSNorm, RoPE, SwiGLU and linear+cross-entropy")
+    if cuda and kernel_installed("liger_kernel"):
+        model_type = (model_config or {}).get("model_type")
+        supported = liger_model_types()
+        speed.liger = supported is None or model_type in supported
+        why.append(
+            f"liger kernels: on (installed; fused RMSNorm, RoPE and SwiGLU for {model_type or 'this model'})"
+            if speed.liger
+            else f"liger kernels: off (liger-kernel has no kernels for model_type {model_type})"
+        )
 
     if p["gradient_checkpointing"] != "auto":
         speed.gradient_checkpointing = p["gradient_checkpointing"] == "true"
         why.append(f"gradient checkpointing: {'on' if speed.gradient_checkpointing else 'off'} (set)")
     else:
-        budget = min(g.memory_mib for g in gpus) * 2**20 if cuda and gpus else None
+        # Free memory, not total: a GPU shared with another process (an inference server) has less to give.
+        budget = min(g.available_mib for g in gpus) * 2**20 if cuda and gpus else None
         if not cuda and ram_bytes:
             budget = ram_bytes / max(1, processes_here)
         needed = (
-            estimate_memory(
-                model_config, p, precision=precision, world_size=world_size, checkpointing=False, liger=speed.liger
-            )
+            estimate_memory(model_config, p, precision=precision, world_size=world_size, checkpointing=False)
             if model_config
             else None
         )
-        where = "per GPU" if cuda else "per process in RAM"
+        where, available = ("per GPU", "free") if cuda else ("per process in RAM", "available")
         if needed is None or budget is None:
             speed.gradient_checkpointing = True
             why.append("gradient checkpointing: on (the model's size is unknown before loading it)")
@@ -227,7 +336,7 @@ def choose(
             verdict = "on, since it does not fit with room to spare" if speed.gradient_checkpointing else "off"
             why.append(
                 f"gradient checkpointing: {verdict} (about {needed / GIB:.1f} GiB estimated {where} without it, "
-                f"{budget / GIB:.1f} GiB available)"
+                f"{budget / GIB:.1f} GiB {available})"
             )
 
     speed.tf32 = _ampere(device, gpus)

@@ -31,7 +31,7 @@ from typing import Any
 from . import checkpoints, speed
 from .errors import InvalidConfig, Problem, problem
 from .layers import Layers
-from .machine import Machine, filesystem, free_disk_gib, has_package
+from .machine import Machine, filesystem, free_disk_gib, has_package, package_version
 from .outputs import OutputFacts
 from .params import form_schema
 from .planning import (
@@ -431,15 +431,31 @@ def precision_supported(p, machine: Machine):
         yield error("precision", "fp16 training needs a GPU", "Use precision=auto or fp32 on the CPU")
 
 
+# transformers 5.24 refuses older releases for 4-bit models; from this release on, bitsandbytes' 4-bit layers also
+# run (forward and backward) on the CPU.
+QLORA_BITSANDBYTES = (0, 46, 1)
+
+
 @rule("machine")
-def qlora_needs_cuda_and_bitsandbytes(p, machine: Machine):
-    """qlora needs a CUDA GPU and bitsandbytes."""
+def qlora_needs_bitsandbytes(p, machine: Machine):
+    """qlora needs bitsandbytes 0.46.1 or newer, which runs 4-bit layers on a CUDA GPU and on the CPU."""
     if p["training_mode"] != "qlora":
         return
-    if p["train_device"] == "cpu" or not machine.usable_gpus:
-        yield error("training_mode", "qlora needs a CUDA GPU", "Use training_mode=lora on this machine")
-    elif not has_package("bitsandbytes"):
-        yield error("training_mode", "qlora needs bitsandbytes", "Reinstall the plugin with WITH_BITSANDBYTES=1")
+    version = package_version("bitsandbytes")
+    needed = ".".join(map(str, QLORA_BITSANDBYTES))
+    if version is None:
+        yield error(
+            "training_mode",
+            "qlora needs bitsandbytes, which is not installed",
+            "Reinstall the plugin with WITH_BITSANDBYTES=1, or use training_mode=lora",
+        )
+    elif version < QLORA_BITSANDBYTES:
+        yield error(
+            "training_mode",
+            f"qlora needs bitsandbytes {needed} or newer, the first release transformers accepts for 4-bit models "
+            f"and whose 4-bit layers also run on the CPU; {'.'.join(map(str, version))} is installed",
+            "Reinstall the plugin with WITH_BITSANDBYTES=1 (bitsandbytes 0.50.2), or use training_mode=lora",
+        )
 
 
 @rule("machine")

@@ -159,6 +159,7 @@ def plan_of(**decisions):
         "strategy": "ddp",
     }
     values.update(decisions)
+    values.setdefault("weights_precision", values["precision"])
     values["gpu_ids"] = tuple(values["gpu_ids"])
     return Plan(**values)
 

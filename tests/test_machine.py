@@ -29,7 +29,8 @@ MIG_B = "MIG-bbbbbbbb-0000-1111-2222-444444444444"
 # What the fake NVML reports: two whole GPUs and one in MIG mode with two MIG devices (A100 80GB, 1g.10gb).
 GPUS = [
     {"name": "NVIDIA A100-SXM4-40GB", "uuid": UUID_0, "memory_mib": 40960, "cc": [8, 0]},
-    {"name": "NVIDIA H100 80GB HBM3", "uuid": UUID_1, "memory_mib": 81559, "cc": [9, 0]},
+    # Shared with another process (an inference server) that holds half of its memory.
+    {"name": "NVIDIA H100 80GB HBM3", "uuid": UUID_1, "memory_mib": 81559, "cc": [9, 0], "free_mib": 40000},
     {
         "name": "NVIDIA A100-SXM4-80GB",
         "uuid": UUID_2,
@@ -92,7 +93,9 @@ def nvmlDeviceGetUUID(handle):
 
 
 def nvmlDeviceGetMemoryInfo(handle):
-    return SimpleNamespace(total=handle["memory_mib"] * 2**20, free=0, used=0)
+    total = handle["memory_mib"] * 2**20
+    free = handle.get("free_mib", handle["memory_mib"]) * 2**20
+    return SimpleNamespace(total=total, free=free, used=total - free)
 
 
 def nvmlDeviceGetMigMode(handle):
@@ -121,11 +124,11 @@ def fake_nvml(gpus) -> types.ModuleType:
     return module
 
 
-# What the real `nvidia-smi --query-gpu=index,name,memory.total,compute_cap,uuid,mig.mode.current
+# What the real `nvidia-smi --query-gpu=index,name,memory.total,compute_cap,uuid,mig.mode.current,memory.free
 # --format=csv,noheader,nounits` and `nvidia-smi -L` print for the same GPUs.
-SMI_CSV = f"""0, NVIDIA A100-SXM4-40GB, 40960, 8.0, {UUID_0}, Disabled
-1, NVIDIA H100 80GB HBM3, 81559, 9.0, {UUID_1}, [N/A]
-2, NVIDIA A100-SXM4-80GB, 81920, 8.0, {UUID_2}, Enabled
+SMI_CSV = f"""0, NVIDIA A100-SXM4-40GB, 40960, 8.0, {UUID_0}, Disabled, 40960
+1, NVIDIA H100 80GB HBM3, 81559, 9.0, {UUID_1}, [N/A], 40000
+2, NVIDIA A100-SXM4-80GB, 81920, 8.0, {UUID_2}, Enabled, [N/A]
 """
 SMI_LIST = f"""GPU 0: NVIDIA A100-SXM4-40GB (UUID: {UUID_0})
 GPU 1: NVIDIA H100 80GB HBM3 (UUID: {UUID_1})
@@ -203,6 +206,16 @@ def test_nvidia_smi_is_the_fallback_when_nvml_is_missing(smi_only, monkeypatch):
         (MIG_A, 10000, 8.0),
         (MIG_B, 10000, 8.0),
     ]
+
+
+@pytest.mark.parametrize("source", ["nvml", "smi_only"])
+def test_free_memory_is_read_so_a_shared_gpu_counts_what_is_left(source, request, monkeypatch):
+    """The memory budget of gradient_checkpointing=auto is the free memory: an H100 whose
+    other process holds half of it has 40000 MiB to give, not 81559."""
+    request.getfixturevalue(source)
+    gpus = detected(monkeypatch, None).gpus
+    assert [g.available_mib for g in gpus[:2]] == [40960, 40000]
+    assert gpus[1].memory_mib == 81559
 
 
 def test_nvidia_smi_is_the_fallback_when_nvml_fails(monkeypatch, tmp_path):

@@ -7,6 +7,8 @@ machine has no GPU and neither package. The packing test runs a real model and T
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from plugin_utils import params, planning, speed, validation, worker
@@ -106,6 +108,74 @@ def test_liger_only_when_installed_and_on_cuda(monkeypatch):
     assert not cpu.liger
 
 
+# A stand-in for liger-kernel 0.8.5, whose Triton kernels cannot run on this CPU machine: its table of model types
+# as liger_kernel/transformers/monkey_patch.py writes it (cut short), and its instance-patching entry point, which
+# records what it was asked to do.
+LIGER_MONKEY_PATCH = """
+CALLS = []
+
+
+def _apply_liger_kernel_to_instance(model, **kwargs):
+    CALLS.append((type(model).__name__, kwargs))
+
+
+apply_liger_kernel_to_gemma3 = apply_liger_kernel_to_llama = apply_liger_kernel_to_qwen2 = None
+
+
+MODEL_TYPE_TO_APPLY_LIGER_FN = {
+    "gemma3": apply_liger_kernel_to_gemma3,
+    "llama": apply_liger_kernel_to_llama,
+    "qwen2": apply_liger_kernel_to_qwen2,
+}
+"""
+
+
+@pytest.fixture
+def liger_stand_in(monkeypatch, tmp_path):
+    package = tmp_path / "liger_kernel" / "transformers"
+    package.mkdir(parents=True)
+    (tmp_path / "liger_kernel" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("from .monkey_patch import _apply_liger_kernel_to_instance\n")
+    (package / "monkey_patch.py").write_text(LIGER_MONKEY_PATCH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return tmp_path
+
+
+def test_liger_is_on_only_for_a_model_type_it_has_kernels_for(monkeypatch, liger_stand_in):
+    """liger-kernel applies nothing, silently, to a model type missing from its table, while the plan said "on".
+    Its table is read from the installed package's source, never imported (which needs torch and Triton)."""
+    assert speed.liger_model_types() == {"gemma3", "llama", "qwen2"}
+    on = choose(config(), installed={"liger_kernel"}, model_config=QWEN2_5_0_5B, monkeypatch=monkeypatch)
+    assert on.liger
+    assert "liger kernels: on (installed; fused RMSNorm, RoPE and SwiGLU for qwen2)" in on.reasons
+    gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "vocab_size": 50257}
+    off = choose(config(), installed={"liger_kernel"}, model_config=gpt2, monkeypatch=monkeypatch)
+    assert not off.liger
+    assert "liger kernels: off (liger-kernel has no kernels for model_type gpt2)" in off.reasons
+
+
+def test_the_worker_applies_liger_itself_instead_of_trls_deprecated_switch(tiny_model, tmp_path, liger_stand_in):
+    """TRL 1.16 deprecates use_liger_kernel (a FutureWarning in every rank's log, gone in TRL 2): the worker patches
+    the loaded model with liger's own instance function, its cross-entropy kernels off (TRL's fused LM head computes
+    the loss), and TRL's switch stays off."""
+    spec = spec_of(str(tmp_path), plan=plan_of(speed=speed.Speed(liger=True)), model_name=tiny_model)
+    assert worker._sft_config(spec).use_liger_kernel is False
+    model = worker._load_model(spec)
+    from liger_kernel.transformers import monkey_patch
+
+    [(patched, kwargs)] = monkey_patch.CALLS
+    assert patched == type(model).__name__ == "LlamaForCausalLM"
+    assert kwargs == {
+        "rope": True,
+        "rms_norm": True,
+        "swiglu": True,
+        "cross_entropy": False,
+        "fused_linear_cross_entropy": False,
+    }
+
+
 def test_sft_trainer_disable_hides_an_installed_kernel(monkeypatch):
     monkeypatch.setenv("SFT_TRAINER_DISABLE", "flash_attn, liger_kernel")
     s = choose(config(), installed={"flash_attn", "liger_kernel"}, monkeypatch=monkeypatch)
@@ -130,7 +200,7 @@ def test_gradient_checkpointing_auto_is_off_when_the_estimate_fits_with_room(mon
     s = choose(p, model_config=QWEN2_5_0_5B, monkeypatch=monkeypatch)
     assert not s.gradient_checkpointing
     [why] = [w for w in s.reasons if w.startswith("gradient checkpointing")]
-    assert "GiB estimated per GPU without it, 80.0 GiB available" in why
+    assert "GiB estimated per GPU without it, 80.0 GiB free" in why
 
 
 def test_gradient_checkpointing_auto_is_on_when_memory_is_short(monkeypatch):
@@ -179,17 +249,70 @@ def test_the_estimate_moves_the_right_way_with_each_setting():
 
     plain = estimate()
     assert estimate(checkpointing=True) < plain
-    assert estimate(liger=True) < plain
     assert estimate(config(batch_size=4, maximum_sequence_length=1024)) < plain
     assert estimate(config(batch_size=4, maximum_sequence_length=2048, training_mode="qlora")) < plain
+    assert estimate(config(batch_size=4, maximum_sequence_length=2048, lora_target_modules="q_proj,v_proj")) < plain
     full = config(batch_size=4, maximum_sequence_length=2048, training_mode="full")
     no_dropout = config(batch_size=4, maximum_sequence_length=2048, lora_dropout=0.0)
-    # Full training adds gradients and two Adam moments in bf16 for every weight.
-    assert estimate(full) - estimate(no_dropout) == pytest.approx(speed.parameter_count(LLAMA_7B) * 6, rel=0.02)
+    # Full training under DDP: fp32 weights, gradients and two Adam moments (16), the bf16 copy autocast keeps (2)
+    # and DDP's gradient buckets (4), against LoRA's frozen bf16 weights (2).
+    assert estimate(full) - estimate(no_dropout) == pytest.approx(speed.parameter_count(LLAMA_7B) * 20, rel=0.02)
     sharded = config(batch_size=4, maximum_sequence_length=2048, training_mode="full", distributed_strategy="fsdp")
     assert estimate(sharded) < estimate(full)
     assert estimate(precision="fp32") > plain
     assert speed.estimate_memory({"model_type": "x"}, base, precision="bf16", world_size=1, checkpointing=False) is None
+
+
+def test_the_logits_are_counted_as_trls_chunked_lm_head_builds_them(monkeypatch):
+    """TRL 1.16 never builds the (tokens x vocabulary) logits: its fused LM head projects 4096 tokens onto 32768
+    vocabulary entries at a time. Counting full logits put 23 GiB of 56 GiB on Qwen2.5-0.5B at 8 x 2048, which turned
+    gradient checkpointing on (56.4 x 1.5 > 0.85 x 80 GiB) where it is not needed (about 20-30% slower)."""
+    p = config(batch_size=8, maximum_sequence_length=2048)
+    needed = speed.estimate_memory(QWEN2_5_0_5B, p, precision="bf16", world_size=1, checkpointing=False)
+    assert 30 * GIB < needed < 36 * GIB
+    tokens = 8 * 2048
+    logits = speed.logits_memory(speed._shape(QWEN2_5_0_5B), tokens, 2)
+    assert logits == 4096 * 32768 * 2 + tokens * (4 * 896 + 32)  # one bf16 tile, the fp32 hidden-state gradient
+    assert logits < 0.5 * GIB  # full logits with their fp32 copies: 18.5 GiB
+    s = choose(p, gpu_list=gpus(1), model_config=QWEN2_5_0_5B, monkeypatch=monkeypatch)
+    assert not s.gradient_checkpointing
+
+
+@pytest.mark.parametrize(
+    ("strategy", "world", "expected"),
+    [
+        ("ddp", 1, 18),  # fp32 weights, gradients, moments; autocast's bf16 copy
+        ("ddp", 2, 22),  # and DDP's gradient buckets
+        ("fsdp", 4, 4),  # accelerate upcasts trainable weights to fp32: 16, sharded
+        ("deepspeed_zero2", 4, 7),  # bf16 weights and gradients, fp32 master and moments sharded
+        ("deepspeed_zero3", 4, 4),  # all of it sharded
+    ],
+)
+def test_full_fine_tuning_counts_what_each_strategy_keeps_per_parameter(strategy, world, expected):
+    """Full fine-tuning was counted at 8 bytes a parameter (bf16 weights, gradients and moments) under every
+    strategy, half the real figure, so auto switched checkpointing off for runs that then ran out of memory."""
+    assert speed.full_training_bytes(strategy, 2, world) == expected
+    p = config(training_mode="full", distributed_strategy=strategy, batch_size=1, maximum_sequence_length=2048)
+    lora = config(distributed_strategy=strategy, batch_size=1, maximum_sequence_length=2048, lora_dropout=0.0)
+    options = {"precision": "bf16", "world_size": world, "checkpointing": True}
+    extra = speed.estimate_memory(LLAMA_7B, p, **options) - speed.estimate_memory(LLAMA_7B, lora, **options)
+    base = 2 / (world if strategy in ("fsdp", "deepspeed_zero3") else 1)  # LoRA's frozen bf16 weights
+    assert extra == pytest.approx(speed.parameter_count(LLAMA_7B) * (expected - base), rel=0.02)
+
+
+def test_full_fine_tuning_under_ddp_keeps_fp32_weights_that_autocast_computes_in_half_precision():
+    """bf16 weights lose every update below their resolution, and fp16 weights make the loss scaler raise
+    "Attempting to unscale FP16 gradients": full fine-tuning under ddp (or one process) loads fp32 weights, as TRL
+    does by default. FSDP and DeepSpeed keep fp32 master weights of their own; LoRA's adapters are fp32 already."""
+    for precision in ("bf16", "fp16"):
+        assert speed.weights_precision("full", "ddp", precision) == "fp32"
+        assert speed.weights_precision("lora", "ddp", precision) == precision
+        assert speed.weights_precision("qlora", "ddp", precision) == precision
+        assert speed.weights_precision("full", "fsdp", precision) == precision
+        assert speed.weights_precision("full", "deepspeed_zero3", precision) == precision
+    plan = planning.build(config(training_mode="full", precision="bf16", train_device="cpu"), Machine())
+    assert (plan.precision, plan.weights_precision) == ("bf16", "fp32")
+    assert any(why.startswith("weights: fp32, computed in bf16") for why in plan.reasons)
 
 
 # --- parameters and rules --------------------------------------------------------------------------
