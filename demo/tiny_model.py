@@ -71,5 +71,57 @@ def build(path: str | Path, *, vocab_size: int = 600, hidden: int = 64, layers: 
     return path
 
 
+def build_with_vision_tower(path: str | Path, text_model: str | Path) -> Path:
+    """A Gemma 3-style checkpoint (Gemma3ForConditionalGeneration: a SigLIP vision tower, a projector and a text
+    model), tiny and randomly initialised, with the tiny model's tokenizer: what AutoModelForCausalLM loads whole
+    for model_type gemma3 (idempotent)."""
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path
+    import torch
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(text_model)
+    size = len(tokenizer)
+    text = {
+        "vocab_size": size + 3,  # the image markers get ids of their own, which no text row holds
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 512,
+        "sliding_window": 64,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 14,
+    }
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=size,
+        boi_token_index=size + 1,
+        eoi_token_index=size + 2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 if __name__ == "__main__":
     print(build(sys.argv[1]))

@@ -347,7 +347,16 @@ class Watcher:
         if kind == "start":
             self.start = event
             resumed = f", resuming at step {event['global_step']}" if event.get("global_step") else ""
-            self.host.log(f"training started: {event['world_size']} process(es), {event['max_steps']} steps{resumed}")
+            model = event.get("model") or {}
+            trained = (
+                f"; {model['trainable_parameters']:,} trainable parameters ({', '.join(model['trainable_dtypes'])}), "
+                f"activation checkpointing {'on' if model['checkpointing'] else 'off'}"
+                if model
+                else ""
+            )
+            self.host.log(
+                f"training started: {event['world_size']} process(es), {event['max_steps']} steps{resumed}{trained}"
+            )
         elif kind == "log":
             metrics = event.get("metrics", {})
             if "loss" not in metrics and "eval_loss" not in metrics:

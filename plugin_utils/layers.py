@@ -1,7 +1,8 @@
 """The model's layers, listed without its weights: the model is built from its config.json on the meta device
 (no memory, no file but the config read), so `--dry-run` and a real run check what only the loaded model
 would otherwise reveal: LoRA target modules that name no layer, an architecture transformers cannot build as
-a causal language model, gradient checkpointing the model does not support.
+a causal language model, gradient checkpointing the model does not support. A checkpoint that holds more than
+its language model (a vision tower) gets its adapters in the language model alone, here and in the ranks.
 
 `describe()` needs torch and transformers; `Layers` and its matching do not, so validation's rules over it
 stay torch-free.
@@ -10,6 +11,7 @@ stay torch-free.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 
 from .sources import model_config
@@ -26,26 +28,36 @@ class Layers:
 
     modules: dict[str, str] = field(default_factory=dict)
     output_layer: str | None = None  # the output embedding (lm_head): never an adapter target
+    # The parts beside the language model of a checkpoint that has more (a vision tower, its projector): adapters
+    # there would train nothing on text rows, so targets are matched in the language model only.
+    beside: tuple[str, ...] = ()
     supports_gradient_checkpointing: bool = True
     error: str | None = None  # why the model could not be built from its config; nothing else is known then
 
     def matching(self, target: str) -> list[str]:
         """The modules a LoRA target name selects, as PEFT matches a list of names: the full name, or its end
-        after a dot."""
-        return [name for name in self.modules if name == target or name.endswith("." + target)]
+        after a dot; never one beside the language model."""
+        return [name for name in self.modules if _selects(name, target) and not self.is_beside(name)]
+
+    def is_beside(self, name: str) -> bool:
+        excluded = beside_pattern(self.beside)
+        return bool(excluded and re.fullmatch(excluded, name))
 
     def adaptable_names(self) -> list[str]:
-        """The short names that select the layers LoRA can adapt (q_proj, v_proj, ...), the output layer left
-        out, in the model's order."""
+        """The short names that select the layers LoRA can adapt (q_proj, v_proj, ...), the output layer and
+        what lies beside the language model left out, in the model's order."""
         seen: dict[str, None] = {}
         for name, kind in self.modules.items():
-            if kind in ADAPTABLE and name != self.output_layer and kind != "Embedding":
+            if kind in ADAPTABLE and name != self.output_layer and kind != "Embedding" and not self.is_beside(name):
                 seen.setdefault(name.rsplit(".", 1)[-1], None)
         return list(seen)
 
     def unknown_target(self, target: str) -> str | None:
         """Why `target` cannot be a LoRA target of this model, or None when it selects an adaptable layer."""
         found = self.matching(target)
+        if not found and any(_selects(name, target) for name in self.modules):
+            beside = ", ".join(self.beside)
+            return f"{target!r} names layers beside the language model only ({beside}), which text rows never train"
         if not found:
             close = difflib.get_close_matches(target, self.adaptable_names(), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -53,6 +65,42 @@ class Layers:
         if not any(self.modules[name] in ADAPTABLE for name in found):
             return f"{target!r} is a block ({self.modules[found[0]]}), not a layer LoRA can adapt"
         return None
+
+
+def _selects(name: str, target: str) -> bool:
+    """Whether a LoRA target name selects the module `name`, as PEFT matches a list of names."""
+    return name == target or name.endswith("." + target)
+
+
+def beside_language_model(model) -> tuple[str, ...]:
+    """The full names of the modules beside the language model (`get_decoder()`) of a model that holds more than
+    one, such as Gemma 3's `model.vision_tower` and `model.multi_modal_projector`; () for a plain language model.
+    The output embedding is left to the rules that already keep adapters off it."""
+    try:
+        decoder = model.get_decoder()
+    except Exception:  # an architecture without the lookup: every module counts
+        return ()
+    path = next((name for name, module in model.named_modules() if module is decoder), "")
+    if not path:
+        return ()
+    output = model.get_output_embeddings()
+    parts = path.split(".")
+    beside = []
+    for depth in range(len(parts)):
+        parent = ".".join(parts[:depth])
+        for name, child in model.get_submodule(parent).named_children():
+            full = f"{parent}.{name}" if parent else name
+            if full != ".".join(parts[: depth + 1]) and child is not output and any(True for _ in child.parameters()):
+                beside.append(full)
+    return tuple(beside)
+
+
+def beside_pattern(beside: tuple[str, ...] | list[str]) -> str | None:
+    """A regular expression that fully matches those modules and everything inside them (PEFT's
+    `exclude_modules` as a string); None when there are none."""
+    if not beside:
+        return None
+    return "(?:" + "|".join(re.escape(name) for name in beside) + r")(?:\..*)?"
 
 
 def describe(model_name: str) -> Layers | None:
@@ -74,5 +122,6 @@ def describe(model_name: str) -> Layers | None:
     return Layers(
         modules={name: type(module).__name__ for name, module in model.named_modules() if name},
         output_layer=output_name,
+        beside=beside_language_model(model),
         supports_gradient_checkpointing=bool(getattr(model, "supports_gradient_checkpointing", True)),
     )

@@ -17,8 +17,10 @@ from typing import Any
 from transformers import PrinterCallback, TrainerCallback
 
 from . import checkpoints
+from .layers import beside_language_model, beside_pattern
 from .runfolder import RunFolder, RunSpec, process_start
 from .sources import load_tokenizer
+from .speed import merge_precision
 
 
 def _dtype(precision: str):
@@ -27,43 +29,82 @@ def _dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
+def _quantization(spec: RunSpec) -> dict[str, Any]:
+    """QLoRA's 4-bit NF4 base, computing in the training precision, on this rank's device: its GPU (every rank sees
+    all the planned GPUs and trains on cuda:LOCAL_RANK), or the CPU, where bitsandbytes' CPU backend runs it."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=_dtype(spec.precision),
+    )
+    device = int(os.environ.get("LOCAL_RANK", "0")) if spec.device == "cuda" else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
 def _load_model(spec: RunSpec):
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": _dtype(spec.precision), "attn_implementation": spec.attention}
+    kwargs: dict[str, Any] = {"dtype": _dtype(spec.weights_precision), "attn_implementation": spec.attention}
     if spec.training_mode == "qlora":
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if spec.precision == "bf16" else torch.float16,
-        )
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        kwargs.update(_quantization(spec))
     try:
-        return AutoModelForCausalLM.from_pretrained(spec.model_name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec.model_name, **kwargs)
     except (ValueError, ImportError) as exc:
         if kwargs["attn_implementation"] == "sdpa":
             raise
         # An architecture without flash-attention support: SDPA still trains it, packed rows included.
         print(f"flash-attention is not usable for this model ({exc}); using SDPA", file=sys.stderr, flush=True)
         kwargs["attn_implementation"] = "sdpa"
-        return AutoModelForCausalLM.from_pretrained(spec.model_name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(spec.model_name, **kwargs)
+    if spec.liger:
+        _apply_liger(model)
+    return model
 
 
-def _peft_config(spec: RunSpec):
+def _apply_liger(model) -> None:
+    """Liger's fused RMSNorm, RoPE and SwiGLU kernels, patched into this model instance (what TRL's deprecated
+    `use_liger_kernel` does at train time). Its cross-entropy kernels stay off: TRL's fused LM head already computes
+    the loss without building the logits, and replaces the model's forward that they would patch."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+
+
+def _adapters_in_fp32(model) -> None:
+    """QLoRA's adapters as fp32 master weights over the 4-bit base, as LoRA's are. TRL 1.16 casts them to bf16 when it
+    wraps a quantized model, but a resumed run reloads them through PEFT in fp32, so a stopped and resumed run would
+    train in another precision than one that never stopped; and under fp16 (GPUs older than Ampere, which lack bf16)
+    the loss scaler would meet bf16 gradients. Autocast still computes in the run's precision. Done before the
+    optimizer exists, so it holds these tensors."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def _peft_config(spec: RunSpec, model):
+    """The LoRA adapter, in the language model alone: on a checkpoint that also holds a vision tower, adapters there
+    would get no gradient from text rows, and DDP (which is told no parameter goes unused) fails at its second step."""
     if spec.training_mode == "full":
         return None
     from peft import LoraConfig
 
+    beside = beside_language_model(model)
+    if beside and os.environ.get("RANK", "0") == "0":
+        print(f"LoRA: adapters in the language model only; not in {', '.join(beside)}", file=sys.stderr, flush=True)
     modules = spec.lora_target_modules
     return LoraConfig(
         r=spec.lora_r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
         target_modules="all-linear" if modules == ("all-linear",) else list(modules),
+        exclude_modules=beside_pattern(beside),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -104,7 +145,6 @@ def _sft_config(spec: RunSpec):
         remove_unused_columns=False,
         report_to=["wandb"] if spec.log_to_wandb else [],
         ddp_find_unused_parameters=False if spec.training_mode != "full" else None,
-        use_liger_kernel=spec.liger,
         tf32=True if spec.tf32 else None,
         dataloader_num_workers=spec.dataloader_workers,
         dataloader_persistent_workers=spec.dataloader_workers > 0,
@@ -176,6 +216,17 @@ def _parent_gone() -> bool:
         return False
 
 
+def _trained(model) -> dict[str, Any]:
+    """What the trainer is about to train, as built: trainable parameters, their dtypes, and whether activations
+    are checkpointed (a module's own `gradient_checkpointing` flag, through PEFT's and DDP's wrappers)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {
+        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
+        "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in trainable}),
+        "checkpointing": any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
+    }
+
+
 class Reporter(TrainerCallback):
     """Progress events from each node's first rank, and the stop every rank agrees on."""
 
@@ -202,6 +253,7 @@ class Reporter(TrainerCallback):
             global_step=state.global_step,
             num_train_epochs=args.num_train_epochs,
             marks=self.marks,
+            model=_trained(kwargs["model"]) if kwargs.get("model") is not None else {},
         )
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -316,11 +368,13 @@ def train(folder: RunFolder) -> int:
         train_dataset=data["train"],
         eval_dataset=data.get("eval"),
         processing_class=tokenizer,
-        peft_config=_peft_config(spec),
+        peft_config=_peft_config(spec, model),
         callbacks=[reporter, publisher],
     )
     # Each logged step reaches the log once, as the parent's line; the trainer would print its raw dict too.
     trainer.remove_callback(PrinterCallback)
+    if spec.training_mode == "qlora":
+        _adapters_in_fp32(trainer.model)
     marks["trainer_ready"] = time.time()
     reporter.marks = marks
     started = time.time()
@@ -336,6 +390,9 @@ def train(folder: RunFolder) -> int:
         return 0
     final_loss, eval_loss = _final_loss(state.log_history)
     staging = spec.adapter_staging
+    if spec.weights_precision != spec.precision and spec.strategy == "ddp":
+        # The fp32 weights were the optimizer's master copy; the model is published in the precision it trained in.
+        trainer.model.to(_dtype(spec.precision))
     trainer.save_model(staging)  # every rank takes part (sharded strategies gather); rank 0 writes
     if is_world_main:
         tokenizer.save_pretrained(staging)
@@ -375,8 +432,9 @@ def merge_adapter(spec: RunSpec, adapter_dir: str, tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
     gc.collect()
-    dtype = _dtype(spec.precision if spec.precision != "fp16" else "bf16")
-    base = AutoModelForCausalLM.from_pretrained(spec.model_name, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(
+        spec.model_name, dtype=_dtype(merge_precision(spec.training_mode, spec.precision))
+    )
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(spec.merged_staging)
     tokenizer.save_pretrained(spec.merged_staging)

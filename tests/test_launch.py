@@ -296,9 +296,10 @@ def watcher(tmp_path, monkeypatch):
     return launch.Watcher(RecordingHost(), RunFolder(str(tmp_path)))
 
 
-def start_event(max_steps=10, global_step=0, started=None):
+def start_event(max_steps=10, global_step=0, started=None, model=None):
     begun = time.time() - 10 if started is None else started
-    return {"type": "start", "time": begun, "world_size": 2, "max_steps": max_steps, "global_step": global_step}
+    event = {"type": "start", "time": begun, "world_size": 2, "max_steps": max_steps, "global_step": global_step}
+    return {**event, "model": model} if model else event
 
 
 def log_event(step, max_steps=10, **metrics):
@@ -314,6 +315,12 @@ def test_watcher_logs_the_start(watcher):
     assert watcher.host.logs == ["training started: 2 process(es), 10 steps"]
     watcher.handle(start_event(global_step=4))
     assert watcher.host.logs[-1] == "training started: 2 process(es), 10 steps, resuming at step 4"
+    model = {"trainable_parameters": 1234567, "trainable_dtypes": ["float32"], "checkpointing": True}
+    watcher.handle(start_event(model=model))
+    assert watcher.host.logs[-1] == (
+        "training started: 2 process(es), 10 steps; 1,234,567 trainable parameters (float32), "
+        "activation checkpointing on"
+    )
 
 
 def test_watcher_relays_log_events_with_loss_as_progress_rows(watcher):
