@@ -1,0 +1,252 @@
+"""GPU paths that have a twin on this CPU machine, run end to end on two CPU ranks in one gloo group: QLoRA
+through bitsandbytes' CPU backend (4-bit layers, the adapter, a stop and a resume, fuse_model onto a bf16 base),
+bf16 autocast, activation checkpointing, a saved accelerate default config the launch must ignore, a checkpoint
+with a vision tower (DDP's unused-parameter check is the same on gloo as on NCCL), and full fine-tuning's fp32
+master weights. Each real launch is shared by the tests that read it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from .conftest import base_config, last_json, write_config
+from .test_e2e import lab_jobs, metrics_rows, read_job
+from .test_lifecycle import Running
+
+pytestmark = pytest.mark.slow
+
+# What `accelerate config` saves for a one-GPU fp16 machine, with every value the plugin's launch must not take:
+# a single GPU id (accelerate refuses a two-process launch with it), 4 processes, fp16, a CUDA device, debug.
+HOSTILE_ACCELERATE_DEFAULT = """\
+compute_environment: LOCAL_MACHINE
+debug: true
+distributed_type: MULTI_GPU
+downcast_bf16: 'no'
+gpu_ids: '0'
+machine_rank: 0
+main_training_function: main
+mixed_precision: fp16
+num_machines: 1
+num_processes: 4
+rdzv_backend: c10d
+same_network: false
+use_cpu: false
+"""
+
+
+def tensor_dtypes(path: Path) -> dict[str, str]:
+    """Each tensor's dtype in a safetensors file, as stored ("F32", "BF16")."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return {key: handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118 - not a dict
+
+
+def losses(index: Path) -> list[tuple[int, float]]:
+    rows = [r for r in metrics_rows(index) if "train/loss" in r.get("metrics", {})]
+    return [(r["step"], r["metrics"]["train/loss"]) for r in rows]
+
+
+# --- QLoRA: 4-bit on the CPU, bf16, activation checkpointing, a hostile accelerate default ------------------------
+
+
+@pytest.fixture(scope="module")
+def qlora(tiny_model, tmp_path_factory):
+    """QLoRA on two CPU ranks in bf16 with activation checkpointing, under an HF_HOME whose accelerate default
+    config would refuse the launch: stopped by SIGTERM after step 5, then run again with fuse_model, which resumes
+    it to step 12 and writes the merged model."""
+    tmp = tmp_path_factory.mktemp("qlora")
+    hf_home = tmp / "hf-home"
+    (hf_home / "accelerate").mkdir(parents=True)
+    (hf_home / "accelerate" / "default_config.yaml").write_text(HOSTILE_ACCELERATE_DEFAULT)
+    (tmp / "tflhome").mkdir()
+    env = {
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "TFL_HOME_DIR": str(tmp / "tflhome"),
+        "SFT_PREPARED_CACHE": str(tmp / "prepared"),
+    }
+    config = base_config(
+        tiny_model,
+        tmp,
+        training_mode="qlora",
+        precision="bf16",
+        gradient_checkpointing=True,
+        num_processes=2,
+        max_steps=12,
+        logging_steps=1,
+        save_steps=100,
+        learning_rate=2e-3,
+    )
+    first = Running(["--config", write_config(tmp, config), "--json"], env=env)
+    first.wait_for("step 5/12", timeout=240)
+    os.killpg(first.proc.pid, signal.SIGTERM)
+    first.finish()
+    saved = sorted(p.name for p in (tmp / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
+    second = Running(["--config", write_config(tmp, {**config, "fuse_model": True}), "--json"], env=env)
+    second.finish(timeout=300)
+    return {"tmp": tmp, "model": tiny_model, "first": first, "second": second, "saved_at_stop": saved}
+
+
+@pytest.mark.xdist_group("qlora")
+def test_qlora_stops_with_a_checkpoint_and_the_next_run_resumes_it_to_the_end(qlora):
+    first, second = qlora["first"], qlora["second"]
+    assert first.proc.returncode == 3, first.stderr[-3000:]
+    assert last_json(first.stdout)["status"] == "STOPPED"
+    [saved] = qlora["saved_at_stop"]
+    stopped_at = int(saved.split("-")[1])
+    assert stopped_at >= 5
+    assert second.proc.returncode == 0, second.stderr[-3000:]
+    result = last_json(second.stdout)
+    assert result["status"] == "COMPLETE" and result["steps"] == 12
+    summary = json.loads((Path(result["adaptor_path"]) / "training_summary.json").read_text())
+    assert summary["world_size"] == 2, "the two CPU ranks form one gloo group"
+    assert summary["resumed_from_step"] == stopped_at
+    assert summary["plan"]["precision"] == "bf16" and summary["parameters"]["training_mode"] == "qlora"
+
+
+@pytest.mark.xdist_group("qlora")
+def test_qlora_trains_4_bit_layers_on_the_cpu_and_its_loss_falls(qlora):
+    second = qlora["second"]
+    jobs = lab_jobs(qlora["tmp"] / "tflhome")
+    trained = sorted(step_loss for index in jobs for step_loss in losses(index))
+    steps = [step for step, _ in trained]
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 12, "no step trained twice or skipped"
+    first_loss, last_loss = trained[0][1], trained[-1][1]
+    assert last_loss < first_loss - 0.1, trained
+    # The ranks' own account: fp32 adapters over the 4-bit base, in the first run as in the resumed one (TRL casts
+    # QLoRA's adapters to bf16, PEFT reloads them in fp32 on resume), checkpointed.
+    starts = [line for run in (qlora["first"], second) for line in run.lines if "training started:" in line]
+    assert len(starts) == 2 and "resuming at step" in starts[1]
+    assert all("trainable parameters (float32), activation checkpointing on" in line for line in starts), starts
+    assert "gradient checkpointing: on (set)" in second.stderr
+
+
+@pytest.mark.xdist_group("qlora")
+def test_a_saved_accelerate_default_config_changes_nothing(qlora):
+    """Its gpu_ids "0" alone made accelerate refuse every two-process launch ("Less than two GPU ids were
+    configured"); the launch names the run's own config, so the plan's 2 CPU processes without mixed precision
+    stand."""
+    for run in (qlora["first"], qlora["second"]):
+        assert "Less than two GPU ids" not in run.stderr
+        assert "accelerate.commands.launch --config_file" in run.stderr
+        assert "training started: 2 process(es)" in run.stderr
+
+
+@pytest.mark.xdist_group("qlora")
+def test_the_qlora_adapter_loads_onto_the_unquantized_base(qlora):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = qlora["tmp"] / "outputs" / "test-adaptor"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == qlora["model"]
+    weights = tensor_dtypes(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in key for key in weights)
+    base = AutoModelForCausalLM.from_pretrained(qlora["model"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    trained = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert trained and any(p.abs().sum() > 0 for p in trained), "lora_B starts at zero: a trained adapter is not"
+
+
+@pytest.mark.xdist_group("qlora")
+def test_fuse_model_merges_the_qlora_adapter_into_a_bf16_model_that_generates(qlora):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = qlora["tmp"] / "outputs" / "test-adaptor-merged"
+    assert not (merged / "adapter_config.json").exists()
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
+    assert set(tensor_dtypes(merged / "model.safetensors").values()) == {"BF16"}
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    prompt = tokenizer("Question: What is the capital of France?\nAnswer:", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 8 or out[0, -1] == tokenizer.eos_token_id
+    [index] = [i for i in lab_jobs(qlora["tmp"] / "tflhome") if read_job(i)["status"] == "COMPLETE"]
+    assert len(read_job(index)["job_data"]["models"]) == 2, "the adapter and the merged model are registered"
+
+
+# --- a vision tower under DDP, in bf16 ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vision(tiny_model, tmp_path_factory):
+    """LoRA all-linear on a Gemma 3-style checkpoint (vision tower, projector, text model) with text rows, on two
+    CPU ranks in bf16."""
+    from demo.tiny_model import build_with_vision_tower
+
+    tmp = tmp_path_factory.mktemp("vision")
+    model = str(build_with_vision_tower(tmp / "gemma3-tiny", tiny_model))
+    (tmp / "tflhome").mkdir()
+    env = {"TFL_HOME_DIR": str(tmp / "tflhome"), "SFT_PREPARED_CACHE": str(tmp / "prepared")}
+    config = base_config(
+        model,
+        tmp,
+        num_processes=2,
+        precision="bf16",
+        lora_target_modules="all-linear",
+        max_steps=4,
+        logging_steps=1,
+        save_steps=4,
+    )
+    run = Running(["--config", write_config(tmp, config), "--json"], env=env)
+    run.finish(timeout=300)
+    return {"tmp": tmp, "run": run}
+
+
+@pytest.mark.xdist_group("vision")
+def test_all_linear_lora_on_a_checkpoint_with_a_vision_tower_trains_on_two_ranks(vision):
+    """all-linear put adapters on the SigLIP tower too, which text rows give no gradient: DDP, told that no
+    parameter goes unused, failed at the second step ("Expected to have finished reduction in the prior
+    iteration"). The adapters now go into the language model only."""
+    run = vision["run"]
+    assert run.proc.returncode == 0, run.stderr[-3000:]
+    result = last_json(run.stdout)
+    assert result["status"] == "COMPLETE" and result["steps"] == 4
+    assert "LoRA: adapters in the language model only; not in model.vision_tower, model.multi_modal_projector" in (
+        run.stderr
+    )
+    adapter = Path(result["adaptor_path"])
+    keys = tensor_dtypes(adapter / "adapter_model.safetensors")
+    assert keys and not any("vision_tower" in key or "multi_modal_projector" in key for key in keys)
+    assert any("language_model.layers.1.mlp.down_proj" in key for key in keys)
+    assert json.loads((adapter / "training_summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.xdist_group("vision")
+def test_bf16_autocast_on_two_cpu_ranks_trains_fp32_adapters_to_a_finite_loss(vision):
+    run = vision["run"]
+    assert run.proc.returncode == 0, run.stderr[-3000:]
+    result = last_json(run.stdout)
+    assert result["final_loss"] == pytest.approx(result["final_loss"]) and 0 < result["final_loss"] < 100
+    assert "precision: bf16 (set)" in run.stderr
+    # PEFT keeps LoRA adapters in fp32 over a bf16 base, and they are saved so.
+    assert "trainable parameters (float32)" in run.stderr
+    assert set(tensor_dtypes(Path(result["adaptor_path"]) / "adapter_model.safetensors").values()) == {"F32"}
+
+
+# --- full fine-tuning keeps fp32 master weights ------------------------------------------------------------------
+
+
+def test_full_fine_tuning_in_bf16_updates_fp32_weights_and_publishes_bf16(tiny_model, tmp_path):
+    """Full fine-tuning loaded bf16 weights and updated them in bf16, where updates below bf16's resolution are
+    lost (and in fp16, the loss scaler raises "Attempting to unscale FP16 gradients": fp16 needs a GPU, so that
+    twin is bench/gpu.py's). The weights are fp32 now, autocast computes in bf16, the checkpoint holds the fp32
+    weights it resumes from, and the published model is bf16, as the run trained it."""
+    config = base_config(
+        tiny_model, tmp_path, training_mode="full", precision="bf16", max_steps=3, save_steps=3, learning_rate=1e-4
+    )
+    run = Running(["--config", write_config(tmp_path, config), "--json"])
+    assert run.finish() == 0, run.stderr[-3000:]
+    assert "weights: fp32, computed in bf16" in run.stderr
+    assert "trainable parameters (float32)" in run.stderr
+    [checkpoint] = (tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*")
+    assert set(tensor_dtypes(checkpoint / "model.safetensors").values()) == {"F32"}
+    published = Path(last_json(run.stdout)["adaptor_path"])
+    assert set(tensor_dtypes(published / "model.safetensors").values()) == {"BF16"}
