@@ -197,6 +197,30 @@ def sequence_fits_model(p, model: ModelFacts):
         )
 
 
+@rule("model")
+def memory_fits_the_gpus(p, machine: Machine, model: ModelFacts):
+    """A run whose memory estimate exceeds the free memory of its smallest GPU even with gradient checkpointing is
+    flagged before it runs out of memory at its first step (warning; the estimate counts every row at full length)."""
+    gpus = planned_gpus(p, machine)
+    if not gpus or not model.config or p["gradient_checkpointing"] == "false":
+        return
+    needed = speed.estimate_memory(
+        model.config, p, precision=precision_for(p, gpus), world_size=world_size(p, machine), checkpointing=True
+    )
+    free = min(g.available_mib for g in gpus) * 2**20
+    if needed is None or needed <= free:
+        return
+    sharding = (
+        "" if p["distributed_strategy"] != "ddp" or len(gpus) < 2 else ", fsdp or deepspeed_zero3 across the GPUs"
+    )
+    yield warning(
+        "batch_size",
+        f"about {needed / GIB:.1f} GiB per GPU is estimated even with gradient checkpointing, and the smallest "
+        f"selected GPU has {free / GIB:.1f} GiB free: the run will likely run out of memory",
+        f"Lower batch_size or maximum_sequence_length, or use training_mode=lora or qlora{sharding}",
+    )
+
+
 # --- training length and optimisation ----------------------------------------------------------
 
 

@@ -554,6 +554,26 @@ def test_sequence_length_must_fit_the_model_context(model_dir, length, expected)
         assert "Use at most 512" in messages(validation.sequence_fits_model, p)[0]
 
 
+def test_a_run_that_cannot_fit_even_with_checkpointing_is_flagged_before_it_runs_out_of_memory():
+    """Full fine-tuning of Llama-3-8B on one 40 GiB GPU needs about 137 GiB with checkpointing (fp32 weights,
+    gradients and moments): a warning, naming what to change, instead of an out-of-memory error at the first step.
+    A LoRA of the same model at batch 1 fits; so does anything on the CPU, which this rule leaves alone."""
+    model = sources.ModelFacts(local=True, is_folder=True, config=LLAMA_3_8B, adapter_config=None)
+    one_gpu = Machine(gpus=gpus(A100), visible=None, cpu_count=16)
+    full = config(training_mode="full", batch_size=1, maximum_sequence_length=2048)
+    [line] = messages(validation.memory_fits_the_gpus, full, one_gpu, model=model)
+    assert line.startswith("batch_size: about 13") and "40.0 GiB free" in line
+    assert line.endswith("Lower batch_size or maximum_sequence_length, or use training_mode=lora or qlora.")
+    two = messages(validation.memory_fits_the_gpus, full, TWO_AMPERE, model=model)[0]
+    assert two.endswith("or use training_mode=lora or qlora, fsdp or deepspeed_zero3 across the GPUs.")
+    lora = config(batch_size=1, maximum_sequence_length=2048)
+    assert messages(validation.memory_fits_the_gpus, lora, one_gpu, model=model) == []
+    assert messages(validation.memory_fits_the_gpus, full, CPU_ONLY, model=model) == []
+    # Free memory counts: the same LoRA on a GPU another process holds 30 GiB of does not fit.
+    shared = Machine(gpus=[Gpu(0, "fake-gpu-0", 40960, A100, free_mib=10240)], visible=None, cpu_count=16)
+    assert findings(validation.memory_fits_the_gpus, lora, shared, model=model) == {("warning", "batch_size")}
+
+
 # --- outputs ---------------------------------------------------------------------------------------------
 
 
@@ -820,6 +840,7 @@ def test_every_rule_has_table_cases():
     covered |= {validation.wandb_key, validation.strategy_packages_installed, validation.enough_disk}
     covered |= {validation.cuda_visible_devices_name_gpus}  # in test_machine.py, on fake NVML and nvidia-smi
     covered |= {validation.model_is_reachable, validation.model_is_not_an_adapter, validation.sequence_fits_model}
+    covered |= {validation.memory_fits_the_gpus}
     covered |= {validation.strategy_needs_several_processes, validation.packing_without_flash_attention}
     covered |= {validation.finished_adapter_kept, validation.outputs_writable, validation.no_other_run_writes_here}
     covered |= {validation.resume_keeps_what_the_checkpoint_needs, validation.resume_on_the_same_data}
