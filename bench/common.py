@@ -26,16 +26,21 @@ def trl_sft_command(
     cpu_ranks: int = 0,
     checkpointing: bool = False,
     logging_steps: int = 10,
+    dtype: str | None = None,
     extra: tuple[str, ...] | list[str] = (),
 ) -> list[str]:
     """`trl sft` with the LoRA settings every benchmark uses (r=16, alpha 32, dropout 0.05, all-linear, linear
     schedule, no saving), `batch` rows per process. `steps` None trains one epoch. `cpu_ranks` > 0 runs that many
     CPU processes (from 2 on, in one gloo group launched on a port of its own: back-to-back runs on the
-    default 29500 hung once); 0 runs one bf16 GPU process."""
+    default 29500 hung once); 0 runs one bf16 GPU process. `dtype` is what the weights load in (`trl sft` loads
+    float32 unless told; the plugin loads LoRA's base in the training precision): bfloat16 on the GPU by default."""
+    dtype = dtype or ("float32" if cpu_ranks else "bfloat16")
     trl = Path(sys.executable).with_name("trl")
     launch = ["--multi_gpu", "--num_processes", str(cpu_ranks), "--main_process_port", str(free_port())]
     return [
-        *([str(trl)] if trl.exists() else [sys.executable, "-m", "trl.cli"]),
+        # Without its console script beside this Python (installed with --target, as bench/gpu.sh does), its entry
+        # point is called directly: trl.cli is a package with no __main__.
+        *([str(trl)] if trl.exists() else [sys.executable, "-c", "import sys, trl.cli; sys.exit(trl.cli.main())"]),
         "sft",
         *(launch if cpu_ranks > 1 else []),
         "--model_name_or_path",
@@ -72,6 +77,8 @@ def trl_sft_command(
         "true" if checkpointing else "false",
         "--output_dir",
         output_dir,
+        "--dtype",
+        dtype,
         *(["--use_cpu"] if cpu_ranks else ["--bf16"]),
         *extra,
     ]

@@ -1,7 +1,8 @@
 """Benchmark (run by hand): the memory estimate behind `gradient_checkpointing: auto` next to what a real
 training step takes, on the CPU (float32, SDPA). Each case runs in its own process: it builds a
-Qwen2-shaped model with a LoRA adapter, runs forward + backward + an optimizer step on one micro-batch,
-and reports its peak resident memory above the baseline taken after imports. The estimate is
+Qwen2-shaped model with a LoRA adapter and TRL's fused LM head (as SFTTrainer installs it), runs forward +
+backward + an optimizer step on one micro-batch, and reports its peak resident memory above the baseline taken
+after imports. The estimate is
 `speed.estimate_memory` without its fixed CUDA allowance.
 
     .venv/bin/python bench/memory_estimate.py
@@ -51,6 +52,7 @@ def child(shape: str, batch: int, seq: int, checkpointing: bool) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -58,6 +60,8 @@ def child(shape: str, batch: int, seq: int, checkpointing: bool) -> None:
     config = Qwen2Config(**{k: v for k, v in SHAPES[shape].items() if k != "model_type"})
     config._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(config)
+    # SFTTrainer's own LM head: the loss from 4096-token x 32768-entry tiles, never the whole logits.
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -67,8 +71,8 @@ def child(shape: str, batch: int, seq: int, checkpointing: bool) -> None:
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
+    log_probs = model(input_ids=ids, labels=ids, use_cache=False, fused_lm_head=True).log_probs
+    (-log_probs.sum() / log_probs.numel()).backward()
     optimizer.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"measured": peak - base}))
