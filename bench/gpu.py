@@ -264,6 +264,7 @@ class Bench:
             precision=plan["precision"],
             world_size=1,
             checkpointing=plan["speed"]["gradient_checkpointing"],
+            device=plan["device"],
         )
         return needed / GIB if needed else None
 

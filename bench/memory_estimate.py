@@ -96,7 +96,7 @@ def main() -> None:
     def estimate(shape: str, batch: int, seq: int, ckpt: bool) -> float:
         p = {**params.defaults(), "batch_size": batch, "maximum_sequence_length": seq, "lora_r": 16}
         p["lora_dropout"] = 0.05
-        options = {"precision": "fp32", "world_size": 1, "checkpointing": ckpt}
+        options = {"precision": "fp32", "world_size": 1, "checkpointing": ckpt, "device": "cpu"}
         return speed.estimate_memory(SHAPES[shape], p, **options) - speed.RUNTIME_OVERHEAD
 
     print(

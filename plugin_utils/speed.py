@@ -183,12 +183,17 @@ LOGITS_TILE_VOCAB = 32768
 # Per token, besides its hidden state's fp32 gradient: log-probability, entropy, top-1 and the running
 # log-sum-exp statistics.
 LOGITS_PER_TOKEN = 32
+# Without Triton (the CPU) TRL folds each tile in torch, through fp32 temporaries of the tile's size: 8.4 to 8.8
+# tiles measured on torch 2.13's CPU build, at 2,048 to 8,192 tokens and 8k to 32k entries (BENCHMARKS.md).
+TILES_WITHOUT_TRITON = 9
 
 
-def logits_memory(s: dict[str, int], tokens: int, width: int) -> float:
-    """The LM head and the loss: one projection tile in the compute precision, the hidden states' fp32 gradient,
-    and a few fp32 values per token."""
-    tile = min(tokens, LOGITS_TILE_TOKENS) * min(s["vocab"], LOGITS_TILE_VOCAB) * width
+def logits_memory(s: dict[str, int], tokens: int, width: int, device: str) -> float:
+    """The LM head and the loss: the projection tile (on CUDA, in the compute precision, which Triton folds in
+    place; elsewhere, torch's fp32 temporaries of its size), the hidden states' fp32 gradient, and a few fp32
+    values per token."""
+    cells = min(tokens, LOGITS_TILE_TOKENS) * min(s["vocab"], LOGITS_TILE_VOCAB)
+    tile = cells * width if device == "cuda" else cells * 4 * TILES_WITHOUT_TRITON
     return tile + tokens * (4 * s["hidden"] + LOGITS_PER_TOKEN)
 
 
@@ -199,10 +204,12 @@ def estimate_memory(
     precision: str,
     world_size: int,
     checkpointing: bool,
+    device: str,
 ) -> float | None:
-    """Bytes one device needs for training: weights, gradients and optimizer state, activations of one
-    micro-batch of batch_size x maximum_sequence_length tokens, the LM head and the loss, and the CUDA runtime.
-    An upper-side estimate (every row at full length); None when config.json lacks the sizes."""
+    """Bytes one device (a GPU on `cuda`, else the RAM of one CPU process) needs for training: weights, gradients
+    and optimizer state, activations of one micro-batch of batch_size x maximum_sequence_length tokens, the LM head
+    and the loss, and the CUDA runtime. An upper-side estimate (every row at full length); None when config.json
+    lacks the sizes."""
     s = _shape(config)
     if s is None:
         return None
@@ -232,7 +239,7 @@ def estimate_memory(
     # Checkpointing keeps each layer's input and recomputes one layer at a time.
     activations = tokens * (layers * h * width + per_layer) if checkpointing else tokens * layers * per_layer
     activations += tokens * width * (4 * h + 2 * inter)  # gradients in flight during the backward pass
-    return weights_and_states + activations + logits_memory(s, tokens, width) + RUNTIME_OVERHEAD
+    return weights_and_states + activations + logits_memory(s, tokens, width, device) + RUNTIME_OVERHEAD
 
 
 def masked_packing_is_slow(p: dict[str, Any], device: str) -> bool:
@@ -323,7 +330,9 @@ def choose(
         if not cuda and ram_bytes:
             budget = ram_bytes / max(1, processes_here)
         needed = (
-            estimate_memory(model_config, p, precision=precision, world_size=world_size, checkpointing=False)
+            estimate_memory(
+                model_config, p, precision=precision, world_size=world_size, checkpointing=False, device=device
+            )
             if model_config
             else None
         )

@@ -204,8 +204,9 @@ def memory_fits_the_gpus(p, machine: Machine, model: ModelFacts):
     gpus = planned_gpus(p, machine)
     if not gpus or not model.config or p["gradient_checkpointing"] == "false":
         return
+    precision, world = precision_for(p, gpus), world_size(p, machine)
     needed = speed.estimate_memory(
-        model.config, p, precision=precision_for(p, gpus), world_size=world_size(p, machine), checkpointing=True
+        model.config, p, precision=precision, world_size=world, checkpointing=True, device="cuda"
     )
     free = min(g.available_mib for g in gpus) * 2**20
     if needed is None or needed <= free:

@@ -244,7 +244,7 @@ def test_the_estimate_moves_the_right_way_with_each_setting():
     base = config(batch_size=4, maximum_sequence_length=2048)
 
     def estimate(p=base, **kw):
-        options = {"precision": "bf16", "world_size": 2, "checkpointing": False, **kw}
+        options = {"precision": "bf16", "world_size": 2, "checkpointing": False, "device": "cuda", **kw}
         return speed.estimate_memory(LLAMA_7B, p, **options)
 
     plain = estimate()
@@ -260,7 +260,8 @@ def test_the_estimate_moves_the_right_way_with_each_setting():
     sharded = config(batch_size=4, maximum_sequence_length=2048, training_mode="full", distributed_strategy="fsdp")
     assert estimate(sharded) < estimate(full)
     assert estimate(precision="fp32") > plain
-    assert speed.estimate_memory({"model_type": "x"}, base, precision="bf16", world_size=1, checkpointing=False) is None
+    options = {"precision": "bf16", "world_size": 1, "checkpointing": False, "device": "cuda"}
+    assert speed.estimate_memory({"model_type": "x"}, base, **options) is None
 
 
 def test_the_logits_are_counted_as_trls_chunked_lm_head_builds_them(monkeypatch):
@@ -268,12 +269,16 @@ def test_the_logits_are_counted_as_trls_chunked_lm_head_builds_them(monkeypatch)
     vocabulary entries at a time. Counting full logits put 23 GiB of 56 GiB on Qwen2.5-0.5B at 8 x 2048, which turned
     gradient checkpointing on (56.4 x 1.5 > 0.85 x 80 GiB) where it is not needed (about 20-30% slower)."""
     p = config(batch_size=8, maximum_sequence_length=2048)
-    needed = speed.estimate_memory(QWEN2_5_0_5B, p, precision="bf16", world_size=1, checkpointing=False)
+    options = {"precision": "bf16", "world_size": 1, "checkpointing": False}
+    needed = speed.estimate_memory(QWEN2_5_0_5B, p, **options, device="cuda")
     assert 30 * GIB < needed < 36 * GIB
     tokens = 8 * 2048
-    logits = speed.logits_memory(speed._shape(QWEN2_5_0_5B), tokens, 2)
+    logits = speed.logits_memory(speed._shape(QWEN2_5_0_5B), tokens, 2, "cuda")
     assert logits == 4096 * 32768 * 2 + tokens * (4 * 896 + 32)  # one bf16 tile, the fp32 hidden-state gradient
     assert logits < 0.5 * GIB  # full logits with their fp32 copies: 18.5 GiB
+    # Without Triton, on the CPU, torch folds each tile through fp32 temporaries of its size: 8.4 to 8.8 measured.
+    cpu = speed.logits_memory(speed._shape(QWEN2_5_0_5B), tokens, 4, "cpu")
+    assert cpu == 4096 * 32768 * 4 * 9 + tokens * (4 * 896 + 32)
     s = choose(p, gpu_list=gpus(1), model_config=QWEN2_5_0_5B, monkeypatch=monkeypatch)
     assert not s.gradient_checkpointing
 
@@ -294,7 +299,7 @@ def test_full_fine_tuning_counts_what_each_strategy_keeps_per_parameter(strategy
     assert speed.full_training_bytes(strategy, 2, world) == expected
     p = config(training_mode="full", distributed_strategy=strategy, batch_size=1, maximum_sequence_length=2048)
     lora = config(distributed_strategy=strategy, batch_size=1, maximum_sequence_length=2048, lora_dropout=0.0)
-    options = {"precision": "bf16", "world_size": world, "checkpointing": True}
+    options = {"precision": "bf16", "world_size": world, "checkpointing": True, "device": "cuda"}
     extra = speed.estimate_memory(LLAMA_7B, p, **options) - speed.estimate_memory(LLAMA_7B, lora, **options)
     base = 2 / (world if strategy in ("fsdp", "deepspeed_zero3") else 1)  # LoRA's frozen bf16 weights
     assert extra == pytest.approx(speed.parameter_count(LLAMA_7B) * (expected - base), rel=0.02)
