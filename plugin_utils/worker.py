@@ -61,7 +61,26 @@ def _load_model(spec: RunSpec):
         model = AutoModelForCausalLM.from_pretrained(spec.model_name, **kwargs)
     if spec.liger:
         _apply_liger(model)
+    if spec.training_mode == "full":
+        _freeze_beside_language_model(model)
     return model
+
+
+def _say(line: str) -> None:
+    """A line in the job's log: the first rank's output is echoed there, and the others would repeat it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
+
+
+def _freeze_beside_language_model(model) -> None:
+    """Full fine-tuning on text rows trains the language model: a vision tower beside it gets no gradient, would
+    hold optimizer state for nothing, and fails DDP's check that every trainable weight gets one (transformers
+    turns that search off when activations are checkpointed)."""
+    beside = beside_language_model(model)
+    for name in beside:
+        model.get_submodule(name).requires_grad_(False)
+    if beside:
+        _say(f"full fine-tuning: the language model's weights; {', '.join(beside)} stay frozen")
 
 
 def _apply_liger(model) -> None:
@@ -96,8 +115,8 @@ def _peft_config(spec: RunSpec, model):
     from peft import LoraConfig
 
     beside = beside_language_model(model)
-    if beside and os.environ.get("RANK", "0") == "0":
-        print(f"LoRA: adapters in the language model only; not in {', '.join(beside)}", file=sys.stderr, flush=True)
+    if beside:
+        _say(f"LoRA: adapters in the language model only; not in {', '.join(beside)}")
     modules = spec.lora_target_modules
     return LoraConfig(
         r=spec.lora_r,

@@ -231,6 +231,27 @@ def test_bf16_autocast_on_two_cpu_ranks_trains_fp32_adapters_to_a_finite_loss(vi
     assert set(tensor_dtypes(Path(result["adaptor_path"]) / "adapter_model.safetensors").values()) == {"F32"}
 
 
+def test_full_fine_tuning_of_a_checkpoint_with_a_vision_tower_trains_its_language_model_only(tiny_model, tmp_path):
+    """On text rows a vision tower's weights get no gradient: trainable, they held optimizer state for nothing and,
+    with activation checkpointing on (when transformers stops DDP's search for unused weights), failed DDP's check
+    like the adapters above. The ranks freeze what lies beside the language model."""
+    import dataclasses
+
+    from demo.tiny_model import build_with_vision_tower
+    from plugin_utils import worker
+
+    from .conftest import spec_of
+
+    model_dir = str(build_with_vision_tower(tmp_path / "gemma3-tiny", tiny_model))
+    spec = dataclasses.replace(spec_of(str(tmp_path)), model_name=model_dir, training_mode="full")
+    model = worker._load_model(spec)
+    trainable = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"language_model"}
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+    lora = worker._load_model(dataclasses.replace(spec, training_mode="lora"))
+    assert all(p.requires_grad for p in lora.model.vision_tower.parameters()), "LoRA excludes, it does not freeze"
+
+
 # --- full fine-tuning keeps fp32 master weights ------------------------------------------------------------------
 
 
@@ -244,9 +265,9 @@ def test_full_fine_tuning_in_bf16_updates_fp32_weights_and_publishes_bf16(tiny_m
     )
     run = Running(["--config", write_config(tmp_path, config), "--json"])
     assert run.finish() == 0, run.stderr[-3000:]
-    assert "weights: fp32, computed in bf16" in run.stderr
-    assert "trainable parameters (float32)" in run.stderr
     [checkpoint] = (tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*")
     assert set(tensor_dtypes(checkpoint / "model.safetensors").values()) == {"F32"}
     published = Path(last_json(run.stdout)["adaptor_path"])
     assert set(tensor_dtypes(published / "model.safetensors").values()) == {"BF16"}
+    assert "weights: fp32, computed in bf16" in run.stderr
+    assert "trainable parameters (float32)" in run.stderr
