@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 LEGACY_LAB := .legacy-lab
 LEGACY_LAB_032 := .legacy-lab-0.1.1
+BITSANDBYTES := .bitsandbytes
 
 .PHONY: setup demo test lint format clean
 
@@ -21,6 +22,10 @@ $(STAMP): setup.sh requirements.txt requirements-dev.txt
 	rm -rf $(LEGACY_LAB) $(LEGACY_LAB_032)
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --target $(LEGACY_LAB) transformerlab==0.0.98
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --target $(LEGACY_LAB_032) transformerlab==0.1.1
+	@# bitsandbytes for the QLoRA-on-the-CPU tests, kept apart: installed beside peft, every rank would import it
+	@# (1.8 s each), QLoRA or not. The tests that need it put it on PYTHONPATH.
+	rm -rf $(BITSANDBYTES)
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --target $(BITSANDBYTES) bitsandbytes==0.50.2
 	@touch $@
 
 demo: setup
@@ -40,4 +45,4 @@ format:
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(LEGACY_LAB) $(LEGACY_LAB_032) demo/workspace
+	rm -rf $(VENV) $(LEGACY_LAB) $(LEGACY_LAB_032) $(BITSANDBYTES) demo/workspace

@@ -15,6 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "demo" / "sample_data.jsonl"
 LEGACY_LAB = ROOT / ".legacy-lab"
 LEGACY_LAB_032 = ROOT / ".legacy-lab-0.1.1"
+# bitsandbytes, installed apart by `make setup` (beside peft, every rank would import it): on PYTHONPATH for QLoRA.
+BITSANDBYTES = ROOT / ".bitsandbytes"
+
+
+def with_bitsandbytes(env: dict[str, str]) -> dict[str, str]:
+    """An environment whose processes (main.py and the ranks it starts) can import bitsandbytes."""
+    path = os.pathsep.join(filter(None, [str(BITSANDBYTES), env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))]))
+    return {**env, "PYTHONPATH": path}
+
+
 TEMPLATE = "Question: {{ prompt }}\nAnswer:{{ completion }}"
 
 # SPEC §3: the keys the Train tab and the host fill; never form parameters.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import base_config, last_json, write_config
+from .conftest import base_config, last_json, with_bitsandbytes, write_config
 from .test_e2e import lab_jobs, metrics_rows, read_job
 from .test_lifecycle import Running
 
@@ -64,12 +64,14 @@ def qlora(tiny_model, tmp_path_factory):
     (hf_home / "accelerate").mkdir(parents=True)
     (hf_home / "accelerate" / "default_config.yaml").write_text(HOSTILE_ACCELERATE_DEFAULT)
     (tmp / "tflhome").mkdir()
-    env = {
-        "HF_HOME": str(hf_home),
-        "HF_HUB_OFFLINE": "1",
-        "TFL_HOME_DIR": str(tmp / "tflhome"),
-        "SFT_PREPARED_CACHE": str(tmp / "prepared"),
-    }
+    env = with_bitsandbytes(
+        {
+            "HF_HOME": str(hf_home),
+            "HF_HUB_OFFLINE": "1",
+            "TFL_HOME_DIR": str(tmp / "tflhome"),
+            "SFT_PREPARED_CACHE": str(tmp / "prepared"),
+        }
+    )
     config = base_config(
         tiny_model,
         tmp,

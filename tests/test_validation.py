@@ -19,7 +19,7 @@ from plugin_utils import launch, outputs, params, planning, sources, speed, vali
 from plugin_utils.errors import InvalidConfig
 from plugin_utils.machine import Gpu, Machine
 
-from .conftest import ROOT
+from .conftest import ROOT, with_bitsandbytes
 from .model_configs import LLAMA_3_8B, QWEN2_5_0_5B, model_folder
 
 # Fakes for hardware that cannot exist here: an Ampere-class and a pre-Ampere GPU.
@@ -274,10 +274,6 @@ MACHINE_CASES = [
     # The GPU is not used when training on the CPU, so its bf16 support does not matter.
     (validation.precision_supported, {"precision": "bf16", "train_device": "cpu"}, ONE_VOLTA, set()),
     (validation.qlora_needs_bitsandbytes, {"training_mode": "lora"}, CPU_ONLY, set()),
-    # bitsandbytes 0.50.2 is installed here: QLoRA runs on the CPU through its CPU backend.
-    (validation.qlora_needs_bitsandbytes, {"training_mode": "qlora"}, CPU_ONLY, set()),
-    (validation.qlora_needs_bitsandbytes, {"training_mode": "qlora", "train_device": "cpu"}, TWO_AMPERE, set()),
-    (validation.qlora_needs_bitsandbytes, {"training_mode": "qlora"}, TWO_AMPERE, set()),
 ]
 
 
@@ -343,8 +339,9 @@ def test_the_installed_bitsandbytes_version_is_read_without_importing_it():
         "import sys; from plugin_utils.machine import package_version as v; "
         "print(v('bitsandbytes'), v('no-such-distribution'), 'bitsandbytes' in sys.modules, 'torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    assert out.split() == ["(0,", "50,", "2)", "None", "False", "False"]
+    env = with_bitsandbytes(dict(os.environ))
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+    assert out.stdout.split() == ["(0,", "50,", "2)", "None", "False", "False"]
 
 
 @pytest.mark.parametrize(
@@ -840,7 +837,7 @@ def test_every_rule_has_table_cases():
     covered |= {validation.wandb_key, validation.strategy_packages_installed, validation.enough_disk}
     covered |= {validation.cuda_visible_devices_name_gpus}  # in test_machine.py, on fake NVML and nvidia-smi
     covered |= {validation.model_is_reachable, validation.model_is_not_an_adapter, validation.sequence_fits_model}
-    covered |= {validation.memory_fits_the_gpus}
+    covered |= {validation.memory_fits_the_gpus, validation.qlora_needs_bitsandbytes}
     covered |= {validation.strategy_needs_several_processes, validation.packing_without_flash_attention}
     covered |= {validation.finished_adapter_kept, validation.outputs_writable, validation.no_other_run_writes_here}
     covered |= {validation.resume_keeps_what_the_checkpoint_needs, validation.resume_on_the_same_data}
