@@ -68,14 +68,14 @@ def run(args, chosen: host.Host, stop: launch.StopFlag, nodes: machine.Nodes | N
     # architecture that is no causal LM. Reported with the data's problems, all at once.
     found = validation.check(("layers",), p=p, plan=plan, layers=layers.describe(p["model_name"]))
     try:
-        source = data.load(p)
+        dataset = data.load(p)
     except InvalidConfig as exc:
         raise InvalidConfig(found.errors + exc.errors, found.warnings + exc.warnings) from None
-    found.add(validation.check(("data",), p=p, out=out, data=source.facts()))
+    found.add(validation.check(("data",), p=p, out=out, data=dataset.facts()))
     found.raise_errors()
-    plan = plan.with_loss_mode(p, source.format)
+    plan = plan.with_loss_mode(p, dataset.format)
     stop.guard_forks()
-    prepared = data.prepare(p, source, plan.completion_only, preview=args.preview, stopping=lambda: stop.requested)
+    prepared = data.prepare(p, dataset, plan.completion_only, preview=args.preview, stopping=lambda: stop.requested)
     found.add(validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats))
     found.raise_errors()
     cli.report_warnings(found.warnings)

@@ -58,8 +58,8 @@ p = params.defaults()
 p.update(model_name=sys.argv[2], dataset_name=sys.argv[3], adaptor_name="bench",
          formatting_template=json.loads(sys.argv[4]), maximum_sequence_length=512)
 started = time.perf_counter()
-source = data.load(p)
-prepared = data.prepare(p, source, planning.loss_mode(p, source.format)[0])
+dataset = data.load(p)
+prepared = data.prepare(p, dataset, planning.loss_mode(p, dataset.format)[0])
 print(json.dumps({"seconds": time.perf_counter() - started, "rows": prepared.stats["rows_used"]}))
 """
 

@@ -7,12 +7,14 @@ checkpoint carries `run_params.json`, the identity of the run that saved it, whi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 
+from .runfolder import IDENTITY_FILE
+
 PREFIX = "checkpoint-"
-IDENTITY_FILE = "run_params.json"
 
 
 def step_of(path: str) -> int:
@@ -67,7 +69,7 @@ def publish(staged: str, checkpoint_dir: str, identity_file: str | None) -> str:
     try:
         os.replace(staged, final)
     except OSError as exc:
-        if exc.errno != 18:  # EXDEV: staging on another filesystem; copy beside the target, then rename
+        if exc.errno != errno.EXDEV:  # staging on another filesystem: copy beside the target, then rename
             raise
         hidden = os.path.join(checkpoint_dir, f".{os.path.basename(final)}.copying")
         shutil.rmtree(hidden, ignore_errors=True)

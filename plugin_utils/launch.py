@@ -160,19 +160,16 @@ def lone_deepspeed_rank(plan: Plan, port: int) -> dict[str, str]:
     }
 
 
-def rank_environment(plan: Plan) -> dict[str, str]:
-    """GPUs are selected here, never inside the ranks after torch starts: the planned GPUs as this process's
-    CUDA_VISIBLE_DEVICES names them (a GPU- or MIG- id stays that id), else by nvidia-smi index; an empty
-    value hides every GPU."""
-    # CUDA numbers cards fastest first unless told otherwise; nvidia-smi numbers them by bus.
-    return {"CUDA_VISIBLE_DEVICES": plan.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-
-
 def rank_env(plan: Plan, log_to_wandb: bool = False, port: int = 0) -> dict[str, str]:
+    """The ranks' environment. GPUs are selected here, never inside the ranks after torch starts: the planned GPUs
+    as this process's CUDA_VISIBLE_DEVICES names them (a GPU- or MIG- id stays that id), else by nvidia-smi index;
+    an empty value hides every GPU."""
     env = {k: v for k, v in os.environ.items() if k not in NODE_LEVEL_VARIABLES}
     if log_to_wandb and not env.get("WANDB_API_KEY"):
         env.setdefault("WANDB_MODE", "offline")
-    env.update(rank_environment(plan))
+    env["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices
+    # CUDA numbers cards fastest first unless told otherwise; nvidia-smi numbers them by bus.
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env.update(lone_deepspeed_rank(plan, port))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [PLUGIN_DIR, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"

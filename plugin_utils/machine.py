@@ -279,7 +279,10 @@ def detect() -> Machine:
     )
 
 
-def _existing(path: str) -> str:
+GIB = 2**30
+
+
+def existing_parent(path: str) -> str:
     """The path, or its nearest parent that exists (a folder not made yet is on its parent's disk)."""
     probe = os.path.abspath(os.path.expanduser(path))
     while not os.path.exists(probe):
@@ -291,12 +294,12 @@ def _existing(path: str) -> str:
 
 
 def free_disk_gib(path: str) -> float:
-    return shutil.disk_usage(_existing(path)).free / 2**30
+    return shutil.disk_usage(existing_parent(path)).free / GIB
 
 
 def filesystem(path: str) -> int:
     """The filesystem a path is (or would be) on: folders on the same one share its free space."""
-    return os.stat(_existing(path)).st_dev
+    return os.stat(existing_parent(path)).st_dev
 
 
 # --- several nodes, as schedulers describe them -----------------------------------------------------------

@@ -15,6 +15,9 @@ from typing import Any
 
 from . import checkpoints
 from .errors import InvalidConfig, RunFailed, problem
+from .machine import existing_parent
+from .params import MANIFEST
+from .runfolder import IDENTITY_FILE
 from .sources import read_json
 
 SUMMARY_FILE = "training_summary.json"
@@ -36,8 +39,7 @@ def versions() -> dict[str, str]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
-    manifest = Path(__file__).resolve().parent.parent / "index.json"
-    found["plugin"] = json.loads(manifest.read_text()).get("version", "")
+    found["plugin"] = json.loads(MANIFEST.read_text()).get("version", "")
     return found
 
 
@@ -56,11 +58,6 @@ def publish(staging: str, final: str, summary: dict[str, Any]) -> str:
     if old:
         shutil.rmtree(old, ignore_errors=True)
     return os.path.abspath(final)
-
-
-def latest_checkpoint(folder: str, world_size: int = 1) -> str | None:
-    """The newest checkpoint whose save finished; one cut off mid-save is skipped."""
-    return checkpoints.latest(folder, world_size)
 
 
 # What a resumed run shares with the run that saved its checkpoint, as the user asked it (never what `auto`
@@ -90,7 +87,6 @@ SOFT_KEYS = (
     "save_steps",
     "logging_steps",
 )
-RUN_PARAMS_FILE = checkpoints.IDENTITY_FILE
 IDENTITY_VERSION = 2
 SHOWN = {"dataset": "dataset_name (its content or preparation)", "world_size": "num_processes (world size)"}
 
@@ -113,10 +109,7 @@ def _compared(recorded: dict[str, Any]) -> dict[str, Any]:
 
 
 def _writable(path: str) -> bool:
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    return os.access(probe, os.W_OK)
+    return os.access(existing_parent(path), os.W_OK)
 
 
 @dataclass(frozen=True)
@@ -277,7 +270,7 @@ class OutputFacts:
 
 def recorded_identity(checkpoint: str) -> dict[str, Any] | None:
     """The identity of the run that saved `checkpoint`: inside it, or (saved by an older version) beside it."""
-    for path in (os.path.join(checkpoint, RUN_PARAMS_FILE), os.path.join(os.path.dirname(checkpoint), RUN_PARAMS_FILE)):
+    for path in (os.path.join(checkpoint, IDENTITY_FILE), os.path.join(os.path.dirname(checkpoint), IDENTITY_FILE)):
         if os.path.isfile(path):
             try:
                 recorded = json.loads(Path(path).read_text())
@@ -298,7 +291,7 @@ def inspect(
     that cannot be resumed means a fresh start (the old checkpoints are removed at launch, not here).
     `requested`: a checkpoint named by the host (or found in an earlier job of this adapter) to resume from."""
     complete = is_complete_adapter(where.adapter_dir)
-    resume = requested or latest_checkpoint(where.checkpoint_dir, this_run["world_size"])
+    resume = requested or checkpoints.latest(where.checkpoint_dir, this_run["world_size"])
     facts = OutputFacts(
         adapter_dir=where.adapter_dir,
         checkpoint_dir=where.checkpoint_dir,

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import speed
-from .machine import Gpu, Machine
-from .sources import CHAT_FORMATS, model_config, model_folder, read_json
+from .machine import GIB, Gpu, Machine
+from .rowformats import CHAT_FORMATS
+from .sources import model_config, model_folder, read_json
 from .speed import Speed
 
 
@@ -214,7 +215,6 @@ def build(p: Mapping[str, Any], machine: Machine) -> Plan:
 
 # --- disk: what the run writes, from the model's size ---------------------------------------------------------
 
-GIB = 2**30
 # Saved beside the weights each time: the tokenizer (a large one is about 35 MB), trainer and scheduler state,
 # one RNG state per rank, the run's parameters.
 SMALL_FILES = 64 * 2**20

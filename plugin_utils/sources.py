@@ -19,6 +19,13 @@ from typing import Any
 from .errors import InvalidConfig, problem
 
 
+def hub_offline() -> bool:
+    """Whether the Hub may not be reached, read as huggingface_hub reads it: HF_HUB_OFFLINE, else
+    TRANSFORMERS_OFFLINE, true when 1, ON, YES or TRUE in any case."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def workspace_dir() -> str:
     """The TransformerLab workspace: TFL_WORKSPACE_DIR, else <TFL_HOME_DIR or ~/.transformerlab>/workspace."""
     if os.environ.get("TFL_WORKSPACE_DIR"):
@@ -232,19 +239,6 @@ def inspect_model(name: str) -> ModelFacts:
         config=model_config(name) if name else None,
         adapter_config=read_json(adapter) if adapter and os.path.isfile(adapter) else None,
     )
-
-
-# Row formats whose trained parts are assistant turns.
-CHAT_FORMATS = ("chat", "chat_prompt_completion")
-
-
-@dataclass(frozen=True)
-class DataFacts:
-    """What validation may know about the dataset before its rows are tokenized."""
-
-    format: str  # text | prompt_completion | chat | chat_prompt_completion | template
-    columns: tuple[str, ...]
-    key: str  # the fingerprint of everything that shapes the prepared rows
 
 
 # Tokenizer classes that are the generic fast tokenizer: loaded directly, without AutoTokenizer's model

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .machine import Gpu, has_package
+from .machine import GIB, Gpu, has_package
 from .runfolder import lora_targets
 
 
@@ -40,7 +40,6 @@ def kernel_installed(name: str) -> bool:
     return name not in disabled and has_package(name)
 
 
-GIB = 2**30
 # Gradient checkpointing stays off only when the estimate times this margin fits this share of the memory.
 ESTIMATE_MARGIN = 1.5
 MEMORY_SHARE = 0.85

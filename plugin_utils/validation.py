@@ -31,11 +31,10 @@ from typing import Any
 from . import checkpoints, speed
 from .errors import InvalidConfig, Problem, problem
 from .layers import Layers
-from .machine import Machine, filesystem, free_disk_gib, has_package, package_version
+from .machine import GIB, Machine, filesystem, free_disk_gib, has_package, package_version
 from .outputs import OutputFacts
 from .params import form_schema
 from .planning import (
-    GIB,
     asked_processes,
     disk_estimate,
     model_parameters,
@@ -45,8 +44,9 @@ from .planning import (
     selected_gpu_ids,
     world_size,
 )
+from .rowformats import CHAT_FORMATS, DataFacts
 from .runfolder import lora_targets
-from .sources import CHAT_FORMATS, DataFacts, ModelFacts
+from .sources import ModelFacts, hub_offline
 from .templates import chat_syntax_problem, syntax_problem
 
 PHASES = ("parameters", "machine", "model", "outputs", "layers", "data", "statistics")
@@ -162,14 +162,16 @@ def lora_not_on_lm_head(p):
 
 @rule("model")
 def model_is_reachable(p, model: ModelFacts):
-    """model_name is a local model folder, or a Hub id that is cached or reachable (HF_HUB_OFFLINE=1)."""
+    """model_name is a local model folder, or a Hub id that is cached or reachable (not offline: HF_HUB_OFFLINE)."""
     if not p["model_name"]:
         return
     if model.local and not model.is_folder:
         yield error("model_name", f"{p['model_name']} is not a folder", "Give the model's folder or a Hub id")
-    elif not model.local and model.config is None and os.environ.get("HF_HUB_OFFLINE") == "1":
+    elif not model.local and model.config is None and hub_offline():
         yield error(
-            "model_name", f"{p['model_name']} is not in the local Hub cache and HF_HUB_OFFLINE=1", "Download it first"
+            "model_name",
+            f"{p['model_name']} is not in the local Hub cache and the Hub is offline (HF_HUB_OFFLINE)",
+            "Download it first",
         )
 
 

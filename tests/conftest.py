@@ -205,10 +205,10 @@ def prepare_data(p: dict, preview: int = 3):
     from plugin_utils import data, machine, params, planning, validation
 
     p = params.Params(p)
-    source = data.load(p)
-    validation.check(("data",), p=p, data=source.facts()).raise_errors()
-    plan = planning.build(p, machine.detect()).with_loss_mode(p, source.format)
-    prepared = data.prepare(p, source, plan.completion_only, preview=preview)
+    dataset = data.load(p)
+    validation.check(("data",), p=p, data=dataset.facts()).raise_errors()
+    plan = planning.build(p, machine.detect()).with_loss_mode(p, dataset.format)
+    prepared = data.prepare(p, dataset, plan.completion_only, preview=preview)
     found = validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats)
     found.raise_errors()
     return prepared

@@ -1,5 +1,5 @@
-"""The prepared-data cache (plugin_utils/data.py): what its key covers, publication safe against an identical
-preparation running at the same moment, and its bounds.
+"""The prepared-data cache (plugin_utils/data/keys.py, prepared_cache.py): what its key covers, publication safe
+against an identical preparation running at the same moment, and its bounds.
 
 Real preparations of the real tiny model's tokenizer; entries that only take room are plain folders.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from plugin_utils import data, params
+from plugin_utils import params
+from plugin_utils.data import keys, prepared_cache
 from plugin_utils.errors import InvalidConfig
 from tests.conftest import ROOT, SAMPLE, TEMPLATE, prepare_data
 
@@ -39,8 +40,8 @@ def _unbounded_and_released(monkeypatch):
 
 def release() -> None:
     """What the end of a run does: the folders its preparations held are no longer in use."""
-    while data._held:
-        os.close(data._held.pop())
+    while prepared_cache._held:
+        os.close(prepared_cache._held.pop())
 
 
 def make_params(model: str, dataset: str = str(SAMPLE), **overrides) -> dict:
@@ -52,7 +53,7 @@ def make_params(model: str, dataset: str = str(SAMPLE), **overrides) -> dict:
 
 
 def root() -> Path:
-    return Path(data.cache_root())
+    return Path(prepared_cache.cache_root())
 
 
 def entries() -> set[str]:
@@ -73,7 +74,7 @@ def old_entry(name: str, age_s: float, size: int = KIB) -> Path:
 
 def hold(folder: Path) -> int:
     """A shared lock on the folder, as a run reading it holds."""
-    fd = os.open(folder / data.IN_USE, os.O_RDWR | os.O_CREAT)
+    fd = os.open(folder / prepared_cache.IN_USE, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
 
@@ -95,10 +96,11 @@ def tokenizer_copy(model: str, folder: Path) -> Path:
 def test_every_parameter_the_data_code_reads_is_in_the_key():
     # model_name and dataset_name enter the key by content (the tokenizer's files, the rows' bytes).
     read = set()
-    for source in data.SHAPING_SOURCES:
+    code = Path(keys.__file__).parent
+    for source in [*code.glob("*.py"), code.parent / "chat.py", code.parent / "templates.py"]:
         read |= set(re.findall(r"\bp(?:\[|\.get\()\s*\"(\w+)\"", source.read_text()))
     assert read, "the data code reads its parameters as p[...]"
-    assert read - {"model_name", "dataset_name"} <= set(data.SHAPING_PARAMETERS)
+    assert read - {"model_name", "dataset_name"} <= set(keys.SHAPING_PARAMETERS)
 
 
 def test_changing_any_data_shaping_parameter_changes_the_key(tiny_model):
@@ -110,11 +112,11 @@ def test_changing_any_data_shaping_parameter_changes_the_key(tiny_model):
         return f"{value}x"
 
     p = make_params(tiny_model)
-    key = data._fingerprint(p, tiny_model, str(SAMPLE))
-    assert data._fingerprint(dict(p), tiny_model, str(SAMPLE)) == key
-    for name in data.SHAPING_PARAMETERS:
-        assert data._fingerprint({**p, name: changed(p[name])}, tiny_model, str(SAMPLE)) != key, name
-    assert data.cache_key(key, True) != data.cache_key(key, False), "the loss mode is in the folder's key"
+    key = keys.fingerprint(p, tiny_model, str(SAMPLE))
+    assert keys.fingerprint(dict(p), tiny_model, str(SAMPLE)) == key
+    for name in keys.SHAPING_PARAMETERS:
+        assert keys.fingerprint({**p, name: changed(p[name])}, tiny_model, str(SAMPLE)) != key, name
+    assert keys.cache_key(key, True) != keys.cache_key(key, False), "the loss mode is in the folder's key"
 
 
 @pytest.mark.parametrize(
@@ -131,14 +133,14 @@ def test_changing_any_data_shaping_parameter_changes_the_key(tiny_model):
 )
 def test_every_file_a_tokenizer_may_read_is_in_the_key(tiny_model, tmp_path, name, content):
     model = tokenizer_copy(tiny_model, tmp_path / "model")
-    key = data._fingerprint(make_params(str(model)), str(model), str(SAMPLE))
+    key = keys.fingerprint(make_params(str(model)), str(model), str(SAMPLE))
     path = model / name
     path.parent.mkdir(exist_ok=True)
     path.write_text(content if content is not None else path.read_text() + "\n")
-    changed = data._fingerprint(make_params(str(model)), str(model), str(SAMPLE))
+    changed = keys.fingerprint(make_params(str(model)), str(model), str(SAMPLE))
     assert changed != key
     (model / "model.safetensors").write_bytes(b"other weights")
-    assert data._fingerprint(make_params(str(model)), str(model), str(SAMPLE)) == changed, "weights are not read"
+    assert keys.fingerprint(make_params(str(model)), str(model), str(SAMPLE)) == changed, "weights are not read"
 
 
 def test_the_hub_revision_of_a_hub_model_is_in_the_key(tiny_model, tmp_path, monkeypatch):
@@ -154,10 +156,10 @@ def test_the_hub_revision_of_a_hub_model_is_in_the_key(tiny_model, tmp_path, mon
 
     def key_at(commit: str) -> str:
         (repo / "refs" / "main").write_text(commit)
-        return data._fingerprint(make_params("org/tiny"), "org/tiny", str(SAMPLE))
+        return keys.fingerprint(make_params("org/tiny"), "org/tiny", str(SAMPLE))
 
     assert key_at(first) != key_at(second), "the same files at another commit are another tokenizer"
-    assert data.tokenizer_folder("org/tiny") == (repo / "snapshots" / second, second)
+    assert keys.tokenizer_folder("org/tiny") == (repo / "snapshots" / second, second)
     assert key_at(first) == key_at(first)
     before = key_at(first)
     (repo / "snapshots" / first / "special_tokens_map.json").write_text("{}")
@@ -181,12 +183,28 @@ def test_a_new_library_or_data_code_version_prepares_again_and_a_checkpoint_stay
 
     sources = tmp_path / "code"
     sources.mkdir()
-    for path in data.SHAPING_SOURCES:
+    for path in keys.SHAPING_SOURCES:
         shutil.copy(path, sources / path.name)
     (sources / "chat.py").write_text((sources / "chat.py").read_text() + "\n# changed\n")
-    monkeypatch.setattr(data, "SHAPING_SOURCES", tuple(sources / path.name for path in data.SHAPING_SOURCES))
+    monkeypatch.setattr(keys, "SHAPING_SOURCES", tuple(sources / path.name for path in keys.SHAPING_SOURCES))
     edited = prepare_data(p)
     assert not edited.cached and edited.path not in (first.path, upgraded.path)
+
+
+def test_only_the_code_that_shapes_the_rows_is_in_the_folders_key():
+    """An edit to the cache itself, the orchestration, the keys or the workspace lookup keeps every user's
+    prepared data: those modules are not hashed. The modules that decide the rows' bytes are."""
+    hashed = {path.relative_to(Path(keys.__file__).parent.parent).as_posix() for path in keys.SHAPING_SOURCES}
+    assert hashed == {
+        "data/loading.py",
+        "data/formats.py",
+        "data/encoding.py",
+        "rowformats.py",
+        "chat.py",
+        "templates.py",
+    }
+    assert all(path.is_file() for path in keys.SHAPING_SOURCES)
+    assert set(keys.toolchain()) >= {"encoding.py", "chat.py", "transformers", "tokenizers"}
 
 
 # --- publication -----------------------------------------------------------------------------------
@@ -199,8 +217,11 @@ from pathlib import Path
 
 sys.path.insert(0, sys.argv[1])
 import datasets
-from plugin_utils import data
+import importlib
 from tests.conftest import prepare_data
+
+# The module (plugin_utils.data.prepare is also the name of its function, which the package exports).
+preparation = importlib.import_module("plugin_utils.data.prepare")
 
 gate, me, p = Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 
@@ -210,14 +231,14 @@ def all_at(step):
     while len(list(gate.glob(f"{step}-*"))) < 2 and time.time() < deadline:
         time.sleep(0.005)
 
-build = data._build
+build = preparation.build
 
 def build_then_wait(*args, **kwargs):
     stats = build(*args, **kwargs)
     all_at("built")
     return stats
 
-data._build = build_then_wait
+preparation.build = build_then_wait
 prepared = prepare_data(p)
 inode = os.stat(prepared.path).st_ino
 all_at("prepared")
@@ -270,7 +291,7 @@ def test_entries_beyond_the_size_bound_are_removed_oldest_first(tiny_model, monk
     for age in (300, 200, 100):
         old_entry(f"old-{age}", age, size=900 * KIB)
     prepared = prepare_data(make_params(tiny_model))
-    assert data._size(Path(prepared.path)) < 200 * KIB
+    assert prepared_cache._size(Path(prepared.path)) < 200 * KIB
     assert entries() == {Path(prepared.path).name, "old-100", "old-200"}
 
 
@@ -303,9 +324,9 @@ def test_entries_in_use_and_the_one_just_prepared_are_never_removed(tiny_model, 
 
 
 def test_staging_folders_of_preparations_that_died_are_removed(tiny_model):
-    dead = old_entry(f"a{data.STAGING}1-x", data.STALE_STAGING_S + 60)
-    running = old_entry(f"b{data.STAGING}2-y", data.STALE_STAGING_S + 60)
-    starting = old_entry(f"c{data.STAGING}3-z", 1)
+    dead = old_entry(f"a{prepared_cache.STAGING}1-x", prepared_cache.STALE_STAGING_S + 60)
+    running = old_entry(f"b{prepared_cache.STAGING}2-y", prepared_cache.STALE_STAGING_S + 60)
+    starting = old_entry(f"c{prepared_cache.STAGING}3-z", 1)
     fd = hold(running)
     try:
         prepared = prepare_data(make_params(tiny_model))
@@ -319,13 +340,13 @@ def test_two_evictors_at_once_both_finish_and_keep_the_bound():
     using = old_entry("using", 0)
     for age in range(1, 31):
         old_entry(f"old-{age:02d}", age)
-    bounds = data.CacheBounds(entries=5, bytes=GIB)
+    bounds = prepared_cache.CacheBounds(entries=5, bytes=GIB)
     start, failures = threading.Barrier(2), []
 
     def evict():
         start.wait()
         try:
-            data.evict(root(), bounds, using)
+            prepared_cache.PreparedCache(root(), bounds).evict(using.name)
         except Exception as exc:
             failures.append(exc)
 

@@ -22,6 +22,7 @@ import datasets  # noqa: E402
 
 from demo import tiny_model  # noqa: E402
 from plugin_utils import data, params, validation  # noqa: E402
+from plugin_utils.data import encoding  # noqa: E402
 from plugin_utils.errors import InvalidConfig  # noqa: E402
 from tests.conftest import prepare_data  # noqa: E402
 
@@ -562,7 +563,7 @@ def test_parallel_preparation_gives_the_same_rows_as_one_process(tmp_path, model
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
     p = make_params(model_dir, dataset, **extra)
     single = saved(prepare_data(p))["train"]
-    monkeypatch.setattr(data, "PARALLEL_ROWS", 10)
+    monkeypatch.setattr(encoding, "PARALLEL_ROWS", 10)
     monkeypatch.setenv("SFT_PREPARED_CACHE", str(tmp_path / "parallel-cache"))
     parallel = saved(prepare_data(p))["train"]
     assert parallel["input_ids"] == single["input_ids"]

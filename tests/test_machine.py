@@ -304,7 +304,7 @@ def test_the_ranks_see_the_planned_gpus_by_the_names_this_process_was_given(
     plan = planning.build(run_params(gpu_ids=gpu_ids), detected(monkeypatch, visible))
     assert plan.device == "cuda"
     assert plan.cuda_visible_devices == ranks_see
-    assert launch.rank_environment(plan)["CUDA_VISIBLE_DEVICES"] == ranks_see
+    assert launch.rank_env(plan)["CUDA_VISIBLE_DEVICES"] == ranks_see
 
 
 def test_a_mig_device_is_planned_with_its_own_memory(nvml, monkeypatch):

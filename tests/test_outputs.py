@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from plugin_utils import outputs
+from plugin_utils import checkpoints, outputs
 from plugin_utils.launch import RunResult
+from plugin_utils.runfolder import IDENTITY_FILE
 
 from .conftest import ROOT, plan_of
 
@@ -47,7 +48,7 @@ def resume_point(adapter: str, checkpoints: str, identity: dict, *, overwrite: b
 
 def record(checkpoint: str, identity: dict) -> None:
     """The identity the first rank writes into each checkpoint it saves."""
-    Path(checkpoint, outputs.RUN_PARAMS_FILE).write_text(json.dumps(identity))
+    Path(checkpoint, IDENTITY_FILE).write_text(json.dumps(identity))
 
 
 def make_checkpoint(folder, step: int, complete: bool = True) -> str:
@@ -132,14 +133,14 @@ def test_an_adapter_without_a_summary_is_not_complete(tmp_path):
 
 
 def test_latest_checkpoint_of_a_missing_folder_is_none(tmp_path):
-    assert outputs.latest_checkpoint(str(tmp_path / "nothing")) is None
+    assert checkpoints.latest(str(tmp_path / "nothing")) is None
 
 
 def test_latest_checkpoint_picks_the_highest_complete_step(tmp_path):
     make_checkpoint(tmp_path, 2)
     best = make_checkpoint(tmp_path, 10)  # sorts before checkpoint-2 as text
     make_checkpoint(tmp_path, 9)
-    assert outputs.latest_checkpoint(str(tmp_path)) == best
+    assert checkpoints.latest(str(tmp_path)) == best
 
 
 def test_latest_checkpoint_ignores_checkpoints_without_trainer_state(tmp_path):
@@ -149,12 +150,12 @@ def test_latest_checkpoint_ignores_checkpoints_without_trainer_state(tmp_path):
     (tmp_path / "checkpoint-final" / "trainer_state.json").write_text("{}")
     (tmp_path / "runs").mkdir()
     (tmp_path / "loss_plot.json").write_text("{}")
-    assert outputs.latest_checkpoint(str(tmp_path)) == done
+    assert checkpoints.latest(str(tmp_path)) == done
 
 
 def test_latest_checkpoint_with_only_incomplete_checkpoints_is_none(tmp_path):
     make_checkpoint(tmp_path, 4, complete=False)
-    assert outputs.latest_checkpoint(str(tmp_path)) is None
+    assert checkpoints.latest(str(tmp_path)) is None
 
 
 def test_resume_point_clears_checkpoints_when_overwriting_a_complete_adapter(tmp_path):
@@ -255,7 +256,7 @@ def test_a_checkpoint_missing_a_ranks_rng_state_is_incomplete(tmp_path):
         open(os.path.join(older, f"rng_state_{rank}.pth"), "w").close()
     newer = make_checkpoint(tmp_path, 4)
     open(os.path.join(newer, "rng_state_0.pth"), "w").close()  # rank 1 never finished saving
-    assert outputs.latest_checkpoint(str(tmp_path), world_size=2) == older
+    assert checkpoints.latest(str(tmp_path), world_size=2) == older
     identity = {**IDENTITY, "world_size": 2}
     record(older, identity)
     assert resume_point(str(tmp_path / "a"), str(tmp_path), identity, overwrite=False) == older

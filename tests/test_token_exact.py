@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import real_tokenizers as rt  # noqa: E402
 
-from plugin_utils import chat, data, params, planning  # noqa: E402
+from plugin_utils import chat, params, planning  # noqa: E402
 from plugin_utils.chat import RowProblem  # noqa: E402
+from plugin_utils.data import encoding  # noqa: E402
 from tests.conftest import prepare_data  # noqa: E402
 
 # One worker runs this file: its tokenizers are built once per worker, so spreading it would build them twice.
@@ -139,7 +140,7 @@ def _encoder(tok, columns=("messages",)):
     key = (id(tok), columns)
     if key not in _ENCODERS:
         fmt = "chat_prompt_completion" if "prompt" in columns else "chat"
-        _ENCODERS[key] = (tok, data.Encoder(params.defaults(), fmt, tok, list(columns), train_part_only=True))
+        _ENCODERS[key] = (tok, encoding.Encoder(params.defaults(), fmt, tok, list(columns), train_part_only=True))
     return _ENCODERS[key][1]
 
 
@@ -271,7 +272,7 @@ def spm_appending_eos(tmp_path_factory) -> Path:
 def _text_encoder(tok, fmt: str, columns: list[str], **overrides):
     p = {**params.defaults(), **overrides}
     train_part_only, _ = planning.loss_mode(p, fmt)
-    return data.Encoder(p, fmt, tok, columns, train_part_only)
+    return encoding.Encoder(p, fmt, tok, columns, train_part_only)
 
 
 def test_a_completion_is_tokenized_with_its_prompt_not_on_its_own(bases):

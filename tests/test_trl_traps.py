@@ -113,7 +113,7 @@ def test_one_process_sees_one_gpu_so_trl_never_meets_data_parallel():
     p.update(num_processes="1")
     two = Machine(gpus=[Gpu(0, "fake", 1, 8.0), Gpu(1, "fake", 1, 8.0)])  # a fake: no GPU exists here
     plan = planning.build(p, two)
-    assert launch.rank_environment(plan)["CUDA_VISIBLE_DEVICES"] == "0"
+    assert launch.rank_env(plan)["CUDA_VISIBLE_DEVICES"] == "0"
 
 
 def tokenizer_without(tiny_model: str, folder, token: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin_utils import launch, outputs, params, planning, sources, speed, validation
+from plugin_utils import launch, outputs, params, planning, rowformats, sources, speed, validation
 from plugin_utils.errors import InvalidConfig
 from plugin_utils.machine import Gpu, Machine
 
@@ -708,9 +708,9 @@ def test_resuming_on_other_data_is_a_data_error(tmp_path):
     saved_checkpoint(ckpt, config(), data_key="data-1")
     p = config()
     out = out_facts(p, str(tmp_path / "a"), str(ckpt))
-    facts = sources.DataFacts(format="prompt_completion", columns=("prompt", "completion"), key="data-1")
+    facts = rowformats.DataFacts(format="prompt_completion", columns=("prompt", "completion"), key="data-1")
     assert not findings(validation.resume_on_the_same_data, p, out=out, data=facts)
-    facts = sources.DataFacts(format="prompt_completion", columns=("prompt", "completion"), key="data-2")
+    facts = rowformats.DataFacts(format="prompt_completion", columns=("prompt", "completion"), key="data-2")
     assert findings(validation.resume_on_the_same_data, p, out=out, data=facts) == {("error", "dataset_name")}
 
 
@@ -742,7 +742,7 @@ def test_a_recorded_identity_of_the_first_version_is_still_understood(tmp_path):
     ],
 )
 def test_loss_modes_need_data_that_can_be_split(overrides, fmt, expected):
-    facts = sources.DataFacts(format=fmt, columns=(), key="k")
+    facts = rowformats.DataFacts(format=fmt, columns=(), key="k")
     p = config(**overrides)
     found = findings(validation.assistant_only_needs_chat, p, data=facts)
     found |= findings(validation.completion_only_needs_a_split, p, data=facts)
@@ -857,7 +857,7 @@ def test_every_rule_has_table_cases():
 def test_info_md_rules_table_is_the_rule_list():
     info = (Path(__file__).resolve().parent.parent / "info.md").read_text()
     assert validation.table() in info, (
-        "info.md's rules table differs from the rule list: paste `python -m plugin_utils.validation` into it"
+        "info.md's rules table differs from the rule list: run `.venv/bin/python tools/rules_table.py`"
     )
 
 
@@ -968,17 +968,17 @@ def test_hidden_gpus_mean_the_cpu():
     assert [w.parameter for w in found.warnings] == ["train_device"]
 
 
-def test_rank_environment_selects_the_plan_gpus():
+def test_rank_env_selects_the_plan_gpus():
     plan = planning.build(config(), FOUR_AMPERE_TWO_VISIBLE)
-    assert launch.rank_environment(plan)["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert launch.rank_env(plan)["CUDA_VISIBLE_DEVICES"] == "2,3"
     plan = planning.build(config(gpu_ids="1"), TWO_AMPERE)
-    assert launch.rank_environment(plan)["CUDA_VISIBLE_DEVICES"] == "1"
-    assert launch.rank_environment(plan)["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert launch.rank_env(plan)["CUDA_VISIBLE_DEVICES"] == "1"
+    assert launch.rank_env(plan)["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
 
 
-def test_rank_environment_hides_every_gpu_on_cpu():
+def test_rank_env_hides_every_gpu_on_cpu():
     plan = planning.build(config(train_device="cpu"), TWO_AMPERE)
-    assert launch.rank_environment(plan)["CUDA_VISIBLE_DEVICES"] == ""
+    assert launch.rank_env(plan)["CUDA_VISIBLE_DEVICES"] == ""
 
 
 # --- check() ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from plugin_utils import data, params, sources
+from plugin_utils import params, sources
+from plugin_utils.data import loading
 from plugin_utils.errors import InvalidConfig
 
 from .conftest import ROOT, SAMPLE, base_config, last_json, run_main, write_config
@@ -253,7 +254,7 @@ def test_a_dataset_id_is_its_secure_filename_folder(workspace):
     shutil.copy2(SAMPLE, folder / "sample_train.jsonl")
     found = sources.workspace_dataset("tfl/Sample Data")
     assert (found.folder, found.location) == (str(folder), "local")
-    located = data.resolve_source("tfl/Sample Data")
+    located = loading.resolve_source("tfl/Sample Data")
     assert (located.kind, located.paths, located.workspace) == ("files", [folder / "sample_train.jsonl"], True)
 
 
@@ -284,7 +285,7 @@ def test_a_hub_dataset_of_the_workspace_loads_the_hub_id_with_its_config(workspa
         return datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "hello"}])})
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    splits = data.load_splits("acme/chat-data")
+    splits = loading.load_splits("acme/chat-data")
     assert calls == [("acme/chat-data", "v2")] and len(splits["train"]) == 1
 
 
@@ -312,7 +313,7 @@ def test_a_hub_dataset_that_cannot_load_is_an_invalid_config(workspace, monkeypa
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(InvalidConfig) as caught:
-        data.load_splits("acme/gone")
+        loading.load_splits("acme/gone")
     [error] = caught.value.errors
     assert error.line() == (
         "dataset_name: 'acme/gone' of this workspace is the Hub dataset acme/gone, which could not be loaded "

@@ -1,0 +1,111 @@
+"""Preparation: load the dataset and find its format (`load`), then tokenize and save its rows into the prepared
+cache, or reuse an identical earlier preparation (`prepare`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import StopRequested
+from ..rowformats import DataFacts
+from ..sources import load_tokenizer
+from .encoding import Encoder, build, encode_checked, marked
+from .formats import detect_format
+from .keys import cache_key, fingerprint
+from .loading import choose_eval, eval_text, load_splits
+from .prepared_cache import PreparedCache
+
+log = logging.getLogger("sft")
+
+
+@dataclass
+class LoadedDataset:
+    """The dataset loaded and its format found, before any row is tokenized."""
+
+    splits: dict[str, Any]
+    eval_info: dict[str, Any]
+    format: str
+    why: str
+    columns: list[str]
+    head: list[dict[str, Any]]  # the first rows: the format is found from them, the preview shows them
+    key: str  # the data key: the rows, tokenizer, template and data settings (keys.fingerprint)
+
+    def facts(self) -> DataFacts:
+        return DataFacts(format=self.format, columns=tuple(self.columns), key=self.key)
+
+
+@dataclass
+class Prepared:
+    path: str  # the cache folder, named by keys.cache_key
+    key: str  # the data key (LoadedDataset.key): what a resumed run must share
+    stats: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    cached: bool = False
+    # The same rows for people: the training text with the trained parts between ⟦ and ⟧.
+    marked: list[str] = field(default_factory=list)
+
+
+def load(p: Mapping[str, Any]) -> LoadedDataset:
+    """Load the dataset and find its format; rows that cannot be read are errors naming the file and line."""
+    splits, eval_info = choose_eval(load_splits(p["dataset_name"]), p["eval_split"])
+    train = splits["train"]
+    columns = list(train.column_names)
+    head = [train[i] for i in range(min(len(train), 64))]
+    fmt, why = detect_format(p, columns, head)
+    log.info("data: %s rows, format %s (%s)", len(train), fmt, why)
+    log.info("data: evaluation: %s", eval_text(eval_info))
+    key = fingerprint(p, p["model_name"], p["dataset_name"])
+    return LoadedDataset(splits, eval_info, fmt, why, columns, head, key)
+
+
+def prepare(
+    p: Mapping[str, Any], dataset: LoadedDataset, completion_only: bool, *, preview: int = 3, stopping=lambda: False
+) -> Prepared:
+    """Format, tokenize and save the rows; reuse the cache when nothing changed. `completion_only` is the
+    plan's loss mode: whether only completions (assistant turns) are trained. `stopping()` is asked once more
+    before the result is published: a stop that a worker pool swallowed still leaves nothing behind."""
+    cache = PreparedCache.from_env()  # a bad bound is an error before any work
+    tokenizer = load_tokenizer(p["model_name"])
+    encoder = Encoder(p, dataset.format, tokenizer, dataset.columns, completion_only)
+    samples, shown = _preview(encoder, tokenizer, dataset.head[:preview], p["maximum_sequence_length"])
+
+    key = cache_key(dataset.key, completion_only)
+    stats = cache.use(key)
+    if stats is not None:
+        log.info(
+            "data: reusing the prepared dataset at %s (same data, template, tokenizer and settings)", cache.path(key)
+        )
+        cache.evict(key)
+        return Prepared(str(cache.path(key)), dataset.key, stats, samples, cached=True, marked=shown)
+
+    with cache.building(key) as staging:
+        stats = {**build(dataset.splits, encoder, p, str(staging)), **dataset.eval_info}
+        (staging / "stats.json").write_text(json.dumps(stats, indent=2))
+        if stopping():
+            raise StopRequested(0)
+        stats = cache.publish(staging, key)
+    cache.evict(key)
+    return Prepared(str(cache.path(key)), dataset.key, stats, samples, marked=shown)
+
+
+def _preview(encoder: Encoder, tokenizer, rows: list[dict[str, Any]], max_len: int) -> tuple[list, list]:
+    """The first rows as the dry run shows them: what is trained, as text and as the tokenizer's pieces, and the
+    whole text with the trained parts marked."""
+    samples, shown = [], []
+    for encoded in encode_checked(encoder, rows, 0, "train"):
+        ids, labels = encoded["input_ids"][:max_len], encoded["labels"][:max_len]
+        trained = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
+        shown.append(marked(tokenizer, ids, labels))
+        samples.append(
+            {
+                "prompt": encoded["prompt"],
+                "completion": encoded["completion"],
+                "text": encoded["text"],
+                "trained_text": tokenizer.decode(trained, skip_special_tokens=False),
+                "trained_tokens": tokenizer.convert_ids_to_tokens(trained),
+            }
+        )
+    return samples, shown
