@@ -523,8 +523,15 @@ def test_model_folder_that_does_not_exist_is_an_error(tmp_path):
     assert findings(validation.model_is_reachable, p) == {("error", "model_name")}
 
 
-def test_hub_model_missing_from_the_cache_is_an_error_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("HF_HUB_OFFLINE", "1"), ("HF_HUB_OFFLINE", "true"), ("HF_HUB_OFFLINE", "ON"), ("TRANSFORMERS_OFFLINE", "yes")],
+)
+def test_hub_model_missing_from_the_cache_is_an_error_offline(monkeypatch, tmp_path, variable, value):
+    """Offline as huggingface_hub reads it: HF_HUB_OFFLINE=true (or TRANSFORMERS_OFFLINE) used to count as online
+    here, and this error went unsaid."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv(variable, value)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     sources.model_config.cache_clear()
     assert findings(validation.model_is_reachable, config(model_name="someone/not-cached-model")) == {
