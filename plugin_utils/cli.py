@@ -171,7 +171,7 @@ def conclude(sink, json_on: bool, finished: Finished | None, error: BaseExceptio
         return EXIT_OK
     if stop is not None and stop.requested and stop.interrupting:
         # A stop before the ranks started interrupts whatever ran (a worker pool may break first).
-        error = StopRequested(0)
+        error = StopRequested()
     job_id = sink.job_id or None
     if isinstance(error, InvalidConfig):
         lines = [p.line() for p in error.errors]
@@ -183,8 +183,8 @@ def conclude(sink, json_on: bool, finished: Finished | None, error: BaseExceptio
         emit_json(json_on, {"ok": False, "errors": errors, "warnings": [p.as_dict() for p in error.warnings]})
         return EXIT_INVALID
     if isinstance(error, StopRequested | KeyboardInterrupt):
-        step, checkpoint = [*error.args, 0, None][:2] if isinstance(error, StopRequested) else (0, None)
-        message = stop_message(step or 0, checkpoint)
+        step, checkpoint = (error.step, error.checkpoint) if isinstance(error, StopRequested) else (0, None)
+        message = stop_message(step, checkpoint)
         log.warning("%s", message)
         _safely(lambda: sink.stopped(message))
         emit_json(

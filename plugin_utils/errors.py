@@ -44,7 +44,13 @@ class InvalidConfig(Exception):
 
 
 class StopRequested(Exception):
-    """The user asked the run to stop (signal or the host's stop flag)."""
+    """The user asked the run to stop (signal or the host's stop flag): at `step` (0: before the first), with
+    `checkpoint` the newest complete one (None: none was saved)."""
+
+    def __init__(self, step: int = 0, checkpoint: str | None = None):
+        self.step = step
+        self.checkpoint = checkpoint
+        super().__init__(step, checkpoint)
 
 
 class RunFailed(Exception):

@@ -25,7 +25,18 @@ from . import checkpoints
 from .errors import RunFailed, StopRequested
 from .machine import NODE_LEVEL_VARIABLES
 from .planning import Plan
-from .runfolder import RunFolder, RunSpec, process_start
+from .runfolder import (
+    CheckpointSaved,
+    Done,
+    Event,
+    Logged,
+    Progress,
+    RunFolder,
+    RunSpec,
+    Started,
+    Stopped,
+    process_start,
+)
 from .strategies import launched_by_accelerate, write_configs
 
 log = logging.getLogger("sft")
@@ -38,7 +49,8 @@ STOP_GRACE_SECONDS = 300
 
 @dataclass
 class RunResult:
-    status: str
+    """A run whose ranks finished: what they trained and how long it took."""
+
     steps: int = 0
     max_steps: int = 0
     world_size: int = 0
@@ -91,7 +103,7 @@ class StopFlag:
             self.signalled_at = time.time()
         self.request()
         if self.interrupting:
-            raise StopRequested(0)
+            raise StopRequested()
 
     _forking = False
 
@@ -319,8 +331,8 @@ class Watcher:
         self.step = 0  # the last step a rank reported
         self.percent = 0
         self.last_relay = 0.0
-        self.start: dict[str, Any] = {}
-        self.end: dict[str, Any] | None = None
+        self.start: Started | None = None
+        self.end: Done | Stopped | None = None
         self.first_step_at: float | None = None
 
     def _percent(self, step: int, max_steps: int) -> int:
@@ -330,54 +342,48 @@ class Watcher:
         return self.percent
 
     def _eta(self, step: int, max_steps: int) -> float | None:
-        begun, first = self.start.get("time"), self.start.get("global_step", 0)
-        if begun is None or step <= first or max_steps <= step:
+        if self.start is None or step <= self.start.global_step or max_steps <= step:
             return None
-        return (time.time() - begun) / (step - first) * (max_steps - step)
+        return (time.time() - self.start.at) / (step - self.start.global_step) * (max_steps - step)
 
-    def handle(self, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        step = event.get("step", 0)
-        self.step = max(self.step, step or 0)
-        if kind in ("log", "progress") and self.first_step_at is None and step > 0:
-            self.first_step_at = event["time"]
-        if kind == "start":
-            self.start = event
-            resumed = f", resuming at step {event['global_step']}" if event.get("global_step") else ""
-            model = event.get("model") or {}
-            trained = (
-                f"; {model['trainable_parameters']:,} trainable parameters ({', '.join(model['trainable_dtypes'])}), "
-                f"activation checkpointing {'on' if model['checkpointing'] else 'off'}"
-                if model
-                else ""
-            )
-            self.host.log(
-                f"training started: {event['world_size']} process(es), {event['max_steps']} steps{resumed}{trained}"
-            )
-        elif kind == "log":
-            metrics = event.get("metrics", {})
-            if "loss" not in metrics and "eval_loss" not in metrics:
-                return  # the closing summary row; the final loss comes with the done event
-            row = {k: metrics[k] for k in METRIC_KEYS if k in metrics}
-            eta = self._eta(step, event["max_steps"])
-            if eta is not None:
-                row["eta_seconds"] = round(eta, 1)
-            self.host.progress(self._percent(step, event["max_steps"]), row, step)
-            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-            self.host.log(f"step {step}/{event['max_steps']}: {shown}")
-            self.last_relay = time.time()
-        elif kind == "progress":
-            percent = self._percent(step, event["max_steps"])
-            if time.time() - self.last_relay >= RELAY_INTERVAL:
-                eta = self._eta(step, event["max_steps"])
-                self.host.progress(percent, {"eta_seconds": round(eta, 1)} if eta is not None else None, step)
+    def handle(self, event: Event) -> None:
+        step = getattr(event, "step", 0)
+        self.step = max(self.step, step)
+        if isinstance(event, Logged | Progress) and self.first_step_at is None and step > 0:
+            self.first_step_at = event.at
+        match event:
+            case Started():
+                self.start = event
+                resumed = f", resuming at step {event.global_step}" if event.global_step else ""
+                self.host.log(
+                    f"training started: {event.world_size} process(es), {event.max_steps} steps{resumed}; "
+                    f"{event.trainable_parameters:,} trainable parameters ({', '.join(event.trainable_dtypes)}), "
+                    f"activation checkpointing {'on' if event.checkpointing else 'off'}"
+                )
+            case Logged(metrics=metrics, max_steps=max_steps):
+                if "loss" not in metrics and "eval_loss" not in metrics:
+                    return  # the closing summary row; the final loss comes with the done event
+                row = {k: metrics[k] for k in METRIC_KEYS if k in metrics}
+                eta = self._eta(step, max_steps)
+                if eta is not None:
+                    row["eta_seconds"] = round(eta, 1)
+                self.host.progress(self._percent(step, max_steps), row, step)
+                shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                self.host.log(f"step {step}/{max_steps}: {shown}")
                 self.last_relay = time.time()
-        elif kind == "checkpoint":
-            self.host.log(f"checkpoint saved: step {step} ({event['path']})")
-            if self.spec is not None:
-                self.host.checkpoints(checkpoints.complete(self.spec.checkpoint_dir, self.start.get("world_size", 1)))
-        elif kind in ("done", "stopped"):
-            self.end = event
+            case Progress(max_steps=max_steps):
+                percent = self._percent(step, max_steps)
+                if time.time() - self.last_relay >= RELAY_INTERVAL:
+                    eta = self._eta(step, max_steps)
+                    self.host.progress(percent, {"eta_seconds": round(eta, 1)} if eta is not None else None, step)
+                    self.last_relay = time.time()
+            case CheckpointSaved(path=path):
+                self.host.log(f"checkpoint saved: step {step} ({path})")
+                if self.spec is not None:
+                    world = self.start.world_size if self.start else 1
+                    self.host.checkpoints(checkpoints.complete(self.spec.checkpoint_dir, world))
+            case Done() | Stopped():
+                self.end = event
 
     def pump(self) -> None:
         for event in self.reader.read():
@@ -449,27 +455,26 @@ def run(
     if abandoned:
         raise StopRequested(watcher.step, checkpoints.latest(spec.checkpoint_dir, plan.world_size))
     code = proc.returncode
-    if stop.requested and (code != 0 or watcher.end is None or watcher.end.get("type") == "stopped"):
-        end = watcher.end or {}
-        raise StopRequested(end.get("step", watcher.step), checkpoints.latest(spec.checkpoint_dir, plan.world_size))
-    if code != 0 or watcher.end is None:
+    if stop.requested and (code != 0 or not isinstance(watcher.end, Done)):
+        step = watcher.end.step if watcher.end is not None else watcher.step
+        raise StopRequested(step, checkpoints.latest(spec.checkpoint_dir, plan.world_size))
+    if code != 0 or not isinstance(watcher.end, Done):
         raise RunFailed(_rank_failure(folder, tail.lines, code))
-    end = watcher.end
+    end, start = watcher.end, watcher.start
     began = process_start()
     return RunResult(
-        status="COMPLETE",
-        steps=end["step"],
-        max_steps=end["max_steps"],
-        world_size=end["world_size"],
-        final_loss=end.get("final_loss"),
-        eval_loss=end.get("eval_loss"),
-        runtime=end.get("runtime", 0.0),
-        loss_history=end.get("loss_history", []),
+        steps=end.step,
+        max_steps=end.max_steps,
+        world_size=end.world_size,
+        final_loss=end.final_loss,
+        eval_loss=end.eval_loss,
+        runtime=end.runtime,
+        loss_history=list(end.loss_history),
         startup_seconds=round(watcher.first_step_at - began, 2) if watcher.first_step_at else None,
-        rank_startup={k: round(v - began, 2) for k, v in watcher.start.get("marks", {}).items()},
-        resumed_from_step=watcher.start.get("global_step", 0),
-        has_adapter=end.get("has_adapter", True),
-        peak_gpu_memory_mib=end.get("peak_gpu_memory_mib"),
+        rank_startup={k: round(v - began, 2) for k, v in start.marks.items()} if start else {},
+        resumed_from_step=start.global_step if start else 0,
+        has_adapter=end.has_adapter,
+        peak_gpu_memory_mib=end.peak_gpu_memory_mib,
     )
 
 

@@ -1,11 +1,12 @@
 """The run folder: the one place parent and ranks meet. This module alone knows its files:
 
 - `spec.json`: the typed, versioned run spec (`RunSpec`): everything a rank needs, written by the parent;
-- `events.jsonl`: progress events, appended by rank 0 and tailed by the parent (only the parent talks to the
-  host, so the host's job files, read-modify-write without a lock, have one writer);
+- `events.jsonl`: typed events (`Started`, `Progress`, `Logged`, `CheckpointSaved`, `Stopped`, `Done`), appended
+  by rank 0 and tailed by the parent (only the parent talks to the host, so the host's job files,
+  read-modify-write without a lock, have one writer);
 - `STOP`: the parent's stop request;
 - `error-rank<N>.txt`: a failing rank's exception, for the failure message;
-- `ranks.log`: the ranks' combined output;
+- `logs/`: the launcher's output and each rank's own (`rank-N.log`), which the parent tails;
 - `run_params.json`: the run's identity, which the first rank copies into every checkpoint it saves;
 - the strategy's generated accelerate / DeepSpeed configs.
 """
@@ -15,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 SPEC_VERSION = 2
 SPEC_FILE = "spec.json"
@@ -230,12 +231,109 @@ class RunFolder:
         return os.path.join(self.logs_dir, f"rank-{local_rank}.log")
 
 
+# --- events: what the ranks tell the parent ------------------------------------------------------------------
+
+EVENT_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """One line of events.jsonl, written by each node's first rank and read by the parent, with the same versioned
+    discipline as the spec: a line of another version or with unknown fields is refused."""
+
+    kind: ClassVar[str] = ""
+    at: float = field(default_factory=time.time)  # when the rank wrote it
+
+    def to_json(self) -> str:
+        return json.dumps({"type": self.kind, "version": EVENT_VERSION, **asdict(self)})
+
+    @staticmethod
+    def from_json(line: str) -> Event:
+        values = json.loads(line)
+        if values.pop("version", None) != EVENT_VERSION:
+            raise ValueError(f"event of another version than {EVENT_VERSION}: parent and ranks differ in version")
+        cls = EVENTS.get(values.pop("type", None))
+        if cls is None:
+            raise ValueError(f"unknown event {line[:80]!r}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ValueError(f"{cls.kind} event has unknown fields {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) and k in TUPLES else v for k, v in values.items()})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Started(Event):
+    """Training begins (after a resume: at `global_step`)."""
+
+    kind: ClassVar[str] = "started"
+    world_size: int
+    max_steps: int
+    global_step: int
+    marks: dict[str, float]  # when the rank started, imported its libraries, loaded the model, built the trainer
+    trainable_parameters: int
+    trainable_dtypes: tuple[str, ...]
+    checkpointing: bool  # whether activations are checkpointed, as the model was built
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress(Event):
+    kind: ClassVar[str] = "progress"
+    step: int
+    max_steps: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Logged(Event):
+    """A logged step's metrics (the trainer's log row, numbers only)."""
+
+    kind: ClassVar[str] = "logged"
+    step: int
+    max_steps: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSaved(Event):
+    kind: ClassVar[str] = "checkpoint_saved"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stopped(Event):
+    """Training stopped on request, after a checkpoint was saved (at step 0: before the first step, nothing)."""
+
+    kind: ClassVar[str] = "stopped"
+    step: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Done(Event):
+    """Training finished and the adapter (or model) was saved to its staging folder."""
+
+    kind: ClassVar[str] = "done"
+    step: int
+    max_steps: int
+    world_size: int
+    final_loss: float | None
+    eval_loss: float | None
+    runtime: float
+    has_adapter: bool  # False on the other nodes of a multi-node run: the main node writes it
+    peak_gpu_memory_mib: float | None
+    loss_history: tuple[dict[str, float], ...]
+
+
+EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (Started, Progress, Logged, CheckpointSaved, Stopped, Done)}
+TUPLES = {"trainable_dtypes", "loss_history"}
+
+
 class EventWriter:
     def __init__(self, path: str):
         self._handle = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the rank
 
-    def emit(self, kind: str, **values: Any) -> None:
-        self._handle.write(json.dumps({"type": kind, "time": time.time(), **values}) + "\n")
+    def emit(self, event: Event) -> None:
+        self._handle.write(event.to_json() + "\n")
         self._handle.flush()
 
     def close(self) -> None:
@@ -250,7 +348,7 @@ class EventReader:
         self._offset = 0
         self._pending = b""
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self) -> list[Event]:
         if not os.path.exists(self.path):
             return []
         with open(self.path, "rb") as handle:
@@ -260,11 +358,4 @@ class EventReader:
         data = self._pending + chunk
         lines = data.split(b"\n")
         self._pending = lines.pop()
-        events = []
-        for line in lines:
-            if line.strip():
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    continue
-        return events
+        return [Event.from_json(line.decode("utf-8")) for line in lines if line.strip()]

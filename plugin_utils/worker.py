@@ -18,7 +18,18 @@ from transformers import PrinterCallback, TrainerCallback
 
 from . import checkpoints
 from .layers import beside_language_model, beside_pattern
-from .runfolder import RunFolder, RunSpec, process_start
+from .runfolder import (
+    CheckpointSaved,
+    Done,
+    Event,
+    Logged,
+    Progress,
+    RunFolder,
+    RunSpec,
+    Started,
+    Stopped,
+    process_start,
+)
 from .sources import load_tokenizer
 from .speed import merge_precision
 
@@ -241,7 +252,7 @@ def _trained(model) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     return {
         "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
-        "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in trainable}),
+        "trainable_dtypes": tuple(sorted({str(p.dtype).removeprefix("torch.") for p in trainable})),
         "checkpointing": any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()),
     }
 
@@ -258,28 +269,28 @@ class Reporter(TrainerCallback):
         self.orphaned = False
         self.marks: dict[str, float] = {}
 
-    def emit(self, kind: str, **fields: Any) -> None:
+    def emit(self, event: Event) -> None:
         if self.events:
-            self.events.emit(kind, **fields)
+            self.events.emit(event)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if _agree(self.folder.stop_requested() or _signalled()):
             raise StoppedBeforeTraining()
         self.emit(
-            "start",
-            world_size=args.world_size,
-            max_steps=state.max_steps,
-            global_step=state.global_step,
-            num_train_epochs=args.num_train_epochs,
-            marks=self.marks,
-            model=_trained(kwargs["model"]) if kwargs.get("model") is not None else {},
+            Started(
+                world_size=args.world_size,
+                max_steps=state.max_steps,
+                global_step=state.global_step,
+                marks=self.marks,
+                **_trained(kwargs["model"]),
+            )
         )
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.time()
         if now - self.last_progress >= 1.0 or state.global_step >= state.max_steps:
             self.last_progress = now
-            self.emit("progress", step=state.global_step, max_steps=state.max_steps, epoch=state.epoch)
+            self.emit(Progress(step=state.global_step, max_steps=state.max_steps))
         # The parent passes a stop on as a file; a parent that vanished gets the same treatment.
         orphaned = _parent_gone()
         if orphaned and not self.orphaned:
@@ -306,7 +317,7 @@ class Reporter(TrainerCallback):
             if self.last_tokens and now > self.last_tokens[0]:
                 row["tokens_per_second"] = (tokens - self.last_tokens[1]) / (now - self.last_tokens[0])
             self.last_tokens = (now, tokens)
-        self.emit("log", step=state.global_step, max_steps=state.max_steps, metrics=row)
+        self.emit(Logged(step=state.global_step, max_steps=state.max_steps, metrics=row))
 
 
 class Publisher(TrainerCallback):
@@ -326,7 +337,7 @@ class Publisher(TrainerCallback):
             return
         final = checkpoints.publish(staged, self.spec.checkpoint_dir, self.folder.identity_file)
         checkpoints.rotate(self.spec.checkpoint_dir, self.spec.save_total_limit, args.world_size)
-        self.reporter.emit("checkpoint", step=state.global_step, path=final)
+        self.reporter.emit(CheckpointSaved(step=state.global_step, path=final))
 
     def on_save(self, args, state, control, **kwargs):
         _agree(False)  # a barrier: every rank has written its part of the save
@@ -398,14 +409,14 @@ def train(folder: RunFolder) -> int:
     reporter.marks = marks
     started = time.time()
     try:
-        result = trainer.train(resume_from_checkpoint=spec.resume_from)
+        trainer.train(resume_from_checkpoint=spec.resume_from)
     except StoppedBeforeTraining:
-        reporter.emit("stopped", step=0, max_steps=0)
+        reporter.emit(Stopped(step=0))
         return 0
     runtime = time.time() - started
     state = trainer.state
     if reporter.stopped:
-        reporter.emit("stopped", step=state.global_step, max_steps=state.max_steps)
+        reporter.emit(Stopped(step=state.global_step))
         return 0
     final_loss, eval_loss = _final_loss(state.log_history)
     staging = spec.adapter_staging
@@ -418,18 +429,19 @@ def train(folder: RunFolder) -> int:
     if spec.fuse_model and is_world_main:
         del trainer
         merge_adapter(spec, staging, tokenizer)
+    history = tuple({"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h and "step" in h)
     reporter.emit(
-        "done",
-        step=state.global_step,
-        max_steps=state.max_steps,
-        world_size=args.world_size,
-        final_loss=final_loss,
-        eval_loss=eval_loss,
-        train_loss=getattr(result, "training_loss", None),
-        runtime=runtime,
-        has_adapter=is_world_main,
-        peak_gpu_memory_mib=_peak_gpu_memory_mib(),
-        loss_history=[{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h and "step" in h],
+        Done(
+            step=state.global_step,
+            max_steps=state.max_steps,
+            world_size=args.world_size,
+            final_loss=final_loss,
+            eval_loss=eval_loss,
+            runtime=runtime,
+            has_adapter=is_world_main,
+            peak_gpu_memory_mib=_peak_gpu_memory_mib(),
+            loss_history=history,
+        )
     )
     return 0
 

@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 
 from plugin_utils import launch, params
-from plugin_utils.runfolder import EVENTS_FILE, EventReader, EventWriter, RunFolder
+from plugin_utils.runfolder import (
+    EVENTS_FILE,
+    Done,
+    Event,
+    EventReader,
+    EventWriter,
+    Logged,
+    Progress,
+    RunFolder,
+    Started,
+    Stopped,
+)
 
 from .conftest import ROOT, plan_of
 
@@ -234,34 +245,47 @@ def test_event_reader_before_the_file_exists_reads_nothing(tmp_path):
 def test_event_reader_returns_only_whole_lines(tmp_path):
     path = tmp_path / EVENTS_FILE
     reader = EventReader(str(path))
-    first = json.dumps({"type": "progress", "step": 1})
-    second = json.dumps({"type": "progress", "step": 2})
+    first, second = Progress(step=1, max_steps=4).to_json(), Progress(step=2, max_steps=4).to_json()
     path.write_bytes((first + "\n" + second[:10]).encode())
-    assert reader.read() == [{"type": "progress", "step": 1}]
+    assert [e.step for e in reader.read()] == [1]
     assert reader.read() == []
     with open(path, "ab") as handle:
         handle.write((second[10:] + "\n").encode())
-    assert reader.read() == [{"type": "progress", "step": 2}]
+    assert [e.step for e in reader.read()] == [2]
     assert reader.read() == []
 
 
-def test_event_reader_skips_lines_that_are_not_json(tmp_path):
-    path = tmp_path / EVENTS_FILE
-    path.write_text('{"type": "start"}\nnot json\n\n{"type": "done"}\n')
-    assert [e["type"] for e in EventReader(str(path)).read()] == ["start", "done"]
+def test_events_are_typed_and_refuse_another_version_or_unknown_fields(tmp_path):
+    """The same discipline as the run spec: parent and ranks of different versions fail loudly, never misread."""
+    event = Done(
+        step=4,
+        max_steps=4,
+        world_size=2,
+        final_loss=1.0,
+        eval_loss=None,
+        runtime=3.5,
+        has_adapter=True,
+        peak_gpu_memory_mib=None,
+        loss_history=({"step": 2, "loss": 1.5},),
+    )
+    assert Event.from_json(event.to_json()) == event
+    line = json.loads(event.to_json())
+    for changed in ({**line, "version": 0}, {**line, "train_loss": 1.1}, {**line, "type": "finished"}):
+        with pytest.raises(ValueError):
+            Event.from_json(json.dumps(changed))
 
 
 def test_event_writer_lines_are_read_back_in_order(tmp_path):
     path = str(tmp_path / EVENTS_FILE)
     writer = EventWriter(path)
     reader = EventReader(path)
-    writer.emit("start", world_size=1, max_steps=4, global_step=0)
-    writer.emit("progress", step=1, max_steps=4)
+    writer.emit(started())
+    writer.emit(Progress(step=1, max_steps=4))
     events = reader.read()
     writer.close()
-    assert [e["type"] for e in events] == ["start", "progress"]
-    assert events[0]["world_size"] == 1
-    assert all(isinstance(e["time"], float) for e in events)
+    assert [type(e) for e in events] == [Started, Progress]
+    assert events[0].world_size == 2
+    assert all(isinstance(e.at, float) for e in events)
 
 
 def test_error_file_is_per_rank(tmp_path):
@@ -296,36 +320,55 @@ def watcher(tmp_path, monkeypatch):
     return launch.Watcher(RecordingHost(), RunFolder(str(tmp_path)))
 
 
-def start_event(max_steps=10, global_step=0, started=None, model=None):
-    begun = time.time() - 10 if started is None else started
-    event = {"type": "start", "time": begun, "world_size": 2, "max_steps": max_steps, "global_step": global_step}
-    return {**event, "model": model} if model else event
-
-
-def log_event(step, max_steps=10, **metrics):
-    return {"type": "log", "time": time.time(), "step": step, "max_steps": max_steps, "metrics": metrics}
-
-
-def progress_event(step, max_steps=10):
-    return {"type": "progress", "time": time.time(), "step": step, "max_steps": max_steps}
-
-
-def test_watcher_logs_the_start(watcher):
-    watcher.handle(start_event())
-    assert watcher.host.logs == ["training started: 2 process(es), 10 steps"]
-    watcher.handle(start_event(global_step=4))
-    assert watcher.host.logs[-1] == "training started: 2 process(es), 10 steps, resuming at step 4"
-    model = {"trainable_parameters": 1234567, "trainable_dtypes": ["float32"], "checkpointing": True}
-    watcher.handle(start_event(model=model))
-    assert watcher.host.logs[-1] == (
-        "training started: 2 process(es), 10 steps; 1,234,567 trainable parameters (float32), "
-        "activation checkpointing on"
+def started(max_steps=10, global_step=0, at=None, trainable=1234567, checkpointing=True) -> Started:
+    return Started(
+        at=time.time() - 10 if at is None else at,
+        world_size=2,
+        max_steps=max_steps,
+        global_step=global_step,
+        marks={},
+        trainable_parameters=trainable,
+        trainable_dtypes=("float32",),
+        checkpointing=checkpointing,
     )
 
 
+def logged(step, max_steps=10, **metrics) -> Logged:
+    return Logged(step=step, max_steps=max_steps, metrics=metrics)
+
+
+def progress(step, max_steps=10) -> Progress:
+    return Progress(step=step, max_steps=max_steps)
+
+
+def done(step=10, final_loss=0.4) -> Done:
+    return Done(
+        step=step,
+        max_steps=10,
+        world_size=2,
+        final_loss=final_loss,
+        eval_loss=None,
+        runtime=1.0,
+        has_adapter=True,
+        peak_gpu_memory_mib=None,
+        loss_history=(),
+    )
+
+
+def test_watcher_logs_the_start(watcher):
+    watcher.handle(started())
+    assert watcher.host.logs == [
+        "training started: 2 process(es), 10 steps; 1,234,567 trainable parameters (float32), "
+        "activation checkpointing on"
+    ]
+    watcher.handle(started(global_step=4, checkpointing=False))
+    assert watcher.host.logs[-1].startswith("training started: 2 process(es), 10 steps, resuming at step 4; ")
+    assert watcher.host.logs[-1].endswith("activation checkpointing off")
+
+
 def test_watcher_relays_log_events_with_loss_as_progress_rows(watcher):
-    watcher.handle(start_event())
-    watcher.handle(log_event(5, loss=1.25, learning_rate=2e-4, epoch=0.5, num_tokens=1000.0, grad_norm=0.3))
+    watcher.handle(started())
+    watcher.handle(logged(5, loss=1.25, learning_rate=2e-4, epoch=0.5, num_tokens=1000.0, grad_norm=0.3))
     [(percent, row, step)] = watcher.host.rows
     assert percent == 50
     assert step == 5
@@ -340,23 +383,23 @@ def test_watcher_relays_log_events_with_loss_as_progress_rows(watcher):
 
 
 def test_watcher_relays_eval_loss_rows(watcher):
-    watcher.handle(log_event(4, eval_loss=0.9))
+    watcher.handle(logged(4, eval_loss=0.9))
     [(percent, row, step)] = watcher.host.rows
     assert (percent, step) == (40, 4)
     assert row["eval_loss"] == 0.9
 
 
 def test_watcher_skips_the_closing_summary_row_without_loss(watcher):
-    watcher.handle(log_event(10, train_runtime=12.5, train_loss=1.1, train_samples_per_second=3.0))
+    watcher.handle(logged(10, train_runtime=12.5, train_loss=1.1, train_samples_per_second=3.0))
     assert watcher.host.rows == []
     assert watcher.host.logs == []
 
 
 def test_watcher_keeps_percent_monotonic_and_below_100(watcher):
-    watcher.handle(log_event(6, loss=1.0))
-    watcher.handle(progress_event(3))  # an older step arriving late
-    watcher.handle(progress_event(10))
-    watcher.handle(log_event(10, loss=0.5))
+    watcher.handle(logged(6, loss=1.0))
+    watcher.handle(progress(3))  # an older step arriving late
+    watcher.handle(progress(10))
+    watcher.handle(logged(10, loss=0.5))
     percents = [percent for percent, _, _ in watcher.host.rows]
     assert percents == [60, 60, 99, 99]
     assert percents == sorted(percents)
@@ -364,48 +407,48 @@ def test_watcher_keeps_percent_monotonic_and_below_100(watcher):
 
 
 def test_watcher_progress_without_max_steps_stays_put(watcher):
-    watcher.handle(progress_event(3, max_steps=0))
+    watcher.handle(progress(3, max_steps=0))
     assert watcher.host.rows == [(0, None, 3)]
 
 
 def test_watcher_throttles_progress_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "RELAY_INTERVAL", 3600.0)
     w = launch.Watcher(RecordingHost(), RunFolder(str(tmp_path)))
-    w.handle(log_event(1, loss=2.0))
-    w.handle(progress_event(2))
-    w.handle(progress_event(3))
+    w.handle(logged(1, loss=2.0))
+    w.handle(progress(2))
+    w.handle(progress(3))
     assert [step for _, _, step in w.host.rows] == [1]
     assert w.percent == 30
 
 
 def test_watcher_records_done_and_stopped_events(watcher):
-    done = {"type": "done", "time": time.time(), "step": 10, "max_steps": 10, "world_size": 2, "final_loss": 0.4}
-    watcher.handle(done)
-    assert watcher.end == done
-    stopped = {"type": "stopped", "time": time.time(), "step": 3, "max_steps": 10}
+    finished = done()
+    watcher.handle(finished)
+    assert watcher.end == finished
+    stopped = Stopped(step=3)
     watcher.handle(stopped)
     assert watcher.end == stopped
 
 
 def test_watcher_notes_when_the_first_step_arrived(watcher):
-    watcher.handle(start_event())
+    watcher.handle(started())
     assert watcher.first_step_at is None
-    first = progress_event(1)
+    first = progress(1)
     watcher.handle(first)
-    watcher.handle(progress_event(2))
-    assert watcher.first_step_at == first["time"]
+    watcher.handle(progress(2))
+    assert watcher.first_step_at == first.at
 
 
 def test_watcher_pump_reads_the_event_file(watcher, tmp_path):
     writer = EventWriter(str(tmp_path / EVENTS_FILE))
-    writer.emit("start", world_size=1, max_steps=4, global_step=0)
-    writer.emit("log", step=2, max_steps=4, metrics={"loss": 1.5})
+    writer.emit(started(max_steps=4))
+    writer.emit(logged(2, max_steps=4, loss=1.5))
     watcher.pump()
-    writer.emit("done", step=4, max_steps=4, world_size=1, final_loss=1.0)
+    writer.emit(done(step=4, final_loss=1.0))
     writer.close()
     watcher.pump()
     assert [(percent, step) for percent, _, step in watcher.host.rows] == [(50, 2)]
-    assert watcher.end["final_loss"] == 1.0
+    assert watcher.end.final_loss == 1.0
 
 
 def test_stop_flag_forces_on_a_second_request():

@@ -225,9 +225,7 @@ def test_versions_include_trl_and_the_plugin():
 def test_summary_records_parameters_world_size_steps_loss_runtime_and_versions():
     p = {"adaptor_name": "my-adaptor", "learning_rate": 2e-4}
     plan = plan_of(num_processes=2)
-    result = RunResult(
-        status="COMPLETE", steps=6, max_steps=6, world_size=2, final_loss=1.25, eval_loss=None, runtime=12.345
-    )
+    result = RunResult(steps=6, max_steps=6, world_size=2, final_loss=1.25, eval_loss=None, runtime=12.345)
     found = outputs.summary(p, plan, result, {"rows": 190})
     assert found["parameters"] == p
     assert found["plan"] == plan.as_dict()
@@ -324,9 +322,9 @@ def test_a_write_failure_while_publishing_is_a_clear_failure_and_registers_nothi
 
 
 def test_the_score_has_the_keys_transformerlab_sweeps_rank_by():
-    trained = RunResult(status="COMPLETE", final_loss=1.5, eval_loss=None)
+    trained = RunResult(final_loss=1.5, eval_loss=None)
     assert outputs.score(trained) == {"loss": 1.5, "train/loss": 1.5}
-    evaluated = RunResult(status="COMPLETE", final_loss=1.5, eval_loss=1.25)
+    evaluated = RunResult(final_loss=1.5, eval_loss=1.25)
     assert outputs.score(evaluated) == {"loss": 1.25, "train/loss": 1.5, "eval/loss": 1.25}
 
 

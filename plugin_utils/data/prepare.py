@@ -85,7 +85,7 @@ def prepare(
         stats = {**build(dataset.splits, encoder, p, str(staging)), **dataset.eval_info}
         (staging / "stats.json").write_text(json.dumps(stats, indent=2))
         if stopping():
-            raise StopRequested(0)
+            raise StopRequested()
         stats = cache.publish(staging, key)
     cache.evict(key)
     return Prepared(str(cache.path(key)), dataset.key, stats, samples, marked=shown)
