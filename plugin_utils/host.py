@@ -1,20 +1,23 @@
-"""The host, by composition: where parameters come from (a source), where outputs and checkpoints live
-(places), and where progress, logs, the final status and models go (a sink).
+"""The host, by composition: where parameters come from (a `ParamSource`), where outputs and checkpoints live
+(`Places`), and where progress, logs, the final status and models go (a `Sink`). Each is a Protocol with one
+implementation per host:
 
-| start | source | places | sink |
+| start | ParamSource | Places | Sink |
 |---|---|---|---|
 | TransformerLab 0.31/0.32 plugin harness (`--input_file`) | InputFile | LegacyPlaces | LegacyJob (`lab.Job(job_id)`) |
-| lab SDK with `_TFL_JOB_ID` (current TransformerLab tasks) | LabConfig | LabJobPlaces | LabJob |
-| headless `main.py --config` | ConfigFile | OutputDir | LabJob, created when the run starts |
+| lab SDK with `_TFL_JOB_ID` (current TransformerLab tasks) | LabConfig | LabJobPlaces | TaskJob (the task's job) |
+| headless `main.py --config` | ConfigFile | OutputDir | HeadlessJob, created when the run starts |
+| another node of a multi-node run | (as above) | (as above) | OtherNode: the main node alone reports |
 | `--check`, `--dry-run` | (as above) | (as above) | NullSink: never creates or changes a job |
 
-Training code never knows which host it runs under. Only the parent process uses this module.
+Training code never knows which host it runs under. Only the parent process uses this module, and only `LabSdk`
+touches the current lab SDK (its prints kept off stdout, and the one private attribute it needs).
 
 A remote workspace (the lab SDK's storage in a bucket: s3://, gs://, gcs://, abfs://, as on cloud providers)
-is reached through the SDK's storage alone: the run trains in local folders (`LabConnection.work_dir`), each new
-checkpoint is uploaded and rotated away there (`LabJob.checkpoints`), the adapter and the loss plot are
-uploaded when the run completes, and a checkpoint the host names for resuming is downloaded first. Every path
-the rest of the plugin opens is local.
+is reached through the SDK's storage alone: the run trains in local folders (`LabSdk.work_dir`), a
+`RemoteMirror` uploads each new checkpoint and removes those rotated away there, the adapter and the loss plot
+are uploaded when the run completes, and a checkpoint the host names for resuming is downloaded first. Every
+path the rest of the plugin opens is local.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from . import checkpoints
 from .errors import EXIT_OK, EXIT_STOPPED, InvalidConfig, RunFailed, problem
@@ -118,7 +122,206 @@ def local_jobs_dir() -> str:
     return os.path.abspath(os.path.expanduser(os.environ.get("SFT_LOCAL_DIR") or default))
 
 
+# --- the lab SDK, behind one adapter -----------------------------------------------------------------------
+
+
+class _SdkOutput(io.TextIOBase):
+    """The lab SDK's prints while it attaches, passed on to stderr (stdout carries --json's report), all but its
+    own debugging line about Trackio, printed for every job."""
+
+    NOISE = ("Trackio available:",)
+
+    def __init__(self) -> None:
+        self._line = ""
+
+    def write(self, text: str) -> int:
+        self._line += text
+        *whole, self._line = self._line.split("\n")
+        for line in whole:
+            if not line.startswith(self.NOISE):
+                sys.stderr.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._line and not self._line.startswith(self.NOISE):
+            sys.stderr.write(self._line)
+        self._line = ""
+        sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _quiet():
+    out = _SdkOutput()
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        out.flush()
+
+
+RECORD_READS = 20
+
+
+class LabSdk:
+    """The lab SDK of current TransformerLab, imported and attached on first use (`lab.init` attaches to
+    _TFL_JOB_ID's job, or creates a job in the local workspace). Every call keeps the SDK's prints off stdout
+    (which carries --json's report)."""
+
+    def __init__(self, experiment: str | None, *, read_only: bool = False):
+        self.experiment = experiment
+        # Another node of a multi-node run reads the job and never writes it: `lab.init` writes the job's record
+        # (start time, status, live status), and two nodes writing it at once leave it corrupt for good.
+        self.read_only = read_only
+        self.lab = None
+        self.metrics_api = True
+        self._checkpoints_dir: str | None = None
+        self._remote: bool | None = None
+
+    def attach(self):
+        """The SDK's `lab`, attached to the job. A read-only attachment reads the job without `lab.init`, through
+        the SDK's private `_experiment` and `_job`: the one place the plugin touches them."""
+        if self.lab is None:
+            module = _import_lab()
+            lab = module.lab
+            with _quiet():
+                if self.read_only and hasattr(lab, "_job") and hasattr(lab, "_experiment"):
+                    experiment = self.experiment or os.environ.get("_TFL_EXPERIMENT_ID") or "alpha"
+                    lab._experiment = _sync(module.Experiment.create_or_get(experiment, create_new=False))
+                    lab._job = _sync(module.Job.get(os.environ["_TFL_JOB_ID"], lab._experiment.id))
+                else:
+                    lab.init(experiment_id=self.experiment)
+            self.metrics_api = "metrics" in inspect.signature(lab.update_progress).parameters
+            self.lab = lab
+        return self.lab
+
+    @property
+    def attached(self) -> bool:
+        return self.lab is not None
+
+    @property
+    def job_id(self) -> str:
+        return str(self.lab.job.id) if self.lab is not None else ""
+
+    def config(self) -> dict[str, Any]:
+        """What the task or the job was given. The job's record is rewritten in place (truncated, then written): a
+        read that lands in between (another node of the run, or the host, writing the job) finds no parameters. A
+        task always has some: read again."""
+        lab = self.attach()
+        for _ in range(RECORD_READS - 1):
+            with _quiet():
+                config = lab.get_config()
+            if config:
+                return dict(config)
+            time.sleep(0.1)
+        with _quiet():
+            return dict(lab.get_config())
+
+    def set_parameters(self, params: dict[str, Any]) -> None:
+        with _quiet():
+            self.attach().set_config({"parameters": params})
+
+    def log(self, text: str) -> None:
+        with _quiet():
+            self.lab.log(text)
+
+    def progress(self, percent: int, metrics: dict[str, float] | None, step: int | None) -> None:
+        with _quiet():
+            if self.metrics_api:
+                self.lab.update_progress(percent, metrics=metrics or None, step=step)
+            else:
+                self.lab.update_progress(percent)
+
+    def set_fields(self, fields: dict[str, Any]) -> None:
+        """Fields of the job's job_data."""
+        with _quiet():
+            for key, value in fields.items():
+                _sync(self.lab.job.update_job_data_field(key, value))
+
+    def stop_asked(self) -> bool:
+        with _quiet():
+            return _stop_asked(self.lab.job)
+
+    def resume_request(self) -> tuple[str | None, dict[str, Any]]:
+        """The checkpoint the job was asked to resume from (None: none), and the job's data."""
+        lab = self.attach()
+        with _quiet():
+            return lab.get_checkpoint_to_resume(), lab.get_job_data() or {}
+
+    def save_checkpoint(self, path: str, name: str) -> str:
+        with _quiet():
+            return self.lab.save_checkpoint(path, name)
+
+    def save_model(self, path: str, name: str, parent_model: str | None, architecture: str | None) -> str:
+        with _quiet():
+            return self.lab.save_model(
+                path,
+                name=name,
+                parent_model=parent_model,
+                architecture=architecture,
+                pipeline_tag="text-generation",  # else the SDK asks the Hub about the parent model
+            )
+
+    def finish(self, message: str, score: dict[str, float], plot_path: str | None) -> None:
+        with _quiet():
+            self.lab.finish(message, score=score, plot_data_path=plot_path)
+
+    def error(self, message: str) -> None:
+        with _quiet():
+            # error_msg is the text the job card shows for a failed job; the final status comes last.
+            _sync(self.lab.job.update_job_data_field("error_msg", message))
+            self.lab.error(message)
+
+    def end(self, status: str, completion: str, message: str, extra: dict[str, Any]) -> None:
+        with _quiet():
+            _end_job(self.lab.job, status, completion, message, extra)
+
+    def close_other(self, job_id: str, status: str, message: str) -> bool:
+        """End another job of the experiment that a dead process left open; False when it was concluded (or is
+        not a job of this experiment any more)."""
+        lab = self.attach()
+        with _quiet():
+            try:
+                job = _sync(_import_lab().Job.get(job_id, lab._experiment.id))
+            except Exception:
+                return False
+            return _close_left_open(job, status, message)
+
+    def checkpoints_dir(self) -> str:
+        """The job's checkpoints folder as the SDK names it: a local path, or a URI in a remote workspace."""
+        if self._checkpoints_dir is None:
+            lab = self.attach()
+            with _quiet():
+                self._checkpoints_dir = lab.get_checkpoints_dir()
+        return self._checkpoints_dir
+
+    def job_dir(self) -> str:
+        """The job's folder in the workspace (a URI in a remote workspace)."""
+        return posixpath.dirname(self.checkpoints_dir().rstrip("/"))
+
+    @property
+    def remote(self) -> bool:
+        """Whether the job's folders are in a bucket (the workspace of a cloud provider)."""
+        if self._remote is None:
+            storage = _storage()
+            self._remote = bool(storage is not None and storage.is_remote_path(str(_sync(self.attach().job.get_dir()))))
+        return self._remote
+
+    def work_dir(self) -> str:
+        """The job's folder this machine trains in: the job's own, or for a job of a remote workspace a local
+        folder named by the job (see `local_jobs_dir`)."""
+        job_dir = self.job_dir()
+        if not self.remote:
+            return job_dir
+        return os.path.join(local_jobs_dir(), posixpath.basename(job_dir))
+
+
 # --- where parameters come from ------------------------------------------------------------------------
+
+
+class ParamSource(Protocol):
+    headless: bool  # every key must be known (a host adds keys of its own)
+
+    def raw_params(self) -> dict[str, Any]: ...
 
 
 class ConfigFile:
@@ -152,128 +355,33 @@ class InputFile:
         return dict(self.config)
 
 
-class _SdkOutput(io.TextIOBase):
-    """The lab SDK's prints while it attaches, passed on to stderr (stdout carries --json's report), all but its
-    own debugging line about Trackio, printed for every job."""
-
-    NOISE = ("Trackio available:",)
-
-    def __init__(self) -> None:
-        self._line = ""
-
-    def write(self, text: str) -> int:
-        self._line += text
-        *whole, self._line = self._line.split("\n")
-        for line in whole:
-            if not line.startswith(self.NOISE):
-                sys.stderr.write(line + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        if self._line and not self._line.startswith(self.NOISE):
-            sys.stderr.write(self._line)
-        self._line = ""
-        sys.stderr.flush()
-
-
-@contextlib.contextmanager
-def _sdk_output():
-    out = _SdkOutput()
-    try:
-        with contextlib.redirect_stdout(out):
-            yield
-    finally:
-        out.flush()
-
-
-class LabConnection:
-    """The lab SDK, imported and initialised on first use (`lab.init` attaches to _TFL_JOB_ID's job, or
-    creates a job in the local workspace)."""
-
-    def __init__(self, experiment: str | None, *, read_only: bool = False):
-        self.experiment = experiment
-        # Another node of a multi-node run reads the job and never writes it: `lab.init` writes the job's record
-        # (start time, status, live status), and two nodes writing it at once leave it corrupt for good.
-        self.read_only = read_only
-        self.lab = None
-        self.metrics_api = True
-        self._checkpoints_dir: str | None = None
-        self._remote: bool | None = None
-
-    def get(self):
-        if self.lab is None:
-            module = _import_lab()
-            lab = module.lab
-            with _sdk_output():
-                if self.read_only and hasattr(lab, "_job") and hasattr(lab, "_experiment"):
-                    experiment = self.experiment or os.environ.get("_TFL_EXPERIMENT_ID") or "alpha"
-                    lab._experiment = _sync(module.Experiment.create_or_get(experiment, create_new=False))
-                    lab._job = _sync(module.Job.get(os.environ["_TFL_JOB_ID"], lab._experiment.id))
-                else:
-                    lab.init(experiment_id=self.experiment)
-            self.metrics_api = "metrics" in inspect.signature(lab.update_progress).parameters
-            self.lab = lab
-        return self.lab
-
-    @property
-    def job_id(self) -> str:
-        return str(self.lab.job.id) if self.lab is not None else ""
-
-    def checkpoints_dir(self) -> str:
-        """The job's checkpoints folder as the SDK names it: a local path, or a URI in a remote workspace."""
-        if self._checkpoints_dir is None:
-            lab = self.get()
-            with contextlib.redirect_stdout(sys.stderr):
-                self._checkpoints_dir = lab.get_checkpoints_dir()
-        return self._checkpoints_dir
-
-    def job_dir(self) -> str:
-        """The job's folder in the workspace (a URI in a remote workspace)."""
-        return posixpath.dirname(self.checkpoints_dir().rstrip("/"))
-
-    @property
-    def remote(self) -> bool:
-        """Whether the job's folders are in a bucket (the workspace of a cloud provider)."""
-        if self._remote is None:
-            storage = _storage()
-            self._remote = bool(storage is not None and storage.is_remote_path(str(_sync(self.get().job.get_dir()))))
-        return self._remote
-
-    def work_dir(self) -> str:
-        """The job's folder this machine trains in: the job's own, or for a job of a remote workspace a local
-        folder named by the job (see `local_jobs_dir`)."""
-        job_dir = self.job_dir()
-        if not self.remote:
-            return job_dir
-        return os.path.join(local_jobs_dir(), posixpath.basename(job_dir))
-
-
-RECORD_READS = 20
-
-
 class LabConfig:
     """Parameters from `lab.get_config()`: what the task or the job was given."""
 
     headless = False
 
-    def __init__(self, connection: LabConnection):
-        self.connection = connection
+    def __init__(self, sdk: LabSdk):
+        self.sdk = sdk
 
     def raw_params(self) -> dict[str, Any]:
-        # The job's record is rewritten in place (truncated, then written): a read that lands in between (another
-        # node of the run, or the host, writing the job) finds no parameters. A task always has some: read again.
-        lab = self.connection.get()
-        for _ in range(RECORD_READS - 1):
-            with contextlib.redirect_stdout(sys.stderr):
-                config = lab.get_config()
-            if config:
-                return dict(config)
-            time.sleep(0.1)
-        with contextlib.redirect_stdout(sys.stderr):
-            return dict(lab.get_config())
+        return self.sdk.config()
 
 
 # --- where outputs and checkpoints live ------------------------------------------------------------------
+
+
+class Places(Protocol):
+    def locations(self, p: Mapping[str, Any]) -> Where:
+        """The adapter's folder, the checkpoints folder and the run's own folder."""
+
+    def merged_location(self, p: Mapping[str, Any]) -> str:
+        """Where fuse_model's merged model goes."""
+
+    def checkpoint_to_resume(self, p: Mapping[str, Any], world_size: int) -> Continued | None:
+        """A checkpoint elsewhere to resume from; None: the newest complete one of the run's own folder, if any."""
+
+    def earlier_runs(self, p: Mapping[str, Any]) -> list[tuple[Where, str]]:
+        """The runs whose job this run may find left open by a dead process, with their job ids."""
 
 
 class OutputDir:
@@ -314,33 +422,30 @@ class LegacyPlaces(OutputDir):
 
 class LabJobPlaces:
     """The job's own folders; TransformerLab may name a checkpoint to resume from. A job of a remote workspace
-    trains in a local folder of the same layout (`LabConnection.work_dir`); its sink uploads what the job keeps."""
+    trains in a local folder of the same layout (`LabSdk.work_dir`); its sink's mirror uploads what the job keeps."""
 
-    def __init__(self, connection: LabConnection):
-        self.connection = connection
+    def __init__(self, sdk: LabSdk):
+        self.sdk = sdk
 
     def locations(self, p):
-        work = self.connection.work_dir()
-        checkpoints = os.path.join(work, "checkpoints") if self.connection.remote else self.connection.checkpoints_dir()
+        work = self.sdk.work_dir()
+        checkpoints = os.path.join(work, "checkpoints") if self.sdk.remote else self.sdk.checkpoints_dir()
         return Where(os.path.join(work, "adaptor", p["adaptor_name"]), checkpoints, os.path.join(work, "sft"))
 
     def merged_location(self, p):
-        return os.path.join(self.connection.work_dir(), "merged", f"{p['adaptor_name']}-merged")
+        return os.path.join(self.sdk.work_dir(), "merged", f"{p['adaptor_name']}-merged")
 
     def checkpoint_to_resume(self, p, world_size):
         """The checkpoint the job page's "Restart from checkpoint" names; else, since every launch of a task is a
         new job with its own folders, the newest unfinished run of this adapter in the experiment (not under
         overwrite_output, and not for a sweep's children, which each train afresh)."""
-        lab = self.connection.get()
-        with contextlib.redirect_stdout(sys.stderr):
-            requested = lab.get_checkpoint_to_resume()
-            job_data = lab.get_job_data() or {}
+        requested, job_data = self.sdk.resume_request()
         if requested:
             local = self._downloaded(requested) if _is_remote(requested) else requested
             return Continued(str(job_data.get("parent_job_id") or ""), local)
         if p["overwrite_output"] or "sweep_params" in job_data:
             return None
-        if self.connection.remote:
+        if self.sdk.remote:
             log.info(
                 "remote workspace: earlier jobs are not searched for an unfinished run of this adapter; "
                 "use Restart from checkpoint on that job to continue it"
@@ -351,7 +456,7 @@ class LabJobPlaces:
     def _downloaded(self, uri: str) -> str:
         """A checkpoint in the bucket, copied whole into this job's local folder (its identity file with it);
         the copy is moved into place only once complete, and reused by a later attempt of the same job."""
-        target = os.path.join(self.connection.work_dir(), "resume", posixpath.basename(uri.rstrip("/")))
+        target = os.path.join(self.sdk.work_dir(), "resume", posixpath.basename(uri.rstrip("/")))
         if os.path.isdir(target):
             return target
         partial = f"{target}.partial-{os.getpid()}"
@@ -367,11 +472,11 @@ class LabJobPlaces:
 
     def earlier_runs(self, p):
         """Every other job's run in the experiment (each job has its own folders)."""
-        return [] if self.connection.remote else self.other_runs()
+        return [] if self.sdk.remote else self.other_runs()
 
     def other_runs(self) -> list[tuple[Where, str]]:
         """The other jobs of this experiment, as (their folders, their id)."""
-        job_dir = self.connection.job_dir()
+        job_dir = self.sdk.job_dir()
         jobs = os.path.dirname(job_dir.rstrip(os.sep))
         found = []
         for entry in sorted(os.listdir(jobs)) if os.path.isdir(jobs) else []:
@@ -384,6 +489,39 @@ class LabJobPlaces:
 # --- where progress, logs, the final status and models go ------------------------------------------------
 
 
+class Sink(Protocol):
+    job_id: str
+    stopped_exit_code: int  # what a run stopped on request exits with
+
+    def kill_grace_seconds(self) -> float | None:
+        """Seconds between the host's stop signal and its SIGKILL of every process of the run; None: no kill."""
+
+    def start(self, params: Mapping[str, Any]) -> None: ...
+
+    def log(self, text: str) -> None: ...
+
+    def progress(self, percent: int, metrics: dict[str, float] | None, step: int | None) -> None: ...
+
+    def checkpoints(self, paths: list[str]) -> None:
+        """The complete checkpoints now in the checkpoints folder, oldest first."""
+
+    def should_stop(self) -> bool:
+        """The job's own stop request, for a host that does not signal the run."""
+
+    def register_model(self, path: str, p: Mapping[str, Any]) -> str: ...
+
+    def register_merged(self, path: str, p: Mapping[str, Any]) -> str: ...
+
+    def complete(self, message: str, score: dict[str, float], plot_path: str | None) -> None: ...
+
+    def fail(self, message: str) -> None: ...
+
+    def stopped(self, message: str) -> None: ...
+
+    def close_left_open(self, job_id: str, status: str, message: str) -> bool:
+        """End another job of this host that a dead process left open (see outputs.left_behind); True if it was."""
+
+
 class NullSink:
     """Logs to stderr and nothing else: `--check` and `--dry-run` can never create or change a job."""
 
@@ -391,46 +529,59 @@ class NullSink:
     stopped_exit_code = EXIT_STOPPED
 
     def kill_grace_seconds(self) -> float | None:
-        """Seconds between the host's stop signal and its SIGKILL of every process of the run; None: no kill."""
         return None
 
-    def checkpoints(self, paths: list[str]) -> None:
-        """The complete checkpoints now in the checkpoints folder, oldest first."""
-
-    def start(self, params: Mapping[str, Any]) -> None:
+    def start(self, params) -> None:
         pass
 
     def log(self, text: str) -> None:
         log.info("%s", text)
 
-    def progress(self, percent: int, metrics: dict[str, float] | None, step: int | None) -> None:
+    def progress(self, percent, metrics, step) -> None:
+        pass
+
+    def checkpoints(self, paths) -> None:
         pass
 
     def should_stop(self) -> bool:
         return False
 
-    def register_model(self, path: str, p: Mapping[str, Any]) -> str:
+    def register_model(self, path, p) -> str:
         return path
 
-    def register_merged(self, path: str, p: Mapping[str, Any]) -> str:
+    def register_merged(self, path, p) -> str:
         return path
 
-    def complete(self, message: str, score: dict[str, float], plot_path: str | None) -> None:
+    def complete(self, message, score, plot_path) -> None:
         pass
 
-    def fail(self, message: str) -> None:
+    def fail(self, message) -> None:
         pass
 
-    def stopped(self, message: str) -> None:
+    def stopped(self, message) -> None:
         pass
 
-    def close_left_open(self, job_id: str, status: str, message: str) -> bool:
-        """End another job of this host that a dead process left open (see outputs.left_behind); True if it was."""
+    def close_left_open(self, job_id, status, message) -> bool:
         return False
 
 
-class LegacyJob(NullSink):
+class OtherNode(NullSink):
+    """A node other than the main one of a multi-node run: the main node alone reports to the job, registers the
+    models and ends the job; this one logs to its own output. It exits as the main node's host expects (0 for a
+    stop under a task host, whose trap on every node counts any other exit as a crash)."""
+
+    def __init__(self, main: Sink):
+        self.stopped_exit_code = main.stopped_exit_code
+        self._grace = main.kill_grace_seconds()
+
+    def kill_grace_seconds(self):
+        return self._grace
+
+
+class LegacyJob:
     """TransformerLab 0.31/0.32's job store (`lab.Job(job_id)`), and the TensorBoard logs its Train tab charts."""
+
+    stopped_exit_code = EXIT_STOPPED
 
     def __init__(self, source: InputFile):
         self.config = source.config
@@ -456,6 +607,18 @@ class LegacyJob(NullSink):
             return lab.Job(job_id)
         name = self.experiment.get("name") or self.experiment.get("id") or self.config.get("experiment_name")
         return lab.Job(job_id, str(name))
+
+    def kill_grace_seconds(self):
+        return None
+
+    def log(self, text):
+        log.info("%s", text)
+
+    def checkpoints(self, paths):
+        pass
+
+    def register_model(self, path, p):
+        return path
 
     def close_left_open(self, job_id, status, message):
         job = self._job(job_id)
@@ -546,102 +709,24 @@ class LegacyJob(NullSink):
         self._finish("STOPPED", "success", message)
 
 
-class LabJob(NullSink):
-    """A job of the lab SDK. `created_here`: a headless run's own job, created when the run starts (so a run
-    refused before that leaves none), whose outputs stay in output_dir and are registered as copies."""
+class RemoteMirror:
+    """A remote workspace's copies of what the run writes locally: the job's checkpoints folder made to hold what
+    the local one holds, and the loss plot beside the job. Used for jobs of a remote workspace only."""
 
-    # A task's Stop (current TransformerLab): SIGTERM to every process of the run, SIGKILL 3 s later; any exit
-    # but 0 then counts as a crash, so a stopped run exits 0 once the job is STOPPED.
-    TASK_KILL_GRACE = 3.0
-    METRIC_NAMES: ClassVar[dict[str, str]] = {
-        "loss": "train/loss",
-        "learning_rate": "train/learning_rate",
-        "tokens_per_second": "train/tokens_per_second",
-        "grad_norm": "train/grad_norm",
-        "epoch": "train/epoch",
-        "mean_token_accuracy": "train/mean_token_accuracy",
-        "eval_loss": "eval/loss",
-    }
-
-    def __init__(self, connection: LabConnection, *, created_here: bool = False, config: dict | None = None):
-        self.connection = connection
-        self.created_here = created_here
-        self.config = config
-        self.started = False
-        self.stopped_exit_code = EXIT_STOPPED if created_here else EXIT_OK
-        # In a remote workspace: the checkpoints in the job's checkpoints folder there (name -> URI), and the
-        # names this run uploaded.
+    def __init__(self, sdk: LabSdk):
+        self.sdk = sdk
+        # The checkpoints in the job's checkpoints folder there (name -> URI), and the names this run uploaded.
         self._remote_checkpoints: dict[str, str] | None = None
         self._uploaded: set[str] = set()
-        self._listed: dict[str, Any] = {}  # job_data's checkpoint fields as last written
 
-    def kill_grace_seconds(self):
-        return None if self.created_here else self.TASK_KILL_GRACE
-
-    @property
-    def job_id(self) -> str:
-        return self.connection.job_id
-
-    @property
-    def _lab(self):
-        return self.connection.lab
-
-    def start(self, params):
-        lab = self.connection.get()
-        if self.created_here:
-            lab.set_config({"parameters": self.config})
-        self.started = True
-
-    def _reachable(self) -> bool:
-        """A job to write to: attached (a host's job exists before we run) or created by this run's start."""
-        if self.created_here:
-            return self.started
-        self.connection.get()
-        return True
-
-    def log(self, text):
-        super().log(text)
-        if self._lab is not None:
-            with contextlib.redirect_stdout(sys.stderr):
-                self._lab.log(text)
-
-    def progress(self, percent, metrics, step):
-        if self._lab is None:
-            return
-        # Named as TensorBoard names them (train/loss, eval/loss, ...): one Metrics chart each on the job page.
-        named = {self.METRIC_NAMES.get(k, k): v for k, v in (metrics or {}).items()}
-        with contextlib.redirect_stdout(sys.stderr):
-            if self.connection.metrics_api:
-                self._lab.update_progress(percent, metrics=named or None, step=step)
-            else:
-                self._lab.update_progress(percent)
-
-    def should_stop(self) -> bool:
-        """The job's own stop request (its Stop button sets job_data.stop and STOPPING), for a provider that
-        does not signal the run."""
-        if self._lab is None or self.created_here:
-            return False
-        with contextlib.redirect_stdout(sys.stderr):
-            return _stop_asked(self._lab.job)
-
-    def checkpoints(self, paths):
-        if self._lab is None or not paths:
-            return
-        if self.connection.remote:
-            paths = self._mirror(paths)
-        # The job page lists the checkpoints folder only once job_data.checkpoints is set.
-        self._listed = {"checkpoints": list(paths), "latest_checkpoint": paths[-1] if paths else None}
-        for key, value in self._listed.items():
-            _sync(self._lab.job.update_job_data_field(key, value))
-
-    def _mirror(self, paths: list[str]) -> list[str]:
-        """A remote workspace's checkpoints folder made to hold what the local one holds: each new checkpoint
-        uploaded (`lab.save_checkpoint`), then those rotated away locally removed there. A failed upload is
-        logged and tried again at the next save; training goes on. Returns the URIs there, oldest first."""
+    def checkpoints(self, paths: list[str]) -> list[str]:
+        """Each new checkpoint uploaded (`lab.save_checkpoint`), then those rotated away locally removed there. A
+        failed upload is logged and tried again at the next save; training goes on. Returns the URIs there, oldest
+        first."""
         storage = _storage()
-        folder = self.connection.checkpoints_dir()
+        folder = self.sdk.checkpoints_dir()
         if self._remote_checkpoints is None:  # what an earlier attempt of this job may have left there
-            with contextlib.redirect_stdout(sys.stderr):
+            with _quiet():
                 found = _sync(storage.ls(folder, detail=False)) if _sync(storage.exists(folder)) else []
             names = (posixpath.basename(str(uri).rstrip("/")) for uri in found)
             self._remote_checkpoints = {n: storage.join(folder, n) for n in names if _is_checkpoint_name(n)}
@@ -650,8 +735,7 @@ class LabJob(NullSink):
             if name in self._uploaded:
                 continue
             try:
-                with contextlib.redirect_stdout(sys.stderr):
-                    self._remote_checkpoints[name] = self._lab.save_checkpoint(path, name)
+                self._remote_checkpoints[name] = self.sdk.save_checkpoint(path, name)
                 self._uploaded.add(name)
             except Exception as exc:
                 log.warning("could not upload %s to %s (tried again at the next save): %s", name, folder, exc)
@@ -664,44 +748,10 @@ class LabJob(NullSink):
                 log.warning("could not remove checkpoint %s from %s: %s", name, folder, exc)
         return [uri for _, uri in sorted((checkpoints.step_of(n), u) for n, u in self._remote_checkpoints.items())]
 
-    def register_model(self, path, p):
-        return self._register(path, p["adaptor_name"], p)
-
-    def register_merged(self, path, p):
-        return self._register(path, f"{p['adaptor_name']}-merged", p)
-
-    def _register(self, path: str, name: str, p) -> str:
-        if self.created_here:
-            # The output stays in output_dir (that is the result); the job gets its own registered copy.
-            try:
-                self._save_model(path, name, p)
-            except Exception as exc:  # a convenience here: the output is already in place
-                log.warning("could not register %s with the workspace: %s", name, exc)
-            return path
-        saved = self._save_model(path, name, p)
-        shutil.rmtree(path, ignore_errors=True)  # the job's models folder now holds it
-        return saved
-
-    def _save_model(self, path: str, name: str, p) -> str:
-        with contextlib.redirect_stdout(sys.stderr):
-            return self._lab.save_model(
-                path,
-                name=name,
-                parent_model=p["model_name"] or None,
-                architecture=p["model_architecture"] or None,
-                pipeline_tag="text-generation",  # else the SDK asks the Hub about the parent model
-            )
-
-    def complete(self, message, score, plot_path):
-        if plot_path and self.connection.remote:
-            plot_path = self._uploaded_plot(plot_path)
-        with contextlib.redirect_stdout(sys.stderr):
-            self._lab.finish(message, score=score, plot_data_path=plot_path)
-
-    def _uploaded_plot(self, path: str) -> str | None:
-        """The loss plot copied beside the job in a remote workspace (`<job>/sft/`, where a local workspace has
-        it), which the host reads through its storage; None (no plot) if the copy fails."""
-        target = posixpath.join(self.connection.job_dir(), "sft", os.path.basename(path))
+    def plot(self, path: str) -> str | None:
+        """The loss plot copied beside the job (`<job>/sft/`, where a local workspace has it), which the host reads
+        through its storage; None (no plot) if the copy fails."""
+        target = posixpath.join(self.sdk.job_dir(), "sft", os.path.basename(path))
         try:
             _sync(_storage().copy_file(path, target))
         except Exception as exc:
@@ -709,52 +759,162 @@ class LabJob(NullSink):
             return None
         return target
 
+
+class _LabJob:
+    """What a job of the current lab SDK is told, attached (TaskJob) or created by the run (HeadlessJob)."""
+
+    METRIC_NAMES: ClassVar[dict[str, str]] = {
+        "loss": "train/loss",
+        "learning_rate": "train/learning_rate",
+        "tokens_per_second": "train/tokens_per_second",
+        "grad_norm": "train/grad_norm",
+        "epoch": "train/epoch",
+        "mean_token_accuracy": "train/mean_token_accuracy",
+        "eval_loss": "eval/loss",
+    }
+    stopped_exit_code = EXIT_STOPPED
+
+    def __init__(self, sdk: LabSdk):
+        self.sdk = sdk
+        self._listed: dict[str, Any] = {}  # job_data's checkpoint fields as last written
+
+    @cached_property
+    def mirror(self) -> RemoteMirror | None:
+        """The bucket's copies, for a job of a remote workspace; None in a local one."""
+        return RemoteMirror(self.sdk) if self.sdk.remote else None
+
+    @property
+    def job_id(self) -> str:
+        return self.sdk.job_id
+
+    def kill_grace_seconds(self):
+        return None
+
+    def _reachable(self) -> bool:
+        """A job to write to."""
+        raise NotImplementedError
+
+    def log(self, text):
+        log.info("%s", text)
+        if self.sdk.attached:
+            self.sdk.log(text)
+
+    def progress(self, percent, metrics, step):
+        if self.sdk.attached:
+            # Named as TensorBoard names them (train/loss, eval/loss, ...): one Metrics chart each on the job page.
+            self.sdk.progress(percent, {self.METRIC_NAMES.get(k, k): v for k, v in (metrics or {}).items()}, step)
+
+    def should_stop(self) -> bool:
+        return False
+
+    def checkpoints(self, paths):
+        if not self.sdk.attached or not paths:
+            return
+        if self.mirror is not None:
+            paths = self.mirror.checkpoints(paths)
+        # The job page lists the checkpoints folder only once job_data.checkpoints is set.
+        self._listed = {"checkpoints": list(paths), "latest_checkpoint": paths[-1] if paths else None}
+        self.sdk.set_fields(self._listed)
+
+    def register_model(self, path, p):
+        return self._register(path, p["adaptor_name"], p)
+
+    def register_merged(self, path, p):
+        return self._register(path, f"{p['adaptor_name']}-merged", p)
+
+    def _register(self, path: str, name: str, p) -> str:
+        raise NotImplementedError
+
+    def _save_model(self, path: str, name: str, p) -> str:
+        return self.sdk.save_model(path, name, p["model_name"] or None, p["model_architecture"] or None)
+
+    def complete(self, message, score, plot_path):
+        if plot_path and self.mirror is not None:
+            plot_path = self.mirror.plot(plot_path)
+        self.sdk.finish(message, score, plot_path)
+
     def fail(self, message):
         if self._reachable():
-            with contextlib.redirect_stdout(sys.stderr):
-                # error_msg is the text the job card shows for a failed job; the final status comes last.
-                _sync(self._lab.job.update_job_data_field("error_msg", message))
-                self._lab.error(message)
+            self.sdk.error(message)
 
     def stopped(self, message):
         if self._reachable():
             # The checkpoints written again with the final status: a host's Stop writes the job's record while we
             # may be writing it, and a listing lost that way would leave the job page without its checkpoints.
-            _end_job(self._lab.job, "STOPPED", "success", message, self._listed)
+            self.sdk.end("STOPPED", "success", message, self._listed)
 
     def close_left_open(self, job_id, status, message):
-        lab = self.connection.get()
-        module = _import_lab()
-        with contextlib.redirect_stdout(sys.stderr):
-            try:
-                job = _sync(module.Job.get(job_id, lab._experiment.id))
-            except Exception:  # not a job of this experiment (any more)
-                return False
-            return _close_left_open(job, status, message)
+        return self.sdk.close_other(job_id, status, message)
 
 
-class OtherNode(NullSink):
-    """A node other than the main one of a multi-node run: the main node alone reports to the job, registers the
-    models and ends the job; this one logs to its own output. It exits as the main node's host expects (0 for a
-    stop under a task host, whose trap on every node counts any other exit as a crash)."""
+class TaskJob(_LabJob):
+    """The job TransformerLab made for this task (current TransformerLab, _TFL_JOB_ID): it exists before the run,
+    its Stop signals the run, and the models are moved into it."""
 
-    def __init__(self, main: NullSink):
-        self.stopped_exit_code = main.stopped_exit_code
-        self._grace = main.kill_grace_seconds()
+    # A task's Stop: SIGTERM to every process of the run, SIGKILL 3 s later; any exit but 0 then counts as a crash,
+    # so a stopped run exits 0 once the job is STOPPED.
+    KILL_GRACE = 3.0
+    stopped_exit_code = EXIT_OK
 
     def kill_grace_seconds(self):
-        return self._grace
+        return self.KILL_GRACE
+
+    def start(self, params):
+        self.sdk.attach()
+
+    def _reachable(self) -> bool:
+        self.sdk.attach()  # the host's job exists before we run, so a failure before start still ends it
+        return True
+
+    def should_stop(self) -> bool:
+        """The job's own stop request (its Stop button sets job_data.stop and STOPPING), for a provider that
+        does not signal the run."""
+        return self.sdk.attached and self.sdk.stop_asked()
+
+    def _register(self, path, name, p):
+        saved = self._save_model(path, name, p)
+        shutil.rmtree(path, ignore_errors=True)  # the job's models folder now holds it
+        return saved
 
 
-@dataclass
+class HeadlessJob(_LabJob):
+    """A headless run's own job in the local workspace, created when the run starts (a run refused before that
+    leaves none); its outputs stay in output_dir and the job gets copies."""
+
+    def __init__(self, sdk: LabSdk, config: dict[str, Any]):
+        super().__init__(sdk)
+        self.config = config
+        self.started = False
+
+    def start(self, params):
+        self.sdk.set_parameters(self.config)
+        self.started = True
+
+    def _reachable(self) -> bool:
+        return self.started
+
+    def _register(self, path, name, p):
+        try:
+            self._save_model(path, name, p)
+        except Exception as exc:  # a convenience here: the output is already in place
+            log.warning("could not register %s with the workspace: %s", name, exc)
+        return path
+
+
+@dataclass(frozen=True)
 class Host:
-    source: ConfigFile | InputFile | LabConfig
-    places: OutputDir | LabJobPlaces
-    sink: NullSink  # replaced by OtherNode on the other nodes of a multi-node run
+    params_from: ParamSource
+    places: Places
+    sink: Sink
 
     @property
     def headless(self) -> bool:
-        return self.source.headless
+        return self.params_from.headless
+
+    def on_machine(self, rank: int) -> Host:
+        """This host as the node of that machine rank sees it: the main node (0) reports to the job; another node
+        reports nothing (OtherNode)."""
+        return self if rank == 0 else replace(self, sink=OtherNode(self.sink))
 
 
 def read_config(path: str, overrides: list[str]) -> dict[str, Any]:
@@ -781,11 +941,10 @@ def choose(args, nodes=None) -> Host:
         return Host(source, LegacyPlaces(), LegacyJob(source))
     if args.config:
         config = read_config(args.config, args.set or [])
-        connection = LabConnection(args.experiment or "alpha")
-        return Host(ConfigFile(config), OutputDir(), LabJob(connection, created_here=True, config=config))
+        return Host(ConfigFile(config), OutputDir(), HeadlessJob(LabSdk(args.experiment or "alpha"), config))
     if os.environ.get("_TFL_JOB_ID"):
-        connection = LabConnection(None, read_only=nodes is not None and nodes.rank > 0)
-        return Host(LabConfig(connection), LabJobPlaces(connection), LabJob(connection))
+        sdk = LabSdk(None, read_only=nodes is not None and nodes.rank > 0)
+        return Host(LabConfig(sdk), LabJobPlaces(sdk), TaskJob(sdk))
     raise InvalidConfig(
         [problem("--config", "no parameters given", "Run `python main.py --config run.json` (see README.md)")]
     )

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -17,7 +19,7 @@ from . import checkpoints
 from .errors import InvalidConfig, RunFailed, problem
 from .machine import existing_parent
 from .params import MANIFEST
-from .runfolder import IDENTITY_FILE
+from .runfolder import IDENTITY_FILE, RunFolder
 from .sources import read_json
 
 SUMMARY_FILE = "training_summary.json"
@@ -425,6 +427,57 @@ class Staged:
         if merged:
             host.register_merged(merged, p)
         return host.register_model(adapter, p)
+
+
+class RunSession:
+    """One run's hold on its outputs, for its whole life: the run lock (on the main node; the other nodes of a
+    multi-node run write beside it, under its lock), the staging folders of the adapter and the merged model, the
+    checkpoints folder made ready to resume, the run record (unfinished until `finished`), and the run folder the
+    ranks meet in. Leaving it removes what was staged and not published, and the run folder."""
+
+    def __init__(
+        self, out: OutputFacts, job_id: str, adaptor_name: str, *, merged: str | None, main_node: bool, identity: dict
+    ):
+        self.out = out
+        self.job_id = job_id
+        self.adaptor_name = adaptor_name
+        self.merged = merged
+        self.main_node = main_node
+        self.identity = identity
+        self._stack = contextlib.ExitStack()
+        self.lock: RunLock | None = None
+        self.staged: Staged | None = None
+        self.folder: RunFolder | None = None
+        self.resume_from: str | None = None
+
+    def __enter__(self) -> RunSession:
+        with self._stack as stack:
+            if self.main_node:
+                self.lock = stack.enter_context(RunLock(self.out.where.lock_path))
+            self.staged = stack.enter_context(Staged(self.out.adapter_dir, self.merged))
+            self.folder = RunFolder(stack.enter_context(tempfile.TemporaryDirectory(prefix="sft-run-")))
+            self.resume_from = prepare_checkpoints(self.out)
+            self._record(finished=False)
+            self.folder.write_identity(self.identity)
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    @property
+    def held(self) -> tuple[int, ...]:
+        """Descriptors the ranks' launcher inherits: the run lock's, so no other run takes these outputs while
+        ranks outlive this process (saving after a stop, or after it was killed)."""
+        return (self.lock.fileno(),) if self.lock is not None else ()
+
+    def _record(self, *, finished: bool) -> None:
+        if self.main_node:
+            write_record(self.out.where, self.adaptor_name, self.job_id, finished=finished)
+
+    def finished(self) -> None:
+        """The run ended as it should: its record says so, and no later run takes its job for one left open."""
+        self._record(finished=True)
 
 
 def score(result) -> dict[str, float]:

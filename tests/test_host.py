@@ -129,14 +129,14 @@ def test_choose_picks_the_legacy_host_for_an_input_file(tmp_path):
         {"experiment": {"name": "alpha"}, "config": {"job_id": 12, "adaptor_name": "a", "type": "trainer"}},
     )
     chosen = host.choose(args(input_file=path))
-    assert (type(chosen.source), type(chosen.places), type(chosen.sink)) == (
+    assert (type(chosen.params_from), type(chosen.places), type(chosen.sink)) == (
         host.InputFile,
         host.LegacyPlaces,
         host.LegacyJob,
     )
     assert not chosen.headless
     assert chosen.sink.job_id == "12"
-    assert chosen.source.raw_params() == {"job_id": 12, "adaptor_name": "a", "type": "trainer"}
+    assert chosen.params_from.raw_params() == {"job_id": 12, "adaptor_name": "a", "type": "trainer"}
 
 
 def test_legacy_host_with_an_unreadable_input_file_names_input_file(tmp_path):
@@ -148,33 +148,33 @@ def test_legacy_host_with_an_unreadable_input_file_names_input_file(tmp_path):
 def test_choose_picks_the_headless_host_for_config(tmp_path):
     path = write_json(tmp_path / "run.json", {"adaptor_name": "a"})
     chosen = host.choose(args(config=path, set=["lora_r=4"]))
-    assert (type(chosen.source), type(chosen.places), type(chosen.sink)) == (
+    assert (type(chosen.params_from), type(chosen.places), type(chosen.sink)) == (
         host.ConfigFile,
         host.OutputDir,
-        host.LabJob,
+        host.HeadlessJob,
     )
-    assert chosen.headless and chosen.sink.created_here
-    assert chosen.sink.connection.experiment == "alpha"
-    assert chosen.source.raw_params() == {"adaptor_name": "a", "lora_r": "4"}
+    assert chosen.headless and chosen.sink.stopped_exit_code == 3 and chosen.sink.kill_grace_seconds() is None
+    assert chosen.sink.sdk.experiment == "alpha"
+    assert chosen.params_from.raw_params() == {"adaptor_name": "a", "lora_r": "4"}
 
 
 def test_headless_host_takes_the_experiment_flag(tmp_path):
     path = write_json(tmp_path / "run.json", {})
-    assert host.choose(args(config=path, experiment="beta")).sink.connection.experiment == "beta"
+    assert host.choose(args(config=path, experiment="beta")).sink.sdk.experiment == "beta"
 
 
 def test_choose_picks_the_lab_host_when_a_job_id_is_set(monkeypatch):
     monkeypatch.setenv("_TFL_JOB_ID", "42")
     chosen = host.choose(args())
-    assert (type(chosen.source), type(chosen.places), type(chosen.sink)) == (
+    assert (type(chosen.params_from), type(chosen.places), type(chosen.sink)) == (
         host.LabConfig,
         host.LabJobPlaces,
-        host.LabJob,
+        host.TaskJob,
     )
-    assert not chosen.headless and not chosen.sink.created_here
-    assert chosen.sink.connection.lab is None  # nothing imported or attached yet
-    # One connection serves all three.
-    assert chosen.source.connection is chosen.places.connection is chosen.sink.connection
+    assert not chosen.headless and chosen.sink.stopped_exit_code == 0 and chosen.sink.kill_grace_seconds() == 3.0
+    assert not chosen.sink.sdk.attached  # nothing imported or attached yet
+    # One SDK adapter serves all three.
+    assert chosen.params_from.sdk is chosen.places.sdk is chosen.sink.sdk
 
 
 def test_a_headless_job_that_never_started_is_never_touched():
@@ -182,7 +182,7 @@ def test_a_headless_job_that_never_started_is_never_touched():
     sink = host.choose(args(config=write_json_tmp({}))).sink
     sink.fail("Invalid configuration")
     sink.stopped("Stopped on request")
-    assert sink.connection.lab is None
+    assert not sink.sdk.attached
 
 
 def test_the_null_sink_has_no_job():
@@ -285,7 +285,7 @@ def test_a_missing_lab_home_stops_before_lab_is_imported(tmp_path, monkeypatch):
     monkeypatch.setenv("TFL_HOME_DIR", str(tmp_path / "gone"))
     imported_before = "lab" in sys.modules
     with pytest.raises(InvalidConfig):
-        host.LabConfig(host.LabConnection(None)).raw_params()
+        host.LabConfig(host.LabSdk(None)).raw_params()
     assert ("lab" in sys.modules) == imported_before
     assert not os.path.exists(tmp_path / "gone")
 
@@ -299,9 +299,9 @@ def test_task_parameters_read_mid_rewrite_are_read_again():
         def get_config(self):
             return next(answers)
 
-    connection = host.LabConnection(None)
-    connection.lab = Lab()
-    assert host.LabConfig(connection).raw_params() == {"adaptor_name": "x"}
+    sdk = host.LabSdk(None)
+    sdk.lab = Lab()
+    assert host.LabConfig(sdk).raw_params() == {"adaptor_name": "x"}
 
 
 def test_another_node_reads_the_task_job_without_writing_it(tmp_path):
@@ -318,8 +318,8 @@ def test_another_node_reads_the_task_job_without_writing_it(tmp_path):
     script = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "from plugin_utils import host\n"
-        "connection = host.LabConnection(None, read_only=True)\n"
-        "print(host.LabConfig(connection).raw_params()['adaptor_name'], connection.job_id)\n"
+        "sdk = host.LabSdk(None, read_only=True)\n"
+        "print(host.LabConfig(sdk).raw_params()['adaptor_name'], sdk.job_id)\n"
     )
     env = {**os.environ, "TFL_HOME_DIR": str(home), "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": "exp1"}
     out = subprocess.run(
@@ -333,12 +333,11 @@ def test_another_node_reads_the_task_job_without_writing_it(tmp_path):
 
 CLOSE_LEFT_OPEN = """
 import json, sys
-import main
-from plugin_utils import host, params
+from plugin_utils import host, params, stages
 source = host.InputFile(sys.argv[1])
 chosen = host.Host(source, host.LegacyPlaces(), host.LegacyJob(source))
 p = params.read(source.raw_params(), headless=False).params
-main.close_left_open_jobs(chosen, p, chosen.sink)
+stages.close_left_open_jobs(chosen, p, chosen.sink)
 """
 
 
@@ -389,10 +388,10 @@ def test_the_next_legacy_run_closes_a_job_a_killed_process_left(tmp_path, lab_di
 STOP_AFTER_A_LOST_LISTING = """
 import asyncio
 from plugin_utils import host
-sink = host.LabJob(host.LabConnection(None))
+sink = host.TaskJob(host.LabSdk(None))
 sink.start({})
 sink.checkpoints(["/ckpt/checkpoint-2", "/ckpt/checkpoint-4"])
-job = sink.connection.get().job
+job = sink.sdk.attach().job
 async def lost():  # the host's Stop rewrote the record from a copy read before the listing: the listing is gone
     data = await job.get_job_data()
     data.pop("checkpoints"), data.pop("latest_checkpoint")

@@ -33,6 +33,7 @@ ORDER = [
     "worker",
     "rank",
     "cli",
+    "stages",
 ]
 # The data package's modules, in order.
 DATA_ORDER = ["loading", "formats", "encoding", "keys", "prepared_cache", "prepare", "__init__"]

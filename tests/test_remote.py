@@ -116,10 +116,10 @@ class FakeLab:
         return str(self.folder / name)
 
 
-def _remote_connection(lab, checkpoints_dir: str) -> host.LabConnection:
-    connection = host.LabConnection(None)
-    connection.lab, connection._checkpoints_dir, connection._remote = lab, checkpoints_dir, True
-    return connection
+def _remote_sdk(lab, checkpoints_dir: str) -> host.LabSdk:
+    sdk = host.LabSdk(None)
+    sdk.lab, sdk._checkpoints_dir, sdk._remote = lab, checkpoints_dir, True
+    return sdk
 
 
 def test_the_remote_checkpoints_folder_follows_the_local_one_and_a_failed_upload_is_retried(
@@ -133,7 +133,7 @@ def test_the_remote_checkpoints_folder_follows_the_local_one_and_a_failed_upload
         (here / f"checkpoint-{step}").mkdir(parents=True)
         (here / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     lab = FakeLab(remote, failing={"checkpoint-2"})
-    sink = host.LabJob(_remote_connection(lab, str(remote)))
+    sink = host.TaskJob(_remote_sdk(lab, str(remote)))
 
     with caplog.at_level(logging.WARNING, logger="sft"):
         sink.checkpoints([str(here / "checkpoint-2")])
@@ -154,16 +154,16 @@ def test_the_remote_checkpoints_folder_follows_the_local_one_and_a_failed_upload
 
 def test_a_job_of_a_remote_workspace_has_local_folders_named_by_the_job(tmp_path, monkeypatch):
     monkeypatch.setenv("SFT_LOCAL_DIR", str(tmp_path / "jobs"))
-    connection = _remote_connection(object(), "s3://bucket/experiments/e/jobs/7/checkpoints")
-    where = host.LabJobPlaces(connection).locations({"adaptor_name": "a"})
+    sdk = _remote_sdk(object(), "s3://bucket/experiments/e/jobs/7/checkpoints")
+    where = host.LabJobPlaces(sdk).locations({"adaptor_name": "a"})
     work = tmp_path / "jobs" / "7"
     assert (where.adapter_dir, where.checkpoint_dir, where.run_dir) == (
         str(work / "adaptor" / "a"),
         str(work / "checkpoints"),
         str(work / "sft"),
     )
-    assert host.LabJobPlaces(connection).merged_location({"adaptor_name": "a"}) == str(work / "merged" / "a-merged")
-    assert connection.job_dir() == "s3://bucket/experiments/e/jobs/7"
+    assert host.LabJobPlaces(sdk).merged_location({"adaptor_name": "a"}) == str(work / "merged" / "a-merged")
+    assert sdk.job_dir() == "s3://bucket/experiments/e/jobs/7"
     monkeypatch.delenv("SFT_LOCAL_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert host.local_jobs_dir() == str(tmp_path / "home" / ".cache" / "sft_trainer_trl" / "jobs")

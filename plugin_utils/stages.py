@@ -1,0 +1,170 @@
+"""The run's three stages, each one call of main.py: `check` (parameters, this machine, the model's config and the
+outputs: torch-free, what `--check` runs), `prepare` (the model's layers and the data, tokenized into the prepared
+cache: what `--dry-run` adds) and `train` (the job, the ranks, the outputs). Each stage takes what the one before
+it returned and raises InvalidConfig with every problem it found; `cli.conclude` turns how the run ended into the
+job's final status and the exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from . import checkpoints, cli, data, host, launch, layers, machine, outputs, params, planning, sources, validation
+from .errors import InvalidConfig, Problem
+from .runfolder import RunSpec
+
+log = logging.getLogger("sft")
+
+
+@dataclass
+class Checked:
+    """What the check stage found: the parameters, this machine, the plan, and the outputs (None when the
+    adaptor_name is unusable), with the warnings to report."""
+
+    host: host.Host  # as this machine sees it: another node of a multi-node run reports nothing
+    p: params.Params
+    machine: machine.Machine
+    plan: planning.Plan
+    out: outputs.OutputFacts | None
+    continued: outputs.Continued | None
+    warnings: list[Problem]
+    clock: cli.Clock
+
+
+@dataclass
+class Ready:
+    """The data prepared, and the plan with its loss mode."""
+
+    checked: Checked
+    plan: planning.Plan
+    prepared: data.Prepared
+    warnings: list[Problem]
+
+
+def check(chosen: host.Host, nodes: machine.Nodes | None, clock: cli.Clock) -> Checked:
+    """Every rule that needs no data and no torch: the parameters, this machine, the model's config.json and
+    the outputs (resuming and the run lock included)."""
+    reading = params.read(chosen.params_from.raw_params(), headless=chosen.headless, nodes=nodes)
+    p, here = reading.params, machine.detect()
+    chosen = chosen.on_machine(p["machine_rank"])
+    out = continued = None
+    if params.usable(p, reading.errors, "adaptor_name"):
+        this_run = outputs.identity(p, planning.world_size(p, here), None)
+        continued = chosen.places.checkpoint_to_resume(p, this_run["world_size"])
+        requested = continued.checkpoint if continued else None
+        out = outputs.inspect(
+            chosen.places.locations(p), this_run, overwrite=p["overwrite_output"], requested=requested
+        )
+    found = validation.check(
+        validation.CHECK_PHASES,
+        prior=reading.errors,
+        p=p,
+        machine=here,
+        model=sources.inspect_model(p["model_name"]),
+        out=out,
+    )
+    warnings = reading.warnings + found.warnings
+    if found.errors:
+        raise InvalidConfig(found.errors, warnings)
+    plan = planning.build(p, here)
+    cli.report_warnings(warnings)
+    clock.mark("validated")
+    return Checked(chosen, p, here, plan, out, continued, warnings, clock)
+
+
+def prepare(checked: Checked, *, preview: int, stop: launch.StopFlag) -> Ready:
+    """What only the model's modules and the data can show, reported together: LoRA targets that name no layer, an
+    architecture that is no causal LM, bad rows and columns; then the rows tokenized into the prepared cache, and
+    the rules over their statistics."""
+    p, plan = checked.p, checked.plan
+    found = validation.check(("layers",), p=p, plan=plan, layers=layers.describe(p["model_name"]))
+    try:
+        dataset = data.load(p)
+    except InvalidConfig as exc:
+        raise InvalidConfig(found.errors + exc.errors, found.warnings + exc.warnings) from None
+    found.add(validation.check(("data",), p=p, out=checked.out, data=dataset.facts()))
+    found.raise_errors()
+    plan = plan.with_loss_mode(p, dataset.format)
+    stop.guard_forks()
+    prepared = data.prepare(p, dataset, plan.completion_only, preview=preview, stopping=lambda: stop.requested)
+    found.add(validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats))
+    found.raise_errors()
+    cli.report_warnings(found.warnings)
+    checked.clock.mark("data_prepared")
+    return Ready(checked, plan, prepared, checked.warnings + found.warnings)
+
+
+def dry_run(ready: Ready) -> cli.Finished:
+    """What `--dry-run` shows: the dataset's statistics and the first rows with what is trained in them."""
+    cli.report_dataset(ready.prepared)
+    return cli.Finished(cli.dry_run_report(ready.warnings, ready.prepared))
+
+
+def train(ready: Ready, stop: launch.StopFlag) -> cli.Finished:
+    """Open the job, start the ranks on the prepared data and watch them to the end, then publish the outputs."""
+    checked, plan, prepared, p = ready.checked, ready.plan, ready.prepared, ready.checked.p
+    chosen, out = checked.host, checked.out
+    job = chosen.sink
+    job.start(p)
+    job.log(cli.parameters_text(p))
+    job.log(cli.dataset_text(prepared))  # to the job's log and, like every host log line, to stderr
+    job.log(cli.plan_text(plan))
+    if checked.continued:
+        job.log(cli.continued_text(checked.continued))
+    main_node = plan.machine_rank == 0
+    if main_node:
+        close_left_open_jobs(chosen, p, job)
+    session = outputs.RunSession(
+        out,
+        job.job_id,
+        p["adaptor_name"],
+        merged=chosen.places.merged_location(p) if plan.merge_adapter else None,
+        main_node=main_node,
+        identity=outputs.identity(p, plan.world_size, prepared.key, plan.as_dict()),
+    )
+    with session:
+        spec = RunSpec.of(
+            p,
+            plan,
+            session.folder,
+            prepared_path=prepared.path,
+            has_eval=prepared.stats["eval_rows"] > 0,
+            checkpoint_dir=out.checkpoint_dir,
+            checkpoint_staging=out.where.saving_dir,
+            resume_from=session.resume_from,
+            adapter_staging=session.staged.adapter_staging,
+            merged_staging=session.staged.merged_staging,
+        )
+        result = launch.run(job, spec, plan, session.folder, stop, keep_open=session.held)
+        summary = outputs.summary(p, plan, result, prepared.stats, checked.clock.marks)
+        final = session.staged.publish(job, p, summary) if result.has_adapter else None
+        session.finished()
+    plot = outputs.write_plot(out.where.plot_path, result.loss_history)
+    report = {
+        "status": "COMPLETE",
+        "job_id": job.job_id or None,
+        "adaptor_path": final,
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+    }
+    return cli.Finished(report, (outputs.completion_message(result, final), outputs.score(result), plot))
+
+
+def close_left_open_jobs(chosen: host.Host, p, job: host.Sink) -> None:
+    """Jobs an earlier run left open when its process died (killed, out of memory, the machine gone) are ended
+    here, STOPPED when its ranks saved a checkpoint, else FAILED, with the reason: the job list never shows a dead
+    run as running, or (the 0.31/0.32 host) as a success."""
+    for left in outputs.left_behind(chosen.places.earlier_runs(p), job.job_id):
+        try:
+            closed = job.close_left_open(left.job_id, left.status, left.message(job.job_id))
+        except Exception as exc:  # another job's state: worth a warning, never this run
+            log.warning("could not close job %s, which a dead process left open: %s", left.job_id, exc)
+            continue
+        if closed:
+            log.warning(
+                "job %s was left open by a process that died; marked %s%s",
+                left.job_id,
+                left.status,
+                f" (it saved a checkpoint at step {checkpoints.step_of(left.checkpoint)})" if left.checkpoint else "",
+            )
