@@ -54,12 +54,11 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import datasets, transformers  # imported before the clock starts, as in the TRL arm
 from plugin_utils import data, params, planning
-p = params.defaults()
-p.update(model_name=sys.argv[2], dataset_name=sys.argv[3], adaptor_name="bench",
-         formatting_template=json.loads(sys.argv[4]), maximum_sequence_length=512)
+p = params.defaults().replace(model_name=sys.argv[2], dataset_name=sys.argv[3], adaptor_name="bench",
+                              formatting_template=json.loads(sys.argv[4]), maximum_sequence_length=512)
 started = time.perf_counter()
-dataset = data.load(p)
-prepared = data.prepare(p, dataset, planning.loss_mode(p, dataset.format)[0])
+dataset = data.load(p.data)
+prepared = data.prepare(p.data, dataset, planning.loss_mode(p, dataset.format)[0])
 print(json.dumps({"seconds": time.perf_counter() - started, "rows": prepared.stats["rows_used"]}))
 """
 

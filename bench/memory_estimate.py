@@ -94,8 +94,7 @@ def main() -> None:
         return json.loads(out.strip().splitlines()[-1])["measured"]
 
     def estimate(shape: str, batch: int, seq: int, ckpt: bool) -> float:
-        p = {**params.defaults(), "batch_size": batch, "maximum_sequence_length": seq, "lora_r": 16}
-        p["lora_dropout"] = 0.05
+        p = params.defaults().replace(batch_size=batch, maximum_sequence_length=seq, lora_r=16, lora_dropout=0.05)
         options = {"precision": "fp32", "world_size": 1, "checkpointing": ckpt, "device": "cpu"}
         return speed.estimate_memory(SHAPES[shape], p, **options) - speed.RUNTIME_OVERHEAD
 

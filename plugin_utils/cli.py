@@ -122,7 +122,10 @@ def dataset_text(prepared) -> str:
 
 def parameters_text(p) -> str:
     """The parameters this run uses, as asked with the defaults filled in: what a sweep's child ran with."""
-    return "\n".join(["parameters:", *(f"  {name}: {json.dumps(p[name], default=str)}" for name in sorted(p))])
+    values = p.as_dict()
+    return "\n".join(
+        ["parameters:", *(f"  {name}: {json.dumps(values[name], default=str)}" for name in sorted(values))]
+    )
 
 
 def continued_text(continued) -> str:

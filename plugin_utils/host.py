@@ -33,7 +33,6 @@ import posixpath
 import shutil
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any, ClassVar, Protocol
 from . import checkpoints
 from .errors import EXIT_OK, EXIT_STOPPED, InvalidConfig, RunFailed, problem
 from .outputs import Continued, Where, unfinished_run
+from .params import Params
 from .sources import model_config, workspace_dir
 
 log = logging.getLogger("sft")
@@ -371,16 +371,16 @@ class LabConfig:
 
 
 class Places(Protocol):
-    def locations(self, p: Mapping[str, Any]) -> Where:
+    def locations(self, p: Params) -> Where:
         """The adapter's folder, the checkpoints folder and the run's own folder."""
 
-    def merged_location(self, p: Mapping[str, Any]) -> str:
+    def merged_location(self, p: Params) -> str:
         """Where fuse_model's merged model goes."""
 
-    def checkpoint_to_resume(self, p: Mapping[str, Any], world_size: int) -> Continued | None:
+    def checkpoint_to_resume(self, p: Params, world_size: int) -> Continued | None:
         """A checkpoint elsewhere to resume from; None: the newest complete one of the run's own folder, if any."""
 
-    def earlier_runs(self, p: Mapping[str, Any]) -> list[tuple[Where, str]]:
+    def earlier_runs(self, p: Params) -> list[tuple[Where, str]]:
         """The runs whose job this run may find left open by a dead process, with their job ids."""
 
 
@@ -388,22 +388,22 @@ class OutputDir:
     """<output_dir>/<adaptor_name>; checkpoints in <output_dir>/checkpoints/<adaptor_name>; the run's own files
     in <output_dir>/runs/<adaptor_name>."""
 
-    def locations(self, p: Mapping[str, Any]) -> Where:
-        root = os.path.abspath(os.path.expanduser(p["output_dir"] or "./outputs"))
-        name = p["adaptor_name"]
+    def locations(self, p: Params) -> Where:
+        root = os.path.abspath(os.path.expanduser(p.output_dir or "./outputs"))
+        name = p.adaptor_name
         runs, checkpoints = os.path.join(root, "runs", name), os.path.join(root, "checkpoints", name)
         return Where(os.path.join(root, name), checkpoints, runs)
 
-    def merged_location(self, p: Mapping[str, Any]) -> str:
+    def merged_location(self, p: Params) -> str:
         """Where fuse_model's merged model goes."""
         return self.locations(p).adapter_dir.rstrip(os.sep) + "-merged"
 
-    def checkpoint_to_resume(self, p: Mapping[str, Any], world_size: int) -> Continued | None:
+    def checkpoint_to_resume(self, p: Params, world_size: int) -> Continued | None:
         """A checkpoint elsewhere to resume from (the host's request, or an earlier job's unfinished run of the
         adapter); None: the newest complete one of this run's own checkpoints folder, if any."""
         return None
 
-    def earlier_runs(self, p: Mapping[str, Any]) -> list[tuple[Where, str]]:
+    def earlier_runs(self, p: Params) -> list[tuple[Where, str]]:
         """The runs whose job this run may find left open by a dead process: the earlier run of these outputs."""
         return [(self.locations(p), "")]
 
@@ -413,11 +413,11 @@ class LegacyPlaces(OutputDir):
 
     def locations(self, p):
         where = super().locations(p)
-        return replace(where, adapter_dir=p["adaptor_output_dir"] or where.adapter_dir)
+        return replace(where, adapter_dir=p.adaptor_output_dir or where.adapter_dir)
 
     def merged_location(self, p):
-        base = os.path.basename(os.path.normpath(p["model_name"]))
-        return os.path.join(workspace_dir(), "models", f"{base}_{p['adaptor_name']}")
+        base = os.path.basename(os.path.normpath(p.model_name))
+        return os.path.join(workspace_dir(), "models", f"{base}_{p.adaptor_name}")
 
 
 class LabJobPlaces:
@@ -430,10 +430,10 @@ class LabJobPlaces:
     def locations(self, p):
         work = self.sdk.work_dir()
         checkpoints = os.path.join(work, "checkpoints") if self.sdk.remote else self.sdk.checkpoints_dir()
-        return Where(os.path.join(work, "adaptor", p["adaptor_name"]), checkpoints, os.path.join(work, "sft"))
+        return Where(os.path.join(work, "adaptor", p.adaptor_name), checkpoints, os.path.join(work, "sft"))
 
     def merged_location(self, p):
-        return os.path.join(self.sdk.work_dir(), "merged", f"{p['adaptor_name']}-merged")
+        return os.path.join(self.sdk.work_dir(), "merged", f"{p.adaptor_name}-merged")
 
     def checkpoint_to_resume(self, p, world_size):
         """The checkpoint the job page's "Restart from checkpoint" names; else, since every launch of a task is a
@@ -443,7 +443,7 @@ class LabJobPlaces:
         if requested:
             local = self._downloaded(requested) if _is_remote(requested) else requested
             return Continued(str(job_data.get("parent_job_id") or ""), local)
-        if p["overwrite_output"] or "sweep_params" in job_data:
+        if p.overwrite_output or "sweep_params" in job_data:
             return None
         if self.sdk.remote:
             log.info(
@@ -451,7 +451,7 @@ class LabJobPlaces:
                 "use Restart from checkpoint on that job to continue it"
             )
             return None
-        return unfinished_run(self.other_runs(), p["adaptor_name"], world_size)
+        return unfinished_run(self.other_runs(), p.adaptor_name, world_size)
 
     def _downloaded(self, uri: str) -> str:
         """A checkpoint in the bucket, copied whole into this job's local folder (its identity file with it);
@@ -496,7 +496,7 @@ class Sink(Protocol):
     def kill_grace_seconds(self) -> float | None:
         """Seconds between the host's stop signal and its SIGKILL of every process of the run; None: no kill."""
 
-    def start(self, params: Mapping[str, Any]) -> None: ...
+    def start(self, params: Params) -> None: ...
 
     def log(self, text: str) -> None: ...
 
@@ -508,9 +508,9 @@ class Sink(Protocol):
     def should_stop(self) -> bool:
         """The job's own stop request, for a host that does not signal the run."""
 
-    def register_model(self, path: str, p: Mapping[str, Any]) -> str: ...
+    def register_model(self, path: str, p: Params) -> str: ...
 
-    def register_merged(self, path: str, p: Mapping[str, Any]) -> str: ...
+    def register_merged(self, path: str, p: Params) -> str: ...
 
     def complete(self, message: str, score: dict[str, float], plot_path: str | None) -> None: ...
 
@@ -630,7 +630,7 @@ class LegacyJob:
         # The model folder format of TransformerLab's local models (an index.json beside the weights).
         name = os.path.basename(path)
         config = model_config(path) or {}
-        architecture = (config.get("architectures") or [p["model_architecture"] or ""])[0]
+        architecture = (config.get("architectures") or [p.model_architecture or ""])[0]
         description = {
             "model_id": f"TransformerLab/{name}",
             "model_filename": ".",
@@ -640,11 +640,11 @@ class LegacyJob:
                 "uniqueID": f"TransformerLab/{name}",
                 "name": name,
                 "model_filename": ".",
-                "description": f"{p['model_name']} fine-tuned with adapter {p['adaptor_name']} (merged)",
+                "description": f"{p.model_name} fine-tuned with adapter {p.adaptor_name} (merged)",
                 "source": "transformerlab",
                 "architecture": architecture,
                 "huggingface_repo": "",
-                "parent_model": p["model_name"],
+                "parent_model": p.model_name,
             },
         }
         Path(path, "index.json").write_text(json.dumps(description, indent=2))
@@ -817,16 +817,16 @@ class _LabJob:
         self.sdk.set_fields(self._listed)
 
     def register_model(self, path, p):
-        return self._register(path, p["adaptor_name"], p)
+        return self._register(path, p.adaptor_name, p)
 
     def register_merged(self, path, p):
-        return self._register(path, f"{p['adaptor_name']}-merged", p)
+        return self._register(path, f"{p.adaptor_name}-merged", p)
 
     def _register(self, path: str, name: str, p) -> str:
         raise NotImplementedError
 
     def _save_model(self, path: str, name: str, p) -> str:
-        return self.sdk.save_model(path, name, p["model_name"] or None, p["model_architecture"] or None)
+        return self.sdk.save_model(path, name, p.model_name or None, p.model_architecture or None)
 
     def complete(self, message, score, plot_path):
         if plot_path and self.mirror is not None:

@@ -405,7 +405,7 @@ def run(
     with open(folder.launcher_log, "ab") as launcher_output:
         proc = subprocess.Popen(
             cmd,
-            env=rank_env(plan, spec.log_to_wandb, port),
+            env=rank_env(plan, spec.training.log_to_wandb, port),
             cwd=PLUGIN_DIR,
             stdout=launcher_output,  # a file: the ranks never write into a pipe whose reader may die
             stderr=subprocess.STDOUT,

@@ -9,7 +9,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 from . import checkpoints
 from .errors import InvalidConfig, RunFailed, problem
 from .machine import existing_parent
-from .params import MANIFEST
+from .params import HARD_KEYS, MANIFEST, SOFT_KEYS, Params
 from .runfolder import IDENTITY_FILE, RunFolder
 from .sources import read_json
 
@@ -63,41 +62,18 @@ def publish(staging: str, final: str, summary: dict[str, Any]) -> str:
 
 
 # What a resumed run shares with the run that saved its checkpoint, as the user asked it (never what `auto`
-# became). A change to a HARD key makes the checkpoint unusable, or its resumed data position wrong: refused.
-# A change to a SOFT key only changes what happens from the resume point on: a warning. The world size and
-# the prepared data's fingerprint are hard too.
-HARD_KEYS = (
-    "model_name",
-    "training_mode",
-    "lora_r",
-    "lora_alpha",
-    "lora_target_modules",
-    "distributed_strategy",
-    "maximum_sequence_length",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "packing",
-    "seed",
-)
-SOFT_KEYS = (
-    "max_steps",
-    "num_train_epochs",
-    "learning_rate",
-    "learning_rate_schedule",
-    "warmup_ratio",
-    "lora_dropout",
-    "save_steps",
-    "logging_steps",
-)
+# became): the parameters params.py declares HARD (a change makes the checkpoint unusable, or its resumed data
+# position wrong: refused) and SOFT (a change applies from the resume point on: a warning). The world size and the
+# prepared data's fingerprint are hard too.
 IDENTITY_VERSION = 2
 SHOWN = {"dataset": "dataset_name (its content or preparation)", "world_size": "num_processes (world size)"}
 
 
-def identity(p: Mapping[str, Any], world_size: int, data_key: str | None, derived: dict | None = None) -> dict:
+def identity(p: Params, world_size: int, data_key: str | None, derived: dict | None = None) -> dict:
     """What run_params.json records: the asked values compared on resume, and what was derived, shown beside."""
     return {
         "version": IDENTITY_VERSION,
-        "asked": {k: p[k] for k in (*HARD_KEYS, *SOFT_KEYS)},
+        "asked": p.resume_identity(),
         "world_size": world_size,
         "dataset": data_key,
         "derived": derived or {},
@@ -411,7 +387,7 @@ class Staged:
             if path:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def publish(self, host, p: Mapping[str, Any], summary_data: dict[str, Any]) -> str:
+    def publish(self, host, p: Params, summary_data: dict[str, Any]) -> str:
         """Move the outputs into place and register them with the host; returns the adapter's path."""
         if not os.path.isdir(self.adapter_staging):
             raise RunFailed(f"the training processes wrote no adapter to {self.adapter_staging}")
@@ -516,12 +492,10 @@ def write_plot(path: str, history: list[dict[str, Any]]) -> str | None:
     return path
 
 
-def summary(
-    p: dict[str, Any], plan, result, stats: dict[str, Any], startup: dict[str, float] | None = None
-) -> dict[str, Any]:
+def summary(p: Params, plan, result, stats: dict[str, Any], startup: dict[str, float] | None = None) -> dict[str, Any]:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "parameters": dict(p),
+        "parameters": p.as_dict(),
         "plan": plan.as_dict(),
         "world_size": result.world_size,
         "steps": result.steps,

@@ -13,14 +13,15 @@ import difflib
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem, problem
+from .errors import InvalidConfig, Problem, problem
 from .machine import Nodes
+from .runfolder import LoraSettings, TrainingSettings, lora_targets
 from .sources import workspace_model
 
 log = logging.getLogger("sft")
@@ -70,16 +71,226 @@ _TRUE = {"true", "on", "yes", "1"}
 _FALSE = {"false", "off", "no", "0"}
 
 
+# --- the typed parameters ---------------------------------------------------------------------------------
+
+
+class Auto:
+    """`auto`: the plan decides, on this machine (each parameter's help says how)."""
+
+    _instance: Auto | None = None
+
+    def __new__(cls) -> Auto:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "auto"
+
+    def __reduce__(self):
+        return (Auto, ())
+
+
+AUTO = Auto()
+
+# What a parameter is part of. Every parameter declares its roles: a new one cannot escape the resume check or
+# the data key by being forgotten (tests/test_params.py fails until it is placed).
+DATA = "data"  # shapes the prepared rows: in the data key, which a resumed run must share
+CONTENT = "content"  # enters the data key by the content it names (the tokenizer's files, the data's bytes)
+HARD = "hard"  # the resume identity: a change makes the checkpoint unusable, so the resume is refused
+SOFT = "soft"  # the resume identity: a change applies from the resume point on (a warning)
+RUN = "run"  # this run alone
+ROLES = (DATA, CONTENT, HARD, SOFT, RUN)
+
+
+def _role(*roles: str, group: str = "") -> dict[str, Any]:
+    """A parameter's field metadata: its roles, and the settings record (`group`) the ranks receive it in."""
+    return {"roles": frozenset(roles), "group": group}
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Exactly the parameters the data code reads, and nothing else of them: the model and the dataset, which the
+    data key hashes by content (the tokenizer's files, the data's bytes), and the settings that shape the prepared
+    rows, which it hashes by value."""
+
+    model_name: str
+    dataset_name: str
+    formatting_template: str
+    apply_chat_template: bool
+    chatml_formatted_column: str
+    formatting_chat_template: str
+    completion_only_loss: Auto | bool
+    assistant_only_loss: bool
+    completion_column: str
+    maximum_sequence_length: int
+    eval_split: float
+    seed: int
+
+    def canonical(self) -> dict[str, Any]:
+        """The shaping settings as the data key hashes them (`auto`, `true` and `false` as words)."""
+        return {name: shown(name, getattr(self, name)) for name in names_in(DATA)}
+
+
+@dataclass(frozen=True)
+class Params:
+    """The parameters of one run, parsed once and frozen: what the user asked, normalised (`auto` stays AUTO;
+    what it became is the plan's). Host keys first, then the form's parameters in index.json's order."""
+
+    # What the host fills; never form parameters.
+    model_name: str = field(metadata=_role(HARD, CONTENT))
+    model_architecture: str = field(metadata=_role(RUN))
+    dataset_name: str = field(metadata=_role(CONTENT))
+    template_name: str = field(metadata=_role(RUN))
+    plugin_name: str = field(metadata=_role(RUN))
+    job_id: str = field(metadata=_role(RUN))
+    output_dir: str = field(metadata=_role(RUN))
+    adaptor_output_dir: str = field(metadata=_role(RUN))
+    run_sweeps: bool = field(metadata=_role(RUN))
+    sweep_config: Any = field(metadata=_role(RUN))
+    experiment_name: str = field(metadata=_role(RUN))
+    formatting_template: str = field(metadata=_role(DATA))
+    apply_chat_template: bool = field(metadata=_role(DATA))
+    chatml_formatted_column: str = field(metadata=_role(DATA))
+    formatting_chat_template: str = field(metadata=_role(DATA))
+    # The form (index.json).
+    adaptor_name: str = field(metadata=_role(RUN))
+    training_mode: str = field(metadata=_role(HARD))
+    lora_r: int = field(metadata=_role(HARD, group="lora"))
+    lora_alpha: int = field(metadata=_role(HARD, group="lora"))
+    lora_dropout: float = field(metadata=_role(SOFT, group="lora"))
+    lora_target_modules: str = field(metadata=_role(HARD, group="lora"))
+    maximum_sequence_length: int = field(metadata=_role(HARD, DATA))
+    batch_size: int = field(metadata=_role(HARD, group="training"))
+    gradient_accumulation_steps: int = field(metadata=_role(HARD, group="training"))
+    learning_rate: float = field(metadata=_role(SOFT, group="training"))
+    learning_rate_schedule: str = field(metadata=_role(SOFT, group="training"))
+    warmup_ratio: float = field(metadata=_role(SOFT, group="training"))
+    num_train_epochs: float = field(metadata=_role(SOFT, group="training"))
+    max_steps: int = field(metadata=_role(SOFT, group="training"))
+    completion_only_loss: Auto | bool = field(metadata=_role(DATA))
+    assistant_only_loss: bool = field(metadata=_role(DATA))
+    completion_column: str = field(metadata=_role(DATA))
+    max_dropped_fraction: float = field(metadata=_role(RUN))
+    packing: Auto | bool = field(metadata=_role(HARD))
+    precision: str = field(metadata=_role(RUN))
+    gradient_checkpointing: Auto | bool = field(metadata=_role(RUN))
+    eval_split: float = field(metadata=_role(DATA))
+    logging_steps: int = field(metadata=_role(SOFT, group="training"))
+    save_steps: int = field(metadata=_role(SOFT, group="training"))
+    save_total_limit: int = field(metadata=_role(RUN, group="training"))
+    seed: int = field(metadata=_role(HARD, DATA, group="training"))
+    overwrite_output: bool = field(metadata=_role(RUN))
+    gpu_ids: Auto | tuple[int, ...] = field(metadata=_role(RUN))
+    num_processes: Auto | int = field(metadata=_role(RUN))
+    train_device: str = field(metadata=_role(RUN))
+    distributed_strategy: str = field(metadata=_role(HARD))
+    num_machines: int = field(metadata=_role(RUN))
+    machine_rank: int = field(metadata=_role(RUN))
+    main_process_ip: str = field(metadata=_role(RUN))
+    main_process_port: int = field(metadata=_role(RUN))
+    log_to_wandb: bool = field(metadata=_role(RUN, group="training"))
+    fuse_model: bool = field(metadata=_role(RUN))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The values as a user gives them (`auto`, `true`, `0,1`): for JSON, the job's record and the log."""
+        return {f.name: shown(f.name, getattr(self, f.name)) for f in fields(self)}
+
+    def replace(self, **raw: Any) -> Params:
+        """A copy with these values, each read as a host's value is read; a bad one raises InvalidConfig."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        problems = []
+        for name, value in raw.items():
+            if name not in values:
+                raise TypeError(f"unknown parameter {name!r}")
+            typed, issue = _read_value(name, value)
+            if issue:
+                problems.append(issue)
+            values[name] = typed
+        if problems:
+            raise InvalidConfig(problems)
+        return Params(**values)
+
+    @property
+    def lora(self) -> LoraSettings:
+        names = lora_targets(self.lora_target_modules)
+        return LoraSettings(
+            self.lora_r, self.lora_alpha, self.lora_dropout, ("all-linear",) if names is None else tuple(names)
+        )
+
+    @property
+    def training(self) -> TrainingSettings:
+        return TrainingSettings(**{name: getattr(self, name) for name in names_in(group="training")})
+
+    @property
+    def data(self) -> DataSettings:
+        return DataSettings(**{name: getattr(self, name) for name in (*names_in(CONTENT), *names_in(DATA))})
+
+    def resume_identity(self) -> dict[str, Any]:
+        """What a resumed run shares with the run that saved its checkpoint, as asked (never what `auto` became):
+        the hard and soft parameters."""
+        return {name: shown(name, getattr(self, name)) for name in (*HARD_KEYS, *SOFT_KEYS)}
+
+
+def names_in(role: str = "", *, group: str = "") -> tuple[str, ...]:
+    """The parameters with this role (or in this group), in their order."""
+    return tuple(
+        f.name
+        for f in fields(Params)
+        if (not role or role in f.metadata["roles"]) and (not group or f.metadata["group"] == group)
+    )
+
+
+HARD_KEYS = names_in(HARD)
+SOFT_KEYS = names_in(SOFT)
+
+
+def shown(name: str, value: Any) -> Any:
+    """A parsed value as a user gives it: AUTO as `auto`, an auto/true/false switch as a word, GPU ids as `0,1`,
+    a count of processes as text."""
+    if value is AUTO:
+        return "auto"
+    if name in switches():
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if name == "num_processes":
+        return str(value)
+    return value
+
+
 @lru_cache(maxsize=1)
 def form_schema() -> dict[str, dict[str, Any]]:
     """The Train-tab form parameters of index.json: types, bounds, enums and defaults."""
     return json.loads(MANIFEST.read_text())["parameters"]
 
 
-def defaults() -> dict[str, Any]:
-    values = {k: spec.get("default") for k, spec in HOST_KEYS.items()}
-    values.update({k: spec.get("default") for k, spec in form_schema().items()})
-    return values
+@lru_cache(maxsize=1)
+def known_schema() -> dict[str, dict[str, Any]]:
+    """Every parameter's schema: the host's keys, then the form's."""
+    return {**HOST_KEYS, **form_schema()}
+
+
+@lru_cache(maxsize=1)
+def switches() -> frozenset[str]:
+    """The auto/true/false parameters (packing, gradient_checkpointing, completion_only_loss)."""
+    return frozenset(k for k, spec in form_schema().items() if set(spec.get("enum", ())) == {"auto", "true", "false"})
+
+
+@lru_cache(maxsize=1)
+def _default_values() -> tuple[tuple[str, Any], ...]:
+    values = []
+    for name, spec in known_schema().items():
+        typed, issue = _read_value(name, spec.get("default"))
+        if issue:
+            raise ValueError(f"index.json's default of {name} is not valid: {issue.line()}")
+        values.append((name, typed))
+    return tuple(values)
+
+
+def defaults() -> Params:
+    """Every parameter at its default (adaptor_name, model_name and dataset_name empty)."""
+    return Params(**dict(_default_values()))
 
 
 def _coerce(name: str, value: Any, spec: dict[str, Any]) -> tuple[Any, Problem | None]:
@@ -130,6 +341,53 @@ def _coerce(name: str, value: Any, spec: dict[str, Any]) -> tuple[Any, Problem |
     return value, None
 
 
+def _read_value(name: str, value: Any) -> tuple[Any, Problem | None]:
+    """One value read as its parameter's type: coerced (strings, numbers, booleans), checked against its schema
+    (bounds, choices, pattern), then parsed (auto/true/false switches, a count of processes, GPU ids)."""
+    spec = known_schema()[name]
+    if value is None:
+        value = spec.get("default")
+    if value is None:  # no value and no default (adaptor_name): empty, which its own rule reports
+        return ("" if spec.get("type") == "string" else None), None
+    coerced, issue = _coerce(name, value, spec)
+    if issue is None and isinstance(coerced, str):
+        issue = _check_string(name, coerced, spec)
+    if issue:
+        return value, issue
+    if name in switches():
+        return {"auto": AUTO, "true": True, "false": False}[coerced], None
+    if name == "num_processes":
+        return _count(coerced)
+    if name == "gpu_ids":
+        return _gpu_ids(coerced)
+    return coerced, None
+
+
+def _count(value: str) -> tuple[Any, Problem | None]:
+    text = value.strip().lower()
+    if text == "auto":
+        return AUTO, None
+    if text.isdigit() and int(text) >= 1:
+        return int(text), None
+    return value, problem("num_processes", f"{value!r} is neither 'auto' nor a count", "Use auto or a count such as 2")
+
+
+def _gpu_ids(value: str) -> tuple[Any, Problem | None]:
+    text = value.replace(" ", "")
+    if text.lower() == "auto":
+        return AUTO, None
+    parts = text.split(",")
+    if not all(part.isdigit() for part in parts):
+        return value, problem("gpu_ids", f"{value!r} is not a list of GPU ids", "Use auto, or ids such as 0,1")
+    ids = tuple(int(part) for part in parts)
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        # A GPU listed twice would get two processes.
+        listed = ", ".join(map(str, twice))
+        return value, problem("gpu_ids", f"GPU {listed} is listed more than once", "List each GPU once, such as 0,1")
+    return ids, None
+
+
 def _as_given(value: Any, spec: dict[str, Any]) -> Any:
     """What a value means: a schema dict left by a task form that did not send the key means its default
     (None: the plugin's own)."""
@@ -168,34 +426,9 @@ def _check_string(name: str, value: str, spec: dict[str, Any]) -> Problem | None
     return None
 
 
-def usable(values: dict[str, Any], errors: list[Problem], name: str) -> bool:
+def usable(p: Params, errors: list[Problem], name: str) -> bool:
     """The parameter has a value of its own that passed its single-value checks."""
-    return values.get(name) not in (None, "") and all(e.parameter != name for e in errors)
-
-
-class Params(Mapping):
-    """The parameters of one run, read-only: `p["learning_rate"]`, never `p["learning_rate"] = ...`."""
-
-    __slots__ = ("_values",)
-
-    def __init__(self, values: Mapping[str, Any]):
-        self._values = dict(values)
-
-    def __getitem__(self, name: str) -> Any:
-        return self._values[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __repr__(self) -> str:
-        return f"Params({self._values!r})"
-
-    def as_dict(self) -> dict[str, Any]:
-        """A plain copy, for JSON."""
-        return dict(self._values)
+    return getattr(p, name) not in (None, "") and all(e.parameter != name for e in errors)
 
 
 @dataclass(frozen=True)
@@ -225,15 +458,14 @@ def _apply_nodes(values: dict[str, Any], nodes: Nodes, given: set[str]) -> None:
 
 
 def read(raw: Mapping[str, Any], *, headless: bool, nodes: Nodes | None = None) -> Reading:
-    """Coerce every value, fill defaults, and report every single-value problem at once. A value that failed
-    keeps its default, so the cross-parameter rules can still run and every problem is reported in one go.
-    Unknown keys are errors headless, warnings under a host (hosts add keys of their own). `nodes`: the nodes a
-    scheduler's environment describes, which fill the machine settings the user left alone."""
-    schema = form_schema()
-    known = {**HOST_KEYS, **schema}
+    """Read every value as its parameter's type, fill defaults, and report every single-value problem at once. A
+    value that failed keeps its default, so the cross-parameter rules can still run and every problem is reported
+    in one go. Unknown keys are errors headless, warnings under a host (hosts add keys of their own). `nodes`: the
+    nodes a scheduler's environment describes, which fill the machine settings the user left alone."""
+    known = known_schema()
     errors: list[Problem] = []
     warnings: list[Problem] = []
-    values = defaults()
+    values = dict(_default_values())
     failed: set[str] = set()
 
     for name, value in raw.items():
@@ -252,25 +484,23 @@ def read(raw: Mapping[str, Any], *, headless: bool, nodes: Nodes | None = None) 
             default = known[name].get("default")
             warnings.append(problem(name, f"left empty, so its default {default} is used", "Give a value to change it"))
             continue
-        coerced, issue = _coerce(name, value, known[name])
-        if issue is None and isinstance(coerced, str):
-            issue = _check_string(name, coerced, known[name])
+        typed, issue = _read_value(name, value)
         if issue:
             errors.append(issue)
             failed.add(name)
         else:
-            values[name] = coerced
+            values[name] = typed
 
     if nodes is not None and values["num_machines"] == 1 and "num_machines" not in failed:
         _apply_nodes(values, nodes, given={k for k, v in raw.items() if _as_given(v, known.get(k, {})) is not None})
 
-    if usable(values, errors, "model_name"):
+    if values["model_name"] and "model_name" not in failed:
         found = workspace_model(values["model_name"])
         if found:
             log.info("model_name: %s is %s: %s", values["model_name"], found.how, found.path)
             values["model_name"] = found.path
 
-    for name, spec in schema.items():
+    for name, spec in form_schema().items():
         if spec.get("required") and name not in failed and values.get(name) in (None, ""):
             errors.append(problem(name, "is required", f"Set {name} (see its help in the Train tab)"))
-    return Reading(Params(values), errors, warnings)
+    return Reading(Params(**values), errors, warnings)

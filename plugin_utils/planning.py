@@ -18,28 +18,25 @@ from typing import Any
 
 from . import speed
 from .machine import GIB, Gpu, Machine
+from .params import AUTO, Params
 from .rowformats import CHAT_FORMATS
 from .sources import model_config, model_folder, read_json
 from .speed import Speed
 
 
-def selected_gpu_ids(p: Mapping[str, Any], machine: Machine) -> list[int]:
-    """gpu_ids as a list: the usable GPUs for auto, else the ids given (unparsable parts left out)."""
-    value = str(p["gpu_ids"]).replace(" ", "").lower()
-    if value == "auto":
-        return [g.index for g in machine.usable_gpus]
-    return [int(part) for part in value.split(",") if part.isdigit()]
+def selected_gpu_ids(p: Params, machine: Machine) -> list[int]:
+    """gpu_ids as a list: the usable GPUs for auto, else the ids given."""
+    return [g.index for g in machine.usable_gpus] if p.gpu_ids is AUTO else list(p.gpu_ids)
 
 
-def asked_processes(p: Mapping[str, Any]) -> int | None:
-    """num_processes as a count; None for auto (or for a value its own rule refuses)."""
-    value = str(p["num_processes"]).strip()
-    return int(value) if value.isdigit() else None
+def asked_processes(p: Params) -> int | None:
+    """num_processes as a count; None for auto."""
+    return None if p.num_processes is AUTO else p.num_processes
 
 
-def planned_gpus(p: Mapping[str, Any], machine: Machine) -> list[Gpu]:
+def planned_gpus(p: Params, machine: Machine) -> list[Gpu]:
     """The GPUs the run will use: none on train_device=cpu, else the selected ones, the first num_processes."""
-    if p["train_device"] == "cpu":
+    if p.train_device == "cpu":
         return []
     selected = selected_gpu_ids(p, machine)
     count = asked_processes(p)
@@ -49,29 +46,29 @@ def planned_gpus(p: Mapping[str, Any], machine: Machine) -> list[Gpu]:
     return [by_index[i] for i in selected if i in by_index]
 
 
-def precision_for(p: Mapping[str, Any], gpus: list[Gpu]) -> str:
+def precision_for(p: Params, gpus: list[Gpu]) -> str:
     """precision, with auto resolved: fp32 on the CPU, bf16 on Ampere or newer, else fp16."""
-    if p["precision"] != "auto":
-        return p["precision"]
+    if p.precision != "auto":
+        return p.precision
     return "fp32" if not gpus else "bf16" if all(g.supports_bf16 for g in gpus) else "fp16"
 
 
-def processes_here(p: Mapping[str, Any], machine: Machine) -> int:
+def processes_here(p: Params, machine: Machine) -> int:
     """Processes on this machine: num_processes, or one per planned GPU (one on the CPU)."""
     count = asked_processes(p)
     return count if count is not None else max(1, len(planned_gpus(p, machine)))
 
 
-def world_size(p: Mapping[str, Any], machine: Machine) -> int:
-    return processes_here(p, machine) * p["num_machines"]
+def world_size(p: Params, machine: Machine) -> int:
+    return processes_here(p, machine) * p.num_machines
 
 
-def planned_steps(p: Mapping[str, Any], world: int, rows: int) -> int:
+def planned_steps(p: Params, world: int, rows: int) -> int:
     """Optimizer steps the run will take on `rows` training rows."""
-    if p["max_steps"] > 0:
-        return p["max_steps"]
-    batches = -(-rows // (p["batch_size"] * world))
-    return max(1, int(-(-batches // p["gradient_accumulation_steps"]) * p["num_train_epochs"]))
+    if p.max_steps > 0:
+        return p.max_steps
+    batches = -(-rows // (p.batch_size * world))
+    return max(1, int(-(-batches // p.gradient_accumulation_steps) * p.num_train_epochs))
 
 
 @dataclass(frozen=True)
@@ -94,6 +91,8 @@ class Plan:
     completion_only: bool | None = None
     # fuse_model with an adapter to merge (training_mode=full has none).
     merge_adapter: bool = False
+    # What fuse_model merges into (speed.merge_precision).
+    merged_precision: str = "bf16"
     reasons: tuple[str, ...] = ()
     # The planned GPUs as this process's CUDA_VISIBLE_DEVICES names them (GPU- and MIG- ids kept), else by index.
     visible_devices: tuple[str, ...] = ()
@@ -125,26 +124,26 @@ class Plan:
     def all_reasons(self) -> list[str]:
         return [*self.reasons, *self.speed.reasons]
 
-    def with_loss_mode(self, p: Mapping[str, Any], fmt: str) -> Plan:
+    def with_loss_mode(self, p: Params, fmt: str) -> Plan:
         """This plan once the data's format is known: whether only completions (assistant turns) are trained."""
         on, why = loss_mode(p, fmt)
         return replace(self, completion_only=on, reasons=(*self.reasons, why))
 
 
-def loss_mode(p: Mapping[str, Any], fmt: str) -> tuple[bool, str]:
+def loss_mode(p: Params, fmt: str) -> tuple[bool, str]:
     """completion_only_loss (and assistant_only_loss) resolved for a data format, with the reason.
     The combinations that cannot work are validation's data rules; here they fall back to the whole text."""
-    mode = p["completion_only_loss"]
+    mode = p.completion_only_loss
     if fmt == "text":
         return False, "loss: on the whole text (plain text rows have no completion to split off)"
-    if mode == "false" and not p["assistant_only_loss"]:
+    if mode is False and not p.assistant_only_loss:
         return False, "loss: on the whole text (completion_only_loss=false)"
     part = "assistant turns" if fmt in CHAT_FORMATS else "completions"
-    how = "set" if mode == "true" or p["assistant_only_loss"] else "auto"
+    how = "set" if mode is True or p.assistant_only_loss else "auto"
     return True, f"loss: on {part} only ({how}, {fmt} rows)"
 
 
-def build(p: Mapping[str, Any], machine: Machine) -> Plan:
+def build(p: Params, machine: Machine) -> Plan:
     """The plan for parameters that passed validation on this machine."""
     gpus = planned_gpus(p, machine)
     count = processes_here(p, machine)
@@ -158,37 +157,37 @@ def build(p: Mapping[str, Any], machine: Machine) -> Plan:
             + (f", as CUDA_VISIBLE_DEVICES names them: {named}" if named else "")
         )
     else:
-        why = "train_device=cpu" if p["train_device"] == "cpu" else "no GPU visible"
+        why = "train_device=cpu" if p.train_device == "cpu" else "no GPU visible"
         reasons.append(f"device: CPU ({why})")
     asked = asked_processes(p)
     reasons.append(
         f"processes: {count} on this machine"
         + (" (set)" if asked is not None else " (one per GPU)" if device == "cuda" else " (auto: one on the CPU)")
-        + (f", {p['num_machines']} machines, world size {count * p['num_machines']}" if p["num_machines"] > 1 else "")
+        + (f", {p.num_machines} machines, world size {count * p.num_machines}" if p.num_machines > 1 else "")
     )
     precision = precision_for(p, gpus)
-    if p["precision"] != "auto":
+    if p.precision != "auto":
         reasons.append(f"precision: {precision} (set)")
     elif not gpus:
         reasons.append("precision: fp32 (auto: the CPU trains in fp32)")
     else:
         reasons.append(f"precision: {precision} (auto: {'Ampere or newer' if precision == 'bf16' else 'no bf16 here'})")
-    reasons.append(f"strategy: {p['distributed_strategy']}")
-    weights = speed.weights_precision(p["training_mode"], p["distributed_strategy"], precision)
+    reasons.append(f"strategy: {p.distributed_strategy}")
+    weights = speed.weights_precision(p.training_mode, p.distributed_strategy, precision)
     if weights != precision:
         reasons.append(
             f"weights: fp32, computed in {precision} (full fine-tuning updates an fp32 copy: {precision} weights "
             "would lose small updates)"
         )
-    config = model_config(p["model_name"]) if p["model_name"] else None
-    disk = disk_estimate(p, config, model_parameters(p["model_name"], config), precision)
+    config = model_config(p.model_name) if p.model_name else None
+    disk = disk_estimate(p, config, model_parameters(p.model_name, config), precision)
     reasons.append(disk.reason() if disk else "disk: the model's size is unknown here: at least 1 GiB free is asked")
     chosen = speed.choose(
         p,
         device=device,
         gpus=gpus,
         precision=precision,
-        world_size=count * p["num_machines"],
+        world_size=count * p.num_machines,
         cpu_count=machine.cpu_count,
         processes_here=count,
         model_config=config,
@@ -198,15 +197,16 @@ def build(p: Mapping[str, Any], machine: Machine) -> Plan:
         device=device,
         gpu_ids=tuple(g.index for g in gpus),
         num_processes=count,
-        num_machines=p["num_machines"],
-        machine_rank=p["machine_rank"],
-        main_process_ip=p["main_process_ip"],
-        main_process_port=p["main_process_port"],
+        num_machines=p.num_machines,
+        machine_rank=p.machine_rank,
+        main_process_ip=p.main_process_ip,
+        main_process_port=p.main_process_port,
         precision=precision,
-        strategy=p["distributed_strategy"],
+        strategy=p.distributed_strategy,
         speed=chosen,
         weights_precision=weights,
-        merge_adapter=p["fuse_model"] and p["training_mode"] != "full",
+        merge_adapter=p.fuse_model and p.training_mode != "full",
+        merged_precision=speed.merge_precision(p.training_mode, precision),
         reasons=tuple(reasons),
         visible_devices=visible if device == "cuda" else (),
         disk_gib=round(disk.peak / GIB, 2) if disk else None,
@@ -274,7 +274,7 @@ class DiskEstimate:
 
 
 def disk_estimate(
-    p: Mapping[str, Any], config: Mapping[str, Any] | None, parameters: int | None, precision: str
+    p: Params, config: Mapping[str, Any] | None, parameters: int | None, precision: str
 ) -> DiskEstimate | None:
     """What the run writes, from the model's parameter count (None: unknown, so no estimate). An upper bound:
     - full: the model saved in the training precision (2 bytes in bf16/fp16, 4 in fp32; FSDP saves the fp32 weights
@@ -286,22 +286,22 @@ def disk_estimate(
     if not parameters:
         return None
     width = 4 if precision == "fp32" else 2
-    strategy = p["distributed_strategy"]
-    if p["training_mode"] == "full":
+    strategy = p.distributed_strategy
+    if p.training_mode == "full":
         weights = parameters * (4 if strategy == "fsdp" else width)
         deepspeed = strategy.startswith("deepspeed")
         trained = parameters * (width if deepspeed else 4)
         checkpoint = trained + parameters * (12 if deepspeed else 8)
         merged = 0
     else:
-        adapter = speed.lora_parameter_count(config, p["lora_r"], p["lora_target_modules"]) if config else None
+        adapter = speed.lora_parameter_count(config, p.lora_r, p.lora_target_modules) if config else None
         weights = (adapter or parameters // 20) * 4  # an adapter of an unknown shape: a generous 5% of the model
         checkpoint = weights * 3
-        merged_width = 4 if speed.merge_precision(p["training_mode"], precision) == "fp32" else 2
-        merged = parameters * merged_width if p["fuse_model"] else 0
+        merged_width = 4 if speed.merge_precision(p.training_mode, precision) == "fp32" else 2
+        merged = parameters * merged_width if p.fuse_model else 0
     return DiskEstimate(
         outputs=weights + SMALL_FILES,
         merged=merged,
         checkpoint=checkpoint + SMALL_FILES,
-        checkpoints=p["save_total_limit"] + 1,
+        checkpoints=p.save_total_limit + 1,
     )

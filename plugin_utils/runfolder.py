@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"
@@ -38,18 +38,19 @@ def process_start() -> float:
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """Everything a rank needs, decided by the parent: the asked training values, the plan's decisions, and
-    where things are. Ranks read these fields and nothing else."""
+class LoraSettings:
+    """The adapter, as the ranks build it (params.Params.lora)."""
 
-    # The model and the adapter.
-    model_name: str
-    training_mode: str  # lora | qlora | full
     lora_r: int
     lora_alpha: int
     lora_dropout: float
     lora_target_modules: tuple[str, ...]  # ("all-linear",) or module names
-    # Optimisation.
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The optimisation, the schedule, and what is logged and saved, as the ranks run it (params.Params.training)."""
+
     batch_size: int
     gradient_accumulation_steps: int
     learning_rate: float
@@ -57,15 +58,27 @@ class RunSpec:
     warmup_ratio: float
     num_train_epochs: float
     max_steps: int
-    max_length: int
     seed: int
-    # Saving and reporting.
     logging_steps: int
     save_steps: int
     save_total_limit: int
     log_to_wandb: bool
-    fuse_model: bool
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a rank needs, decided by the parent: the asked training values, the plan's decisions, and
+    where things are. Ranks read these fields and nothing else."""
+
+    # What was asked.
+    model_name: str
+    training_mode: str  # lora | qlora | full
+    lora: LoraSettings
+    training: TrainingSettings
+    max_length: int
     # The plan's decisions.
+    fuse_model: bool
+    merged_precision: str  # what fuse_model merges the adapter into
     device: str  # cuda | cpu
     precision: str  # bf16 | fp16 | fp32: what autocast computes in
     weights_precision: str  # what the weights are loaded and updated in
@@ -91,30 +104,15 @@ class RunSpec:
     def of(cls, p, plan, folder: RunFolder, **where: Any) -> RunSpec:
         """The spec for these parameters and this plan; `where` gives prepared_path, has_eval, checkpoint_dir,
         checkpoint_staging, resume_from, adapter_staging and merged_staging."""
-        names = lora_targets(p["lora_target_modules"])
-        modules = ("all-linear",) if names is None else tuple(names)
         s = plan.speed
         return cls(
-            model_name=p["model_name"],
-            training_mode=p["training_mode"],
-            lora_r=p["lora_r"],
-            lora_alpha=p["lora_alpha"],
-            lora_dropout=p["lora_dropout"],
-            lora_target_modules=modules,
-            batch_size=p["batch_size"],
-            gradient_accumulation_steps=p["gradient_accumulation_steps"],
-            learning_rate=p["learning_rate"],
-            learning_rate_schedule=p["learning_rate_schedule"],
-            warmup_ratio=p["warmup_ratio"],
-            num_train_epochs=p["num_train_epochs"],
-            max_steps=p["max_steps"],
-            max_length=p["maximum_sequence_length"],
-            seed=p["seed"],
-            logging_steps=p["logging_steps"],
-            save_steps=p["save_steps"],
-            save_total_limit=p["save_total_limit"],
-            log_to_wandb=p["log_to_wandb"],
+            model_name=p.model_name,
+            training_mode=p.training_mode,
+            lora=p.lora,
+            training=p.training,
+            max_length=p.maximum_sequence_length,
             fuse_model=plan.merge_adapter,
+            merged_precision=plan.merged_precision,
             device=plan.device,
             precision=plan.precision,
             weights_precision=plan.weights_precision,
@@ -143,7 +141,9 @@ class RunSpec:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"run spec has unknown fields {sorted(unknown)}")
-        values["lora_target_modules"] = tuple(values["lora_target_modules"])
+        lora = values["lora"]
+        values["lora"] = LoraSettings(**{**lora, "lora_target_modules": tuple(lora["lora_target_modules"])})
+        values["training"] = TrainingSettings(**values["training"])
         return cls(**values)
 
 

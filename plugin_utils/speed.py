@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .machine import GIB, Gpu, has_package
+from .params import AUTO, Params
 from .runfolder import lora_targets
 
 
@@ -198,7 +199,7 @@ def logits_memory(s: dict[str, int], tokens: int, width: int, device: str) -> fl
 
 def estimate_memory(
     config: dict[str, Any],
-    p: dict[str, Any],
+    p: Params,
     *,
     precision: str,
     world_size: int,
@@ -215,23 +216,23 @@ def estimate_memory(
     params, embeddings = _parameters(s), _embeddings(s)
     h, layers, inter = s["hidden"], s["layers"], s["intermediate"]
     width = 2 if precision in ("bf16", "fp16") else 4
-    strategy = p["distributed_strategy"]
-    if p["training_mode"] == "full":
+    strategy = p.distributed_strategy
+    if p.training_mode == "full":
         weights_and_states = params * full_training_bytes(strategy, width, world_size)
     else:
         # 4-bit blocks with their scales under qlora; embeddings stay in the compute dtype.
-        quantized = p["training_mode"] == "qlora"
+        quantized = p.training_mode == "qlora"
         weights = (params - embeddings) * 0.5625 + embeddings * width if quantized else params * width
-        adapter = lora_parameter_count(config, p["lora_r"], p["lora_target_modules"]) or 0
+        adapter = lora_parameter_count(config, p.lora_r, p.lora_target_modules) or 0
         states = adapter * 16  # fp32 adapter weights, gradients and two moments
         if strategy in ("fsdp", "deepspeed_zero3"):
             weights, states = weights / world_size, states / world_size
         weights_and_states = weights + states
-    tokens = p["batch_size"] * p["maximum_sequence_length"]
+    tokens = p.batch_size * p.maximum_sequence_length
     # Saved for the backward pass per token and layer: norms, attention inputs/outputs, q/k/v, and the MLP's
     # gate, up, activation and down inputs; adapters with dropout keep a dropped copy of each adapted input.
     per_layer = width * (6 * h + s["q_dim"] + 2 * s["kv_dim"] + 4 * inter * min(s["experts"], 2))
-    if p["training_mode"] != "full" and p["lora_dropout"] > 0:
+    if p.training_mode != "full" and p.lora_dropout > 0:
         # A dropped copy of each adapted linear's input (q, k, v, o, gate, up: hidden wide; down: intermediate)
         # and its one-byte mask.
         per_layer += (width + 1) * (6 * h + inter)
@@ -241,9 +242,9 @@ def estimate_memory(
     return weights_and_states + activations + logits_memory(s, tokens, width, device) + RUNTIME_OVERHEAD
 
 
-def masked_packing_is_slow(p: dict[str, Any], device: str) -> bool:
+def masked_packing_is_slow(p: Params, device: str) -> bool:
     """Packing without flash-attention where the whole-batch mask costs more than padding (or is unmeasured)."""
-    return device == "cuda" or p["batch_size"] * p["maximum_sequence_length"] > MASKED_PACKING_LIMIT
+    return device == "cuda" or p.batch_size * p.maximum_sequence_length > MASKED_PACKING_LIMIT
 
 
 def _ampere(device: str, gpus: list[Gpu]) -> bool:
@@ -256,7 +257,7 @@ def flash_attention_usable(device: str, gpus: list[Gpu], precision: str) -> bool
 
 
 def choose(
-    p: dict[str, Any],
+    p: Params,
     *,
     device: str,
     gpus: list[Gpu],
@@ -284,8 +285,8 @@ def choose(
         )
         why.append(f"attention: PyTorch SDPA (flash-attention not used: {missing})")
 
-    if p["packing"] == "auto":
-        flattened = p["batch_size"] * p["maximum_sequence_length"]
+    if p.packing is AUTO:
+        flattened = p.batch_size * p.maximum_sequence_length
         if speed.attention.startswith("flash"):
             speed.packing = True
             why.append("packing: on (best-fit decreasing, padding-free; flash-attention keeps rows apart at no cost)")
@@ -307,7 +308,7 @@ def choose(
                 + "; set packing=true to pack anyway)"
             )
     else:
-        speed.packing = p["packing"] == "true"
+        speed.packing = p.packing
         why.append(f"packing: {'on' if speed.packing else 'off'} (set)")
 
     if cuda and kernel_installed("liger_kernel"):
@@ -320,8 +321,8 @@ def choose(
             else f"liger kernels: off (liger-kernel has no kernels for model_type {model_type})"
         )
 
-    if p["gradient_checkpointing"] != "auto":
-        speed.gradient_checkpointing = p["gradient_checkpointing"] == "true"
+    if p.gradient_checkpointing is not AUTO:
+        speed.gradient_checkpointing = p.gradient_checkpointing
         why.append(f"gradient checkpointing: {'on' if speed.gradient_checkpointing else 'off'} (set)")
     else:
         # Free memory, not total: a GPU shared with another process (an inference server) has less to give.

@@ -47,21 +47,19 @@ def check(chosen: host.Host, nodes: machine.Nodes | None, clock: cli.Clock) -> C
     the outputs (resuming and the run lock included)."""
     reading = params.read(chosen.params_from.raw_params(), headless=chosen.headless, nodes=nodes)
     p, here = reading.params, machine.detect()
-    chosen = chosen.on_machine(p["machine_rank"])
+    chosen = chosen.on_machine(p.machine_rank)
     out = continued = None
     if params.usable(p, reading.errors, "adaptor_name"):
         this_run = outputs.identity(p, planning.world_size(p, here), None)
         continued = chosen.places.checkpoint_to_resume(p, this_run["world_size"])
         requested = continued.checkpoint if continued else None
-        out = outputs.inspect(
-            chosen.places.locations(p), this_run, overwrite=p["overwrite_output"], requested=requested
-        )
+        out = outputs.inspect(chosen.places.locations(p), this_run, overwrite=p.overwrite_output, requested=requested)
     found = validation.check(
         validation.CHECK_PHASES,
         prior=reading.errors,
         p=p,
         machine=here,
-        model=sources.inspect_model(p["model_name"]),
+        model=sources.inspect_model(p.model_name),
         out=out,
     )
     warnings = reading.warnings + found.warnings
@@ -78,16 +76,16 @@ def prepare(checked: Checked, *, preview: int, stop: launch.StopFlag) -> Ready:
     architecture that is no causal LM, bad rows and columns; then the rows tokenized into the prepared cache, and
     the rules over their statistics."""
     p, plan = checked.p, checked.plan
-    found = validation.check(("layers",), p=p, plan=plan, layers=layers.describe(p["model_name"]))
+    found = validation.check(("layers",), p=p, plan=plan, layers=layers.describe(p.model_name))
     try:
-        dataset = data.load(p)
+        dataset = data.load(p.data)
     except InvalidConfig as exc:
         raise InvalidConfig(found.errors + exc.errors, found.warnings + exc.warnings) from None
     found.add(validation.check(("data",), p=p, out=checked.out, data=dataset.facts()))
     found.raise_errors()
     plan = plan.with_loss_mode(p, dataset.format)
     stop.guard_forks()
-    prepared = data.prepare(p, dataset, plan.completion_only, preview=preview, stopping=lambda: stop.requested)
+    prepared = data.prepare(p.data, dataset, plan.completion_only, preview=preview, stopping=lambda: stop.requested)
     found.add(validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats))
     found.raise_errors()
     cli.report_warnings(found.warnings)
@@ -118,7 +116,7 @@ def train(ready: Ready, stop: launch.StopFlag) -> cli.Finished:
     session = outputs.RunSession(
         out,
         job.job_id,
-        p["adaptor_name"],
+        p.adaptor_name,
         merged=chosen.places.merged_location(p) if plan.merge_adapter else None,
         main_node=main_node,
         identity=outputs.identity(p, plan.world_size, prepared.key, plan.as_dict()),

@@ -33,7 +33,7 @@ from .errors import InvalidConfig, Problem, problem
 from .layers import Layers
 from .machine import GIB, Machine, filesystem, free_disk_gib, has_package, package_version
 from .outputs import OutputFacts
-from .params import form_schema
+from .params import AUTO, defaults
 from .planning import (
     asked_processes,
     disk_estimate,
@@ -131,29 +131,17 @@ def table() -> str:
 @rule("parameters")
 def model_and_dataset_given(p):
     """A model and a dataset are given."""
-    if not p["model_name"]:
+    if not p.model_name:
         yield error("model_name", "no model given", "Set model_name to a local model folder or a Hub id")
-    if not p["dataset_name"]:
+    if not p.dataset_name:
         yield error("dataset_name", "no dataset given", "Set dataset_name to a data file, folder or dataset id")
-
-
-@rule("parameters")
-def adaptor_name_is_a_name(p):
-    """adaptor_name is a plain name, never a path."""
-    name = p["adaptor_name"] or ""
-    if "/" in name or "\\" in name or name.startswith(".") or name in ("", ".", ".."):
-        yield error(
-            "adaptor_name",
-            f"{name!r} is not a plain name",
-            "Use letters, digits, '.', '_' and '-', not starting with '.'; the output folder is chosen for you",
-        )
 
 
 @rule("parameters")
 def lora_not_on_lm_head(p):
     """LoRA target modules do not include lm_head (TRL and PEFT cannot train an adapter there)."""
-    modules = set(lora_targets(p["lora_target_modules"]) or ())
-    if p["training_mode"] != "full" and "lm_head" in modules:
+    modules = set(lora_targets(p.lora_target_modules) or ())
+    if p.training_mode != "full" and "lm_head" in modules:
         yield error("lora_target_modules", "lm_head cannot carry a LoRA adapter", "Remove lm_head from the list")
 
 
@@ -163,14 +151,14 @@ def lora_not_on_lm_head(p):
 @rule("model")
 def model_is_reachable(p, model: ModelFacts):
     """model_name is a local model folder, or a Hub id that is cached or reachable (not offline: HF_HUB_OFFLINE)."""
-    if not p["model_name"]:
+    if not p.model_name:
         return
     if model.local and not model.is_folder:
-        yield error("model_name", f"{p['model_name']} is not a folder", "Give the model's folder or a Hub id")
+        yield error("model_name", f"{p.model_name} is not a folder", "Give the model's folder or a Hub id")
     elif not model.local and model.config is None and hub_offline():
         yield error(
             "model_name",
-            f"{p['model_name']} is not in the local Hub cache and the Hub is offline (HF_HUB_OFFLINE)",
+            f"{p.model_name} is not in the local Hub cache and the Hub is offline (HF_HUB_OFFLINE)",
             "Download it first",
         )
 
@@ -182,7 +170,7 @@ def model_is_not_an_adapter(p, model: ModelFacts):
         base = model.adapter_config.get("base_model_name_or_path", "its base model")
         yield error(
             "model_name",
-            f"{p['model_name']} is a LoRA adapter, not a model",
+            f"{p.model_name} is a LoRA adapter, not a model",
             f"Train on {base} (or fuse the adapter first)",
         )
 
@@ -191,10 +179,10 @@ def model_is_not_an_adapter(p, model: ModelFacts):
 def sequence_fits_model(p, model: ModelFacts):
     """maximum_sequence_length is within the model's max_position_embeddings (read from config.json)."""
     limit = model.context_length
-    if limit is not None and p["maximum_sequence_length"] > limit:
+    if limit is not None and p.maximum_sequence_length > limit:
         yield error(
             "maximum_sequence_length",
-            f"{p['maximum_sequence_length']} is above the model's context length {limit}",
+            f"{p.maximum_sequence_length} is above the model's context length {limit}",
             f"Use at most {limit}",
         )
 
@@ -204,7 +192,7 @@ def memory_fits_the_gpus(p, machine: Machine, model: ModelFacts):
     """A run whose memory estimate exceeds the free memory of its smallest GPU even with gradient checkpointing is
     flagged before it runs out of memory at its first step (warning; the estimate counts every row at full length)."""
     gpus = planned_gpus(p, machine)
-    if not gpus or not model.config or p["gradient_checkpointing"] == "false":
+    if not gpus or not model.config or p.gradient_checkpointing is False:
         return
     precision, world = precision_for(p, gpus), world_size(p, machine)
     needed = speed.estimate_memory(
@@ -213,9 +201,7 @@ def memory_fits_the_gpus(p, machine: Machine, model: ModelFacts):
     free = min(g.available_mib for g in gpus) * 2**20
     if needed is None or needed <= free:
         return
-    sharding = (
-        "" if p["distributed_strategy"] != "ddp" or len(gpus) < 2 else ", fsdp or deepspeed_zero3 across the GPUs"
-    )
+    sharding = "" if p.distributed_strategy != "ddp" or len(gpus) < 2 else ", fsdp or deepspeed_zero3 across the GPUs"
     yield warning(
         "batch_size",
         f"about {needed / GIB:.1f} GiB per GPU is estimated even with gradient checkpointing, and the smallest "
@@ -230,28 +216,28 @@ def memory_fits_the_gpus(p, machine: Machine, model: ModelFacts):
 @rule("parameters")
 def max_steps_not_zero(p):
     """max_steps is not 0 (which would train nothing)."""
-    if p["max_steps"] == 0:
+    if p.max_steps == 0:
         yield error("max_steps", "0 would train nothing", "Use -1 to train by epochs, or a positive step count")
 
 
 @rule("parameters")
 def save_steps_within_max_steps(p):
     """save_steps beyond max_steps leaves no checkpoint to resume from (warning)."""
-    if p["max_steps"] > 0 and p["save_steps"] > p["max_steps"]:
+    if p.max_steps > 0 and p.save_steps > p.max_steps:
         yield warning(
             "save_steps",
-            f"{p['save_steps']} is beyond max_steps={p['max_steps']}: a stopped run has no checkpoint to resume from",
-            f"Use save_steps <= {p['max_steps']}",
+            f"{p.save_steps} is beyond max_steps={p.max_steps}: a stopped run has no checkpoint to resume from",
+            f"Use save_steps <= {p.max_steps}",
         )
 
 
 @rule("parameters")
 def learning_rate_sane(p):
     """A learning rate above 1e-2 is flagged (warning)."""
-    if p["learning_rate"] > 1e-2:
+    if p.learning_rate > 1e-2:
         yield warning(
             "learning_rate",
-            f"{p['learning_rate']:g} is very high for fine-tuning and usually diverges",
+            f"{p.learning_rate:g} is very high for fine-tuning and usually diverges",
             "Use 1e-4 to 3e-4 for LoRA, 1e-5 to 5e-5 for full fine-tuning",
         )
 
@@ -262,9 +248,10 @@ def learning_rate_sane(p):
 @rule("parameters")
 def lora_settings_ignored_in_full_mode(p):
     """LoRA settings changed with training_mode=full are flagged as ignored (warning)."""
-    if p["training_mode"] != "full":
+    if p.training_mode != "full":
         return
-    changed = [k for k in ("lora_r", "lora_alpha", "lora_dropout") if p[k] != form_schema()[k]["default"]]
+    default = defaults()
+    changed = [k for k in ("lora_r", "lora_alpha", "lora_dropout") if getattr(p, k) != getattr(default, k)]
     if changed:
         yield warning(
             ", ".join(changed),
@@ -279,7 +266,7 @@ def lora_settings_ignored_in_full_mode(p):
 @rule("parameters")
 def chat_template_wins_over_formatting_template(p):
     """A formatting template sent with apply_chat_template is ignored: the chat template wins (warning)."""
-    if p["apply_chat_template"] and p["formatting_template"].strip():
+    if p.apply_chat_template and p.formatting_template.strip():
         yield warning(
             "formatting_template",
             "ignored because apply_chat_template is on (the chat template wins)",
@@ -294,7 +281,8 @@ def templates_are_valid_jinja(p):
         ("formatting_template", syntax_problem),
         ("formatting_chat_template", chat_syntax_problem),
     ):
-        found = check(p[parameter]) if p[parameter].strip() else None
+        template = getattr(p, parameter)
+        found = check(template) if template.strip() else None
         if found:
             yield error(parameter, found, "Fix the template")
 
@@ -305,10 +293,10 @@ def templates_are_valid_jinja(p):
 @rule("parameters")
 def qlora_with_ddp_only(p):
     """qlora runs with ddp only (sharding a 4-bit model is not supported here)."""
-    if p["training_mode"] == "qlora" and p["distributed_strategy"] != "ddp":
+    if p.training_mode == "qlora" and p.distributed_strategy != "ddp":
         yield error(
             "distributed_strategy",
-            f"{p['distributed_strategy']} with training_mode=qlora is not supported",
+            f"{p.distributed_strategy} with training_mode=qlora is not supported",
             "Use ddp: a 4-bit base model already fits where sharding would be needed",
         )
 
@@ -316,63 +304,37 @@ def qlora_with_ddp_only(p):
 @rule("parameters")
 def fuse_model_explained(p):
     """fuse_model with qlora merges into a 16-bit copy of the base; with full there is nothing to merge (warnings)."""
-    if p["fuse_model"] and p["training_mode"] == "qlora":
+    if p.fuse_model and p.training_mode == "qlora":
         yield warning(
             "fuse_model",
             "the adapter is merged into a 16-bit copy of the base model loaded on the CPU (4-bit weights cannot "
             "hold merged values); it needs about 2 bytes of RAM per parameter",
             "",
         )
-    if p["fuse_model"] and p["training_mode"] == "full":
+    if p.fuse_model and p.training_mode == "full":
         yield warning("fuse_model", "training_mode=full trains the whole model: there is no adapter to merge", "")
 
 
 @rule("parameters")
 def wandb_key(p):
     """log_to_wandb without WANDB_API_KEY runs Weights & Biases offline (warning)."""
-    if p["log_to_wandb"] and not os.environ.get("WANDB_API_KEY"):
+    if p.log_to_wandb and not os.environ.get("WANDB_API_KEY"):
         yield warning("log_to_wandb", "WANDB_API_KEY is not set: Weights & Biases runs offline", "Set the key")
 
 
 @rule("parameters")
 def multi_node_needs_address(p):
     """A multi-node run has the main node's address and a fixed port; machine_rank < num_machines."""
-    if p["num_machines"] > 1 and not p["main_process_ip"]:
+    if p.num_machines > 1 and not p.main_process_ip:
         yield error("main_process_ip", "a multi-node run needs the main node's address", "Set main_process_ip")
-    if p["num_machines"] > 1 and not p["main_process_port"]:
+    if p.num_machines > 1 and not p.main_process_port:
         yield error("main_process_port", "a multi-node run needs a fixed port", "Set the same port on every node")
-    if p["machine_rank"] >= p["num_machines"]:
+    if p.machine_rank >= p.num_machines:
         yield error(
             "machine_rank",
-            f"{p['machine_rank']} is not below num_machines={p['num_machines']}",
-            f"Number the machines 0 to {p['num_machines'] - 1}, the main node 0",
+            f"{p.machine_rank} is not below num_machines={p.num_machines}",
+            f"Number the machines 0 to {p.num_machines - 1}, the main node 0",
         )
-
-
-@rule("parameters")
-def num_processes_is_auto_or_count(p):
-    """num_processes is auto or a positive count."""
-    value = str(p["num_processes"]).strip().lower()
-    if value != "auto" and not (value.isdigit() and int(value) >= 1):
-        yield error(
-            "num_processes", f"{p['num_processes']!r} is neither 'auto' nor a count", "Use auto or a count such as 2"
-        )
-
-
-@rule("parameters")
-def gpu_ids_is_auto_or_list(p):
-    """gpu_ids is auto or a comma list of distinct ids (a GPU listed twice would get two processes)."""
-    value = str(p["gpu_ids"]).replace(" ", "")
-    if value.lower() == "auto":
-        return
-    parts = value.split(",")
-    if not all(part.isdigit() for part in parts):
-        yield error("gpu_ids", f"{p['gpu_ids']!r} is not a list of GPU ids", "Use auto, or ids such as 0,1")
-        return
-    twice = sorted({int(part) for part in parts if [int(x) for x in parts].count(int(part)) > 1})
-    if twice:
-        listed = ", ".join(map(str, twice))
-        yield error("gpu_ids", f"GPU {listed} is listed more than once", "List each GPU once, such as 0,1")
 
 
 # --- this machine ----------------------------------------------------------------------------------
@@ -381,13 +343,13 @@ def gpu_ids_is_auto_or_list(p):
 @rule("machine")
 def gpus_exist(p, machine: Machine):
     """Requested GPUs exist (within CUDA_VISIBLE_DEVICES when set); train_device=cuda has a GPU."""
-    if p["train_device"] == "cpu":
+    if p.train_device == "cpu":
         return
     usable = [g.index for g in machine.usable_gpus]
-    if p["train_device"] == "cuda" and not usable:
+    if p.train_device == "cuda" and not usable:
         yield error("train_device", "cuda was asked for but no GPU is visible", "Use train_device=auto or cpu")
     missing = [i for i in selected_gpu_ids(p, machine) if i not in usable]
-    if missing and str(p["gpu_ids"]).lower() != "auto":
+    if missing and p.gpu_ids is not AUTO:
         where = " within CUDA_VISIBLE_DEVICES" if machine.visible is not None else ""
         yield error(
             "gpu_ids",
@@ -401,7 +363,7 @@ def cuda_visible_devices_name_gpus(p, machine: Machine):
     """Each CUDA_VISIBLE_DEVICES entry names a GPU here: an index, a GPU- UUID (or a prefix only one GPU has) or a
     MIG- id (CUDA hides the GPUs listed from the first entry that does not)."""
     unknown = machine.unknown_visible
-    if p["train_device"] == "cpu" or not unknown or not machine.gpus:
+    if p.train_device == "cpu" or not unknown or not machine.gpus:
         return
     left = [g.index for g in machine.usable_gpus]
     yield error(
@@ -431,7 +393,7 @@ def processes_fit_gpus(p, machine: Machine):
     count = asked_processes(p)
     if count is None:
         return
-    gpus = selected_gpu_ids(p, machine) if p["train_device"] != "cpu" else []
+    gpus = selected_gpu_ids(p, machine) if p.train_device != "cpu" else []
     if gpus and count > len(gpus):
         yield error(
             "num_processes",
@@ -443,7 +405,7 @@ def processes_fit_gpus(p, machine: Machine):
 @rule("machine")
 def cpu_only_note(p, machine: Machine):
     """No GPU: the run trains on the CPU (note)."""
-    if p["train_device"] == "auto" and not machine.usable_gpus:
+    if p.train_device == "auto" and not machine.usable_gpus:
         yield warning("train_device", "no GPU found: training on the CPU (slow beyond small models)", "")
 
 
@@ -451,10 +413,10 @@ def cpu_only_note(p, machine: Machine):
 def precision_supported(p, machine: Machine):
     """bf16 only on Ampere or newer GPUs; fp16 only on a GPU."""
     gpus = planned_gpus(p, machine)
-    if p["precision"] == "bf16" and gpus and not all(g.supports_bf16 for g in gpus):
+    if p.precision == "bf16" and gpus and not all(g.supports_bf16 for g in gpus):
         yield error("precision", "bf16 needs an Ampere or newer GPU", "Use precision=auto (fp16 there) or fp16")
-    on_cpu = p["train_device"] == "cpu" or not machine.usable_gpus
-    if p["precision"] == "fp16" and on_cpu:
+    on_cpu = p.train_device == "cpu" or not machine.usable_gpus
+    if p.precision == "fp16" and on_cpu:
         yield error("precision", "fp16 training needs a GPU", "Use precision=auto or fp32 on the CPU")
 
 
@@ -466,7 +428,7 @@ QLORA_BITSANDBYTES = (0, 46, 1)
 @rule("machine")
 def qlora_needs_bitsandbytes(p, machine: Machine):
     """qlora needs bitsandbytes 0.46.1 or newer, which runs 4-bit layers on a CUDA GPU and on the CPU."""
-    if p["training_mode"] != "qlora":
+    if p.training_mode != "qlora":
         return
     version = package_version("bitsandbytes")
     needed = ".".join(map(str, QLORA_BITSANDBYTES))
@@ -488,10 +450,10 @@ def qlora_needs_bitsandbytes(p, machine: Machine):
 @rule("machine")
 def strategy_packages_installed(p, machine: Machine):
     """deepspeed strategies need a CUDA GPU and the deepspeed package."""
-    strategy = p["distributed_strategy"]
+    strategy = p.distributed_strategy
     if not strategy.startswith("deepspeed"):
         return
-    if p["train_device"] == "cpu" or not machine.usable_gpus:
+    if p.train_device == "cpu" or not machine.usable_gpus:
         yield error("distributed_strategy", f"{strategy} needs CUDA GPUs", "Use ddp or fsdp on this machine")
     elif not has_package("deepspeed"):
         yield error(
@@ -502,10 +464,10 @@ def strategy_packages_installed(p, machine: Machine):
 @rule("machine")
 def strategy_needs_several_processes(p, machine: Machine):
     """fsdp/deepspeed with a single process shard nothing (warning)."""
-    if p["distributed_strategy"] != "ddp" and world_size(p, machine) == 1:
+    if p.distributed_strategy != "ddp" and world_size(p, machine) == 1:
         yield warning(
             "distributed_strategy",
-            f"{p['distributed_strategy']} with one process shards nothing",
+            f"{p.distributed_strategy} with one process shards nothing",
             "Use ddp, or select more GPUs",
         )
 
@@ -513,7 +475,7 @@ def strategy_needs_several_processes(p, machine: Machine):
 @rule("machine")
 def packing_without_flash_attention(p, machine: Machine):
     """packing=true without flash-attention, on a GPU or above 1024 tokens per batch, is likely slower (warning)."""
-    if p["packing"] != "true":
+    if p.packing is not True:
         return
     gpus = planned_gpus(p, machine)
     device = "cuda" if gpus else "cpu"
@@ -523,7 +485,7 @@ def packing_without_flash_attention(p, machine: Machine):
         yield warning(
             "packing",
             "without flash-attention, packed rows are kept apart by a mask over the whole batch "
-            f"({p['batch_size'] * p['maximum_sequence_length']} tokens): correct, but likely slower than padding",
+            f"({p.batch_size * p.maximum_sequence_length} tokens): correct, but likely slower than padding",
             "Install flash-attn on an Ampere or newer GPU, or use packing=auto",
         )
 
@@ -534,7 +496,7 @@ def packing_without_flash_attention(p, machine: Machine):
 @rule("outputs")
 def finished_adapter_kept(p, out: OutputFacts):
     """A finished adapter of the same name is not replaced unless overwrite_output."""
-    if out.adapter_complete and not p["overwrite_output"]:
+    if out.adapter_complete and not p.overwrite_output:
         yield error(
             "overwrite_output",
             f"{out.adapter_dir} already holds a finished adapter",
@@ -546,7 +508,7 @@ def finished_adapter_kept(p, out: OutputFacts):
 def outputs_writable(p, out: OutputFacts):
     """The adapter and checkpoint folders can be written."""
     if out.unwritable:
-        name = "adaptor_output_dir" if p["adaptor_output_dir"] else "output_dir"
+        name = "adaptor_output_dir" if p.adaptor_output_dir else "output_dir"
         yield error(name, f"{out.unwritable[0]} cannot be written", "Pick a folder you can write to")
 
 
@@ -554,7 +516,7 @@ def outputs_writable(p, out: OutputFacts):
 def no_other_run_writes_here(p, out: OutputFacts):
     """No other run is writing the same checkpoint folder (its lock is checked, not taken). The other nodes of a
     multi-node run write beside the main node, which holds the lock."""
-    if out.lock_holder and p["machine_rank"] == 0:
+    if out.lock_holder and p.machine_rank == 0:
         yield error(
             "adaptor_name",
             f"another run ({out.lock_holder}) is writing {out.checkpoint_dir}",
@@ -592,7 +554,7 @@ def enough_disk(p, machine: Machine, model: ModelFacts, out: OutputFacts):
     adapter or full weights, save_total_limit + 1 checkpoints with their optimizer state, the merged model under
     fuse_model, plus 1 GiB and 5%. At least 1 GiB is free when the model's size is unknown."""
     gpus = planned_gpus(p, machine)
-    estimate = disk_estimate(p, model.config, model_parameters(p["model_name"], model.config), precision_for(p, gpus))
+    estimate = disk_estimate(p, model.config, model_parameters(p.model_name, model.config), precision_for(p, gpus))
     if estimate is None:  # a Hub id not in the cache: the floor alone
         demands = [(out.adapter_dir, "", 0), (out.checkpoint_dir, "", 0)]
     else:
@@ -601,10 +563,10 @@ def enough_disk(p, machine: Machine, model: ModelFacts, out: OutputFacts):
         # before the oldest is removed; a resumed run's checkpoints are on the disk already.
         copied = filesystem(staging) != filesystem(out.checkpoint_dir)
         kept = len(checkpoints.complete(out.checkpoint_dir, out.identity["world_size"])) if out.resume_from else 0
-        new = max(0, p["save_total_limit"] - kept) + copied
+        new = max(0, p.save_total_limit - kept) + copied
         # The merged model is counted beside the adapter (the legacy host puts it in the workspace's models).
         demands = [
-            (out.adapter_dir, "adapter" if p["training_mode"] != "full" else "model", estimate.outputs),
+            (out.adapter_dir, "adapter" if p.training_mode != "full" else "model", estimate.outputs),
             (out.adapter_dir, "merged model", estimate.merged),
             (out.checkpoint_dir, "checkpoints", new * estimate.checkpoint),
             (staging, "checkpoints", estimate.checkpoint),
@@ -623,10 +585,10 @@ def enough_disk(p, machine: Machine, model: ModelFacts, out: OutputFacts):
             continue
         shown = ", ".join(f"{what} {amount / GIB:.2f} GiB" for what, amount in parts.items() if amount)
         yield error(
-            "adaptor_output_dir" if path == out.adapter_dir and p["adaptor_output_dir"] else "output_dir",
+            "adaptor_output_dir" if path == out.adapter_dir and p.adaptor_output_dir else "output_dir",
             f"{path} has {free:.2f} GiB free but the run needs about {written + margin:.2f} GiB there ({shown}, "
             f"margin {margin:.2f} GiB; {estimate.checkpoint / GIB:.2f} GiB per checkpoint, save_total_limit="
-            f"{p['save_total_limit']})",
+            f"{p.save_total_limit})",
             "Free disk space there, lower save_total_limit, or pick another output_dir",
         )
 
@@ -650,8 +612,8 @@ def model_builds_as_a_causal_lm(layers: Layers):
 def lora_targets_are_layers(p, layers: Layers):
     """Each LoRA target module names a layer of the model that LoRA can adapt; one misspelt name in a comma list
     is an error naming the layers there are, not an adapter on the other names only."""
-    names = lora_targets(p["lora_target_modules"])
-    if p["training_mode"] == "full" or layers.error or names is None:
+    names = lora_targets(p.lora_target_modules)
+    if p.training_mode == "full" or layers.error or names is None:
         return
     problems = [why for name in names if (why := layers.unknown_target(name))]
     if problems:
@@ -679,7 +641,7 @@ def gradient_checkpointing_supported(plan, layers: Layers):
 @rule("data")
 def assistant_only_needs_chat(p, data: DataFacts):
     """assistant_only_loss needs chat rows."""
-    if p["assistant_only_loss"] and data.format not in CHAT_FORMATS:
+    if p.assistant_only_loss and data.format not in CHAT_FORMATS:
         yield error(
             "assistant_only_loss", f"needs chat rows but the data are {data.format}", "Set assistant_only_loss=false"
         )
@@ -688,7 +650,7 @@ def assistant_only_needs_chat(p, data: DataFacts):
 @rule("data")
 def completion_only_needs_a_split(p, data: DataFacts):
     """completion_only_loss=true needs rows with a completion: prompt/completion, chat, or a formatting_template."""
-    if data.format == "text" and p["completion_only_loss"] == "true":
+    if data.format == "text" and p.completion_only_loss is True:
         yield error(
             "completion_only_loss",
             "true, but plain text rows have no completion to split off",
@@ -729,12 +691,12 @@ def truncation_within_max_dropped_fraction(p, stats):
     """Rows that lose every trained token to truncation stay within max_dropped_fraction."""
     lost = stats["dropped"] - stats.get("no_answer", 0)  # not the rows that had nothing to train
     rows = stats["rows"]
-    if rows and lost / rows > p["max_dropped_fraction"]:
+    if rows and lost / rows > p.max_dropped_fraction:
         pct = stats["length_percentiles"]
         yield error(
             "maximum_sequence_length",
             f"{lost} of {rows} rows ({lost / rows:.0%}) lose every trained token to truncation at "
-            f"{p['maximum_sequence_length']} tokens (row lengths p50={pct['p50']}, p90={pct['p90']}, "
+            f"{p.maximum_sequence_length} tokens (row lengths p50={pct['p50']}, p90={pct['p90']}, "
             f"p99={pct['p99']}, max={pct['max']})",
             "Raise maximum_sequence_length, or raise max_dropped_fraction to accept the loss",
         )
@@ -743,14 +705,14 @@ def truncation_within_max_dropped_fraction(p, stats):
 @rule("statistics")
 def evaluation_has_rows(p, stats):
     """eval_split leaves training rows, and an eval split keeps rows to evaluate."""
-    if p["eval_split"] <= 0 or stats["rows_used"] == 0 or stats.get("eval_rows", 0) > 0:
+    if p.eval_split <= 0 or stats["rows_used"] == 0 or stats.get("eval_rows", 0) > 0:
         return
     if stats.get("own_eval_split"):
         yield error("eval_split", "the validation split has no row left to evaluate", "Check that split's rows")
-    elif math.ceil(p["eval_split"] * stats["rows_used"]) >= stats["rows_used"]:
+    elif math.ceil(p.eval_split * stats["rows_used"]) >= stats["rows_used"]:
         yield error(
             "eval_split",
-            f"{p['eval_split']:g} of {stats['rows_used']} rows leaves no training rows",
+            f"{p.eval_split:g} of {stats['rows_used']} rows leaves no training rows",
             "Lower eval_split, or set it to 0",
         )
 
@@ -758,7 +720,7 @@ def evaluation_has_rows(p, stats):
 @rule("statistics")
 def effective_batch_fits_dataset(p, plan, stats):
     """An effective batch larger than the training rows is flagged (warning)."""
-    effective = p["batch_size"] * p["gradient_accumulation_steps"] * plan.world_size
+    effective = p.batch_size * p.gradient_accumulation_steps * plan.world_size
     if effective > stats["rows_used"]:
         yield warning(
             "gradient_accumulation_steps",
@@ -772,12 +734,12 @@ def checkpoint_before_the_end(p, plan, stats):
     """save_steps beyond the planned step count leaves no checkpoint to resume from (warning)."""
     rows = stats["rows_used"]
     if plan.speed.packing and stats.get("total_tokens"):
-        rows = -(-stats["total_tokens"] // p["maximum_sequence_length"])  # packs hold about this many rows
+        rows = -(-stats["total_tokens"] // p.maximum_sequence_length)  # packs hold about this many rows
     steps = planned_steps(p, plan.world_size, rows)
-    if p["max_steps"] <= 0 and p["save_steps"] > steps:
+    if p.max_steps <= 0 and p.save_steps > steps:
         yield warning(
             "save_steps",
-            f"{p['save_steps']} is beyond the {steps} planned steps: a stopped run has no checkpoint to resume from",
+            f"{p.save_steps} is beyond the {steps} planned steps: a stopped run has no checkpoint to resume from",
             f"Use save_steps <= {steps}",
         )
 
@@ -786,10 +748,10 @@ def checkpoint_before_the_end(p, plan, stats):
 def evaluation_named(p, stats):
     """The dataset's own eval split replaces eval_split's fraction; at eval_split 0 it is unused (warnings)."""
     own, rows = stats.get("own_eval_split"), stats.get("own_eval_rows", 0)
-    if own and p["eval_split"] > 0:
+    if own and p.eval_split > 0:
         yield warning(
             "eval_split",
-            f"{p['eval_split']:g} is not applied: the dataset's own {own!r} split ({rows} rows) is the evaluation set",
+            f"{p.eval_split:g} is not applied: the dataset's own {own!r} split ({rows} rows) is the evaluation set",
             "Set eval_split to 0 to train without evaluation",
         )
     elif own:

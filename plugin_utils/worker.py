@@ -31,7 +31,6 @@ from .runfolder import (
     process_start,
 )
 from .sources import load_tokenizer
-from .speed import merge_precision
 
 
 def _dtype(precision: str):
@@ -128,11 +127,11 @@ def _peft_config(spec: RunSpec, model):
     beside = beside_language_model(model)
     if beside:
         _say(f"LoRA: adapters in the language model only; not in {', '.join(beside)}")
-    modules = spec.lora_target_modules
+    modules = spec.lora.lora_target_modules
     return LoraConfig(
-        r=spec.lora_r,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
+        r=spec.lora.lora_r,
+        lora_alpha=spec.lora.lora_alpha,
+        lora_dropout=spec.lora.lora_dropout,
         target_modules="all-linear" if modules == ("all-linear",) else list(modules),
         exclude_modules=beside_pattern(beside),
         bias="none",
@@ -145,23 +144,23 @@ def _sft_config(spec: RunSpec):
 
     return SFTConfig(
         output_dir=spec.checkpoint_staging,  # saves are moved into checkpoint_dir once complete
-        per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type=spec.learning_rate_schedule,
-        warmup_steps=spec.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        num_train_epochs=spec.num_train_epochs,
-        max_steps=spec.max_steps,
-        logging_steps=spec.logging_steps,
+        per_device_train_batch_size=spec.training.batch_size,
+        per_device_eval_batch_size=spec.training.batch_size,
+        gradient_accumulation_steps=spec.training.gradient_accumulation_steps,
+        learning_rate=spec.training.learning_rate,
+        lr_scheduler_type=spec.training.learning_rate_schedule,
+        warmup_steps=spec.training.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        num_train_epochs=spec.training.num_train_epochs,
+        max_steps=spec.training.max_steps,
+        logging_steps=spec.training.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=spec.save_steps,
-        save_total_limit=spec.save_total_limit,
+        save_steps=spec.training.save_steps,
+        save_total_limit=spec.training.save_total_limit,
         eval_strategy="steps" if spec.has_eval else "no",
-        eval_steps=spec.save_steps if spec.has_eval else None,
-        seed=spec.seed,
-        data_seed=spec.seed,
+        eval_steps=spec.training.save_steps if spec.has_eval else None,
+        seed=spec.training.seed,
+        data_seed=spec.training.seed,
         bf16=spec.precision == "bf16",
         fp16=spec.precision == "fp16",
         use_cpu=spec.device == "cpu",  # without it, CPU ranks never join one gloo group
@@ -173,7 +172,7 @@ def _sft_config(spec: RunSpec):
         # Rows arrive tokenized, truncated and labelled; TRL only has work left when it packs.
         dataset_kwargs=None if spec.packing else {"skip_prepare_dataset": True},
         remove_unused_columns=False,
-        report_to=["wandb"] if spec.log_to_wandb else [],
+        report_to=["wandb"] if spec.training.log_to_wandb else [],
         ddp_find_unused_parameters=False if spec.training_mode != "full" else None,
         tf32=True if spec.tf32 else None,
         dataloader_num_workers=spec.dataloader_workers,
@@ -336,7 +335,7 @@ class Publisher(TrainerCallback):
         if not os.path.isdir(staged):
             return
         final = checkpoints.publish(staged, self.spec.checkpoint_dir, self.folder.identity_file)
-        checkpoints.rotate(self.spec.checkpoint_dir, self.spec.save_total_limit, args.world_size)
+        checkpoints.rotate(self.spec.checkpoint_dir, self.spec.training.save_total_limit, args.world_size)
         self.reporter.emit(CheckpointSaved(step=state.global_step, path=final))
 
     def on_save(self, args, state, control, **kwargs):
@@ -463,9 +462,7 @@ def merge_adapter(spec: RunSpec, adapter_dir: str, tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
     gc.collect()
-    base = AutoModelForCausalLM.from_pretrained(
-        spec.model_name, dtype=_dtype(merge_precision(spec.training_mode, spec.precision))
-    )
+    base = AutoModelForCausalLM.from_pretrained(spec.model_name, dtype=_dtype(spec.merged_precision))
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(spec.merged_staging)
     tokenizer.save_pretrained(spec.merged_staging)

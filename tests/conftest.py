@@ -152,6 +152,14 @@ def resolve(raw: dict, *, headless: bool, nodes=None):
     return reading.params, reading.warnings
 
 
+def params_of(**raw):
+    """Parameters as a host's values are read (strings and all: "2", "0,1", "on"), the rest at their defaults,
+    with a model, a dataset and an adaptor name."""
+    from plugin_utils import params
+
+    return params.defaults().replace(**{"model_name": "m", "dataset_name": "d", "adaptor_name": "a", **raw})
+
+
 def plan_of(**decisions):
     """A plan with these decisions (the rest as on one CPU process): for GPU plans, which cannot be built on
     this CPU-only machine from a real nvidia-smi, and for tests of what a plan leads to."""
@@ -178,14 +186,10 @@ def spec_of(folder: str, p=None, plan=None, **fields):
     """The run spec main.py would write for these parameters and plan, with `fields` replaced."""
     import dataclasses
 
-    from plugin_utils import params
     from plugin_utils.runfolder import RunFolder, RunSpec
 
-    values = params.defaults()
-    values.update(model_name="m", dataset_name="d", adaptor_name="a")
-    values.update(p or {})
     spec = RunSpec.of(
-        values,
+        params_of(**(p or {})),
         plan or plan_of(),
         RunFolder(folder),
         prepared_path=folder,
@@ -199,16 +203,16 @@ def spec_of(folder: str, p=None, plan=None, **fields):
     return dataclasses.replace(spec, **fields)
 
 
-def prepare_data(p: dict, preview: int = 3):
+def prepare_data(p, preview: int = 3):
     """Prepare the data as main.py does: load, the data rules, the plan's loss mode, tokenize, the statistics
     rules. Errors raise InvalidConfig, as they end a run with exit 2."""
     from plugin_utils import data, machine, params, planning, validation
 
-    p = params.Params(p)
-    dataset = data.load(p)
+    p = p if isinstance(p, params.Params) else params.defaults().replace(**p)
+    dataset = data.load(p.data)
     validation.check(("data",), p=p, data=dataset.facts()).raise_errors()
     plan = planning.build(p, machine.detect()).with_loss_mode(p, dataset.format)
-    prepared = data.prepare(p, dataset, plan.completion_only, preview=preview)
+    prepared = data.prepare(p.data, dataset, plan.completion_only, preview=preview)
     found = validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats)
     found.raise_errors()
     return prepared

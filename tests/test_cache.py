@@ -7,9 +7,9 @@ Real preparations of the real tiny model's tokenizer; entries that only take roo
 from __future__ import annotations
 
 import fcntl
+import inspect
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin_utils import params
+from plugin_utils import data, params
 from plugin_utils.data import keys, prepared_cache
 from plugin_utils.errors import InvalidConfig
 from tests.conftest import ROOT, SAMPLE, TEMPLATE, prepare_data
@@ -44,11 +44,11 @@ def release() -> None:
         os.close(prepared_cache._held.pop())
 
 
-def make_params(model: str, dataset: str = str(SAMPLE), **overrides) -> dict:
+def make_params(model: str, dataset: str = str(SAMPLE), **overrides) -> params.Params:
     p = params.defaults()
-    p.update(model_name=model, dataset_name=dataset, adaptor_name="a", maximum_sequence_length=256)
-    p.update(formatting_template=TEMPLATE)
-    p.update(overrides)
+    p = p.replace(model_name=model, dataset_name=dataset, adaptor_name="a", maximum_sequence_length=256)
+    p = p.replace(formatting_template=TEMPLATE)
+    p = p.replace(**overrides)
     return p
 
 
@@ -93,18 +93,24 @@ def tokenizer_copy(model: str, folder: Path) -> Path:
 # --- the key ---------------------------------------------------------------------------------------
 
 
-def test_every_parameter_the_data_code_reads_is_in_the_key():
-    # model_name and dataset_name enter the key by content (the tokenizer's files, the rows' bytes).
-    read = set()
+def test_the_data_code_is_given_the_data_settings_and_nothing_else_of_the_parameters():
+    """The data key covers every parameter the data code reads, by construction: the data code is handed
+    DataSettings (whose fields the key hashes, tests/test_params.py holds them to the DATA and CONTENT roles),
+    never the whole parameters."""
     code = Path(keys.__file__).parent
-    for source in [*code.glob("*.py"), code.parent / "chat.py", code.parent / "templates.py"]:
-        read |= set(re.findall(r"\bp(?:\[|\.get\()\s*\"(\w+)\"", source.read_text()))
-    assert read, "the data code reads its parameters as p[...]"
-    assert read - {"model_name", "dataset_name"} <= set(keys.SHAPING_PARAMETERS)
+    for source in code.glob("*.py"):
+        assert "Params" not in source.read_text().replace("DataSettings", ""), source.name
+    from plugin_utils.data import encoding
+
+    for function in (data.load, data.prepare, keys.fingerprint, encoding.Encoder.__init__, encoding.build):
+        annotations = inspect.signature(function).parameters
+        assert any(p.annotation == "DataSettings" for p in annotations.values()), function
 
 
 def test_changing_any_data_shaping_parameter_changes_the_key(tiny_model):
-    def changed(value):
+    def changed(name, value):
+        if name in params.switches():
+            return "true" if value is params.AUTO else "auto"
         if isinstance(value, bool):
             return not value
         if isinstance(value, (int, float)):
@@ -112,11 +118,32 @@ def test_changing_any_data_shaping_parameter_changes_the_key(tiny_model):
         return f"{value}x"
 
     p = make_params(tiny_model)
-    key = keys.fingerprint(p, tiny_model, str(SAMPLE))
-    assert keys.fingerprint(dict(p), tiny_model, str(SAMPLE)) == key
-    for name in keys.SHAPING_PARAMETERS:
-        assert keys.fingerprint({**p, name: changed(p[name])}, tiny_model, str(SAMPLE)) != key, name
+    key = keys.fingerprint(p.data)
+    assert keys.fingerprint(params.defaults().replace(**p.as_dict()).data) == key
+    for name in params.names_in(params.DATA):
+        assert keys.fingerprint(p.replace(**{name: changed(name, getattr(p, name))}).data) != key, name
+    assert keys.fingerprint(p.replace(learning_rate=1e-5).data) == key, "only what shapes the rows"
     assert keys.cache_key(key, True) != keys.cache_key(key, False), "the loss mode is in the folder's key"
+
+
+def test_the_data_key_hashes_switches_as_the_words_earlier_versions_hashed():
+    """A checkpoint saved by the version before the parameters were typed is resumed only if its data key is the
+    same: the settings are hashed as they were then, auto/true/false as words."""
+    canonical = params.defaults().replace(completion_only_loss="on").data.canonical()
+    assert canonical["completion_only_loss"] == "true"
+    assert params.defaults().data.canonical()["completion_only_loss"] == "auto"
+    assert set(canonical) == {
+        "formatting_template",
+        "apply_chat_template",
+        "chatml_formatted_column",
+        "formatting_chat_template",
+        "completion_only_loss",
+        "assistant_only_loss",
+        "completion_column",
+        "maximum_sequence_length",
+        "eval_split",
+        "seed",
+    }
 
 
 @pytest.mark.parametrize(
@@ -133,14 +160,14 @@ def test_changing_any_data_shaping_parameter_changes_the_key(tiny_model):
 )
 def test_every_file_a_tokenizer_may_read_is_in_the_key(tiny_model, tmp_path, name, content):
     model = tokenizer_copy(tiny_model, tmp_path / "model")
-    key = keys.fingerprint(make_params(str(model)), str(model), str(SAMPLE))
+    key = keys.fingerprint(make_params(str(model)).data)
     path = model / name
     path.parent.mkdir(exist_ok=True)
     path.write_text(content if content is not None else path.read_text() + "\n")
-    changed = keys.fingerprint(make_params(str(model)), str(model), str(SAMPLE))
+    changed = keys.fingerprint(make_params(str(model)).data)
     assert changed != key
     (model / "model.safetensors").write_bytes(b"other weights")
-    assert keys.fingerprint(make_params(str(model)), str(model), str(SAMPLE)) == changed, "weights are not read"
+    assert keys.fingerprint(make_params(str(model)).data) == changed, "weights are not read"
 
 
 def test_the_hub_revision_of_a_hub_model_is_in_the_key(tiny_model, tmp_path, monkeypatch):
@@ -156,7 +183,7 @@ def test_the_hub_revision_of_a_hub_model_is_in_the_key(tiny_model, tmp_path, mon
 
     def key_at(commit: str) -> str:
         (repo / "refs" / "main").write_text(commit)
-        return keys.fingerprint(make_params("org/tiny"), "org/tiny", str(SAMPLE))
+        return keys.fingerprint(make_params("org/tiny").data)
 
     assert key_at(first) != key_at(second), "the same files at another commit are another tokenizer"
     assert keys.tokenizer_folder("org/tiny") == (repo / "snapshots" / second, second)
@@ -250,7 +277,7 @@ print(json.dumps({"path": prepared.path, "inode": inode, "now": os.stat(prepared
 def test_two_identical_preparations_at_the_same_moment_share_one_published_folder(tiny_model, tmp_path):
     gate = tmp_path / "gate"
     gate.mkdir()
-    p = json.dumps(make_params(tiny_model))
+    p = json.dumps(make_params(tiny_model).as_dict())
     runs = [
         subprocess.Popen(
             [sys.executable, "-c", PREPARE_AT_ONCE, str(ROOT), str(gate), me, p],

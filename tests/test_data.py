@@ -74,11 +74,16 @@ def write_jsonl(path: Path, rows: list) -> str:
     return str(path)
 
 
-def make_params(model_dir: str, dataset: str, **overrides) -> dict:
-    p = params.defaults()
-    p.update(model_name=model_dir, dataset_name=dataset, adaptor_name="test-adaptor", maximum_sequence_length=256)
-    p.update(overrides)
-    return p
+def make_params(model_dir: str, dataset: str, **overrides) -> params.Params:
+    return params.defaults().replace(
+        **{
+            "model_name": model_dir,
+            "dataset_name": dataset,
+            "adaptor_name": "test-adaptor",
+            "maximum_sequence_length": 256,
+            **overrides,
+        }
+    )
 
 
 def saved(prepared: data.Prepared) -> datasets.DatasetDict:
@@ -387,7 +392,7 @@ def test_apply_chat_template_without_the_column_is_invalid(tmp_path, model_dir):
 def test_second_prepare_with_same_inputs_is_a_cache_hit(tmp_path, model_dir):
     p = make_params(model_dir, str(SAMPLE), formatting_template=TEMPLATE)
     first = prepare_data(p)
-    second = prepare_data(dict(p))
+    second = prepare_data(params.defaults().replace(**p.as_dict()))
     assert first.cached is False
     assert second.cached is True
     assert second.path == first.path
@@ -398,7 +403,7 @@ def test_second_prepare_with_same_inputs_is_a_cache_hit(tmp_path, model_dir):
 def test_changed_template_is_a_cache_miss(tmp_path, model_dir):
     p = make_params(model_dir, str(SAMPLE), formatting_template=TEMPLATE)
     first = prepare_data(p)
-    changed = prepare_data({**p, "formatting_template": "Q: {{ prompt }}\nA:{{ completion }}"})
+    changed = prepare_data(p.replace(formatting_template="Q: {{ prompt }}\nA:{{ completion }}"))
     assert changed.cached is False
     assert changed.path != first.path
     assert saved(changed)["train"][0]["input_ids"] != saved(first)["train"][0]["input_ids"]
@@ -497,7 +502,7 @@ def test_dropping_more_than_max_dropped_fraction_is_invalid_naming_maximum_seque
     assert "4 of 10" in str(exc.value)
     # The same rows pass once the fraction is accepted: the fraction is a rule over the prepared rows, not
     # part of preparing them, so they are reused as prepared.
-    accepted = prepare_data({**p, "max_dropped_fraction": 0.5})
+    accepted = prepare_data(p.replace(max_dropped_fraction=0.5))
     assert accepted.stats["dropped"] == 4 and accepted.cached
 
 
@@ -522,7 +527,7 @@ def test_eval_split_produces_an_eval_split_of_the_seeded_size(model_dir):
     assert len(splits["train"]) == total - n_eval == prepared.stats["rows_used"]
     assert _row_keys(whole["train"]) == sorted(_row_keys(splits["train"]) + _row_keys(splits["eval"]))
 
-    other_seed = saved(prepare_data({**p, "seed": 7}))
+    other_seed = saved(prepare_data(p.replace(seed=7)))
     assert len(other_seed["eval"]) == n_eval
     assert _row_keys(other_seed["eval"]) != _row_keys(splits["eval"])
 

@@ -25,8 +25,14 @@ def args(**given) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
+def typed(**overrides) -> params.Params:
+    """The same values, read as a run reads them."""
+    return params.defaults().replace(**config(**overrides))
+
+
 def config(**overrides) -> dict:
-    p = params.defaults()
+    """A host's raw parameter values: the defaults as a user gives them, with these."""
+    p = params.defaults().as_dict()
     p.update(model_name="/models/tiny", dataset_name="/data/rows.jsonl", adaptor_name="my-adaptor")
     p.update(overrides)
     return p
@@ -117,7 +123,7 @@ def test_set_values_resolve_like_form_values(tmp_path):
     path = write_json(tmp_path / "run.json", {"adaptor_name": "a"})
     raw = host.read_config(path, ["lora_r=32", "learning_rate=2e-4", "packing=on"])
     values, _ = resolve(raw, headless=True)
-    assert (values["lora_r"], values["learning_rate"], values["packing"]) == (32, 2e-4, "true")
+    assert (values.lora_r, values.learning_rate, values.packing) == (32, 2e-4, True)
 
 
 # --- choose() -----------------------------------------------------------------------------------------------
@@ -217,7 +223,7 @@ def test_choose_with_a_bad_config_reports_it_before_any_job(tmp_path):
 
 def test_legacy_locations_use_adaptor_output_dir_and_output_dir_checkpoints(tmp_path):
     legacy = host.LegacyPlaces()
-    p = config(adaptor_output_dir=str(tmp_path / "models" / "adaptor"), output_dir=str(tmp_path / "job"))
+    p = typed(adaptor_output_dir=str(tmp_path / "models" / "adaptor"), output_dir=str(tmp_path / "job"))
     where = legacy.locations(p)
     adapter, checkpoints = where.adapter_dir, where.checkpoint_dir
     assert adapter == str(tmp_path / "models" / "adaptor")
@@ -225,14 +231,14 @@ def test_legacy_locations_use_adaptor_output_dir_and_output_dir_checkpoints(tmp_
 
 
 def test_legacy_locations_without_adaptor_output_dir_fall_back_to_output_dir(tmp_path):
-    where = host.LegacyPlaces().locations(config(output_dir=str(tmp_path / "job")))
+    where = host.LegacyPlaces().locations(typed(output_dir=str(tmp_path / "job")))
     adapter, checkpoints = where.adapter_dir, where.checkpoint_dir
     assert adapter == str(tmp_path / "job" / "my-adaptor")
     assert checkpoints == str(tmp_path / "job" / "checkpoints" / "my-adaptor")
 
 
 def test_headless_locations_are_under_output_dir(tmp_path):
-    where = host.OutputDir().locations(config(output_dir=str(tmp_path / "out")))
+    where = host.OutputDir().locations(typed(output_dir=str(tmp_path / "out")))
     adapter, checkpoints = where.adapter_dir, where.checkpoint_dir
     assert adapter == str(tmp_path / "out" / "my-adaptor")
     assert checkpoints == str(tmp_path / "out" / "checkpoints" / "my-adaptor")
@@ -243,7 +249,7 @@ def test_headless_locations_are_under_output_dir(tmp_path):
 
 def test_headless_locations_are_absolute_for_a_relative_output_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    where = host.OutputDir().locations(config())  # output_dir ./outputs
+    where = host.OutputDir().locations(typed())  # output_dir ./outputs
     adapter, checkpoints = where.adapter_dir, where.checkpoint_dir
     assert adapter == str(tmp_path / "outputs" / "my-adaptor")
     assert checkpoints == str(tmp_path / "outputs" / "checkpoints" / "my-adaptor")
@@ -251,13 +257,13 @@ def test_headless_locations_are_absolute_for_a_relative_output_dir(tmp_path, mon
 
 def test_host_locations_expand_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    adapter = host.OutputDir().locations(config(output_dir="~/runs")).adapter_dir
+    adapter = host.OutputDir().locations(typed(output_dir="~/runs")).adapter_dir
     assert adapter == str(tmp_path / "runs" / "my-adaptor")
 
 
 def test_empty_output_dir_means_outputs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    adapter = host.OutputDir().locations(config(output_dir="")).adapter_dir
+    adapter = host.OutputDir().locations(typed(output_dir="")).adapter_dir
     assert adapter == str(tmp_path / "outputs" / "my-adaptor")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin_utils import launch, params
+from plugin_utils import launch
 from plugin_utils.runfolder import (
     EVENTS_FILE,
     Done,
@@ -36,13 +36,6 @@ CUDA_TWO = plan_of(device="cuda", gpu_ids=[0, 1], num_processes=2, precision="bf
 
 def error_file(run_dir: str, rank: int) -> str:
     return RunFolder(run_dir).error_file(rank)
-
-
-def config(**overrides) -> dict:
-    p = params.defaults()
-    p.update(model_name="/models/tiny", dataset_name="/data/rows.jsonl", adaptor_name="my-adaptor")
-    p.update(overrides)
-    return p
 
 
 def option(cmd: list[str], flag: str) -> str:

@@ -17,16 +17,14 @@ GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64
 CPU = Machine(gpus=[], cpu_count=2)
 
 
-def run_params(model: str, **overrides) -> dict:
-    p = params.defaults()
-    p.update(model_name=model, dataset_name="/data/rows.jsonl", adaptor_name="a", train_device="cpu")
-    p.update(overrides)
-    return p
+def run_params(model: str, **overrides) -> params.Params:
+    raw = {"model_name": model, "dataset_name": "/data/rows.jsonl", "adaptor_name": "a", "train_device": "cpu"}
+    return params.defaults().replace(**{**raw, **overrides})
 
 
-def layer_errors(p: dict) -> list[str]:
+def layer_errors(p: params.Params) -> list[str]:
     plan = planning.build(p, CPU)
-    found = validation.check(("layers",), p=p, plan=plan, layers=layers.describe(p["model_name"]))
+    found = validation.check(("layers",), p=p, plan=plan, layers=layers.describe(p.model_name))
     return [problem.line() for problem in found.errors]
 
 

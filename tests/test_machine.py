@@ -281,10 +281,9 @@ def test_the_older_mig_name_is_understood(nvml, monkeypatch):
 # --- what the ranks are given ------------------------------------------------------------------------------------
 
 
-def run_params(**overrides) -> dict:
-    p = params.defaults()
-    p.update(model_name="/models/none", dataset_name="/data/rows.jsonl", adaptor_name="a", **overrides)
-    return p
+def run_params(**overrides) -> params.Params:
+    raw = {"model_name": "/models/none", "dataset_name": "/data/rows.jsonl", "adaptor_name": "a"}
+    return params.defaults().replace(**raw, **overrides)
 
 
 @pytest.mark.parametrize(

@@ -216,7 +216,7 @@ def test_values_outside_the_spec_ranges_are_refused_and_the_ends_accepted(name, 
 )
 def test_a_run_that_sets_nothing_gets_the_defaults_users_expect(name, default):
     values, _ = resolve({"adaptor_name": "x"}, headless=True)
-    assert values[name] == default
+    assert values.as_dict()[name] == default
 
 
 @pytest.mark.parametrize("name", FORM)
@@ -255,9 +255,10 @@ def test_adaptor_name_pattern_is_a_plain_name_pattern():
 def test_defaults_resolve_without_problems():
     values, warnings = resolve({"adaptor_name": "x"}, headless=True)
     assert warnings == []
+    shown = values.as_dict()
     for name in FORM:
         if name != "adaptor_name":
-            assert values[name] == PARAMETERS[name]["default"]
+            assert shown[name] == PARAMETERS[name]["default"]
 
 
 def test_info_md_lists_every_parameter():

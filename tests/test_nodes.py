@@ -65,7 +65,7 @@ def test_torchrun_style_variables_and_a_single_node():
 def test_nodes_fill_the_machine_settings_the_user_left_alone():
     nodes = machine.nodes_from_env(SKYPILOT)
     p, _ = resolve({"model_name": "m", "dataset_name": "d", "adaptor_name": "a"}, headless=False, nodes=nodes)
-    assert (p["num_machines"], p["machine_rank"], p["main_process_ip"], p["main_process_port"]) == (
+    assert (p.num_machines, p.machine_rank, p.main_process_ip, p.main_process_port) == (
         2,
         1,
         "10.0.0.5",
@@ -73,11 +73,11 @@ def test_nodes_fill_the_machine_settings_the_user_left_alone():
     )
     given = {"model_name": "m", "dataset_name": "d", "adaptor_name": "a", "main_process_port": 4444}
     p, _ = resolve(given, headless=False, nodes=nodes)
-    assert p["main_process_port"] == 4444 and p["num_machines"] == 2
+    assert p.main_process_port == 4444 and p.num_machines == 2
     # A multi-node run set by hand keeps its own settings.
     own = {**given, "num_machines": 3, "machine_rank": 2, "main_process_ip": "h"}
     p, _ = resolve(own, headless=False, nodes=nodes)
-    assert (p["num_machines"], p["machine_rank"], p["main_process_ip"]) == (3, 2, "h")
+    assert (p.num_machines, p.machine_rank, p.main_process_ip) == (3, 2, "h")
 
 
 def test_node_level_rank_variables_never_reach_the_ranks(monkeypatch):

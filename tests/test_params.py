@@ -3,6 +3,7 @@ unknown keys (headless error vs host warning) and reporting every problem at onc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -19,9 +20,11 @@ def manifest_parameters() -> dict:
 
 
 def resolve(headless: bool = True, **values):
-    """Resolve the given values with a valid adaptor_name unless the test sets one."""
+    """Resolve the given values with a valid adaptor_name unless the test sets one: the values as a user gives them
+    (`Params.as_dict`), and the warnings."""
     raw = {"adaptor_name": "my-adaptor", **values}
-    return resolve_params(raw, headless=headless)
+    resolved, warnings = resolve_params(raw, headless=headless)
+    return resolved.as_dict(), warnings
 
 
 def errors_of(headless: bool = True, **values) -> dict[str, str]:
@@ -38,14 +41,14 @@ def errors_of(headless: bool = True, **values) -> dict[str, str]:
 
 
 def test_defaults_come_from_index_json_parameters():
-    defaults = params.defaults()
+    defaults = params.defaults().as_dict()
     for name, spec in manifest_parameters().items():
         assert name in defaults
-        assert defaults[name] == spec.get("default"), name
+        assert defaults[name] == spec.get("default", ""), name
 
 
 def test_defaults_include_host_keys_with_output_dir_defaulting_to_outputs():
-    defaults = params.defaults()
+    defaults = params.defaults().as_dict()
     assert set(defaults) >= SPEC_HOST_KEYS
     assert defaults["output_dir"] == "./outputs"
     assert defaults["chatml_formatted_column"] == "messages"
@@ -55,9 +58,7 @@ def test_defaults_include_host_keys_with_output_dir_defaulting_to_outputs():
 def test_resolving_only_a_name_gives_every_default():
     values, warnings = resolve()
     assert warnings == []
-    expected = params.defaults()
-    expected["adaptor_name"] = "my-adaptor"
-    assert values == expected
+    assert values == params.defaults().replace(adaptor_name="my-adaptor").as_dict()
 
 
 # --- coercion --------------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def test_host_boolean_keys_are_coerced_too():
 
 def test_null_means_the_default():
     values, _ = resolve(lora_r=None, learning_rate=None, packing=None, precision=None, output_dir=None)
-    defaults = params.defaults()
+    defaults = params.defaults().as_dict()
     for name in ("lora_r", "learning_rate", "packing", "precision", "output_dir"):
         assert values[name] == defaults[name]
 
@@ -308,7 +309,7 @@ def test_unknown_key_without_a_close_match_points_to_index_json():
 def test_unknown_key_under_a_host_is_a_warning_not_an_error():
     values, warnings = resolve(headless=False, learning_rat=1e-4)
     assert "learning_rat" not in values
-    assert values["learning_rate"] == params.defaults()["learning_rate"]
+    assert values["learning_rate"] == params.defaults().learning_rate
     [found] = warnings
     assert found.parameter == "learning_rat"
     assert "Did you mean 'learning_rate'?" in found.message
@@ -436,10 +437,105 @@ def test_a_number_field_cleared_in_a_hosts_form_means_its_default_with_a_warning
         headless=False,
     )
     assert not reading.errors
-    assert reading.params["learning_rate"] == params.defaults()["learning_rate"]
+    assert reading.params.learning_rate == params.defaults().learning_rate
     assert [w.line() for w in reading.warnings] == [
-        f"learning_rate: left empty, so its default {params.defaults()['learning_rate']} is used. Give a value to "
+        f"learning_rate: left empty, so its default {params.defaults().learning_rate} is used. Give a value to "
         "change it.",
         "max_steps: left empty, so its default -1 is used. Give a value to change it.",
     ]
     assert "expected a number" in errors_of(learning_rate="")["learning_rate"]
+
+
+# --- typed, parsed once, each parameter in its place ------------------------------------------------------------
+
+
+def test_every_parameter_is_a_field_of_its_type_with_a_declared_role():
+    """A parameter added to index.json fails here until it is a field of Params with its roles: part of the data
+    key (DATA, or CONTENT: by the content it names), of the resume identity (HARD or SOFT), or of this run alone
+    (RUN). Nothing else can make a new parameter choose, and forgotten it would escape both checks silently."""
+    found = {f.name: f for f in dataclasses.fields(params.Params)}
+    assert set(found) == set(params.HOST_KEYS) | set(manifest_parameters())
+    expected_types = {"integer": "int", "number": "float", "boolean": "bool", "string": "str", "any": "Any"}
+    parsed = {name: "Auto | bool" for name in params.switches()}
+    parsed.update(num_processes="Auto | int", gpu_ids="Auto | tuple[int, ...]")
+    for name, spec in {**params.HOST_KEYS, **manifest_parameters()}.items():
+        assert found[name].type == parsed.get(name, expected_types[spec["type"]]), name
+        roles = found[name].metadata.get("roles")
+        assert roles and roles <= set(params.ROLES), f"{name} declares no role"
+        assert params.RUN not in roles or roles == {params.RUN}, f"{name}: run-only is the only role it has"
+
+
+def test_the_records_consumers_get_are_exactly_the_parameters_of_their_role():
+    def names(record) -> set[str]:
+        return {f.name for f in dataclasses.fields(record)}
+
+    # The data code reads DataSettings and nothing else of the parameters: the data key covers what it reads.
+    assert names(params.DataSettings) == set(params.names_in(params.DATA)) | set(params.names_in(params.CONTENT))
+    assert set(params.defaults().data.canonical()) == set(params.names_in(params.DATA))
+    assert names(params.LoraSettings) == set(params.names_in(group="lora"))
+    assert names(params.TrainingSettings) == set(params.names_in(group="training"))
+    assert set(params.defaults().resume_identity()) == set(params.HARD_KEYS) | set(params.SOFT_KEYS)
+    assert {"model_name", "packing", "seed"} <= set(params.HARD_KEYS)
+    assert {"learning_rate", "max_steps"} <= set(params.SOFT_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("raw", "typed"),
+    [
+        (
+            {"packing": "on", "gradient_checkpointing": "auto", "completion_only_loss": "FALSE"},
+            (True, params.AUTO, False),
+        ),
+        ({"packing": 0, "gradient_checkpointing": True, "completion_only_loss": " Auto "}, (False, True, params.AUTO)),
+    ],
+)
+def test_auto_true_false_switches_are_parsed_once(raw, typed):
+    p = params.read({"adaptor_name": "a", **raw}, headless=True).params
+    assert (p.packing, p.gradient_checkpointing, p.completion_only_loss) == typed
+    shown = p.as_dict()
+    assert {k: shown[k] for k in raw} == {k: params.shown(k, v) for k, v in zip(raw, typed, strict=True)}
+    assert set(shown[k] for k in raw) <= {"auto", "true", "false"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "processes", "gpus"),
+    [
+        ({}, params.AUTO, params.AUTO),
+        ({"num_processes": "2", "gpu_ids": "0, 1"}, 2, (0, 1)),
+        ({"num_processes": 3, "gpu_ids": 1}, 3, (1,)),
+        ({"num_processes": " AUTO ", "gpu_ids": "Auto"}, params.AUTO, params.AUTO),
+    ],
+)
+def test_processes_and_gpu_ids_are_parsed_once(raw, processes, gpus):
+    p = params.read({"adaptor_name": "a", **raw}, headless=True).params
+    assert (p.num_processes, p.gpu_ids) == (processes, gpus)
+
+
+@pytest.mark.parametrize(
+    ("raw", "parameter", "message"),
+    [
+        (
+            {"num_processes": "two"},
+            "num_processes",
+            "'two' is neither 'auto' nor a count. Use auto or a count such as 2.",
+        ),
+        ({"num_processes": "0"}, "num_processes", "'0' is neither 'auto' nor a count"),
+        ({"gpu_ids": "cuda:0"}, "gpu_ids", "'cuda:0' is not a list of GPU ids. Use auto, or ids such as 0,1."),
+        ({"gpu_ids": "0,,1"}, "gpu_ids", "'0,,1' is not a list of GPU ids"),
+        ({"gpu_ids": ""}, "gpu_ids", "'' is not a list of GPU ids"),
+        ({"gpu_ids": "all"}, "gpu_ids", "'all' is not a list of GPU ids"),
+        # A GPU listed twice would get two processes.
+        ({"gpu_ids": "1, 0, 1"}, "gpu_ids", "GPU 1 is listed more than once. List each GPU once, such as 0,1."),
+    ],
+)
+def test_bad_processes_and_gpu_ids_are_single_value_errors(raw, parameter, message):
+    assert message in errors_of(**raw)[parameter]
+
+
+def test_a_params_copy_reads_its_values_as_a_host_does():
+    p = params.defaults().replace(lora_r="8", packing="yes", gpu_ids="2,3")
+    assert (p.lora_r, p.packing, p.gpu_ids) == (8, True, (2, 3))
+    with pytest.raises(InvalidConfig, match="lora_r: expected a number"):
+        p.replace(lora_r="many")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.lora_r = 4

@@ -22,7 +22,7 @@ import pytest
 
 from plugin_utils import host
 
-from .conftest import ROOT, base_config, last_json
+from .conftest import ROOT, base_config, last_json, params_of
 from .task_host import make_lab_job
 from .test_e2e import read_job
 from .test_lifecycle import Running
@@ -155,14 +155,14 @@ def test_the_remote_checkpoints_folder_follows_the_local_one_and_a_failed_upload
 def test_a_job_of_a_remote_workspace_has_local_folders_named_by_the_job(tmp_path, monkeypatch):
     monkeypatch.setenv("SFT_LOCAL_DIR", str(tmp_path / "jobs"))
     sdk = _remote_sdk(object(), "s3://bucket/experiments/e/jobs/7/checkpoints")
-    where = host.LabJobPlaces(sdk).locations({"adaptor_name": "a"})
+    where = host.LabJobPlaces(sdk).locations(params_of(adaptor_name="a"))
     work = tmp_path / "jobs" / "7"
     assert (where.adapter_dir, where.checkpoint_dir, where.run_dir) == (
         str(work / "adaptor" / "a"),
         str(work / "checkpoints"),
         str(work / "sft"),
     )
-    assert host.LabJobPlaces(sdk).merged_location({"adaptor_name": "a"}) == str(work / "merged" / "a-merged")
+    assert host.LabJobPlaces(sdk).merged_location(params_of(adaptor_name="a")) == str(work / "merged" / "a-merged")
     assert sdk.job_dir() == "s3://bucket/experiments/e/jobs/7"
     monkeypatch.delenv("SFT_LOCAL_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -7,6 +7,7 @@ machine has no GPU and neither package. The packing test runs a real model and T
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from plugin_utils import params, planning, speed, validation, worker
 from plugin_utils.machine import Gpu, Machine
 
-from .conftest import SAMPLE, plan_of, spec_of
+from .conftest import SAMPLE, params_of, plan_of, spec_of
 from .model_configs import QWEN2_5_0_5B
 
 GIB = 2**30
@@ -31,11 +32,8 @@ LLAMA_7B = {  # Llama-2-7B
 }
 
 
-def config(**overrides) -> dict:
-    p = params.defaults()
-    p.update(model_name="m", dataset_name="d", adaptor_name="a")
-    p.update(overrides)
-    return p
+def config(**overrides) -> params.Params:
+    return params_of(**overrides)
 
 
 def gpus(count: int, memory_gib: int = 80, capability: float = 9.0) -> list[Gpu]:
@@ -217,15 +215,14 @@ def test_gradient_checkpointing_auto_is_on_when_the_model_size_is_unknown(monkey
 
 
 def test_the_plan_holds_what_auto_switches_became_and_the_parameters_stay_as_asked(tiny_model):
-    p = params.Params(
-        config(model_name=tiny_model, dataset_name=str(SAMPLE), train_device="cpu", maximum_sequence_length=256)
-    )
+    p = config(model_name=tiny_model, dataset_name=str(SAMPLE), train_device="cpu", maximum_sequence_length=256)
     plan = planning.build(p, Machine(cpu_count=2, ram_bytes=8 * GIB))
     assert plan.speed.packing is True and plan.gradient_checkpointing is False  # 4 x 256 tokens per batch
     assert plan.as_dict()["speed"]["gradient_checkpointing"] is False
-    assert p["packing"] == p["gradient_checkpointing"] == "auto", "the parameters stay what was asked"
-    with pytest.raises(TypeError):
-        p["packing"] = True  # frozen
+    assert p.packing is p.gradient_checkpointing is params.AUTO, "the parameters stay what was asked"
+    assert p.as_dict()["packing"] == "auto"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.packing = True
 
 
 # --- the memory estimate ---------------------------------------------------------------------------
@@ -332,7 +329,9 @@ def test_full_fine_tuning_under_ddp_keeps_fp32_weights_that_autocast_computes_in
 )
 def test_auto_switches_take_every_boolean_spelling(raw, expected):
     values = params.read({"packing": raw, "gradient_checkpointing": raw}, headless=False).params
-    assert values["packing"] == values["gradient_checkpointing"] == expected
+    typed = {"true": True, "false": False, "auto": params.AUTO}[expected]
+    assert values.packing is values.gradient_checkpointing is typed
+    assert values.as_dict()["packing"] == values.as_dict()["gradient_checkpointing"] == expected
 
 
 def test_an_auto_switch_rejects_other_values_naming_the_choices():
@@ -355,12 +354,18 @@ def test_packing_forced_on_without_flash_attention_is_a_warning_where_it_is_like
 
 def test_planned_steps_count_packs_when_packing():
     stats = {"rows_used": 1000, "total_tokens": 1000 * 100, "eval_rows": 0}
-    p = config(batch_size=4, maximum_sequence_length=1000, save_steps=100, num_train_epochs=1, packing="true")
-    p["gradient_accumulation_steps"] = 1
+    p = config(
+        batch_size=4,
+        maximum_sequence_length=1000,
+        save_steps=100,
+        num_train_epochs=1,
+        packing="true",
+        gradient_accumulation_steps=1,
+    )
     plan = planning.build(p, Machine())
     # 100k tokens fill about 100 packs of 1000 tokens: 25 steps, so save_steps=100 never saves.
     assert [f[1].parameter for f in validation.checkpoint_before_the_end(p, plan, stats)] == ["save_steps"]
-    p["packing"] = "false"  # 250 steps unpacked: a checkpoint at 100 and 200
+    p = p.replace(packing="false")  # 250 steps unpacked: a checkpoint at 100 and 200
     assert not list(validation.checkpoint_before_the_end(p, planning.build(p, Machine()), stats))
 
 

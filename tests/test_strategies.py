@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from plugin_utils import launch, params, strategies
+from plugin_utils import launch, strategies
 from plugin_utils.runfolder import RunFolder
 from tests.conftest import plan_of, spec_of
 
@@ -22,12 +22,6 @@ def gpus(**decisions):
 def read(path: str) -> dict:
     with open(path) as handle:
         return json.load(handle)
-
-
-def config(**overrides) -> dict:
-    p = params.defaults()
-    p.update(model_name="m", dataset_name="d", adaptor_name="a", **overrides)
-    return p
 
 
 def test_ddp_writes_a_multi_gpu_launcher_config(tmp_path):

@@ -85,7 +85,7 @@ def test_an_untouched_form_is_a_valid_run_with_the_plugins_defaults():
     assert not reading.errors and not reading.warnings
     for name, spec in MANIFEST["parameters"].items():
         if "default" in spec and name in TASK["parameters"]:
-            assert reading.params[name] == spec["default"], name
+            assert reading.params.as_dict()[name] == spec["default"], name
 
 
 def test_values_the_form_sends_typed_are_read_like_the_train_tabs_strings():

@@ -140,7 +140,7 @@ def _encoder(tok, columns=("messages",)):
     key = (id(tok), columns)
     if key not in _ENCODERS:
         fmt = "chat_prompt_completion" if "prompt" in columns else "chat"
-        _ENCODERS[key] = (tok, encoding.Encoder(params.defaults(), fmt, tok, list(columns), train_part_only=True))
+        _ENCODERS[key] = (tok, encoding.Encoder(params.defaults().data, fmt, tok, list(columns), train_part_only=True))
     return _ENCODERS[key][1]
 
 
@@ -270,9 +270,9 @@ def spm_appending_eos(tmp_path_factory) -> Path:
 
 
 def _text_encoder(tok, fmt: str, columns: list[str], **overrides):
-    p = {**params.defaults(), **overrides}
+    p = params.defaults().replace(**overrides)
     train_part_only, _ = planning.loss_mode(p, fmt)
-    return encoding.Encoder(p, fmt, tok, columns, train_part_only)
+    return encoding.Encoder(p.data, fmt, tok, columns, train_part_only)
 
 
 def test_a_completion_is_tokenized_with_its_prompt_not_on_its_own(bases):
@@ -359,7 +359,7 @@ def test_a_model_folder_with_only_a_sentencepiece_model_prepares_token_exact(tmp
     rows = [{"prompt": "### Response:\n", "completion": "hi there"}, {"prompt": "Q: yes?\nA:", "completion": " yes"}]
     dataset = tmp_path / "d.jsonl"
     dataset.write_text("\n".join(json.dumps(r) for r in rows))
-    p = {**params.defaults(), "model_name": str(folder), "dataset_name": str(dataset), "adaptor_name": "a"}
+    p = params.defaults().replace(model_name=str(folder), dataset_name=str(dataset), adaptor_name="a")
     prepared = prepare_data(p)
     first, second = prepared.samples
     assert first["trained_tokens"] == ["hi", "▁there", "</s>"]

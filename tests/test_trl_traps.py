@@ -22,7 +22,7 @@ def spec(tmp_path, plan=None, packing=False, **overrides):
 
 def prepared_rows(tiny_model, **overrides):
     p = params.defaults()
-    p.update(model_name=tiny_model, dataset_name=str(SAMPLE), adaptor_name="a", **overrides)
+    p = p.replace(model_name=tiny_model, dataset_name=str(SAMPLE), adaptor_name="a", **overrides)
     return p, prepare_data(p)
 
 
@@ -49,7 +49,7 @@ def test_completion_only_loss_true_on_text_rows_is_an_error_not_silent(tiny_mode
     rows = tmp_path / "text.jsonl"
     rows.write_text('{"text": "hello world"}\n' * 4)
     p = params.defaults()
-    p.update(model_name=tiny_model, dataset_name=str(rows), adaptor_name="a", completion_only_loss="true")
+    p = p.replace(model_name=tiny_model, dataset_name=str(rows), adaptor_name="a", completion_only_loss="true")
     with pytest.raises(InvalidConfig, match="completion_only_loss"):
         prepare_data(p)
 
@@ -95,22 +95,22 @@ def test_report_to_is_explicit(tmp_path):
 
 def test_lora_on_lm_head_is_caught_before_launch():
     p = params.defaults()
-    p.update(lora_target_modules="q_proj,lm_head")
+    p = p.replace(lora_target_modules="q_proj,lm_head")
     assert [f[1].parameter for f in validation.lora_not_on_lm_head(p)] == ["lora_target_modules"]
 
 
 def test_a_peft_model_plus_a_lora_config_is_caught_before_launch(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     p = params.defaults()
-    p.update(model_name=str(tmp_path))
-    assert [f[1].parameter for f in validation.model_is_not_an_adapter(p, sources.inspect_model(p["model_name"]))] == [
+    p = p.replace(model_name=str(tmp_path))
+    assert [f[1].parameter for f in validation.model_is_not_an_adapter(p, sources.inspect_model(p.model_name))] == [
         "model_name"
     ]
 
 
 def test_one_process_sees_one_gpu_so_trl_never_meets_data_parallel():
     p = params.defaults()
-    p.update(num_processes="1")
+    p = p.replace(num_processes="1")
     two = Machine(gpus=[Gpu(0, "fake", 1, 8.0), Gpu(1, "fake", 1, 8.0)])  # a fake: no GPU exists here
     plan = planning.build(p, two)
     assert launch.rank_env(plan)["CUDA_VISIBLE_DEVICES"] == "0"

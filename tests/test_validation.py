@@ -45,11 +45,10 @@ MODEL_DIR = tempfile.mkdtemp(prefix="rules-model-")
 Path(MODEL_DIR, "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096}')
 
 
-def config(**overrides) -> dict:
-    p = params.defaults()
-    p.update(model_name=MODEL_DIR, dataset_name="/data/rows.jsonl", adaptor_name="my-adaptor")
-    p.update(overrides)
-    return p
+def config(**overrides) -> params.Params:
+    """Parameters as a host's values are read, with a model folder and a dataset."""
+    raw = {"model_name": MODEL_DIR, "dataset_name": "/data/rows.jsonl", "adaptor_name": "my-adaptor", **overrides}
+    return params.defaults().replace(**raw)
 
 
 def without_speed(plan) -> dict:
@@ -59,7 +58,7 @@ def without_speed(plan) -> dict:
 
 def call(rule, p, machine=None, **facts) -> list:
     """What a rule yields, given the facts it names (the model's are read from p's model folder)."""
-    given = {"p": p, "machine": machine, "model": sources.inspect_model(p["model_name"]), **facts}
+    given = {"p": p, "machine": machine, "model": sources.inspect_model(p.model_name), **facts}
     return list(rule(**{name: given[name] for name in inspect.signature(rule).parameters}))
 
 
@@ -77,13 +76,13 @@ def where(adapter: str, checkpoints: str) -> outputs.Where:
 
 
 def out_facts(p, adapter: str, checkpoints: str) -> outputs.OutputFacts:
-    return outputs.inspect(where(adapter, checkpoints), outputs.identity(p, 1, None), overwrite=p["overwrite_output"])
+    return outputs.inspect(where(adapter, checkpoints), outputs.identity(p, 1, None), overwrite=p.overwrite_output)
 
 
 def checked(p, machine) -> validation.Findings:
     """The phases that need no output folders or data."""
     return validation.check(
-        ("parameters", "machine", "model"), p=p, machine=machine, model=sources.inspect_model(p["model_name"])
+        ("parameters", "machine", "model"), p=p, machine=machine, model=sources.inspect_model(p.model_name)
     )
 
 
@@ -124,14 +123,6 @@ CONFIG_CASES = [
         {"model_name": "", "dataset_name": ""},
         {("error", "model_name"), ("error", "dataset_name")},
     ),
-    (validation.adaptor_name_is_a_name, {}, set()),
-    (validation.adaptor_name_is_a_name, {"adaptor_name": "my-adaptor_1.0"}, set()),
-    (validation.adaptor_name_is_a_name, {"adaptor_name": "a/b"}, {("error", "adaptor_name")}),
-    (validation.adaptor_name_is_a_name, {"adaptor_name": "a\\b"}, {("error", "adaptor_name")}),
-    (validation.adaptor_name_is_a_name, {"adaptor_name": ".hidden"}, {("error", "adaptor_name")}),
-    (validation.adaptor_name_is_a_name, {"adaptor_name": ".."}, {("error", "adaptor_name")}),
-    (validation.adaptor_name_is_a_name, {"adaptor_name": ""}, {("error", "adaptor_name")}),
-    (validation.adaptor_name_is_a_name, {"adaptor_name": None}, {("error", "adaptor_name")}),
     (validation.max_steps_not_zero, {"max_steps": -1}, set()),
     (validation.max_steps_not_zero, {"max_steps": 5}, set()),
     (validation.max_steps_not_zero, {"max_steps": 0}, {("error", "max_steps")}),
@@ -191,24 +182,6 @@ CONFIG_CASES = [
         {("error", "machine_rank")},
     ),
     (validation.multi_node_needs_address, {"machine_rank": 1}, {("error", "machine_rank")}),
-    (validation.num_processes_is_auto_or_count, {"num_processes": "auto"}, set()),
-    (validation.num_processes_is_auto_or_count, {"num_processes": "AUTO"}, set()),
-    (validation.num_processes_is_auto_or_count, {"num_processes": "2"}, set()),
-    (validation.num_processes_is_auto_or_count, {"num_processes": "0"}, {("error", "num_processes")}),
-    (validation.num_processes_is_auto_or_count, {"num_processes": "-1"}, {("error", "num_processes")}),
-    (validation.num_processes_is_auto_or_count, {"num_processes": "two"}, {("error", "num_processes")}),
-    (validation.num_processes_is_auto_or_count, {"num_processes": "1.5"}, {("error", "num_processes")}),
-    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "auto"}, set()),
-    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "0"}, set()),
-    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "0,1"}, set()),
-    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "0, 1"}, set()),
-    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "cuda:0"}, {("error", "gpu_ids")}),
-    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "0,,1"}, {("error", "gpu_ids")}),
-    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": ""}, {("error", "gpu_ids")}),
-    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "all"}, {("error", "gpu_ids")}),
-    # A GPU listed twice would get two processes on one card (issue 13, item 4).
-    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "0,0"}, {("error", "gpu_ids")}),
-    (validation.gpu_ids_is_auto_or_list, {"gpu_ids": "1, 0, 1"}, {("error", "gpu_ids")}),
     (validation.lora_not_on_lm_head, {}, set()),
     (validation.lora_not_on_lm_head, {"lora_target_modules": "q_proj,v_proj"}, set()),
     (validation.lora_not_on_lm_head, {"lora_target_modules": "q_proj, lm_head"}, {("error", "lora_target_modules")}),
@@ -294,7 +267,7 @@ BAD_PUNCTUATION = re.compile(r"\?\.|,\.|(?<![.'])\.\.(?![.'])|\s[.,;:](?!\w)|, \
 def test_every_message_the_rule_tables_produce_is_proof_read():
     lines = [line for rule, overrides, _ in CONFIG_CASES for line in messages(rule, config(**overrides))]
     lines += [line for rule, o, machine, _ in MACHINE_CASES for line in messages(rule, config(**o), machine)]
-    assert len(lines) > 40
+    assert len(lines) > 30
     assert not [line for line in lines if BAD_PUNCTUATION.search(line)]
     assert all(line.endswith((".", "?")) and ": " in line for line in lines), lines
 
@@ -419,7 +392,7 @@ def test_parameter_count_is_exact_from_safetensors_headers(tmp_path):
 
 def test_model_size_unknown_keeps_the_one_gib_floor(tmp_path):
     p = config(model_name="some-org/not-cached")
-    assert planning.model_parameters(p["model_name"], None) is None
+    assert planning.model_parameters(p.model_name, None) is None
     assert planning.disk_estimate(p, None, None, "bf16") is None
 
 
@@ -454,7 +427,7 @@ def test_a_full_fine_tune_that_cannot_fit_is_refused_up_front_and_lora_fits(monk
     p, out = disk_facts(tmp_path, model_name=model, training_mode="lora", save_total_limit=2)
     assert messages(validation.enough_disk, p, TWO_AMPERE, out=out) == []
     lora = planning.disk_estimate(p, LLAMA_3_8B, 8_030_261_248, "bf16")
-    full = planning.disk_estimate({**p, "training_mode": "full"}, LLAMA_3_8B, 8_030_261_248, "bf16")
+    full = planning.disk_estimate(p.replace(training_mode="full"), LLAMA_3_8B, 8_030_261_248, "bf16")
     assert lora.peak < full.peak / 50
 
 
@@ -463,9 +436,9 @@ def test_fuse_model_adds_the_merged_model(tmp_path):
     merged = planning.disk_estimate(p, QWEN2_5_0_5B, 494_032_768, "bf16")
     assert merged.merged == 494_032_768 * 2  # a 16-bit copy of the base
     assert planning.disk_estimate(p, QWEN2_5_0_5B, 494_032_768, "fp32").merged == 494_032_768 * 4  # the CPU's fp32
-    assert planning.disk_estimate({**p, "fuse_model": False}, QWEN2_5_0_5B, 494_032_768, "bf16").merged == 0
+    assert planning.disk_estimate(p.replace(fuse_model=False), QWEN2_5_0_5B, 494_032_768, "bf16").merged == 0
     # A QLoRA adapter is merged into a bf16 copy of the base, whatever precision trained it.
-    qlora = {**p, "training_mode": "qlora"}
+    qlora = p.replace(training_mode="qlora")
     assert planning.disk_estimate(qlora, QWEN2_5_0_5B, 494_032_768, "fp32").merged == 494_032_768 * 2
 
 
@@ -724,7 +697,7 @@ def test_resuming_on_other_data_is_a_data_error(tmp_path):
 def test_a_recorded_identity_of_the_first_version_is_still_understood(tmp_path):
     ckpt = tmp_path / "ckpt"
     saved_checkpoint(ckpt, config())
-    flat = {**{k: config()[k] for k in (*outputs.HARD_KEYS, *outputs.SOFT_KEYS)}, "world_size": 1, "dataset": "d"}
+    flat = {**config().resume_identity(), "world_size": 1, "dataset": "d"}
     flat["lora_r"] = 4
     # Written beside the checkpoints by the versions that wrote this format.
     (ckpt / "checkpoint-2" / "run_params.json").unlink()
@@ -992,9 +965,11 @@ def test_rank_env_hides_every_gpu_on_cpu():
 
 
 def test_check_returns_every_error_at_once():
-    p = config(model_name="", max_steps=0, gpu_ids="zero", num_processes="none", precision="fp16")
-    found = checked(p, CPU_ONLY)
-    assert {e.parameter for e in found.errors} == {"model_name", "max_steps", "gpu_ids", "num_processes", "precision"}
+    p = config(model_name="", max_steps=0, gpu_ids="5", num_processes="3", precision="fp16")
+    found = checked(p, TWO_AMPERE)
+    assert {e.parameter for e in found.errors} == {"model_name", "max_steps", "gpu_ids", "num_processes"}
+    found = checked(p.replace(gpu_ids="auto", num_processes="auto"), CPU_ONLY)
+    assert {e.parameter for e in found.errors} == {"model_name", "max_steps", "precision"}
     with pytest.raises(InvalidConfig) as caught:
         found.raise_errors()
     assert len(str(caught.value).splitlines()) == len(caught.value.errors)
@@ -1040,13 +1015,9 @@ def test_deepspeed_needs_cuda_gpus():
     assert [(s, p.parameter, "CUDA" in p.message) for s, p in found] == [("error", "distributed_strategy", True)]
 
 
-def test_a_gpu_listed_twice_and_cpu_oversubscription_are_named_with_the_fix():
-    [line] = messages(validation.gpu_ids_is_auto_or_list, config(gpu_ids="1,0,1"))
-    assert line == "gpu_ids: GPU 1 is listed more than once. List each GPU once, such as 0,1."
+def test_cpu_oversubscription_is_named_with_the_fix():
     [line] = messages(validation.cpu_processes_fit_cores, config(num_processes="64"), CPU_ONLY)
     assert line == (
         "num_processes: 64 processes on the CPU of a machine with 8 cores share them out and train slower. "
         "Use at most 8."
     )
-    [line] = messages(validation.num_processes_is_auto_or_count, config(num_processes="x"))
-    assert line == "num_processes: 'x' is neither 'auto' nor a count. Use auto or a count such as 2."

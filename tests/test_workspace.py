@@ -226,7 +226,7 @@ def test_read_gives_the_folder_and_logs_the_id(workspace, caplog):
             reading = params.read(raw, headless=False)
     finally:
         logger.removeHandler(caplog.handler)
-    assert reading.params["model_name"] == str(folder)
+    assert reading.params.model_name == str(folder)
     assert reading.errors == [] and reading.warnings == []
     assert f"model_name: TransformerLab/tiny-fused is a model of this workspace: {folder}" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -237,7 +237,7 @@ def test_reading_a_workspace_id_loads_neither_torch_nor_transformers(workspace):
     script = (
         "import sys; from plugin_utils import params; "
         "p = params.read({'model_name': 'TransformerLab/tiny-fused', 'adaptor_name': 'a'}, headless=True).params; "
-        "assert p['model_name'].endswith('/models/tiny-fused'), p['model_name']; "
+        "assert p.model_name.endswith('/models/tiny-fused'), p.model_name; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print('ok')"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(ROOT))

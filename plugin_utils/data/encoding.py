@@ -14,6 +14,7 @@ from typing import Any
 from .. import chat
 from ..chat import ChatRenderer, RowProblem
 from ..errors import InvalidConfig, problem
+from ..params import DataSettings
 from ..rowformats import CHAT_FORMATS
 from ..templates import RowTemplate
 from .formats import chat_column, text_value
@@ -86,17 +87,17 @@ class Encoder:
     non-chat row exactly once; a chat template writes its own end-of-turn tokens.
     """
 
-    def __init__(self, p: dict[str, Any], fmt: str, tokenizer, columns: list[str], train_part_only: bool):
+    def __init__(self, settings: DataSettings, fmt: str, tokenizer, columns: list[str], train_part_only: bool):
         self.fmt = fmt
         self.tok = tokenizer
         self.train_part_only = train_part_only
         self.eos_id = tokenizer.eos_token_id
         self.eos = tokenizer.eos_token or ""
         self.bos = tokenizer.bos_token or ""
-        self.chat_column = chat_column(p, columns) if fmt == "chat" else None
+        self.chat_column = chat_column(settings, columns) if fmt == "chat" else None
         self.chat = None
         if fmt in CHAT_FORMATS:
-            template = p["formatting_chat_template"].strip() or None
+            template = settings.formatting_chat_template.strip() or None
             if template is None and not getattr(tokenizer, "chat_template", None):
                 raise InvalidConfig(
                     [
@@ -110,7 +111,7 @@ class Encoder:
             self.chat = ChatRenderer(tokenizer, template, self.chat_column or "prompt/completion")
         self.tools_column = "tools" if "tools" in columns and fmt in CHAT_FORMATS else None
         self.template = (
-            RowTemplate(p["formatting_template"], columns, p["completion_column"], split=train_part_only)
+            RowTemplate(settings.formatting_template, columns, settings.completion_column, split=train_part_only)
             if fmt == "template"
             else None
         )
@@ -285,8 +286,8 @@ def _column_sum(ds, column: str, predicate=None) -> int:
     return total
 
 
-def build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[str, Any]:
-    max_len = p["maximum_sequence_length"]
+def build(splits, encoder: Encoder, settings: DataSettings, staging: str) -> dict[str, Any]:
+    max_len = settings.maximum_sequence_length
 
     flags = ("empty", "no_answer", "reasoning_dropped", "open_turn")
 
@@ -329,7 +330,7 @@ def build(splits, encoder: Encoder, p: dict[str, Any], staging: str) -> dict[str
                     desc=f"Preparing {name} rows",
                 )
         with progress_bars(shown=False):
-            return _kept_and_saved(tokenized, encoder, p, staging, work, max_len)
+            return _kept_and_saved(tokenized, encoder, settings, staging, work, max_len)
     except BaseException:
         _end_worker_processes()
         raise
@@ -355,12 +356,14 @@ def _end_worker_processes() -> None:
             child.join(timeout=5)
 
 
-def _kept_and_saved(tokenized, encoder, p: dict[str, Any], staging: str, work: str, max_len: int) -> dict[str, Any]:
+def _kept_and_saved(
+    tokenized, encoder, settings: DataSettings, staging: str, work: str, max_len: int
+) -> dict[str, Any]:
     """The rows with something to train, split for evaluation when asked, saved to `staging`; their statistics."""
     import pyarrow.compute as pc
     from datasets import DatasetDict
 
-    stats = _statistics(tokenized, encoder.fmt, p)
+    stats = _statistics(tokenized, encoder.fmt, settings)
     kept = {
         name: ds.filter(
             lambda t: [x > 0 for x in t],
@@ -373,10 +376,10 @@ def _kept_and_saved(tokenized, encoder, p: dict[str, Any], staging: str, work: s
     # Splits that cannot work (nothing to train, an eval fraction that leaves no training rows, an eval
     # split with nothing left) are saved as they are: validation's statistics rules refuse them.
     rows = len(kept["train"])
-    if "eval" not in kept and p["eval_split"] > 0 and 0 < math.ceil(p["eval_split"] * rows) < rows:
+    if "eval" not in kept and settings.eval_split > 0 and 0 < math.ceil(settings.eval_split * rows) < rows:
         parts = kept["train"].train_test_split(
-            test_size=p["eval_split"],
-            seed=p["seed"],
+            test_size=settings.eval_split,
+            seed=settings.seed,
             train_indices_cache_file_name=os.path.join(work, "split-train.arrow"),
             test_indices_cache_file_name=os.path.join(work, "split-eval.arrow"),
         )
@@ -390,13 +393,13 @@ def _kept_and_saved(tokenized, encoder, p: dict[str, Any], staging: str, work: s
     return stats
 
 
-def _statistics(tokenized, fmt: str, p: dict[str, Any]) -> dict[str, Any]:
+def _statistics(tokenized, fmt: str, settings: DataSettings) -> dict[str, Any]:
     """Rows, drops and truncation of the training split."""
     import numpy as np
     import pyarrow.compute as pc
 
     train = tokenized["train"]
-    max_len = p["maximum_sequence_length"]
+    max_len = settings.maximum_sequence_length
     lengths = np.sort(train.with_format("arrow")["length"].to_numpy())
     dropped = _column_sum(train, "trained", lambda v: pc.equal(v, 0))
     stats = {

@@ -8,6 +8,7 @@ from typing import Any
 from .. import chat
 from ..chat import RowProblem
 from ..errors import InvalidConfig, problem
+from ..params import DataSettings
 
 
 def _values(rows: list[dict[str, Any]], column: str) -> list[Any]:
@@ -15,14 +16,14 @@ def _values(rows: list[dict[str, Any]], column: str) -> list[Any]:
     return [r.get(column) for r in rows if r.get(column) is not None]
 
 
-def chat_column(p: dict[str, Any], columns: list[str]) -> str | None:
+def chat_column(settings: DataSettings, columns: list[str]) -> str | None:
     """The column holding conversations: chatml_formatted_column, else `messages` or ShareGPT `conversations`.
 
     A column named explicitly that the data lack is an error when apply_chat_template asks for it."""
-    asked = p["chatml_formatted_column"] or "messages"
+    asked = settings.chatml_formatted_column or "messages"
     if asked in columns:
         return asked
-    if asked != "messages" and p["apply_chat_template"]:
+    if asked != "messages" and settings.apply_chat_template:
         raise InvalidConfig(
             [
                 problem(
@@ -35,10 +36,10 @@ def chat_column(p: dict[str, Any], columns: list[str]) -> str | None:
     return next((c for c in ("messages", "conversations") if c in columns), None)
 
 
-def detect_format(p: dict[str, Any], columns: list[str], rows: list[dict[str, Any]]) -> tuple[str, str]:
+def detect_format(settings: DataSettings, columns: list[str], rows: list[dict[str, Any]]) -> tuple[str, str]:
     """(format, why), from the columns and the types of their values in several rows, not just the first."""
-    chat = chat_column(p, columns)
-    if p["apply_chat_template"]:
+    chat = chat_column(settings, columns)
+    if settings.apply_chat_template:
         if chat is None:
             raise InvalidConfig(
                 [
@@ -50,7 +51,7 @@ def detect_format(p: dict[str, Any], columns: list[str], rows: list[dict[str, An
                 ]
             )
         return "chat", f"apply_chat_template is on and the rows have a {chat!r} column"
-    if p["formatting_template"].strip():
+    if settings.formatting_template.strip():
         return "template", "a formatting_template was given"
     if "prompt" in columns and "completion" in columns:
         if any(isinstance(v, list) for v in _values(rows, "prompt") + _values(rows, "completion")):

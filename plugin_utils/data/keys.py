@@ -9,28 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from ..params import DataSettings
 from ..sources import hub_offline
 from .loading import resolve_source
 
 PREP_VERSION = "3"
-# Every parameter the data code reads, besides model_name and dataset_name (which enter the key by content:
-# the tokenizer's files, the data's bytes). tests/test_cache.py holds the data code to this list.
-SHAPING_PARAMETERS = (
-    "formatting_template",
-    "apply_chat_template",
-    "chatml_formatted_column",
-    "formatting_chat_template",
-    "completion_only_loss",
-    "assistant_only_loss",
-    "completion_column",
-    "maximum_sequence_length",
-    "eval_split",
-    "seed",
-)
 # The files a tokenizer may be loaded from (AutoTokenizer and the tokenizer classes it picks): every file of
 # the model folder or Hub snapshot that matches one of these, never the weights.
 TOKENIZER_FILES = (
@@ -83,13 +68,14 @@ def _tokenizer_files(folder: Path) -> list[Path]:
     return sorted(found, key=lambda path: path.relative_to(folder).as_posix())
 
 
-def fingerprint(p: Mapping[str, Any], model_path: str, data_name: str) -> str:
+def fingerprint(settings: DataSettings) -> str:
     """The data key: the rows, the tokenizer (every file it may read, and the Hub commit), the template and
     every data-shaping parameter. A resumed run must have the same (the code's version is not part of it)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({k: p[k] for k in SHAPING_PARAMETERS}, sort_keys=True).encode())
+    digest.update(json.dumps(settings.canonical(), sort_keys=True).encode())
     digest.update(PREP_VERSION.encode())
-    source = resolve_source(data_name)
+    model_path = settings.model_name
+    source = resolve_source(settings.dataset_name)
     targets = [f for path in source.paths for f in (sorted(path.rglob("*")) if path.is_dir() else [path])]
     if source.kind == "hub":
         digest.update(json.dumps([source.hub_id, source.config_name]).encode())

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import StopRequested
+from ..params import DataSettings
 from ..rowformats import DataFacts
 from ..sources import load_tokenizer
 from .encoding import Encoder, build, encode_checked, marked
@@ -48,29 +48,34 @@ class Prepared:
     marked: list[str] = field(default_factory=list)
 
 
-def load(p: Mapping[str, Any]) -> LoadedDataset:
+def load(settings: DataSettings) -> LoadedDataset:
     """Load the dataset and find its format; rows that cannot be read are errors naming the file and line."""
-    splits, eval_info = choose_eval(load_splits(p["dataset_name"]), p["eval_split"])
+    splits, eval_info = choose_eval(load_splits(settings.dataset_name), settings.eval_split)
     train = splits["train"]
     columns = list(train.column_names)
     head = [train[i] for i in range(min(len(train), 64))]
-    fmt, why = detect_format(p, columns, head)
+    fmt, why = detect_format(settings, columns, head)
     log.info("data: %s rows, format %s (%s)", len(train), fmt, why)
     log.info("data: evaluation: %s", eval_text(eval_info))
-    key = fingerprint(p, p["model_name"], p["dataset_name"])
+    key = fingerprint(settings)
     return LoadedDataset(splits, eval_info, fmt, why, columns, head, key)
 
 
 def prepare(
-    p: Mapping[str, Any], dataset: LoadedDataset, completion_only: bool, *, preview: int = 3, stopping=lambda: False
+    settings: DataSettings,
+    dataset: LoadedDataset,
+    completion_only: bool,
+    *,
+    preview: int = 3,
+    stopping=lambda: False,
 ) -> Prepared:
     """Format, tokenize and save the rows; reuse the cache when nothing changed. `completion_only` is the
     plan's loss mode: whether only completions (assistant turns) are trained. `stopping()` is asked once more
     before the result is published: a stop that a worker pool swallowed still leaves nothing behind."""
     cache = PreparedCache.from_env()  # a bad bound is an error before any work
-    tokenizer = load_tokenizer(p["model_name"])
-    encoder = Encoder(p, dataset.format, tokenizer, dataset.columns, completion_only)
-    samples, shown = _preview(encoder, tokenizer, dataset.head[:preview], p["maximum_sequence_length"])
+    tokenizer = load_tokenizer(settings.model_name)
+    encoder = Encoder(settings, dataset.format, tokenizer, dataset.columns, completion_only)
+    samples, shown = _preview(encoder, tokenizer, dataset.head[:preview], settings.maximum_sequence_length)
 
     key = cache_key(dataset.key, completion_only)
     stats = cache.use(key)
@@ -82,7 +87,7 @@ def prepare(
         return Prepared(str(cache.path(key)), dataset.key, stats, samples, cached=True, marked=shown)
 
     with cache.building(key) as staging:
-        stats = {**build(dataset.splits, encoder, p, str(staging)), **dataset.eval_info}
+        stats = {**build(dataset.splits, encoder, settings, str(staging)), **dataset.eval_info}
         (staging / "stats.json").write_text(json.dumps(stats, indent=2))
         if stopping():
             raise StopRequested()
