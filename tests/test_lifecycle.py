@@ -4,6 +4,7 @@ FSDP on gloo, merging, and two "nodes" on one machine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,10 +41,22 @@ class Running:
         self.stdout = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self._out: list[str] = []
+        self._out_reader = threading.Thread(target=lambda: self._out.append(self.proc.stdout.read()), daemon=True)
+        self._out_reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stderr:
             self.lines.append(line)
+
+    def session(self) -> list[psutil.Process]:
+        """The processes left in this run's session: main.py's, and whatever it started."""
+        left = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(proc.pid) == self.proc.pid:
+                    left.append(proc)
+        return left
 
     def wait_for(self, text: str, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -56,10 +69,27 @@ class Running:
         raise AssertionError(f"never saw {text!r}; output:\n{''.join(self.lines[-40:])}")
 
     def finish(self, timeout: float = 180) -> int:
-        # stderr belongs to the reader thread; only stdout is read here.
-        self.stdout = self.proc.stdout.read()
-        self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
+        """main.py's exit code, once it has exited and nothing it started holds its output open any more. Past
+        `timeout`, the run's session is killed and the test fails naming what was still there: a hang is a
+        defect to find, never a wait for pytest's own timeout."""
+        deadline = time.time() + timeout
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=timeout)
+        for reader in (self._out_reader, self._reader):
+            reader.join(timeout=max(deadline - time.time(), 5))
+        if self.proc.poll() is None or self._out_reader.is_alive() or self._reader.is_alive():
+            left = self.session()
+            described = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in left if p.is_running()]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            for proc in left:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            raise AssertionError(
+                f"main.py (exit {self.proc.poll()}) or what it started was still there after {timeout} s: "
+                f"{described}\n{self.stderr[-3000:]}"
+            )
+        self.stdout = "".join(self._out)
         return self.proc.returncode
 
     @property

@@ -331,29 +331,8 @@ def build(splits, encoder: Encoder, settings: DataSettings, staging: str) -> dic
                 )
         with progress_bars(shown=False):
             return _kept_and_saved(tokenized, encoder, settings, staging, work, max_len)
-    except BaseException:
-        _end_worker_processes()
-        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _end_worker_processes() -> None:
-    """End the processes a parallel map started (its worker pool, and the manager process datasets starts beside
-    it). A stop that interrupts the map can leave them running, and this process would then never exit: at exit
-    it waits for them."""
-    try:
-        import multiprocess
-    except ImportError:
-        return
-    children = multiprocess.active_children()
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join(timeout=5)
-        if child.is_alive():
-            child.kill()
-            child.join(timeout=5)
 
 
 def _kept_and_saved(

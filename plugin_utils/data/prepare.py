@@ -3,6 +3,7 @@ cache, or reuse an identical earlier preparation (`prepare`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -87,13 +88,43 @@ def prepare(
         return Prepared(str(cache.path(key)), dataset.key, stats, samples, cached=True, marked=shown)
 
     with cache.building(key) as staging:
-        stats = {**build(dataset.splits, encoder, settings, str(staging)), **dataset.eval_info}
+        try:
+            stats = {**build(dataset.splits, encoder, settings, str(staging)), **dataset.eval_info}
+        except BaseException:
+            _end_worker_processes()
+            raise
         (staging / "stats.json").write_text(json.dumps(stats, indent=2))
         if stopping():
             raise StopRequested()
         stats = cache.publish(staging, key)
     cache.evict(key)
     return Prepared(str(cache.path(key)), dataset.key, stats, samples, marked=shown)
+
+
+def _end_worker_processes() -> None:
+    """End every process a parallel map started: its worker pool, and the manager process datasets starts beside
+    it. A stop that interrupts the map can leave them running (this process would then wait for them at exit),
+    or land between a fork and multiprocess registering the child, which then serves on as an orphan: so the
+    children are found from the process table, not from multiprocess's list. Before the ranks start, every child
+    of this process is one of them."""
+    import psutil
+
+    try:
+        import multiprocess
+    except ImportError:
+        multiprocess = None
+    for child in multiprocess.active_children() if multiprocess else []:  # joined, so multiprocess forgets them
+        child.terminate()
+        child.join(timeout=5)
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _preview(encoder: Encoder, tokenizer, rows: list[dict[str, Any]], max_len: int) -> tuple[list, list]:
