@@ -1,5 +1,5 @@
 """The edge: command-line flags, logging, the reports, and `conclude()`: the one place that turns how the run
-ended into the job's final status, the last JSON line and the exit code (SPEC §2)."""
+ended into the job's final status, the last JSON line and the exit code (README, "Run it headless")."""
 
 from __future__ import annotations
 

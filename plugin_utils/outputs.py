@@ -457,8 +457,8 @@ class RunSession:
 
 
 def score(result) -> dict[str, float]:
-    """The job's score (SPEC §7): `loss` is the eval loss when there is an eval split, else the final training
-    loss; `train/loss` and, with an eval split, `eval/loss` are the keys TransformerLab's sweeps rank by."""
+    """The job's score (info.md, "As a task"): `loss` is the eval loss when there is an eval split, else the final
+    training loss; `train/loss` and, with an eval split, `eval/loss` are the keys TransformerLab's sweeps rank by."""
     values = {"loss": result.eval_loss if result.eval_loss is not None else result.final_loss}
     values["train/loss"] = result.final_loss
     if result.eval_loss is not None:

@@ -27,7 +27,7 @@ def with_bitsandbytes(env: dict[str, str]) -> dict[str, str]:
 
 TEMPLATE = "Question: {{ prompt }}\nAnswer:{{ completion }}"
 
-# SPEC §3: the keys the Train tab and the host fill; never form parameters.
+# The keys the Train tab and the host fill (info.md, "Parameters"); never form parameters.
 SPEC_HOST_KEYS = {
     "model_name",
     "model_architecture",

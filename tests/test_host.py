@@ -1,5 +1,5 @@
 """plugin_utils/host.py: reading a headless config, choosing the host for each way of starting, where
-each host puts the adapter and checkpoints, and a missing lab home as a clear error (SPEC §2, §7).
+each host puts the adapter and checkpoints, and a missing lab home as a clear error (README, "Run it headless").
 
 Nothing here imports `lab` (a test that needs it runs it in a process of its own): the end-to-end tests drive the
 real SDK."""

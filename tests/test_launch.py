@@ -1,5 +1,6 @@
 """plugin_utils/launch.py and runfolder.py: the launch command and environment, the event file tail, the
-relay of rank-0 events to the host, and finding the root cause when a rank dies (SPEC §7)."""
+relay of rank-0 events to the host, and finding the root cause when a rank dies (info.md, "Stopping, resuming,
+failures")."""
 
 from __future__ import annotations
 

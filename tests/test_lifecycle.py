@@ -388,7 +388,7 @@ def test_a_slurm_allocation_starts_the_run_on_every_node_with_srun(tiny_model, t
 
 
 def test_a_task_job_stop_request_without_a_signal_stops_the_run_and_exits_0(tiny_model, tmp_path):
-    """Issue 12, item 5: a provider that only marks the job (job_data.stop, STOPPING) and sends no signal."""
+    """A provider that only marks the job (job_data.stop, STOPPING) and sends no signal."""
     home = tmp_path / "tflhome"
     params = base_config(tiny_model, tmp_path, max_steps=300, logging_steps=1, save_steps=1000)
     params.pop("output_dir")
@@ -414,7 +414,7 @@ def test_a_task_job_stop_request_without_a_signal_stops_the_run_and_exits_0(tiny
 
 
 def test_a_task_stop_ends_stopped_with_complete_checkpoints_and_a_new_job_resumes(tiny_model, tmp_path):
-    """Issue 12, item 5: under a task host the run ends STOPPED (exit 0: the trap counts anything else as a
+    """Under a task host the run ends STOPPED (exit 0: the trap counts anything else as a
     crash) before the SIGKILL that follows SIGTERM by 3 s; the checkpoints folder holds complete checkpoint-N
     folders only, listed in job_data; a job restarted from the checkpoint continues from its step."""
     home = tmp_path / "tflhome"

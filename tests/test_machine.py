@@ -1,4 +1,4 @@
-"""plugin_utils/machine.py: the GPUs as schedulers give them (issue 13, item 4). CUDA_VISIBLE_DEVICES holds
+"""plugin_utils/machine.py: the GPUs as schedulers give them. CUDA_VISIBLE_DEVICES holds
 indices, GPU- UUIDs (or a prefix only one GPU has) or MIG- ids; CUDA stops reading it at the first entry that
 names no GPU, and -1 hides everything. GPUs are read from NVML (nvidia-ml-py's pynvml), else from nvidia-smi.
 

@@ -123,7 +123,7 @@ def test_a_missing_adaptor_name_is_required(tiny_model, tmp_path):
 
 
 def test_a_mistyped_flag_is_refused_with_the_flag_it_resembles_and_trains_nothing(tiny_model, tmp_path):
-    # Issue 13, item 3: unknown flags were ignored, so `--dry_run` started a real training run.
+    # Unknown flags were once ignored, so `--dry_run` started a real training run.
     config = write_config(tmp_path, base_config(tiny_model, tmp_path))
     proc = run_main(["--config", config, "--dry_run", "--chek", "--preview=2", "extra", "--json"])
     assert proc.returncode == 2, proc.stderr

@@ -1,4 +1,4 @@
-"""index.json: valid against TransformerLab's plugin schema, and the Train-tab form of SPEC §3."""
+"""index.json: valid against TransformerLab's plugin schema, and the Train-tab form info.md documents ("Parameters")."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ MANIFEST = json.loads((ROOT / "index.json").read_text())
 PARAMETERS = MANIFEST["parameters"]
 UI = MANIFEST["parameters_ui"]
 
-# SPEC §3, the form parameters, in the order the SPEC lists them.
+# The form parameters, in the order info.md's Parameters table lists them.
 FORM = [
     "adaptor_name",
     "training_mode",
@@ -94,7 +94,7 @@ FORM = [
     "fuse_model",
 ]
 
-# SPEC §3: the choices each choice parameter offers.
+# The choices each choice parameter offers (info.md, "Parameters").
 CHOICES = {
     "training_mode": ["lora", "qlora", "full"],
     "completion_only_loss": ["auto", "true", "false"],

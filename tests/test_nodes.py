@@ -1,4 +1,4 @@
-"""Several nodes as schedulers describe them (issue 12, item 7): SkyPilot, SLURM and torchrun-style variables give
+"""Several nodes as schedulers describe them: SkyPilot, SLURM and torchrun-style variables give
 the machine count, this machine's rank and the main node's address; node-level RANK/WORLD_SIZE never reach the
 ranks' launcher; SLURM, which runs the task once per allocation, gets the command again on every node."""
 

@@ -1,5 +1,5 @@
 """plugin_utils/outputs.py: the adapter moved into place atomically with its summary, checkpoints found
-for resuming, the loss plot, and the versions recorded (SPEC §7)."""
+for resuming, the loss plot, and the versions recorded (info.md, "Stopping, resuming, failures")."""
 
 from __future__ import annotations
 
@@ -434,7 +434,7 @@ def test_the_run_record_keeps_its_start_and_says_when_it_finished(tmp_path):
     }
 
 
-# --- the run lock survives what the run deletes (issue 13, item 2) ---------------------------------------------
+# --- the run lock survives what the run deletes ---------------------------------------------------------------
 
 
 def test_overwrite_output_removes_the_checkpoints_but_never_the_lock_held_on_them(tmp_path):

@@ -1,5 +1,6 @@
 """plugin_utils/params.py: defaults from index.json, coercion of string values, bounds, enums, names,
-unknown keys (headless error vs host warning) and reporting every problem at once (SPEC §3, §5)."""
+unknown keys (headless error vs host warning) and reporting every problem at once (info.md, "Parameters" and
+"Checks before training")."""
 
 from __future__ import annotations
 

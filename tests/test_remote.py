@@ -1,4 +1,4 @@
-"""A remote workspace (issue 12, item 8): the TransformerLab workspace in a bucket, as on cloud providers
+"""A remote workspace: the TransformerLab workspace in a bucket, as on cloud providers
 (TFL_STORAGE_URI=s3://...). The run trains in local folders, uploads each checkpoint, the adapter and the loss
 plot through the lab SDK, and downloads a checkpoint it is asked to resume from.
 

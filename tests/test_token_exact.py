@@ -1,4 +1,4 @@
-"""Token-exact training data, proven on real chat templates and real tokenizers (SPEC §4).
+"""Token-exact training data, proven on real chat templates and real tokenizers (info.md, "Data").
 
 The property test renders conversations of several shapes for every published chat template in
 fixtures/chat_templates × two real tokenizer kinds (byte-level BPE; Llama-2/Mistral SentencePiece with a

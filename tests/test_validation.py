@@ -221,7 +221,7 @@ MACHINE_CASES = [
     (validation.processes_fit_gpus, {"num_processes": "2", "gpu_ids": "1"}, TWO_AMPERE, {("error", "num_processes")}),
     (validation.processes_fit_gpus, {"num_processes": "auto"}, TWO_AMPERE, set()),
     (validation.processes_fit_gpus, {"num_processes": "4"}, CPU_ONLY, set()),
-    # More CPU processes than cores only share them out (issue 13, item 4): a warning.
+    # More CPU processes than cores only share them out: a warning.
     (validation.cpu_processes_fit_cores, {"num_processes": "8"}, CPU_ONLY, set()),
     (validation.cpu_processes_fit_cores, {"num_processes": "64"}, CPU_ONLY, {("warning", "num_processes")}),
     (validation.cpu_processes_fit_cores, {"num_processes": "auto"}, CPU_ONLY, set()),
@@ -333,7 +333,7 @@ def test_deepspeed_strategies_need_deepspeed(monkeypatch, strategy, installed, e
     assert findings(validation.strategy_packages_installed, p, TWO_AMPERE) == expected
 
 
-# --- disk: what the run writes, from the model's size (issue 13, item 8) ---------------------------------
+# --- disk: what the run writes, from the model's size ------------------------------------------------------
 
 
 def disk_facts(tmp_path, **overrides):

@@ -1,4 +1,4 @@
-"""Models and datasets picked in the task form (issue 12, item 3): TransformerLab's pickers send a model id and
+"""Models and datasets picked in the task form: TransformerLab's pickers send a model id and
 a dataset id; plugin_utils/sources.py finds them in the workspace the way TransformerLab stores them, and
 params.read() gives everything downstream the model's folder.
 

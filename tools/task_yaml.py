@@ -30,7 +30,7 @@ PER_NODE = ("num_machines", "machine_rank", "main_process_ip", "main_process_por
 TYPES = {"integer": "int", "number": "float", "boolean": "bool", "string": "string"}
 SLIDER_STEPS = 100  # a range widget's slider moves in hundredths of its span
 
-# What the Train tab supplied besides the form (SPEC §3's host keys a task must ask for itself).
+# What the Train tab supplied besides the form (the host keys info.md lists, which a task must ask for itself).
 TAB_FIELDS: dict[str, dict[str, Any]] = {
     "model_name": {
         "type": "string",

@@ -39,7 +39,7 @@ class Located:
 
 def resolve_source(name: str) -> Located:
     """Files, a save_to_disk folder, or a Hub dataset, for a dataset_name: a path, a dataset id of the
-    TransformerLab workspace (SPEC §4), or a Hub id."""
+    TransformerLab workspace (info.md, "Data"), or a Hub id."""
     path = Path(os.path.expanduser(name))
     if path.is_file():
         if path.suffix not in DATA_SUFFIXES:
