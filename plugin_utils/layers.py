@@ -4,17 +4,25 @@ would otherwise reveal: LoRA target modules that name no layer, an architecture 
 a causal language model, gradient checkpointing the model does not support. A checkpoint that holds more than
 its language model (a vision tower) gets its adapters in the language model alone, here and in the ranks.
 
-`describe()` needs torch and transformers; `Layers` and its matching do not, so validation's rules over it
-stay torch-free.
+`describe()` needs torch and transformers the first time a model is described; what it finds is kept in
+`~/.cache/sft_trainer_trl/layers/` (or `SFT_LAYERS_CACHE`), keyed by the config.json, this module and the
+versions of transformers and torch, so the next run of the same model (a resume, a sweep, a second try) checks
+it without building it again. `Layers` and its matching need neither, so validation's rules over it stay
+torch-free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
+import json
+import os
 import re
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field
 
-from .sources import model_config
+from .sources import model_config, model_folder
 
 # The layer classes PEFT's LoRA adapts (torch's, transformers' GPT-2 Conv1D, bitsandbytes' quantized Linear).
 ADAPTABLE = frozenset(
@@ -104,13 +112,65 @@ def beside_pattern(beside: tuple[str, ...] | list[str]) -> str | None:
 
 
 def describe(model_name: str) -> Layers | None:
-    """The model's modules, built from its config.json on the meta device. None when the config cannot be read
-    here (a Hub id that is not cached): the real load finds out then."""
+    """The model's modules, built from its config.json on the meta device, or as an earlier run found them for
+    the same config. None when the config cannot be read here (a Hub id that is not cached): the real load finds
+    out then."""
+    if model_config(model_name) is None:
+        return None
+    kept = _kept_file(model_name)
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        found = json.loads(open(kept).read())  # noqa: SIM115 - a missing or torn file is only a miss
+        return Layers(**{**found, "beside": tuple(found["beside"])})
+    layers = _built(model_name)
+    if layers.error is None:
+        _keep(kept, layers)
+    return layers
+
+
+def layers_cache_root() -> str:
+    default = os.path.join(os.path.expanduser("~"), ".cache", "sft_trainer_trl", "layers")
+    return os.environ.get("SFT_LAYERS_CACHE") or default
+
+
+def _kept_file(model_name: str) -> str:
+    """Where the description of this config is kept: its name hashes everything the description depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = []
+    for package in ("transformers", "torch"):
+        try:
+            versions.append(version(package))
+        except PackageNotFoundError:
+            versions.append("")
+    with open(os.path.join(model_folder(model_name), "config.json"), "rb") as handle:
+        config = handle.read()
+    with open(__file__, "rb") as handle:
+        code = handle.read()
+    digest = hashlib.sha256()
+    for part in (config, code, *(v.encode() for v in versions)):
+        digest.update(hashlib.sha256(part).digest())
+    return os.path.join(layers_cache_root(), digest.hexdigest()[:32] + ".json")
+
+
+def _keep(path: str, layers: Layers) -> None:
+    """Written whole under a temporary name and renamed, so a reader never sees half of it; a cache that cannot
+    be written is only a slower next run."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(asdict(layers), handle)
+            os.replace(staging, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+
+
+def _built(model_name: str) -> Layers:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if model_config(model_name) is None:
-        return None
     try:
         config = AutoConfig.from_pretrained(model_name)
         with torch.device("meta"):

@@ -55,9 +55,17 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+@pytest.fixture(scope="session")
+def _layers_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("layers-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """No hub, and every test gets its own lab workspace and prepared-data cache."""
+def _isolated(tmp_path, monkeypatch, _layers_cache):
+    """No hub, and every test gets its own lab workspace and prepared-data cache. The models' layer descriptions
+    (layers.describe) are kept for the session: the first run of a model builds it, as a user's first run does,
+    and the later ones read it (tests/test_layers.py proves both ways give the same)."""
+    monkeypatch.setenv("SFT_LAYERS_CACHE", str(_layers_cache))
     home = tmp_path / "tflhome"
     home.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -5,12 +5,17 @@ transformers' Conv1D, not nn.Linear) and Qwen2.5-0.5B's published config.json.""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from plugin_utils import layers, params, planning, validation
 from plugin_utils.machine import Machine
 
-from .conftest import base_config, run_main, write_config
+from .conftest import ROOT, base_config, run_main, write_config
 from .model_configs import QWEN2_5_0_5B, model_folder
 
 GPT2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2}
@@ -80,6 +85,37 @@ def test_an_architecture_that_is_no_causal_lm_is_refused_naming_model_name(tmp_p
     [line] = layer_errors(run_params(model_folder(tmp_path, t5, "t5")))
     assert line.startswith("model_name: transformers cannot build this model as a causal language model (")
     assert line.endswith("Pick a causal language model (a decoder such as Llama, Qwen or Mistral).")
+
+
+def test_a_model_described_once_is_read_back_the_same_without_torch(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFT_LAYERS_CACHE", str(tmp_path / "kept"))
+    model = model_folder(tmp_path, QWEN2_5_0_5B)
+    built = layers.describe(model)
+    [kept] = (tmp_path / "kept").glob("*.json")
+    assert layers.describe(model) == built
+    # Read back in a fresh process: neither torch nor transformers is imported to get it.
+    code = (
+        "import sys; from plugin_utils import layers; d = layers.describe(sys.argv[1]);"
+        "print(len(d.modules), d.output_layer, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True, cwd=str(ROOT), check=True)
+    assert out.stdout.split() == [str(len(built.modules)), "lm_head", "False", "False"]
+    # Another config is another description; a torn file is built again and replaced whole.
+    config = json.loads((Path(model) / "config.json").read_text())
+    (Path(model) / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    assert len(layers.describe(model).matching("q_proj")) == 2
+    assert len(list((tmp_path / "kept").glob("*.json"))) == 2
+    (Path(model) / "config.json").write_text(json.dumps(config))
+    kept.write_text('{"modules": {"lm_he')
+    assert layers.describe(model) == built
+    assert json.loads(kept.read_text())["output_layer"] == "lm_head"
+
+
+def test_a_model_that_cannot_be_built_is_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFT_LAYERS_CACHE", str(tmp_path / "kept"))
+    t5 = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "d_model": 32, "num_layers": 1}
+    assert layers.describe(model_folder(tmp_path, t5, "t5")).error
+    assert not list((tmp_path / "kept").glob("*.json")), "the next run tries again (transformers may have changed)"
 
 
 def test_a_hub_model_not_in_the_cache_is_left_to_the_real_load():
