@@ -32,6 +32,7 @@ import os
 import posixpath
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -109,6 +110,36 @@ def _storage():
 def _is_remote(path: str) -> bool:
     storage = _storage()
     return bool(storage is not None and storage.is_remote_path(path))
+
+
+def _whole_record_writes(job) -> None:
+    """Make the SDK write the job's record (index.json) whole: it truncates the file, then writes it, so a kill
+    of this process in between (the OOM killer, kill -9, a node that dies) left the job an empty file for good,
+    which the host then cannot show and the next run cannot close. In a local workspace the record is now
+    written beside itself and renamed over it, as the run's own files are; a bucket's objects are replaced
+    whole already. An SDK without this write method is left as it is."""
+    write = getattr(job, "_set_json_data", None)
+    locate = getattr(job, "_get_json_file", None)
+    if not (inspect.iscoroutinefunction(write) and inspect.iscoroutinefunction(locate)):
+        return
+    sanitize = getattr(sys.modules.get("lab.labresource"), "_sanitize_non_finite", None)
+
+    async def written_whole(json_data):
+        path = await locate()
+        if not isinstance(json_data, dict) or _is_remote(path):
+            return await write(json_data)
+        if sanitize is not None:
+            json_data, _ = sanitize(json_data)
+        staging = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            with open(staging, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(json_data, ensure_ascii=False))
+            os.replace(staging, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+
+    job._set_json_data = written_whole
 
 
 def _is_checkpoint_name(name: str) -> bool:
@@ -190,6 +221,7 @@ class LabSdk:
                     lab._job = _sync(module.Job.get(os.environ["_TFL_JOB_ID"], lab._experiment.id))
                 else:
                     lab.init(experiment_id=self.experiment)
+                    _whole_record_writes(lab.job)
             self.metrics_api = "metrics" in inspect.signature(lab.update_progress).parameters
             self.lab = lab
         return self.lab
@@ -284,6 +316,7 @@ class LabSdk:
                 job = _sync(_import_lab().Job.get(job_id, lab._experiment.id))
             except Exception:
                 return False
+            _whole_record_writes(job)
             return _close_left_open(job, status, message)
 
     def checkpoints_dir(self) -> str:

@@ -423,3 +423,58 @@ def test_a_stop_lists_the_checkpoints_again_with_the_final_status(tmp_path):
     assert job["status"] == "STOPPED"
     assert job["job_data"]["checkpoints"] == ["/ckpt/checkpoint-2", "/ckpt/checkpoint-4"]
     assert job["job_data"]["latest_checkpoint"] == "/ckpt/checkpoint-4"
+
+
+# --- the job's record survives a kill of the process writing it -------------------------------------------------
+
+WRITE_THE_JOB_IN_A_LOOP = """
+import sys
+from plugin_utils import host
+sdk = host.LabSdk(None)
+sdk.attach()
+print("attached", flush=True)
+step = 0
+while True:
+    step += 1
+    sdk.progress(step % 100, {"train/loss": 1.0 / step}, step)
+    sdk.set_fields({"step": step, "padding": "x" * 20000})
+"""
+
+
+def test_the_job_record_is_never_seen_half_written_and_survives_a_kill_9(tmp_path):
+    """The lab SDK rewrites the job's index.json in place (truncate, then write). A reader in between (the host's
+    job page) found it empty, and main.py killed outright in between left it empty for good: the host could not
+    show the job, and the next run could not close it (found by test_lifecycle's kill -9 of main.py, which failed
+    under load). Read while a process does nothing but write the record, it is always whole; killed, it stays
+    whole. (A kill can leave the staging file it was writing, index.json.<pid>.<thread>.tmp, which nothing
+    reads.)"""
+    import signal
+    import time
+
+    from .task_host import EXPERIMENT, make_lab_job
+
+    home = tmp_path / "tflhome"
+    job_id = make_lab_job(home, {"adaptor_name": "x"})
+    [index] = (home / "workspace" / "experiments" / EXPERIMENT / "jobs").glob("*/index.json")
+    env = {**os.environ, "TFL_HOME_DIR": str(home), "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": EXPERIMENT}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITE_THE_JOB_IN_A_LOOP], stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT)
+    )
+    try:
+        assert proc.stdout.readline().strip() == "attached"
+        reads, torn, deadline = 0, 0, time.time() + 3
+        while time.time() < deadline:
+            text = index.read_text()
+            reads += 1
+            try:
+                json.loads(text)
+            except ValueError:
+                torn += 1
+        assert torn == 0, f"{torn} of {reads} reads found the record half written"
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    job = json.loads(index.read_text())
+    assert str(job["id"]) == job_id and job["job_data"]["step"] > 0
