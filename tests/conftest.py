@@ -50,9 +50,21 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def pytest_collection_modifyitems(items):
-    """The end-to-end runs first: on two workers the long ones then overlap, and the quick tests fill the end."""
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end runs first: on two workers the long ones then overlap, and the quick tests fill the end.
+
+    Tests marked `xdist_group` share a session-scoped launch, so they must run on one worker. pytest-xdist 3.8
+    groups them by suffixing each test's id with "@group", but writes the id where pytest 9 no longer keeps it:
+    without this the group's tests were spread over both workers, and each worker repeated the launch."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if not getattr(config.option, "loadgroup", False):  # set on the workers of --dist loadgroup
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({str(mark.args[0]) for mark in item.iter_markers("xdist_group") if mark.args})
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
 
 
 @pytest.fixture(scope="session")

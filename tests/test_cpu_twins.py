@@ -54,11 +54,12 @@ def losses(index: Path) -> list[tuple[int, float]]:
 # --- QLoRA: 4-bit on the CPU, bf16, activation checkpointing, a hostile accelerate default ------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def qlora(tiny_model, tmp_path_factory):
     """QLoRA on two CPU ranks in bf16 with activation checkpointing, under an HF_HOME whose accelerate default
-    config would refuse the launch: stopped by SIGTERM after step 5, then run again with fuse_model, which resumes
-    it to step 12 and writes the merged model."""
+    config would refuse the launch: stopped after step 5 by the SIGHUP a closed terminal sends its process group,
+    then run again with fuse_model, which resumes it to step 12 and writes the merged model. Session-scoped (and
+    its tests one xdist group): the two runs happen once, whatever order the tests run in."""
     tmp = tmp_path_factory.mktemp("qlora")
     hf_home = tmp / "hf-home"
     (hf_home / "accelerate").mkdir(parents=True)
@@ -86,7 +87,7 @@ def qlora(tiny_model, tmp_path_factory):
     )
     first = Running(["--config", write_config(tmp, config), "--json"], env=env)
     first.wait_for("step 5/12", timeout=240)
-    os.killpg(first.proc.pid, signal.SIGTERM)
+    os.killpg(first.proc.pid, signal.SIGHUP)
     first.finish()
     saved = sorted(p.name for p in (tmp / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
     second = Running(["--config", write_config(tmp, {**config, "fuse_model": True}), "--json"], env=env)
@@ -96,9 +97,12 @@ def qlora(tiny_model, tmp_path_factory):
 
 @pytest.mark.xdist_group("qlora")
 def test_qlora_stops_with_a_checkpoint_and_the_next_run_resumes_it_to_the_end(qlora):
+    """A closed SSH session sends SIGHUP to its process group: the run stops as for SIGTERM, saving first."""
     first, second = qlora["first"], qlora["second"]
     assert first.proc.returncode == 3, first.stderr[-3000:]
     assert last_json(first.stdout)["status"] == "STOPPED"
+    statuses = {str(read_job(i)["id"]): read_job(i)["status"] for i in lab_jobs(qlora["tmp"] / "tflhome")}
+    assert statuses[str(last_json(first.stdout)["job_id"])] == "STOPPED", statuses
     [saved] = qlora["saved_at_stop"]
     stopped_at = int(saved.split("-")[1])
     assert stopped_at >= 5
@@ -177,7 +181,7 @@ def test_fuse_model_merges_the_qlora_adapter_into_a_bf16_model_that_generates(ql
 # --- a vision tower under DDP, in bf16 ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vision(tiny_model, tmp_path_factory):
     """LoRA all-linear on a Gemma 3-style checkpoint (vision tower, projector, text model) with text rows, on two
     CPU ranks in bf16."""

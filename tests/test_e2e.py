@@ -48,9 +48,11 @@ def metrics_rows(index: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, tmp_path):
+def test_headless_run_trains_on_two_cpu_ranks_with_fsdp_and_completes_the_job(tiny_model, tmp_path):
     # Logged at steps 1, 3 and 6 by logging_steps; step 8, the last one trained, is logged because it is the last.
+    # FSDP, sharded over the two ranks' gloo group (DDP, the default, trains in every other two-rank run).
     config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=8, logging_steps=3)
+    config["distributed_strategy"] = "fsdp"
     del config["gradient_checkpointing"]  # auto: decided from the memory estimate
     proc = run_main(["--config", write_config(tmp_path, config), "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,6 +66,7 @@ def test_headless_run_trains_on_two_cpu_ranks_and_completes_the_job(tiny_model, 
     summary = json.loads((adapter / "training_summary.json").read_text())
     assert summary["world_size"] == 2, "the two CPU ranks must form one gloo group"
     assert summary["steps"] == 8
+    assert summary["plan"]["strategy"] == "fsdp" and "--config_file" in proc.stderr
     assert summary["versions"]["trl"] == "1.16.0"
     assert not list(adapter.parent.glob("*.partial-*")), "no staging folder is left behind"
     speed = summary["plan"]["speed"]
@@ -350,9 +353,9 @@ def test_data_errors_exit_2_and_fail_the_job_before_any_launch(tiny_model, tmp_p
     assert not (tmp_path / "outputs").exists()
 
 
-def test_chat_rows_with_a_published_template_train_end_to_end(tiny_model, tmp_path):
+def test_chat_rows_with_a_published_template_train_end_to_end_and_fuse(tiny_model, tmp_path):
     """Messages as datasets hold them (a tool call, a `gpt` role, a validation file) through a real run:
-    Qwen2.5's published chat template, two CPU ranks, evaluation on the dataset's own split."""
+    Qwen2.5's published chat template, two CPU ranks, evaluation on the dataset's own split, fuse_model."""
     template = (ROOT / "tests" / "fixtures" / "chat_templates" / "qwen2.5.jinja").read_text()
     call = {"type": "function", "function": {"name": "lookup", "arguments": {"city": "Lima"}}}
     rows = [
@@ -392,14 +395,39 @@ def test_chat_rows_with_a_published_template_train_end_to_end(tiny_model, tmp_pa
     )
     assert [w["parameter"] for w in report["warnings"]] == ["eval_split"]  # its own split replaces the fraction
 
-    proc = run_main(["--config", write_config(tmp_path, config), "--json"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = last_json(proc.stdout)
+    # The real run, merged into a full model at the end, with main.py's stderr closed once the ranks start (a
+    # closed terminal or log reader): the ranks' output flows through main.py, which must keep draining their
+    # pipe (test_launch.py proves the draining with a megabyte of output) and still register what it wrote.
+    fused = write_config(tmp_path, {**config, "fuse_model": True})
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--config", fused, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
+    )
+    for line in proc.stderr:
+        if "launch:" in line:
+            break
+    proc.stderr.close()
+    out = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, out[-3000:]
+    result = last_json(out)
     assert result["status"] == "COMPLETE" and result["steps"] == 4
     summary = json.loads((Path(result["adaptor_path"]) / "training_summary.json").read_text())
     assert summary["world_size"] == 2
     # Evaluated on its own split: the score carries the keys sweeps rank by, `loss` being the eval loss.
     [index] = lab_jobs(tmp_path / "tflhome")
-    score = read_job(index)["job_data"]["score"]
+    job = read_job(index)
+    score = job["job_data"]["score"]
     assert score["eval/loss"] == pytest.approx(summary["eval_loss"]) and score["loss"] == score["eval/loss"]
     assert score["train/loss"] == pytest.approx(summary["final_loss"])
+    # fuse_model: a merged model that loads without any adapter, registered beside the adapter.
+    merged = tmp_path / "outputs" / "test-adaptor-merged"
+    assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
+    assert not (merged / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert len(job["job_data"]["models"]) == 2
