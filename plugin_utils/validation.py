@@ -66,10 +66,28 @@ PHASE_NAMES = {
 Finding = tuple[str, Problem]
 Rule = Callable[..., Iterator[Finding]]
 RULES: dict[str, list[Rule]] = {phase: [] for phase in PHASES}
+# What a rule may take, by its argument's name. A rule is given each fact it names; one naming anything else is
+# refused where it is defined, so a misspelt name can never make a rule that silently never runs.
+FACTS = {
+    "p": "the parameters (params.Params)",
+    "machine": "this machine (machine.Machine)",
+    "model": "the model's config.json and adapter_config.json (sources.ModelFacts)",
+    "out": "the output folders and checkpoints (outputs.OutputFacts); None without a usable adaptor_name",
+    "plan": "the plan (planning.Plan)",
+    "layers": "the model's modules (layers.Layers); None for a Hub model not cached here",
+    "data": "the dataset's columns and rows (rowformats.DataFacts)",
+    "stats": "the prepared rows' statistics",
+}
 
 
 def rule(phase: str) -> Callable[[Rule], Rule]:
+    if phase not in RULES:
+        raise ValueError(f"no phase {phase!r}; the phases are {', '.join(PHASES)}")
+
     def register(fn: Rule) -> Rule:
+        unknown = [name for name in inspect.signature(fn).parameters if name not in FACTS]
+        if unknown:
+            raise TypeError(f"rule {fn.__name__} takes {', '.join(unknown)}: no such fact ({', '.join(FACTS)})")
         RULES[phase].append(fn)
         return fn
 
@@ -105,11 +123,18 @@ def check(phases: tuple[str, ...], *, prior: list[Problem] | None = None, **fact
     """Run every rule of these phases over the facts given. `prior` holds the single-value errors found while
     reading the parameters: those parameters hold their defaults here, so findings about them are left out
     rather than reported twice or wrongly; they lead the errors."""
+    unknown = set(facts) - set(FACTS)
+    if unknown:
+        raise TypeError(f"no such fact: {', '.join(sorted(unknown))} ({', '.join(FACTS)})")
     failed = {found.parameter for found in prior or []}
     result = Findings(errors=list(prior or []))
     for phase in phases:
         for fn in RULES[phase]:
-            needed = {name: facts.get(name) for name in inspect.signature(fn).parameters}
+            names = inspect.signature(fn).parameters
+            missing = [name for name in names if name not in facts]
+            if missing:  # a caller's mistake, never the user's: a rule would otherwise never run
+                raise TypeError(f"phase {phase!r}: rule {fn.__name__} needs {', '.join(missing)}, not given")
+            needed = {name: facts[name] for name in names}
             if any(value is None for value in needed.values()):
                 continue  # a fact this run cannot know (no usable adaptor_name: no output folders)
             for severity, found in fn(**needed):

@@ -230,7 +230,7 @@ def prepare_data(p, preview: int = 3):
 
     p = p if isinstance(p, params.Params) else params.defaults().replace(**p)
     dataset = data.load(p.data)
-    validation.check(("data",), p=p, data=dataset.facts()).raise_errors()
+    validation.check(("data",), p=p, out=None, data=dataset.facts()).raise_errors()  # no output folders here
     plan = planning.build(p, machine.detect()).with_loss_mode(p, dataset.format)
     prepared = data.prepare(p.data, dataset, plan.completion_only, preview=preview)
     found = validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats)

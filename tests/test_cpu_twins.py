@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,10 @@ def losses(index: Path) -> list[tuple[int, float]]:
 @pytest.fixture(scope="session")
 def qlora(tiny_model, tmp_path_factory):
     """QLoRA on two CPU ranks in bf16 with activation checkpointing, under an HF_HOME whose accelerate default
-    config would refuse the launch: stopped after step 5 by the SIGHUP a closed terminal sends its process group,
-    then run again with fuse_model, which resumes it to step 12 and writes the merged model. Session-scoped (and
-    its tests one xdist group): the two runs happen once, whatever order the tests run in."""
+    config would refuse the launch: planned for 10 steps and stopped after step 5 by the SIGHUP a closed terminal
+    sends its process group, then run again for 12 steps (a soft change) with fuse_model, which resumes it and
+    writes the merged model. Session-scoped (and its tests one xdist group): the two runs happen once, whatever
+    order the tests run in."""
     tmp = tmp_path_factory.mktemp("qlora")
     hf_home = tmp / "hf-home"
     (hf_home / "accelerate").mkdir(parents=True)
@@ -80,38 +82,56 @@ def qlora(tiny_model, tmp_path_factory):
         precision="bf16",
         gradient_checkpointing=True,
         num_processes=2,
-        max_steps=12,
+        max_steps=10,
         logging_steps=1,
         save_steps=100,
         learning_rate=2e-3,
     )
     first = Running(["--config", write_config(tmp, config), "--json"], env=env)
-    first.wait_for("step 5/12", timeout=240)
+    first.wait_for("step 5/10", timeout=240)
+    sent = time.time()
     os.killpg(first.proc.pid, signal.SIGHUP)
     first.finish()
-    saved = sorted(p.name for p in (tmp / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
-    second = Running(["--config", write_config(tmp, {**config, "fuse_model": True}), "--json"], env=env)
+    print(f"stop latency (SIGHUP to exit, 2 CPU ranks): {time.time() - sent:.2f} s")
+    saved = sorted((tmp / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
+    at_stop = {
+        "saved": [p.name for p in saved],
+        "complete": [(p / "trainer_state.json").is_file() and (p / "optimizer.pt").is_file() for p in saved],
+        "published": (tmp / "outputs" / "test-adaptor").exists(),
+        "jobs": lab_jobs(tmp / "tflhome"),
+    }
+    resumed = {**config, "max_steps": 12, "fuse_model": True}
+    second = Running(["--config", write_config(tmp, resumed), "--json"], env=env)
     second.finish(timeout=300)
-    return {"tmp": tmp, "model": tiny_model, "first": first, "second": second, "saved_at_stop": saved}
+    return {"tmp": tmp, "model": tiny_model, "first": first, "second": second, "at_stop": at_stop}
 
 
 @pytest.mark.xdist_group("qlora")
 def test_qlora_stops_with_a_checkpoint_and_the_next_run_resumes_it_to_the_end(qlora):
-    """A closed SSH session sends SIGHUP to its process group: the run stops as for SIGTERM, saving first."""
-    first, second = qlora["first"], qlora["second"]
+    """A closed SSH session sends SIGHUP to its process group: the run stops as for SIGTERM (the same handler;
+    the task host's Stop sends SIGTERM, test_lifecycle), saving a complete checkpoint and publishing nothing. The
+    next run extends it: max_steps is a soft change, resumed with a warning naming it, and no step is trained
+    twice or skipped."""
+    first, second, at_stop = qlora["first"], qlora["second"], qlora["at_stop"]
     assert first.proc.returncode == 3, first.stderr[-3000:]
     assert last_json(first.stdout)["status"] == "STOPPED"
-    statuses = {str(read_job(i)["id"]): read_job(i)["status"] for i in lab_jobs(qlora["tmp"] / "tflhome")}
-    assert statuses[str(last_json(first.stdout)["job_id"])] == "STOPPED", statuses
-    [saved] = qlora["saved_at_stop"]
+    [stopped_job] = at_stop["jobs"]
+    assert read_job(stopped_job)["status"] == "STOPPED"
+    [saved] = at_stop["saved"]
+    assert at_stop["complete"] == [True], "trainer_state.json and optimizer.pt are saved"
+    assert not at_stop["published"], "a stopped run publishes no adapter"
     stopped_at = int(saved.split("-")[1])
-    assert stopped_at >= 5
+    assert 5 <= stopped_at < 10
     assert second.proc.returncode == 0, second.stderr[-3000:]
+    assert "warning: max_steps: changed since the checkpoint" in second.stderr
     result = last_json(second.stdout)
     assert result["status"] == "COMPLETE" and result["steps"] == 12
     summary = json.loads((Path(result["adaptor_path"]) / "training_summary.json").read_text())
     assert summary["world_size"] == 2, "the two CPU ranks form one gloo group"
-    assert summary["resumed_from_step"] == stopped_at
+    assert summary["resumed_from_step"] == stopped_at and summary["max_steps"] == 12
+    [resumed_job] = [i for i in lab_jobs(qlora["tmp"] / "tflhome") if i != stopped_job]
+    steps = [step for step, _ in losses(resumed_job)]
+    assert min(steps) == stopped_at + 1 and max(steps) == 12, "the resumed job's metrics go on from the step"
     assert summary["plan"]["precision"] == "bf16" and summary["parameters"]["training_mode"] == "qlora"
 
 

@@ -1,6 +1,7 @@
-"""Run lifecycle with real signals and real killed processes on two CPU ranks: stop and resume, a rank
-killed with SIGKILL, a stop during data preparation or before the first step, the legacy stop flag,
-FSDP on gloo, merging, and two "nodes" on one machine."""
+"""Run lifecycle with real signals and real killed processes: a rank killed with SIGKILL, main.py killed with
+SIGKILL, a stop during data preparation or before the first step, the legacy stop flag, the task host's stop
+and its stop flag, and two "nodes" on one machine. Elsewhere, sharing their launches: a signal's stop and the
+resume after it (test_cpu_twins' QLoRA run), FSDP (test_e2e's headless run), merging (test_e2e's chat run)."""
 
 from __future__ import annotations
 
@@ -101,40 +102,6 @@ def no_processes_left(tag: str, timeout: float = 15) -> list[psutil.Process]:
     """The processes started under `tag` that are still alive once `timeout` has passed."""
     _, alive = psutil.wait_procs(tagged_processes(tag), timeout=timeout)
     return alive
-
-
-def test_sigterm_to_the_group_saves_a_checkpoint_and_the_next_run_resumes_to_the_planned_steps(tiny_model, tmp_path):
-    config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=16, logging_steps=1, save_steps=1000)
-    path = write_config(tmp_path, config)
-    run = Running(["--config", path, "--json"])
-    run.wait_for("step 2/16")
-    sent = time.time()
-    os.killpg(run.proc.pid, signal.SIGTERM)
-    assert run.finish() == 3, run.stderr[-3000:]
-    latency = time.time() - sent
-    print(f"stop latency (SIGTERM to exit, 2 CPU ranks): {latency:.2f} s")
-    assert last_json(run.stdout)["status"] == "STOPPED"
-    [index] = lab_jobs(tmp_path / "tflhome")
-    assert read_job(index)["status"] == "STOPPED"
-    checkpoints = sorted((tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
-    assert len(checkpoints) == 1
-    stopped_at = int(checkpoints[0].name.split("-")[1])
-    assert 2 <= stopped_at < 16
-    assert (checkpoints[0] / "trainer_state.json").is_file() and (checkpoints[0] / "optimizer.pt").is_file()
-    assert not (tmp_path / "outputs" / "test-adaptor").exists(), "a stopped run publishes no adapter"
-
-    # The next run extends the stopped one: max_steps is a soft change, resumed with a warning naming it.
-    resumed = Running(["--config", write_config(tmp_path, {**config, "max_steps": 20}), "--json"])
-    assert resumed.finish() == 0, resumed.stderr[-3000:]
-    assert "warning: max_steps: changed since the checkpoint" in resumed.stderr
-    result = last_json(resumed.stdout)
-    assert result["status"] == "COMPLETE" and result["steps"] == 20
-    summary = json.loads((tmp_path / "outputs" / "test-adaptor" / "training_summary.json").read_text())
-    assert summary["resumed_from_step"] == stopped_at and summary["max_steps"] == 20
-    second = [i for i in lab_jobs(tmp_path / "tflhome") if i != index]
-    steps = [row["step"] for row in metrics_rows(second[0]) if "train/loss" in row.get("metrics", {})]
-    assert min(steps) == stopped_at + 1, "no step is trained twice or skipped"
-    assert max(steps) == 20
 
 
 def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_path):

@@ -993,8 +993,30 @@ def test_check_keeps_warnings_alongside_errors():
 
 def test_rules_whose_facts_are_unknown_are_skipped():
     # A config can be checked on a laptop: machine rules (fp16 on CPU here) need a machine.
-    found = validation.check(validation.CHECK_PHASES, p=config(precision="fp16", gpu_ids="7"), machine=None)
+    p = config(precision="fp16", gpu_ids="7")
+    found = validation.check(validation.CHECK_PHASES, p=p, machine=None, model=None, out=None)
     assert not found.errors
+
+
+def test_a_rule_naming_no_fact_is_refused_where_it_is_defined():
+    # A misspelt argument made a rule that was silently never run: its fact was always "unknown".
+    with pytest.raises(TypeError, match="rule gpu_rule takes machnie: no such fact"):
+
+        @validation.rule("machine")
+        def gpu_rule(p, machnie):
+            yield from ()
+
+    assert all(fn.__name__ != "gpu_rule" for fn in validation.RULES["machine"])
+    with pytest.raises(ValueError, match="no phase 'machines'"):
+        validation.rule("machines")
+
+
+def test_check_refuses_a_fact_it_does_not_know_and_a_phase_run_without_its_facts():
+    with pytest.raises(TypeError, match="no such fact: machnie"):
+        validation.check(validation.CHECK_PHASES, p=config(), machnie=CPU_ONLY, model=None, out=None)
+    # The machine phase run without the machine: the caller's mistake, named, instead of rules skipped unseen.
+    with pytest.raises(TypeError, match=r"phase 'machine': rule .* needs machine, not given"):
+        validation.check(("machine",), p=config())
 
 
 def test_the_plan_records_each_decision_with_its_reason():
