@@ -103,9 +103,9 @@ def check_report(warnings: list[Problem], plan) -> dict[str, Any]:
 def dataset_text(prepared) -> str:
     s = prepared.stats
     lines = [
-        f"dataset: format {s['format']}, {s['rows']} rows, {s['rows_used']} used, {s['dropped']} dropped, "
-        f"{s['truncated']} truncated, {s.get('eval_rows', 0)} eval rows; "
-        f"{s['trainable_tokens']} trainable of {s['total_tokens']} tokens"
+        f"dataset: format {s.format}, {s.rows} rows, {s.rows_used} used, {s.dropped} dropped, "
+        f"{s.truncated} truncated, {s.eval_rows} eval rows; "
+        f"{s.trainable_tokens} trainable of {s.total_tokens} tokens"
         + (" (prepared earlier, reused)" if prepared.cached else "")
     ]
     if prepared.marked:
@@ -147,7 +147,7 @@ def dry_run_report(warnings: list[Problem], prepared) -> dict[str, Any]:
         "ok": True,
         "errors": [],
         "warnings": [w.as_dict() for w in warnings],
-        "dataset": {k: prepared.stats[k] for k in keys},
+        "dataset": {k: getattr(prepared.stats, k) for k in keys},
         "samples": prepared.samples,
     }
 

@@ -492,7 +492,7 @@ def write_plot(path: str, history: list[dict[str, Any]]) -> str | None:
     return path
 
 
-def summary(p: Params, plan, result, stats: dict[str, Any], startup: dict[str, float] | None = None) -> dict[str, Any]:
+def summary(p: Params, plan, result, stats, startup: dict[str, float] | None = None) -> dict[str, Any]:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "parameters": p.as_dict(),
@@ -508,6 +508,6 @@ def summary(p: Params, plan, result, stats: dict[str, Any], startup: dict[str, f
         "startup": {**(startup or {}), **result.rank_startup, "first_step": result.startup_seconds},
         "resumed_from_step": result.resumed_from_step,
         "peak_gpu_memory_mib": result.peak_gpu_memory_mib,
-        "dataset": stats,
+        "dataset": stats.as_dict(),
         "versions": versions(),
     }

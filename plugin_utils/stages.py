@@ -127,7 +127,7 @@ def train(ready: Ready, stop: launch.StopFlag) -> cli.Finished:
             plan,
             session.folder,
             prepared_path=prepared.path,
-            has_eval=prepared.stats["eval_rows"] > 0,
+            has_eval=prepared.stats.eval_rows > 0,
             checkpoint_dir=out.checkpoint_dir,
             checkpoint_staging=out.where.saving_dir,
             resume_from=session.resume_from,

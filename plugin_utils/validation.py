@@ -702,10 +702,10 @@ def resume_on_the_same_data(p, out: OutputFacts, data: DataFacts):
 @rule("statistics")
 def rows_left_to_train(p, stats):
     """At least one row has something to train on."""
-    if stats["rows_used"] == 0:
+    if stats.rows_used == 0:
         what = (
             "no row has an assistant turn to train on"
-            if stats["no_answer"] == stats["rows"]
+            if stats.no_answer == stats.rows
             else "no row has anything left to train on"
         )
         yield error("dataset_name", what, "Check the data")
@@ -714,10 +714,10 @@ def rows_left_to_train(p, stats):
 @rule("statistics")
 def truncation_within_max_dropped_fraction(p, stats):
     """Rows that lose every trained token to truncation stay within max_dropped_fraction."""
-    lost = stats["dropped"] - stats.get("no_answer", 0)  # not the rows that had nothing to train
-    rows = stats["rows"]
+    lost = stats.dropped - stats.no_answer  # not the rows that had nothing to train
+    rows = stats.rows
     if rows and lost / rows > p.max_dropped_fraction:
-        pct = stats["length_percentiles"]
+        pct = stats.length_percentiles
         yield error(
             "maximum_sequence_length",
             f"{lost} of {rows} rows ({lost / rows:.0%}) lose every trained token to truncation at "
@@ -730,14 +730,14 @@ def truncation_within_max_dropped_fraction(p, stats):
 @rule("statistics")
 def evaluation_has_rows(p, stats):
     """eval_split leaves training rows, and an eval split keeps rows to evaluate."""
-    if p.eval_split <= 0 or stats["rows_used"] == 0 or stats.get("eval_rows", 0) > 0:
+    if p.eval_split <= 0 or stats.rows_used == 0 or stats.eval_rows > 0:
         return
-    if stats.get("own_eval_split"):
+    if stats.own_eval_split:
         yield error("eval_split", "the validation split has no row left to evaluate", "Check that split's rows")
-    elif math.ceil(p.eval_split * stats["rows_used"]) >= stats["rows_used"]:
+    elif math.ceil(p.eval_split * stats.rows_used) >= stats.rows_used:
         yield error(
             "eval_split",
-            f"{p.eval_split:g} of {stats['rows_used']} rows leaves no training rows",
+            f"{p.eval_split:g} of {stats.rows_used} rows leaves no training rows",
             "Lower eval_split, or set it to 0",
         )
 
@@ -746,10 +746,10 @@ def evaluation_has_rows(p, stats):
 def effective_batch_fits_dataset(p, plan, stats):
     """An effective batch larger than the training rows is flagged (warning)."""
     effective = p.batch_size * p.gradient_accumulation_steps * plan.world_size
-    if effective > stats["rows_used"]:
+    if effective > stats.rows_used:
         yield warning(
             "gradient_accumulation_steps",
-            f"the effective batch ({effective}) is larger than the {stats['rows_used']} training rows",
+            f"the effective batch ({effective}) is larger than the {stats.rows_used} training rows",
             "Lower batch_size or gradient_accumulation_steps",
         )
 
@@ -757,9 +757,9 @@ def effective_batch_fits_dataset(p, plan, stats):
 @rule("statistics")
 def checkpoint_before_the_end(p, plan, stats):
     """save_steps beyond the planned step count leaves no checkpoint to resume from (warning)."""
-    rows = stats["rows_used"]
-    if plan.speed.packing and stats.get("total_tokens"):
-        rows = -(-stats["total_tokens"] // p.maximum_sequence_length)  # packs hold about this many rows
+    rows = stats.rows_used
+    if plan.speed.packing and stats.total_tokens:
+        rows = -(-stats.total_tokens // p.maximum_sequence_length)  # packs hold about this many rows
     steps = planned_steps(p, plan.world_size, rows)
     if p.max_steps <= 0 and p.save_steps > steps:
         yield warning(
@@ -772,7 +772,7 @@ def checkpoint_before_the_end(p, plan, stats):
 @rule("statistics")
 def evaluation_named(p, stats):
     """The dataset's own eval split replaces eval_split's fraction; at eval_split 0 it is unused (warnings)."""
-    own, rows = stats.get("own_eval_split"), stats.get("own_eval_rows", 0)
+    own, rows = stats.own_eval_split, stats.own_eval_rows
     if own and p.eval_split > 0:
         yield warning(
             "eval_split",
@@ -790,16 +790,16 @@ def evaluation_named(p, stats):
 @rule("statistics")
 def rows_with_nothing_to_train(p, stats):
     """Rows without an assistant turn are left out, and rows whose answer is empty are counted (warnings)."""
-    if stats.get("no_answer"):
+    if stats.no_answer:
         yield warning(
             "dataset_name",
-            f"{stats['no_answer']} of {stats['rows']} rows have no assistant turn and are left out",
+            f"{stats.no_answer} of {stats.rows} rows have no assistant turn and are left out",
             "Check their roles (assistant, or gpt/model/bot)",
         )
-    if stats.get("empty_answers"):
+    if stats.empty_answers:
         yield warning(
             "dataset_name",
-            f"{stats['empty_answers']} of {stats['rows']} rows have an empty answer (or tool calls the chat "
+            f"{stats.empty_answers} of {stats.rows} rows have an empty answer (or tool calls the chat "
             "template does not render): only the end of that turn is trained",
             "Fill in or remove those rows",
         )
@@ -808,18 +808,18 @@ def rows_with_nothing_to_train(p, stats):
 @rule("statistics")
 def chat_template_keeps_answers(p, stats):
     """Reasoning a chat template leaves out, and turns it closes without a stop token, are counted (warnings)."""
-    if stats.get("reasoning_dropped"):
+    if stats.reasoning_dropped:
         yield warning(
             "formatting_chat_template",
-            f"the chat template leaves out the reasoning of assistant turns in {stats['reasoning_dropped']} of "
-            f"{stats['rows']} rows, so that reasoning is not trained (it is trained as the template renders it)",
+            f"the chat template leaves out the reasoning of assistant turns in {stats.reasoning_dropped} of "
+            f"{stats.rows} rows, so that reasoning is not trained (it is trained as the template renders it)",
             "To train it, give a formatting_chat_template that keeps reasoning in every turn",
         )
-    if stats.get("open_turns"):
+    if stats.open_turns:
         yield warning(
             "formatting_chat_template",
-            f"the chat template ends assistant turns without a special token in {stats['open_turns']} of "
-            f"{stats['rows']} rows, so the model never learns to stop",
+            f"the chat template ends assistant turns without a special token in {stats.open_turns} of "
+            f"{stats.rows} rows, so the model never learns to stop",
             "Give a formatting_chat_template that closes each assistant turn with {{ eos_token }}",
         )
 

@@ -236,3 +236,29 @@ def prepare_data(p, preview: int = 3):
     found = validation.check(("statistics",), p=p, plan=plan, stats=prepared.stats)
     found.raise_errors()
     return prepared
+
+
+def stats_of(**values):
+    """Prepared rows' statistics (data.PreparedStats) for the statistics rules: 100 rows, 90 used for training
+    and 10 for evaluation, none dropped, unless `values` says otherwise."""
+    from plugin_utils.data import PreparedStats
+
+    defaults = {
+        "format": "prompt_completion",
+        "rows": 100,
+        "dropped": 0,
+        "truncated": 0,
+        "length_percentiles": {"p50": 10, "p90": 20, "p99": 30, "max": 40},
+        "empty_answers": 0,
+        "no_answer": 0,
+        "reasoning_dropped": 0,
+        "open_turns": 0,
+        "rows_used": 90,
+        "eval_rows": 10,
+        "trainable_tokens": 0,
+        "total_tokens": 0,
+        "eval_source": None,
+        "own_eval_split": None,
+        "own_eval_rows": 0,
+    }
+    return PreparedStats(**{**defaults, **values})

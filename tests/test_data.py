@@ -148,9 +148,9 @@ def first_row(prepared: data.Prepared) -> tuple[list[int], list[int]]:
 def test_format_is_detected_and_rendered(tmp_path, model_dir, rows, overrides, fmt, text):
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
     prepared = prepare_data(make_params(model_dir, dataset, **overrides))
-    assert prepared.stats["format"] == fmt
+    assert prepared.stats.format == fmt
     assert prepared.samples[0]["text"] == text
-    assert prepared.stats["rows"] == prepared.stats["rows_used"] == len(rows)
+    assert prepared.stats.rows == prepared.stats.rows_used == len(rows)
 
 
 def test_sharegpt_roles_map_human_to_user_gpt_to_assistant_and_keep_system(tmp_path, model_dir, tok):
@@ -182,7 +182,7 @@ def test_rows_with_no_known_format_are_invalid_naming_dataset_name(tmp_path, mod
 def test_apply_chat_template_wins_over_a_formatting_template(tmp_path, model_dir):
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"messages": CHAT}])
     p = make_params(model_dir, dataset, apply_chat_template=True, formatting_template="{{ messages }}")
-    assert prepare_data(p).stats["format"] == "chat"
+    assert prepare_data(p).stats.format == "chat"
 
 
 @pytest.mark.parametrize("escape", ["{{ prompt.__class__ }}", "{{ ''.__class__.__mro__ }}"])
@@ -215,15 +215,15 @@ def test_prompt_tokens_are_masked_and_eos_ends_completion_once(tmp_path, model_d
     assert ids.count(tok.eos_token_id) == 1
     assert decode(tok, ids[n:]) == completion + EOS
     assert prepared.samples[0]["trained_text"] == completion + EOS
-    assert prepared.stats["trainable_tokens"] == len(ids) - n
-    assert prepared.stats["total_tokens"] == len(ids)
+    assert prepared.stats.trainable_tokens == len(ids) - n
+    assert prepared.stats.total_tokens == len(ids)
 
 
 def test_template_with_auto_completion_only_loss_splits_at_the_completion_field(tmp_path, model_dir, tok):
     row = {"prompt": "What is 9 plus 2?", "completion": " It is 11."}
     dataset = write_jsonl(tmp_path / "d.jsonl", [row])
     prepared = prepare_data(make_params(model_dir, dataset, formatting_template=TEMPLATE))
-    assert prepared.stats["format"] == "template"
+    assert prepared.stats.format == "template"
     sample = prepared.samples[0]
     assert sample["prompt"] == "Question: What is 9 plus 2?\nAnswer:"
     assert sample["completion"] == " It is 11."
@@ -267,7 +267,7 @@ def test_completion_only_loss_false_trains_every_token(tmp_path, model_dir, tok,
     prepared = prepare_data(make_params(model_dir, dataset, completion_only_loss="false", **overrides))
     ids, labels = first_row(prepared)
     assert labels == ids
-    assert prepared.stats["trainable_tokens"] == prepared.stats["total_tokens"] == len(ids)
+    assert prepared.stats.trainable_tokens == prepared.stats.total_tokens == len(ids)
     assert prepared.samples[0]["trained_text"] == decode(tok, ids)
 
 
@@ -327,7 +327,7 @@ def test_multi_turn_chat_trains_exactly_the_assistant_turns(tmp_path, model_dir,
     ids, labels = first_row(prepared)
     assert decode(tok, ids) == tok.apply_chat_template(CHAT, tokenize=False)
     _assert_only_assistant_turns_trained(tok, ids, labels, CHAT, END)
-    assert prepared.stats["trainable_tokens"] == sum(1 for label in labels if label != -100)
+    assert prepared.stats.trainable_tokens == sum(1 for label in labels if label != -100)
 
 
 def test_assistant_only_loss_trains_only_assistant_turns(tmp_path, model_dir, tok):
@@ -351,14 +351,14 @@ def test_formatting_chat_template_override_trains_only_assistant_turns(tmp_path,
         formatting_chat_template=override,
     )
     prepared = prepare_data(p)
-    assert prepared.stats["format"] == "chat"
+    assert prepared.stats.format == "chat"
     assert prepared.samples[0]["text"].startswith("### SYSTEM:\nYou are a terse assistant.\n[END]\n")
     ids, labels = first_row(prepared)
     runs = [decode(tok, run) for run in trained_runs(ids, labels)]
     # A plain-text end marker is trained with the turn; the newline after it is not the model's to write.
     assert runs == [m["content"] + "\n[END]" for m in CHAT if m["role"] == "assistant"]
     # No special token closes the turns: the model has no stop token to learn, and the statistics say so.
-    assert prepared.stats["open_turns"] == 1
+    assert prepared.stats.open_turns == 1
 
 
 def test_chat_template_that_rewrites_earlier_turns_still_trains_each_assistant_turn(tmp_path, model_dir, tok):
@@ -476,10 +476,10 @@ def test_rows_whose_trained_part_is_truncated_away_are_dropped_and_counted(tmp_p
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
     prepared = prepare_data(make_params(model_dir, dataset, maximum_sequence_length=16, max_dropped_fraction=0.3))
     stats = prepared.stats
-    assert stats["rows"] == 10
-    assert stats["dropped"] == 2
-    assert stats["truncated"] == 3
-    assert stats["rows_used"] == 8
+    assert stats.rows == 10
+    assert stats.dropped == 2
+    assert stats.truncated == 3
+    assert stats.rows_used == 8
     train = saved(prepared)["train"]
     assert len(train) == 8
     for row in train:
@@ -503,7 +503,7 @@ def test_dropping_more_than_max_dropped_fraction_is_invalid_naming_maximum_seque
     # The same rows pass once the fraction is accepted: the fraction is a rule over the prepared rows, not
     # part of preparing them, so they are reused as prepared.
     accepted = prepare_data(p.replace(max_dropped_fraction=0.5))
-    assert accepted.stats["dropped"] == 4 and accepted.cached
+    assert accepted.stats.dropped == 4 and accepted.cached
 
 
 # --- eval split ------------------------------------------------------------------------------------
@@ -520,11 +520,11 @@ def test_eval_split_produces_an_eval_split_of_the_seeded_size(model_dir):
 
     p = make_params(model_dir, str(SAMPLE), eval_split=0.1, seed=42)
     prepared = prepare_data(p)
-    assert prepared.stats["eval_rows"] > 0
+    assert prepared.stats.eval_rows > 0
     splits = saved(prepared)
     n_eval = math.ceil(0.1 * total)
-    assert len(splits["eval"]) == n_eval == prepared.stats["eval_rows"]
-    assert len(splits["train"]) == total - n_eval == prepared.stats["rows_used"]
+    assert len(splits["eval"]) == n_eval == prepared.stats.eval_rows
+    assert len(splits["train"]) == total - n_eval == prepared.stats.rows_used
     assert _row_keys(whole["train"]) == sorted(_row_keys(splits["train"]) + _row_keys(splits["eval"]))
 
     other_seed = saved(prepare_data(p.replace(seed=7)))
@@ -540,8 +540,8 @@ def test_validation_file_in_a_data_folder_is_the_eval_split(tmp_path, model_dir,
     write_jsonl(folder / "train.jsonl", train_rows)
     write_jsonl(folder / eval_name, eval_rows)
     prepared = prepare_data(make_params(model_dir, str(folder), eval_split=0.2))
-    assert prepared.stats["eval_rows"] > 0
-    assert prepared.stats["rows"] == 6 and prepared.stats["eval_rows"] == 3
+    assert prepared.stats.eval_rows > 0
+    assert prepared.stats.rows == 6 and prepared.stats.eval_rows == 3
     splits = saved(prepared)
     assert sorted(decode(tok, ids) for ids in splits["eval"]["input_ids"]) == sorted(
         r["prompt"] + r["completion"] + EOS for r in eval_rows
@@ -588,7 +588,7 @@ def test_csv_and_parquet_files_load_like_jsonl(tmp_path, model_dir):
     reference = saved(prepare_data(make_params(model_dir, write_jsonl(tmp_path / "rows.jsonl", _pc_rows()))))
     for name in ("rows.csv", "rows.parquet"):
         prepared = prepare_data(make_params(model_dir, str(tmp_path / name)))
-        assert prepared.stats["format"] == "prompt_completion"
+        assert prepared.stats.format == "prompt_completion"
         assert saved(prepared)["train"]["labels"] == reference["train"]["labels"]
 
 
@@ -598,9 +598,9 @@ def test_a_save_to_disk_folder_loads_with_its_validation_split(tmp_path, model_d
         {"train": datasets.Dataset.from_list(_pc_rows(8)), "validation": datasets.Dataset.from_list(_pc_rows(2))}
     ).save_to_disk(str(folder))
     unused = prepare_data(make_params(model_dir, str(folder)))
-    assert unused.stats["eval_rows"] == 0 and unused.stats["own_eval_split"] == "validation"
+    assert unused.stats.eval_rows == 0 and unused.stats.own_eval_split == "validation"
     prepared = prepare_data(make_params(model_dir, str(folder), eval_split=0.1))
-    assert prepared.stats["rows_used"] == 8 and prepared.stats["eval_rows"] == 2
+    assert prepared.stats.rows_used == 8 and prepared.stats.eval_rows == 2
 
 
 def test_a_transformerlab_dataset_id_loads_the_files_of_its_folder(tmp_path, model_dir, monkeypatch):
@@ -611,7 +611,7 @@ def test_a_transformerlab_dataset_id_loads_the_files_of_its_folder(tmp_path, mod
     write_jsonl(folder / "my-data_train.jsonl", _pc_rows(5))
     monkeypatch.setenv("TFL_WORKSPACE_DIR", str(workspace))
     prepared = prepare_data(make_params(model_dir, "my-data"))
-    assert prepared.stats["rows"] == 5 and prepared.stats["format"] == "prompt_completion"
+    assert prepared.stats.rows == 5 and prepared.stats.format == "prompt_completion"
 
 
 def test_an_unknown_dataset_name_offline_is_an_error_naming_dataset_name(tmp_path, model_dir, monkeypatch):
@@ -637,7 +637,7 @@ def test_an_eval_split_that_leaves_no_training_rows_is_an_error(tmp_path, model_
 
 def test_an_eval_split_always_holds_out_at_least_one_row(tmp_path, model_dir):
     prepared = prepare_data(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", _pc_rows(5)), eval_split=0.01))
-    assert (prepared.stats["rows_used"], prepared.stats["eval_rows"]) == (4, 1)
+    assert (prepared.stats.rows_used, prepared.stats.eval_rows) == (4, 1)
 
 
 def test_a_validation_file_whose_rows_are_all_cut_away_is_an_error(tmp_path, model_dir):
@@ -701,7 +701,7 @@ def test_a_null_completion_far_past_the_first_rows_names_its_row(tmp_path, model
 def test_a_csv_messages_column_holding_json_text_is_parsed(tmp_path, model_dir, tok):
     rows = [{"messages": json.dumps(r["messages"])} for r in _chat_rows(80)]
     prepared = prepare_data(make_params(model_dir, _write_csv(tmp_path / "d.csv", rows)))
-    assert prepared.stats["format"] == "chat" and prepared.stats["rows_used"] == 80
+    assert prepared.stats.format == "chat" and prepared.stats.rows_used == 80
     assert prepared.samples[0]["trained_text"] == "Answer 0." + END
 
 
@@ -778,7 +778,7 @@ def test_trl_conversational_prompt_completion_is_a_format(tmp_path, model_dir):
         }
     ]
     prepared = prepare_data(make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows)))
-    assert prepared.stats["format"] == "chat_prompt_completion"
+    assert prepared.stats.format == "chat_prompt_completion"
     assert prepared.samples[0]["trained_text"] == "Lima." + END
 
 
@@ -818,7 +818,7 @@ def test_empty_answers_and_rows_without_answers_are_counted_and_warned(tmp_path,
     ]
     p = make_params(model_dir, write_jsonl(tmp_path / "d.jsonl", rows))
     prepared = prepare_data(p)
-    assert (prepared.stats["empty_answers"], prepared.stats["no_answer"], prepared.stats["rows_used"]) == (1, 1, 4)
+    assert (prepared.stats.empty_answers, prepared.stats.no_answer, prepared.stats.rows_used) == (1, 1, 4)
     warnings = [w.line() for _, w in validation.rows_with_nothing_to_train(p, prepared.stats)]
     assert warnings == [
         "dataset_name: 1 of 5 rows have no assistant turn and are left out. "
@@ -848,13 +848,13 @@ def test_a_dataset_split_and_eval_split_follow_the_written_rule(tmp_path, model_
     prepared = prepare_data(p)
     warnings = [w.line() for _, w in validation.evaluation_named(p, prepared.stats)]
     if eval_split == 0:
-        assert prepared.stats["eval_rows"] == 0 and not (prepared.stats["eval_rows"] > 0)
+        assert prepared.stats.eval_rows == 0 and not (prepared.stats.eval_rows > 0)
         assert warnings == [
             "eval_split: the dataset's 'test' split (3 rows) is not used because eval_split is 0. "
             "Set eval_split above 0 to evaluate on it."
         ]
     else:
-        assert prepared.stats["eval_rows"] == 3 and prepared.stats["rows_used"] == 10
+        assert prepared.stats.eval_rows == 3 and prepared.stats.rows_used == 10
         assert warnings == [
             "eval_split: 0.2 is not applied: the dataset's own 'test' split (3 rows) is the evaluation set. "
             "Set eval_split to 0 to train without evaluation."

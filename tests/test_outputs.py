@@ -16,7 +16,7 @@ from plugin_utils import checkpoints, outputs
 from plugin_utils.launch import RunResult
 from plugin_utils.runfolder import IDENTITY_FILE
 
-from .conftest import ROOT, params_of, plan_of
+from .conftest import ROOT, params_of, plan_of, stats_of
 
 
 def stage(final) -> str:
@@ -226,14 +226,14 @@ def test_summary_records_parameters_world_size_steps_loss_runtime_and_versions()
     p = params_of(adaptor_name="my-adaptor", learning_rate="2e-4", packing="on")
     plan = plan_of(num_processes=2)
     result = RunResult(steps=6, max_steps=6, world_size=2, final_loss=1.25, eval_loss=None, runtime=12.345)
-    found = outputs.summary(p, plan, result, {"rows": 190})
+    found = outputs.summary(p, plan, result, stats_of(rows=190))
     assert found["parameters"] == p.as_dict()
     assert found["parameters"]["learning_rate"] == 2e-4 and found["parameters"]["packing"] == "true"
     assert found["plan"] == plan.as_dict()
     assert (found["world_size"], found["steps"], found["max_steps"]) == (2, 6, 6)
     assert found["final_loss"] == 1.25
     assert found["runtime_seconds"] == 12.35
-    assert found["dataset"] == {"rows": 190}
+    assert found["dataset"]["rows"] == 190 and found["dataset"] == stats_of(rows=190).as_dict()
     assert "trl" in found["versions"]
     json.dumps(found)
 

@@ -15,7 +15,7 @@ import pytest
 from plugin_utils import params, planning, speed, validation, worker
 from plugin_utils.machine import Gpu, Machine
 
-from .conftest import SAMPLE, params_of, plan_of, spec_of
+from .conftest import SAMPLE, params_of, plan_of, spec_of, stats_of
 from .model_configs import QWEN2_5_0_5B
 
 GIB = 2**30
@@ -353,7 +353,7 @@ def test_packing_forced_on_without_flash_attention_is_a_warning_where_it_is_like
 
 
 def test_planned_steps_count_packs_when_packing():
-    stats = {"rows_used": 1000, "total_tokens": 1000 * 100, "eval_rows": 0}
+    stats = stats_of(rows_used=1000, total_tokens=1000 * 100, eval_rows=0)
     p = config(
         batch_size=4,
         maximum_sequence_length=1000,

@@ -19,7 +19,7 @@ from plugin_utils import launch, outputs, params, planning, rowformats, sources,
 from plugin_utils.errors import InvalidConfig
 from plugin_utils.machine import Gpu, Machine
 
-from .conftest import ROOT, with_bitsandbytes
+from .conftest import ROOT, stats_of, with_bitsandbytes
 from .model_configs import LLAMA_3_8B, QWEN2_5_0_5B, model_folder
 
 # Fakes for hardware that cannot exist here: an Ampere-class and a pre-Ampere GPU.
@@ -731,7 +731,7 @@ def test_loss_modes_need_data_that_can_be_split(overrides, fmt, expected):
 
 # --- the prepared rows ------------------------------------------------------------------------------------
 
-STATS = {"rows_used": 100}
+STATS = stats_of(rows_used=100)
 
 
 @pytest.mark.parametrize(
@@ -767,17 +767,8 @@ def test_planned_steps_counts_epochs_processes_and_accumulation():
     assert planning.planned_steps(config(max_steps=3), 2, 100) == 3
 
 
-def prepared_stats(**overrides) -> dict:
-    stats = {
-        "rows": 100,
-        "rows_used": 90,
-        "eval_rows": 10,
-        "dropped": 0,
-        "no_answer": 0,
-        "length_percentiles": {"p50": 10, "p90": 20, "p99": 30, "max": 40},
-    }
-    stats.update(overrides)
-    return stats
+def prepared_stats(**overrides):
+    return stats_of(**overrides)
 
 
 def test_statistics_findings_are_returned_together():
@@ -850,7 +841,7 @@ def test_info_md_rules_table_is_the_rule_list():
     ],
 )
 def test_chat_templates_that_drop_reasoning_or_never_stop_are_flagged(stats, expected):
-    found = [w.line() for _, w in validation.chat_template_keeps_answers(config(), stats)]
+    found = [w.line() for _, w in validation.chat_template_keeps_answers(config(), stats_of(**stats))]
     assert len(found) == len(expected)
     for line, part in zip(found, expected, strict=True):
         assert line.startswith("formatting_chat_template: the chat template") and part in line

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import StopRequested
@@ -38,11 +38,40 @@ class LoadedDataset:
         return DataFacts(format=self.format, columns=tuple(self.columns), key=self.key)
 
 
+@dataclass(frozen=True)
+class PreparedStats:
+    """The prepared rows' statistics: what the statistics rules check, the dry run shows and the run's summary
+    records. Saved as the prepared folder's stats.json, read back by field name (nothing else is accepted: the
+    folder's key covers the code that writes it). Defined here, outside the code hashed into the key."""
+
+    format: str
+    rows: int  # rows of the training split, before any was left out
+    dropped: int  # left out: nothing to train, once truncated or at all
+    truncated: int  # longer than maximum_sequence_length
+    length_percentiles: dict[str, int]  # token lengths: p50, p90, p99, max ({} without rows)
+    # Rows with an empty answer, no assistant turn, reasoning the chat template left out, or an assistant turn
+    # ending without a special token: the rules turn these into warnings.
+    empty_answers: int
+    no_answer: int
+    reasoning_dropped: int
+    open_turns: int
+    rows_used: int  # training rows kept
+    eval_rows: int  # evaluation rows kept (0: no evaluation)
+    trainable_tokens: int  # tokens the loss is taken on, in the training rows kept
+    total_tokens: int  # tokens of the training rows kept, each cut at maximum_sequence_length
+    eval_source: str | None  # where the evaluation rows come from (None: no evaluation)
+    own_eval_split: str | None  # the dataset's own evaluation split, used or not
+    own_eval_rows: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class Prepared:
     path: str  # the cache folder, named by keys.cache_key
     key: str  # the data key (LoadedDataset.key): what a resumed run must share
-    stats: dict[str, Any]
+    stats: PreparedStats
     samples: list[dict[str, Any]] = field(default_factory=list)
     cached: bool = False
     # The same rows for people: the training text with the trained parts between ⟦ and ⟧.
@@ -85,7 +114,7 @@ def prepare(
             "data: reusing the prepared dataset at %s (same data, template, tokenizer and settings)", cache.path(key)
         )
         cache.evict(key)
-        return Prepared(str(cache.path(key)), dataset.key, stats, samples, cached=True, marked=shown)
+        return Prepared(str(cache.path(key)), dataset.key, PreparedStats(**stats), samples, cached=True, marked=shown)
 
     with cache.building(key) as staging:
         try:
@@ -98,7 +127,7 @@ def prepare(
             raise StopRequested()
         stats = cache.publish(staging, key)
     cache.evict(key)
-    return Prepared(str(cache.path(key)), dataset.key, stats, samples, marked=shown)
+    return Prepared(str(cache.path(key)), dataset.key, PreparedStats(**stats), samples, marked=shown)
 
 
 def _end_worker_processes() -> None:
