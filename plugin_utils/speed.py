@@ -9,8 +9,9 @@ import importlib.util
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .machine import GIB, Gpu, has_package
@@ -52,18 +53,20 @@ MASKED_PACKING_LIMIT = 1024
 RUNTIME_OVERHEAD = 1.5 * GIB
 
 
-@dataclass
+@dataclass(frozen=True)
 class Speed:
+    """The speed settings `choose` decided, each with its reason (in the plan's log and `--check --json`)."""
+
     attention: str = "sdpa"
     packing: bool = False
     gradient_checkpointing: bool = True
     liger: bool = False
     tf32: bool = False
     dataloader_workers: int = 0
-    reasons: list[str] = field(default_factory=list)
+    reasons: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "reasons": list(self.reasons)}
 
 
 def _shape(config: dict[str, Any]) -> dict[str, int] | None:
@@ -268,8 +271,8 @@ def choose(
     model_config: dict[str, Any] | None,
     ram_bytes: float | None = None,
 ) -> Speed:
-    speed = Speed()
-    why = speed.reasons
+    speed = SimpleNamespace(**asdict(Speed()))  # decided one setting at a time below, then frozen
+    why: list[str] = []
     cuda = device == "cuda"
 
     if flash_attention_usable(device, gpus, precision):
@@ -364,4 +367,4 @@ def choose(
             else ""
         )
     )
-    return speed
+    return Speed(**{**vars(speed), "reasons": tuple(why)})

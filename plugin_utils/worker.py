@@ -477,7 +477,3 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         folder.write_error(rank, f"{type(exc).__name__}: {exc}".strip(), traceback.format_exc())
         raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())
