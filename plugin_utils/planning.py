@@ -73,7 +73,8 @@ def planned_steps(p: Params, world: int, rows: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """What the run will do. Built once, after validation, and never changed (a copy gains the loss mode)."""
+    """What the run will do. Built once, before validation, whose rules read its decisions instead of making them
+    again; used as it is once they pass, and never changed (a copy gains the loss mode)."""
 
     device: str
     gpu_ids: tuple[int, ...]
@@ -98,6 +99,10 @@ class Plan:
     visible_devices: tuple[str, ...] = ()
     # What the run writes at most (outputs and checkpoints together); None when the model's size is unknown.
     disk_gib: float | None = None
+    # For validation's rules, never recorded (as_dict leaves them out): the planned GPUs themselves, and what the
+    # run writes, part by part.
+    gpus: tuple[Gpu, ...] = ()
+    disk: DiskEstimate | None = None
 
     @property
     def world_size(self) -> int:
@@ -116,6 +121,7 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)
+        del values["gpus"], values["disk"]
         values["gpu_ids"] = list(self.gpu_ids)
         values["reasons"] = list(self.all_reasons())
         values["world_size"] = self.world_size
@@ -144,7 +150,8 @@ def loss_mode(p: Params, fmt: str) -> tuple[bool, str]:
 
 
 def build(p: Params, machine: Machine) -> Plan:
-    """The plan for parameters that passed validation on this machine."""
+    """The plan for these parameters on this machine. Built before they are checked (validation's rules read it),
+    so it takes whatever it is given: a value that failed its own check holds its default here."""
     gpus = planned_gpus(p, machine)
     count = processes_here(p, machine)
     device = "cuda" if gpus else "cpu"
@@ -210,6 +217,8 @@ def build(p: Params, machine: Machine) -> Plan:
         reasons=tuple(reasons),
         visible_devices=visible if device == "cuda" else (),
         disk_gib=round(disk.peak / GIB, 2) if disk else None,
+        gpus=tuple(gpus),
+        disk=disk,
     )
 
 

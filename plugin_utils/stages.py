@@ -48,9 +48,11 @@ def check(chosen: host.Host, nodes: machine.Nodes | None, clock: cli.Clock) -> C
     reading = params.read(chosen.params_from.raw_params(), headless=chosen.headless, nodes=nodes)
     p, here = reading.params, machine.detect()
     chosen = chosen.on_machine(p.machine_rank)
+    # The plan first: the rules check its decisions (GPUs, precision, world size, disk) rather than make them again.
+    plan = planning.build(p, here)
     out = continued = None
     if params.usable(p, reading.errors, "adaptor_name"):
-        this_run = outputs.identity(p, planning.world_size(p, here), None)
+        this_run = outputs.identity(p, plan.world_size, None)
         continued = chosen.places.checkpoint_to_resume(p, this_run["world_size"])
         requested = continued.checkpoint if continued else None
         out = outputs.inspect(chosen.places.locations(p), this_run, overwrite=p.overwrite_output, requested=requested)
@@ -61,11 +63,11 @@ def check(chosen: host.Host, nodes: machine.Nodes | None, clock: cli.Clock) -> C
         machine=here,
         model=sources.inspect_model(p.model_name),
         out=out,
+        plan=plan,
     )
     warnings = reading.warnings + found.warnings
     if found.errors:
         raise InvalidConfig(found.errors, warnings)
-    plan = planning.build(p, here)
     cli.report_warnings(warnings)
     clock.mark("validated")
     return Checked(chosen, p, here, plan, out, continued, warnings, clock)

@@ -1,8 +1,10 @@
 """Every rule the run is checked against, in one place, by phase.
 
-A rule is a small named function over the facts it needs, named by its arguments: `p` (the parameters),
+A rule is a small named function over the facts it needs, named by its arguments (FACTS): `p` (the parameters),
 `machine` (this machine), `model` (the model's config.json and folder), `out` (the output folders and what
 they hold), `plan`, `data` (the dataset's format and columns) and `stats` (the prepared rows' statistics).
+The plan is built before any rule runs: a rule checks its decisions (the GPUs, the precision, the world size,
+what the run writes to disk) and never makes them again.
 It yields `error(...)` or `warning(...)`; its docstring is its line in info.md's rules table.
 
 Phases, in order:
@@ -36,13 +38,8 @@ from .outputs import OutputFacts
 from .params import AUTO, defaults
 from .planning import (
     asked_processes,
-    disk_estimate,
-    model_parameters,
-    planned_gpus,
     planned_steps,
-    precision_for,
     selected_gpu_ids,
-    world_size,
 )
 from .rowformats import CHAT_FORMATS, DataFacts
 from .runfolder import lora_targets
@@ -213,13 +210,13 @@ def sequence_fits_model(p, model: ModelFacts):
 
 
 @rule("model")
-def memory_fits_the_gpus(p, machine: Machine, model: ModelFacts):
+def memory_fits_the_gpus(p, model: ModelFacts, plan):
     """A run whose memory estimate exceeds the free memory of its smallest GPU even with gradient checkpointing is
     flagged before it runs out of memory at its first step (warning; the estimate counts every row at full length)."""
-    gpus = planned_gpus(p, machine)
+    gpus = plan.gpus
     if not gpus or not model.config or p.gradient_checkpointing is False:
         return
-    precision, world = precision_for(p, gpus), world_size(p, machine)
+    precision, world = plan.precision, plan.world_size
     needed = speed.estimate_memory(
         model.config, p, precision=precision, world_size=world, checkpointing=True, device="cuda"
     )
@@ -400,10 +397,10 @@ def cuda_visible_devices_name_gpus(p, machine: Machine):
 
 
 @rule("machine")
-def cpu_processes_fit_cores(p, machine: Machine):
+def cpu_processes_fit_cores(p, machine: Machine, plan):
     """Training on the CPU, more processes than cores only share them out: a warning."""
     count = asked_processes(p)
-    if count is None or planned_gpus(p, machine) or count <= machine.cpu_count:
+    if count is None or plan.gpus or count <= machine.cpu_count:
         return
     yield warning(
         "num_processes",
@@ -435,9 +432,9 @@ def cpu_only_note(p, machine: Machine):
 
 
 @rule("machine")
-def precision_supported(p, machine: Machine):
+def precision_supported(p, machine: Machine, plan):
     """bf16 only on Ampere or newer GPUs; fp16 only on a GPU."""
-    gpus = planned_gpus(p, machine)
+    gpus = plan.gpus
     if p.precision == "bf16" and gpus and not all(g.supports_bf16 for g in gpus):
         yield error("precision", "bf16 needs an Ampere or newer GPU", "Use precision=auto (fp16 there) or fp16")
     on_cpu = p.train_device == "cpu" or not machine.usable_gpus
@@ -487,9 +484,9 @@ def strategy_packages_installed(p, machine: Machine):
 
 
 @rule("machine")
-def strategy_needs_several_processes(p, machine: Machine):
+def strategy_needs_several_processes(p, plan):
     """fsdp/deepspeed with a single process shard nothing (warning)."""
-    if p.distributed_strategy != "ddp" and world_size(p, machine) == 1:
+    if p.distributed_strategy != "ddp" and plan.world_size == 1:
         yield warning(
             "distributed_strategy",
             f"{p.distributed_strategy} with one process shards nothing",
@@ -498,15 +495,12 @@ def strategy_needs_several_processes(p, machine: Machine):
 
 
 @rule("machine")
-def packing_without_flash_attention(p, machine: Machine):
+def packing_without_flash_attention(p, plan):
     """packing=true without flash-attention, on a GPU or above 1024 tokens per batch, is likely slower (warning)."""
     if p.packing is not True:
         return
-    gpus = planned_gpus(p, machine)
-    device = "cuda" if gpus else "cpu"
-    if not speed.flash_attention_usable(device, gpus, precision_for(p, gpus)) and speed.masked_packing_is_slow(
-        p, device
-    ):
+    usable = speed.flash_attention_usable(plan.device, list(plan.gpus), plan.precision)
+    if not usable and speed.masked_packing_is_slow(p, plan.device):
         yield warning(
             "packing",
             "without flash-attention, packed rows are kept apart by a mask over the whole batch "
@@ -574,12 +568,11 @@ def resume_keeps_what_the_checkpoint_needs(p, out: OutputFacts):
 
 
 @rule("outputs")
-def enough_disk(p, machine: Machine, model: ModelFacts, out: OutputFacts):
+def enough_disk(p, out: OutputFacts, plan):
     """Each disk outputs go to has room for what the run writes there, estimated from the model's size: the
     adapter or full weights, save_total_limit + 1 checkpoints with their optimizer state, the merged model under
     fuse_model, plus 1 GiB and 5%. At least 1 GiB is free when the model's size is unknown."""
-    gpus = planned_gpus(p, machine)
-    estimate = disk_estimate(p, model.config, model_parameters(p.model_name, model.config), precision_for(p, gpus))
+    estimate = plan.disk
     if estimate is None:  # a Hub id not in the cache: the floor alone
         demands = [(out.adapter_dir, "", 0), (out.checkpoint_dir, "", 0)]
     else:

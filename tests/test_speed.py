@@ -342,14 +342,16 @@ def test_an_auto_switch_rejects_other_values_naming_the_choices():
 
 def test_packing_forced_on_without_flash_attention_is_a_warning_where_it_is_likely_slower():
     big = config(packing="true", train_device="cpu", batch_size=8, maximum_sequence_length=1024)
-    found = list(validation.packing_without_flash_attention(big, Machine()))
+    found = list(validation.packing_without_flash_attention(big, planning.build(big, Machine())))
     assert [(severity, p.parameter) for severity, p in found] == [("warning", "packing")]
     assert "(8192 tokens)" in found[0][1].line()
     small = config(packing="true", train_device="cpu", batch_size=4, maximum_sequence_length=128)
-    assert not list(validation.packing_without_flash_attention(small, Machine()))
+    assert not list(validation.packing_without_flash_attention(small, planning.build(small, Machine())))
     on_gpu = config(packing="true", batch_size=4, maximum_sequence_length=128)
-    assert list(validation.packing_without_flash_attention(on_gpu, Machine(gpus=gpus(1))))
-    assert not list(validation.packing_without_flash_attention(config(packing="auto"), Machine()))
+    assert list(validation.packing_without_flash_attention(on_gpu, planning.build(on_gpu, Machine(gpus=gpus(1)))))
+    assert not list(
+        validation.packing_without_flash_attention(config(packing="auto"), planning.build(config(), Machine()))
+    )
 
 
 def test_planned_steps_count_packs_when_packing():

@@ -58,7 +58,8 @@ def without_speed(plan) -> dict:
 
 def call(rule, p, machine=None, **facts) -> list:
     """What a rule yields, given the facts it names (the model's are read from p's model folder)."""
-    given = {"p": p, "machine": machine, "model": sources.inspect_model(p.model_name), **facts}
+    plan = planning.build(p, machine) if machine is not None else None  # the draft plan the rules read
+    given = {"p": p, "machine": machine, "model": sources.inspect_model(p.model_name), "plan": plan, **facts}
     return list(rule(**{name: given[name] for name in inspect.signature(rule).parameters}))
 
 
@@ -82,7 +83,11 @@ def out_facts(p, adapter: str, checkpoints: str) -> outputs.OutputFacts:
 def checked(p, machine) -> validation.Findings:
     """The phases that need no output folders or data."""
     return validation.check(
-        ("parameters", "machine", "model"), p=p, machine=machine, model=sources.inspect_model(p.model_name)
+        ("parameters", "machine", "model"),
+        p=p,
+        machine=machine,
+        model=sources.inspect_model(p.model_name),
+        plan=planning.build(p, machine) if machine is not None else None,
     )
 
 
@@ -848,12 +853,11 @@ def test_chat_templates_that_drop_reasoning_or_never_stop_are_flagged(stats, exp
 
 
 def test_fsdp_or_deepspeed_with_one_process_is_a_warning():
-    found = validation.strategy_needs_several_processes(
-        config(distributed_strategy="fsdp", num_processes="1"), TWO_AMPERE
-    )
-    assert {(s, p.parameter) for s, p in found} == {("warning", "distributed_strategy")}
-    found = validation.strategy_needs_several_processes(config(distributed_strategy="fsdp"), TWO_AMPERE)
-    assert not list(found)
+    one = config(distributed_strategy="fsdp", num_processes="1")
+    assert findings(validation.strategy_needs_several_processes, one, TWO_AMPERE) == {
+        ("warning", "distributed_strategy")
+    }
+    assert not findings(validation.strategy_needs_several_processes, config(distributed_strategy="fsdp"), TWO_AMPERE)
 
 
 def test_rule_messages_name_the_parameter_what_is_wrong_and_the_fix():
@@ -969,7 +973,9 @@ def test_check_returns_every_error_at_once():
 def test_check_returns_warnings_in_rule_order_after_the_prior_errors():
     earlier = validation.error("lora_r", "expected a number")[1]
     p = config(learning_rate=0.5, training_mode="full", lora_r=64)
-    found = validation.check(validation.CHECK_PHASES, prior=[earlier], p=p, machine=CPU_ONLY, model=None, out=None)
+    found = validation.check(
+        validation.CHECK_PHASES, prior=[earlier], p=p, machine=CPU_ONLY, model=None, out=None, plan=None
+    )
     # lora_r failed its own check: its default stands in, and no rule reports it again.
     assert found.errors == [earlier]
     assert [w.parameter for w in found.warnings] == ["learning_rate", "train_device"]
@@ -985,7 +991,7 @@ def test_check_keeps_warnings_alongside_errors():
 def test_rules_whose_facts_are_unknown_are_skipped():
     # A config can be checked on a laptop: machine rules (fp16 on CPU here) need a machine.
     p = config(precision="fp16", gpu_ids="7")
-    found = validation.check(validation.CHECK_PHASES, p=p, machine=None, model=None, out=None)
+    found = validation.check(validation.CHECK_PHASES, p=p, machine=None, model=None, out=None, plan=None)
     assert not found.errors
 
 
@@ -1004,7 +1010,7 @@ def test_a_rule_naming_no_fact_is_refused_where_it_is_defined():
 
 def test_check_refuses_a_fact_it_does_not_know_and_a_phase_run_without_its_facts():
     with pytest.raises(TypeError, match="no such fact: machnie"):
-        validation.check(validation.CHECK_PHASES, p=config(), machnie=CPU_ONLY, model=None, out=None)
+        validation.check(validation.CHECK_PHASES, p=config(), machnie=CPU_ONLY, model=None, out=None, plan=None)
     # The machine phase run without the machine: the caller's mistake, named, instead of rules skipped unseen.
     with pytest.raises(TypeError, match=r"phase 'machine': rule .* needs machine, not given"):
         validation.check(("machine",), p=config())
