@@ -4,8 +4,9 @@
 
 Rank side: the plugin's callback `on_step_end` (stop-file check, parent check, one 1-element all-reduce
 so every rank agrees on stopping, a progress event at most once a second) timed over 2,000 calls in a
-real 2-rank gloo group on this machine. Parent side: one relayed row (lab SDK `update_progress` with
-metrics, which appends to metrics.jsonl and rewrites the job's index.json), timed over 200 calls.
+real 2-rank gloo group on this machine. Parent side: one relayed row (the plugin's lab SDK adapter,
+`update_progress` with metrics, which appends to metrics.jsonl and rewrites the job's index.json whole), timed
+over 200 calls, next to the SDK's own in-place write of index.json.
 """
 
 from __future__ import annotations
@@ -44,13 +45,20 @@ if state.is_main_process:
 
 PARENT_SCRIPT = """
 import sys, time, contextlib
-from lab import lab
-with contextlib.redirect_stdout(sys.stderr):
-    lab.init("bench")
+sys.path.insert(0, sys.argv[1])
+from plugin_utils import host
+sdk = host.LabSdk("bench")
+if sys.argv[2] == "sdk":  # the SDK's own write (index.json truncated, then written), for comparison
+    from lab import lab
+    with contextlib.redirect_stdout(sys.stderr):
+        lab.init("bench")
+    sdk.lab = lab
+else:  # as the plugin attaches: the job's record written whole (host._whole_record_writes)
+    sdk.attach()
 rows = 200
 started = time.perf_counter()
 for step in range(rows):
-    lab.update_progress(step % 100, metrics={"loss": 1.0, "learning_rate": 1e-4, "tokens_per_second": 1e4}, step=step)
+    sdk.progress(step % 100, {"loss": 1.0, "learning_rate": 1e-4, "tokens_per_second": 1e4}, step)
 print(f"RESULT {1e3 * (time.perf_counter() - started) / rows:.2f}")
 """
 
@@ -81,8 +89,11 @@ def main() -> None:
         out = subprocess.run([*launch, str(script), str(ROOT), tmp], capture_output=True, text=True, env=env)
         world, per_call = result(out.stdout + out.stderr)
         print(f"rank side: on_step_end {per_call} us per step (world size {world}, gloo)")
-        out = subprocess.run([sys.executable, "-c", PARENT_SCRIPT], capture_output=True, text=True, env=env)
-        print(f"parent side: one relayed metrics row {result(out.stdout)[0]} ms (rows at most every logging step)")
+        for how, what in (("plugin", "the plugin's adapter, record written whole"), ("sdk", "the SDK's own write")):
+            out = subprocess.run(
+                [sys.executable, "-c", PARENT_SCRIPT, str(ROOT), how], capture_output=True, text=True, env=env
+            )
+            print(f"parent side: one relayed metrics row {result(out.stdout)[0]} ms ({what})")
 
 
 if __name__ == "__main__":
