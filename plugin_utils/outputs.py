@@ -73,7 +73,7 @@ def identity(p: Params, world_size: int, data_key: str | None, derived: dict | N
     """What run_params.json records: the asked values compared on resume, and what was derived, shown beside."""
     return {
         "version": IDENTITY_VERSION,
-        "asked": p.resume_identity(),
+        "asked": p.resume_identity().asked(),
         "world_size": world_size,
         "dataset": data_key,
         "derived": derived or {},

@@ -226,10 +226,25 @@ class Params:
     def data(self) -> DataSettings:
         return DataSettings(**{name: getattr(self, name) for name in (*names_in(CONTENT), *names_in(DATA))})
 
-    def resume_identity(self) -> dict[str, Any]:
-        """What a resumed run shares with the run that saved its checkpoint, as asked (never what `auto` became):
-        the hard and soft parameters."""
-        return {name: shown(name, getattr(self, name)) for name in (*HARD_KEYS, *SOFT_KEYS)}
+    def resume_identity(self) -> ResumeIdentity:
+        """What a resumed run shares with the run that saved its checkpoint, as asked (never what `auto` became)."""
+        return ResumeIdentity(
+            hard={name: shown(name, getattr(self, name)) for name in HARD_KEYS},
+            soft={name: shown(name, getattr(self, name)) for name in SOFT_KEYS},
+        )
+
+
+@dataclass(frozen=True)
+class ResumeIdentity:
+    """The parameters a checkpoint is resumed under, as the user gave them: `hard` ones (a change makes the
+    checkpoint unusable, or its resumed data position wrong: the resume is refused) and `soft` ones (a change
+    applies from the resume point on: a warning). run_params.json records them as one flat mapping, `asked`."""
+
+    hard: dict[str, Any]
+    soft: dict[str, Any]
+
+    def asked(self) -> dict[str, Any]:
+        return {**self.hard, **self.soft}
 
 
 def names_in(role: str = "", *, group: str = "") -> tuple[str, ...]:

@@ -475,7 +475,9 @@ def test_the_records_consumers_get_are_exactly_the_parameters_of_their_role():
     assert set(params.defaults().data.canonical()) == set(params.names_in(params.DATA))
     assert names(params.LoraSettings) == set(params.names_in(group="lora"))
     assert names(params.TrainingSettings) == set(params.names_in(group="training"))
-    assert set(params.defaults().resume_identity()) == set(params.HARD_KEYS) | set(params.SOFT_KEYS)
+    identity = params.defaults().resume_identity()
+    assert set(identity.hard) == set(params.HARD_KEYS) and set(identity.soft) == set(params.SOFT_KEYS)
+    assert list(identity.asked()) == [*params.HARD_KEYS, *params.SOFT_KEYS]
     assert {"model_name", "packing", "seed"} <= set(params.HARD_KEYS)
     assert {"learning_rate", "max_steps"} <= set(params.SOFT_KEYS)
 

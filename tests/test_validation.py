@@ -702,7 +702,7 @@ def test_resuming_on_other_data_is_a_data_error(tmp_path):
 def test_a_recorded_identity_of_the_first_version_is_still_understood(tmp_path):
     ckpt = tmp_path / "ckpt"
     saved_checkpoint(ckpt, config())
-    flat = {**config().resume_identity(), "world_size": 1, "dataset": "d"}
+    flat = {**config().resume_identity().asked(), "world_size": 1, "dataset": "d"}
     flat["lora_r"] = 4
     # Written beside the checkpoints by the versions that wrote this format.
     (ckpt / "checkpoint-2" / "run_params.json").unlink()
