@@ -118,9 +118,12 @@ def describe(model_name: str) -> Layers | None:
     if model_config(model_name) is None:
         return None
     kept = _kept_file(model_name)
-    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        found = json.loads(open(kept).read())  # noqa: SIM115 - a missing or torn file is only a miss
+    try:
+        with open(kept) as handle:
+            found = json.load(handle)
         return Layers(**{**found, "beside": tuple(found["beside"])})
+    except (OSError, ValueError, TypeError, KeyError):  # none kept yet, or a torn file: build it
+        pass
     layers = _built(model_name)
     if layers.error is None:
         _keep(kept, layers)

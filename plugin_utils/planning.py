@@ -59,10 +59,6 @@ def processes_here(p: Params, machine: Machine) -> int:
     return count if count is not None else max(1, len(planned_gpus(p, machine)))
 
 
-def world_size(p: Params, machine: Machine) -> int:
-    return processes_here(p, machine) * p.num_machines
-
-
 def planned_steps(p: Params, world: int, rows: int) -> int:
     """Optimizer steps the run will take on `rows` training rows."""
     if p.max_steps > 0:
