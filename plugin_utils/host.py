@@ -32,7 +32,6 @@ import os
 import posixpath
 import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -43,7 +42,7 @@ from . import checkpoints
 from .errors import EXIT_OK, EXIT_STOPPED, InvalidConfig, RunFailed, problem
 from .outputs import Continued, Where, unfinished_run
 from .params import Params
-from .sources import model_config, workspace_dir
+from .sources import model_config, workspace_dir, write_whole
 
 log = logging.getLogger("sft")
 
@@ -130,14 +129,7 @@ def _whole_record_writes(job) -> None:
             return await write(json_data)
         if sanitize is not None:
             json_data, _ = sanitize(json_data)
-        staging = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            with open(staging, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(json_data, ensure_ascii=False))
-            os.replace(staging, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(staging)
+        write_whole(path, json.dumps(json_data, ensure_ascii=False))
 
     job._set_json_data = written_whole
 

@@ -19,10 +19,9 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 
-from .sources import model_config, model_folder
+from .sources import model_config, model_folder, write_whole
 
 # The layer classes PEFT's LoRA adapts (torch's, transformers' GPT-2 Conv1D, bitsandbytes' quantized Linear).
 ADAPTABLE = frozenset(
@@ -156,18 +155,10 @@ def _kept_file(model_name: str) -> str:
 
 
 def _keep(path: str, layers: Layers) -> None:
-    """Written whole under a temporary name and renamed, so a reader never sees half of it; a cache that cannot
-    be written is only a slower next run."""
+    """Written whole (a reader never sees half of it); a cache that cannot be written is only a slower next run."""
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, staging = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(asdict(layers), handle)
-            os.replace(staging, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(staging)
+        write_whole(path, json.dumps(asdict(layers)))
 
 
 def _built(model_name: str) -> Layers:

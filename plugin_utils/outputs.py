@@ -19,7 +19,7 @@ from .errors import InvalidConfig, RunFailed, problem
 from .machine import existing_parent
 from .params import HARD_KEYS, MANIFEST, SOFT_KEYS, Params
 from .runfolder import IDENTITY_FILE, RunFolder
-from .sources import read_json
+from .sources import read_json, write_whole
 
 SUMMARY_FILE = "training_summary.json"
 LIBRARIES = ("trl", "transformers", "accelerate", "peft", "datasets", "torch", "transformerlab")
@@ -132,9 +132,7 @@ def write_record(where: Where, adaptor_name: str, job_id: str, *, finished: bool
         "started": previous.get("started", time.time()),
         "finished": finished,
     }
-    temporary = f"{where.record_path}.tmp-{os.getpid()}"
-    Path(temporary).write_text(json.dumps(record))
-    os.replace(temporary, where.record_path)
+    write_whole(where.record_path, json.dumps(record))
 
 
 def read_record(run_dir: str) -> dict[str, Any] | None:

@@ -7,9 +7,11 @@ Used by validation, planning, data preparation, the hosts and the ranks alike; i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
@@ -187,6 +189,19 @@ def workspace_dataset(name: str) -> WorkspaceDataset | None:
         hub_id=str(details.get("huggingfacerepo") or index.get("dataset_id") or name),
         config_name=str(config) if config else None,
     )
+
+
+def write_whole(path: str, text: str) -> None:
+    """`text` written to `path` whole: beside it under a name of this process and thread, then renamed over it, so
+    a reader never sees part of it, and a process killed midway leaves the old file as it was."""
+    staging = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(staging, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(staging, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
 
 
 def model_folder(name: str) -> str | None:
