@@ -437,8 +437,15 @@ def run(
                     stop.request()
             if stop.requested and stop_sent_at is None:
                 stop_sent_at = now
-                folder.request_stop()
-                host.log("stop requested: the ranks finish the current step and save a checkpoint")
+                if watcher.start is None:
+                    # Still importing or loading the model (minutes for a large one): no step is trained, so
+                    # nothing is lost by ending the ranks now rather than after the load. Without the stop file
+                    # a rank takes the signal as an end, not as a stop to save after.
+                    host.log("stop requested before the first step: nothing is trained yet; ending the ranks")
+                    _kill_group(proc)
+                else:
+                    folder.request_stop()
+                    host.log("stop requested: the ranks finish the current step and save a checkpoint")
             if grace is not None and stop.signalled_at is not None and now - stop.signalled_at > grace - 1.0:
                 abandoned = True
                 break

@@ -95,6 +95,14 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build(tmp_path_factory.mktemp("tiny-model")))
 
 
+def tensor_dtypes(path: Path) -> dict[str, str]:
+    """Each tensor's dtype in a safetensors file, as stored ("F32", "BF16")."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return {key: handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118 - not a dict
+
+
 def base_config(tiny_model: str, tmp_path: Path, **overrides) -> dict:
     config = {
         "model_name": tiny_model,

@@ -1,20 +1,31 @@
 """GPU paths that have a twin on this CPU machine, run end to end on two CPU ranks in one gloo group: QLoRA
-through bitsandbytes' CPU backend (4-bit layers, the adapter, a stop and a resume, fuse_model onto a bf16 base),
-bf16 autocast, activation checkpointing, a saved accelerate default config the launch must ignore, a checkpoint
-with a vision tower (DDP's unused-parameter check is the same on gloo as on NCCL), and full fine-tuning's fp32
-master weights. Each real launch is shared by the tests that read it."""
+through bitsandbytes' CPU backend (4-bit layers, the adapter, main.py killed and the run taken up again, a stop
+and a resume, fuse_model onto a bf16 base), bf16 autocast, activation checkpointing, a saved accelerate default
+config the launch must ignore, and a checkpoint with a vision tower (DDP's unused-parameter check is the same on
+gloo as on NCCL). Each real launch is shared by the tests that read it. Full fine-tuning's fp32 master weights
+are proven by the run test_lifecycle kills and resumes."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from .conftest import base_config, last_json, with_bitsandbytes, write_config
+from .conftest import (
+    RUN_TAG,
+    base_config,
+    last_json,
+    tagged_processes,
+    tensor_dtypes,
+    with_bitsandbytes,
+    write_config,
+)
 from .test_e2e import lab_jobs, metrics_rows, read_job
 from .test_lifecycle import Running
 
@@ -39,14 +50,6 @@ use_cpu: false
 """
 
 
-def tensor_dtypes(path: Path) -> dict[str, str]:
-    """Each tensor's dtype in a safetensors file, as stored ("F32", "BF16")."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        return {key: handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118 - not a dict
-
-
 def losses(index: Path) -> list[tuple[int, float]]:
     rows = [r for r in metrics_rows(index) if "train/loss" in r.get("metrics", {})]
     return [(r["step"], r["metrics"]["train/loss"]) for r in rows]
@@ -58,21 +61,31 @@ def losses(index: Path) -> list[tuple[int, float]]:
 @pytest.fixture(scope="session")
 def qlora(tiny_model, tmp_path_factory):
     """QLoRA on two CPU ranks in bf16 with activation checkpointing, under an HF_HOME whose accelerate default
-    config would refuse the launch: planned for 10 steps and stopped after step 5 by the SIGHUP a closed terminal
-    sends its process group, then run again for 12 steps (a soft change) with fuse_model, which resumes it and
-    writes the merged model. Session-scoped (and its tests one xdist group): the two runs happen once, whatever
-    order the tests run in."""
+    config would refuse the launch: three runs of one adapter, each beginning where the one before ended.
+
+    1. Planned for 3000 steps; main.py is killed outright (kill -9, the OOM killer) after its first step. The
+       ranks, under accelerate's launcher (which outlives main.py) and writing to their own files rather than to
+       a pipe to it, see their parent gone, finish the step, save a complete checkpoint and exit. The job stays
+       RUNNING: nothing is left to end it.
+    2. Planned for 20 steps (a soft change): it closes the job the killed run left open, resumes from its
+       checkpoint, and is stopped two steps later by the SIGHUP a closed terminal sends its process group.
+    3. Planned for two steps more (a soft change again) with fuse_model: it resumes to the end and writes the
+       merged model.
+
+    Session-scoped (and its tests one xdist group): the runs happen once, whatever order the tests run in."""
     tmp = tmp_path_factory.mktemp("qlora")
     hf_home = tmp / "hf-home"
     (hf_home / "accelerate").mkdir(parents=True)
     (hf_home / "accelerate" / "default_config.yaml").write_text(HOSTILE_ACCELERATE_DEFAULT)
     (tmp / "tflhome").mkdir()
+    tag = f"qlora-{os.getpid()}-{time.monotonic_ns()}"
     env = with_bitsandbytes(
         {
             "HF_HOME": str(hf_home),
             "HF_HUB_OFFLINE": "1",
             "TFL_HOME_DIR": str(tmp / "tflhome"),
             "SFT_PREPARED_CACHE": str(tmp / "prepared"),
+            RUN_TAG: tag,
         }
     )
     config = base_config(
@@ -82,28 +95,80 @@ def qlora(tiny_model, tmp_path_factory):
         precision="bf16",
         gradient_checkpointing=True,
         num_processes=2,
-        max_steps=10,
+        max_steps=3000,
         logging_steps=1,
         save_steps=100,
         learning_rate=2e-3,
     )
-    first = Running(["--config", write_config(tmp, config), "--json"], env=env)
-    first.wait_for("step 5/10", timeout=240)
+    checkpoints = tmp / "outputs" / "checkpoints" / "test-adaptor"
+
+    def saved() -> dict:
+        found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        return {
+            "saved": [p.name for p in found],
+            "complete": [(p / "trainer_state.json").is_file() and (p / "optimizer.pt").is_file() for p in found],
+            "published": (tmp / "outputs" / "test-adaptor").exists(),
+            "jobs": {str(i): read_job(i)["status"] for i in lab_jobs(tmp / "tflhome")},
+        }
+
+    killed = Running(["--config", write_config(tmp, config), "--json"], env=env)
+    killed.wait_for("step 1/3000", timeout=240)
+    run_dir = next(line for line in killed.lines if "launch: " in line).split()[-1]
+    killed.proc.kill()
+    killed.proc.wait(timeout=10)
+    try:
+        _, left = psutil.wait_procs(tagged_processes(tag), timeout=120)
+        rank_logs = "".join(path.read_text() for path in sorted(Path(run_dir, "logs").glob("rank-*.log")))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)  # what the killed parent would have removed
+    at_kill = {**saved(), "left": [p.pid for p in left], "rank_logs": rank_logs}
+    [killed_at] = [int(name.split("-")[1]) for name in at_kill["saved"]] or [0]
+
+    stopped = Running(["--config", write_config(tmp, {**config, "max_steps": 20}), "--json"], env=env)
+    stopped.wait_for(f"step {killed_at + 2}/20", timeout=240)
     sent = time.time()
-    os.killpg(first.proc.pid, signal.SIGHUP)
-    first.finish()
+    os.killpg(stopped.proc.pid, signal.SIGHUP)
+    stopped.finish()
     print(f"stop latency (SIGHUP to exit, 2 CPU ranks): {time.time() - sent:.2f} s")
-    saved = sorted((tmp / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
-    at_stop = {
-        "saved": [p.name for p in saved],
-        "complete": [(p / "trainer_state.json").is_file() and (p / "optimizer.pt").is_file() for p in saved],
-        "published": (tmp / "outputs" / "test-adaptor").exists(),
-        "jobs": lab_jobs(tmp / "tflhome"),
+    at_stop = saved()
+    stopped_at = max([int(name.split("-")[1]) for name in at_stop["saved"]] or [0])
+
+    resumed = {**config, "max_steps": stopped_at + 2, "fuse_model": True}
+    last = Running(["--config", write_config(tmp, resumed), "--json"], env=env)
+    last.finish(timeout=300)
+    return {
+        "tmp": tmp,
+        "model": tiny_model,
+        "runs": (killed, stopped, last),
+        "at_kill": at_kill,
+        "killed_at": killed_at,
+        "at_stop": at_stop,
+        "stopped_at": stopped_at,
     }
-    resumed = {**config, "max_steps": 12, "fuse_model": True}
-    second = Running(["--config", write_config(tmp, resumed), "--json"], env=env)
-    second.finish(timeout=300)
-    return {"tmp": tmp, "model": tiny_model, "first": first, "second": second, "at_stop": at_stop}
+
+
+@pytest.mark.xdist_group("qlora")
+def test_kill_9_of_main_py_leaves_ranks_that_save_and_the_next_run_closes_the_job_and_resumes(qlora):
+    """main.py killed with SIGKILL under a two-rank launch: the ranks save a complete checkpoint and exit, and
+    the next run of the adapter closes the job left RUNNING and resumes from that checkpoint. (One rank that is
+    main.py's own child: test_lifecycle.)"""
+    at_kill, step = qlora["at_kill"], qlora["killed_at"]
+    assert not at_kill["left"], "the ranks save and exit once their parent is gone"
+    logs = at_kill["rank_logs"]
+    assert "the parent process is gone: saving a checkpoint and stopping" in logs
+    assert "Traceback" not in logs and "BrokenPipeError" not in logs, logs[-3000:]
+    assert at_kill["saved"] == [f"checkpoint-{step}"] and step >= 1 and at_kill["complete"] == [True]
+    [(first, status)] = at_kill["jobs"].items()
+    assert status == "RUNNING", "nothing was left to end the job"
+    assert not at_kill["published"]
+
+    stopped = qlora["runs"][1]
+    assert f"resuming at step {step}" in stopped.stderr
+    assert "was left open by a process that died; marked STOPPED" in stopped.stderr
+    closed = read_job(Path(first))
+    assert closed["status"] == "STOPPED", closed
+    details = closed["job_data"]["completion_details"]
+    assert "ended without concluding it" in details and f"checkpoint at step {step}" in details
 
 
 @pytest.mark.xdist_group("qlora")
@@ -112,44 +177,44 @@ def test_qlora_stops_with_a_checkpoint_and_the_next_run_resumes_it_to_the_end(ql
     the task host's Stop sends SIGTERM, test_lifecycle), saving a complete checkpoint and publishing nothing. The
     next run extends it: max_steps is a soft change, resumed with a warning naming it, and no step is trained
     twice or skipped."""
-    first, second, at_stop = qlora["first"], qlora["second"], qlora["at_stop"]
-    assert first.proc.returncode == 3, first.stderr[-3000:]
-    assert last_json(first.stdout)["status"] == "STOPPED"
-    [stopped_job] = at_stop["jobs"]
-    assert read_job(stopped_job)["status"] == "STOPPED"
-    [saved] = at_stop["saved"]
-    assert at_stop["complete"] == [True], "trainer_state.json and optimizer.pt are saved"
+    _, stopped, last = qlora["runs"]
+    at_stop, stopped_at, killed_at = qlora["at_stop"], qlora["stopped_at"], qlora["killed_at"]
+    assert stopped.proc.returncode == 3, stopped.stderr[-3000:]
+    assert last_json(stopped.stdout)["status"] == "STOPPED"
+    assert list(at_stop["jobs"].values()) == ["STOPPED", "STOPPED"]
+    assert at_stop["saved"] == [f"checkpoint-{killed_at}", f"checkpoint-{stopped_at}"]
+    assert at_stop["complete"] == [True, True], "trainer_state.json and optimizer.pt are saved"
     assert not at_stop["published"], "a stopped run publishes no adapter"
-    stopped_at = int(saved.split("-")[1])
-    assert 5 <= stopped_at < 10
-    assert second.proc.returncode == 0, second.stderr[-3000:]
-    assert "warning: max_steps: changed since the checkpoint" in second.stderr
-    result = last_json(second.stdout)
-    assert result["status"] == "COMPLETE" and result["steps"] == 12
+    assert killed_at + 2 <= stopped_at < 20
+    assert last.proc.returncode == 0, last.stderr[-3000:]
+    assert "warning: max_steps: changed since the checkpoint" in last.stderr
+    assert f"resuming at step {stopped_at}" in last.stderr
+    result = last_json(last.stdout)
+    assert result["status"] == "COMPLETE" and result["steps"] == stopped_at + 2
     summary = json.loads((Path(result["adaptor_path"]) / "training_summary.json").read_text())
     assert summary["world_size"] == 2, "the two CPU ranks form one gloo group"
-    assert summary["resumed_from_step"] == stopped_at and summary["max_steps"] == 12
-    [resumed_job] = [i for i in lab_jobs(qlora["tmp"] / "tflhome") if i != stopped_job]
+    assert summary["resumed_from_step"] == stopped_at and summary["max_steps"] == stopped_at + 2
+    [resumed_job] = [i for i in lab_jobs(qlora["tmp"] / "tflhome") if str(i) not in at_stop["jobs"]]
     steps = [step for step, _ in losses(resumed_job)]
-    assert min(steps) == stopped_at + 1 and max(steps) == 12, "the resumed job's metrics go on from the step"
+    assert min(steps) == stopped_at + 1 and max(steps) == stopped_at + 2, "the resumed job's metrics go on"
     assert summary["plan"]["precision"] == "bf16" and summary["parameters"]["training_mode"] == "qlora"
 
 
 @pytest.mark.xdist_group("qlora")
 def test_qlora_trains_4_bit_layers_on_the_cpu_and_its_loss_falls(qlora):
-    second = qlora["second"]
+    runs, last_step = qlora["runs"], qlora["stopped_at"] + 2
     jobs = lab_jobs(qlora["tmp"] / "tflhome")
     trained = sorted(step_loss for index in jobs for step_loss in losses(index))
     steps = [step for step, _ in trained]
-    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 12, "no step trained twice or skipped"
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == last_step, "no step trained twice"
     first_loss, last_loss = trained[0][1], trained[-1][1]
     assert last_loss < first_loss - 0.1, trained
-    # The ranks' own account: fp32 adapters over the 4-bit base, in the first run as in the resumed one (TRL casts
+    # The ranks' own account: fp32 adapters over the 4-bit base, in the first run as in the resumed ones (TRL casts
     # QLoRA's adapters to bf16, PEFT reloads them in fp32 on resume), checkpointed.
-    starts = [line for run in (qlora["first"], second) for line in run.lines if "training started:" in line]
-    assert len(starts) == 2 and "resuming at step" in starts[1]
+    starts = [line for run in runs for line in run.lines if "training started:" in line]
+    assert len(starts) == 3 and all("resuming at step" in line for line in starts[1:]), starts
     assert all("trainable parameters (float32), activation checkpointing on" in line for line in starts), starts
-    assert "gradient checkpointing: on (set)" in second.stderr
+    assert all("gradient checkpointing: on (set)" in run.stderr for run in runs)
 
 
 @pytest.mark.xdist_group("qlora")
@@ -157,7 +222,7 @@ def test_a_saved_accelerate_default_config_changes_nothing(qlora):
     """Its gpu_ids "0" alone made accelerate refuse every two-process launch ("Less than two GPU ids were
     configured"); the launch names the run's own config, so the plan's 2 CPU processes without mixed precision
     stand."""
-    for run in (qlora["first"], qlora["second"]):
+    for run in qlora["runs"]:
         assert "Less than two GPU ids" not in run.stderr
         assert "accelerate.commands.launch --config_file" in run.stderr
         assert "training started: 2 process(es)" in run.stderr
@@ -276,24 +341,3 @@ def test_full_fine_tuning_of_a_checkpoint_with_a_vision_tower_trains_its_languag
     assert all(p.requires_grad for p in model.model.language_model.parameters())
     lora = worker._load_model(dataclasses.replace(spec, training_mode="lora"))
     assert all(p.requires_grad for p in lora.model.vision_tower.parameters()), "LoRA excludes, it does not freeze"
-
-
-# --- full fine-tuning keeps fp32 master weights ------------------------------------------------------------------
-
-
-def test_full_fine_tuning_in_bf16_updates_fp32_weights_and_publishes_bf16(tiny_model, tmp_path):
-    """Full fine-tuning loaded bf16 weights and updated them in bf16, where updates below bf16's resolution are
-    lost (and in fp16, the loss scaler raises "Attempting to unscale FP16 gradients": fp16 needs a GPU, so that
-    twin is bench/gpu.py's). The weights are fp32 now, autocast computes in bf16, the checkpoint holds the fp32
-    weights it resumes from, and the published model is bf16, as the run trained it."""
-    config = base_config(
-        tiny_model, tmp_path, training_mode="full", precision="bf16", max_steps=3, save_steps=3, learning_rate=1e-4
-    )
-    run = Running(["--config", write_config(tmp_path, config), "--json"])
-    assert run.finish() == 0, run.stderr[-3000:]
-    [checkpoint] = (tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*")
-    assert set(tensor_dtypes(checkpoint / "model.safetensors").values()) == {"F32"}
-    published = Path(last_json(run.stdout)["adaptor_path"])
-    assert set(tensor_dtypes(published / "model.safetensors").values()) == {"BF16"}
-    assert "weights: fp32, computed in bf16" in run.stderr
-    assert "trainable parameters (float32)" in run.stderr

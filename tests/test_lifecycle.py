@@ -1,7 +1,8 @@
 """Run lifecycle with real signals and real killed processes: a rank killed with SIGKILL, main.py killed with
-SIGKILL, a stop during data preparation or before the first step, the legacy stop flag, the task host's stop
-and its stop flag, and two "nodes" on one machine. Elsewhere, sharing their launches: a signal's stop and the
-resume after it (test_cpu_twins' QLoRA run), FSDP (test_e2e's headless run), merging (test_e2e's chat run)."""
+SIGKILL (one rank, its own child), a stop during data preparation or before the first step, the legacy stop
+flag, the task host's stop flag and its stop, and two "nodes" on one machine. Elsewhere, sharing their launches:
+main.py killed under accelerate's launcher, a signal's stop and the resume after each (test_cpu_twins' QLoRA
+runs), FSDP (test_e2e's headless run), merging (test_e2e's chat run)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import ROOT, RUN_TAG, base_config, last_json, run_main, tagged_processes, write_config
+from .conftest import ROOT, RUN_TAG, base_config, last_json, run_main, tagged_processes, tensor_dtypes, write_config
 from .task_host import TaskRun, make_lab_job, mark_stopping
 from .test_e2e import _legacy_input, lab_jobs, metrics_rows, read_job
 
@@ -194,6 +195,8 @@ def test_the_legacy_stop_flag_before_the_first_step_stops_the_run_with_nothing_t
     assert proc.returncode == 3, log.read_text()[-3000:]
     assert read_job(index)["status"] == "STOPPED"
     assert "step 1/" not in log.read_text(), "nothing was trained"
+    # Ended at once, not after the model loaded: nothing trained is lost.
+    assert "stop requested before the first step: nothing is trained yet; ending the ranks" in log.read_text()
     checkpoints = Path(tmp_path / "tflhome" / "workspace" / "experiments" / "alpha" / "tensorboards" / "demo")
     assert not list(checkpoints.rglob("checkpoint-*")), "nothing was saved"
     assert not adapter.exists()
@@ -300,36 +303,15 @@ def test_a_slurm_allocation_starts_the_run_on_every_node_with_srun(tiny_model, t
     _one_job_for_two_nodes(home, job_id, [run.stderr[-3000:]])
 
 
-def test_a_task_job_stop_request_without_a_signal_stops_the_run_and_exits_0(tiny_model, tmp_path):
-    """A provider that only marks the job (job_data.stop, STOPPING) and sends no signal."""
-    home = tmp_path / "tflhome"
-    params = base_config(tiny_model, tmp_path, max_steps=300, logging_steps=1, save_steps=1000)
-    params.pop("output_dir")
-    job_id = make_lab_job(home, params)
-    [index] = lab_jobs(home, "exp1")
-    run = TaskRun(home, job_id, env={RUN_TAG: f"task-flag-{os.getpid()}-{time.monotonic_ns()}"})
-    run.wait_for("step 2/300")
-    # The job's record has no lock and the run rewrites it (progress, metrics), so a write of the host's can be
-    # lost: like the host, keep the request there until the run ends.
-    deadline = time.time() + 120
-    while run.proc.poll() is None and time.time() < deadline:
-        if not read_job(index)["job_data"].get("stop"):
-            mark_stopping(home, job_id)
-        time.sleep(0.5)
-    assert run.proc.wait(timeout=30) == 0, run.output[-3000:]
-    job = read_job(index)
-    assert job["status"] == "STOPPED" and job["job_data"]["live_status"] == "Remote command finished"
-    [checkpoint] = (index.parent / "checkpoints").iterdir()
-    assert (
-        f"the newest complete checkpoint is step {checkpoint.name.split('-')[1]}"
-        in job["job_data"]["completion_details"]
-    )
-
-
-def test_a_task_stop_ends_stopped_with_complete_checkpoints_and_a_new_job_resumes(tiny_model, tmp_path):
-    """Under a task host the run ends STOPPED (exit 0: the trap counts anything else as a
-    crash) before the SIGKILL that follows SIGTERM by 3 s; the checkpoints folder holds complete checkpoint-N
-    folders only, listed in job_data; a job restarted from the checkpoint continues from its step."""
+def test_task_stops_by_flag_and_by_signal_end_stopped_with_complete_checkpoints_and_each_next_job_resumes(
+    tiny_model, tmp_path
+):
+    """Three jobs of one adapter under a task host, each taking up where the one before stopped.
+    1. A provider that only marks the job (job_data.stop, STOPPING) and sends no signal: the run stops and exits 0.
+    2. The next job continues from that checkpoint and gets the task's Stop: the run ends STOPPED (exit 0: the trap
+       counts anything else as a crash) before the SIGKILL that follows SIGTERM by 3 s; the checkpoints folder
+       holds complete checkpoint-N folders only, listed in job_data.
+    3. A job queued again continues from the step it stopped at; one that changes the adapter's rank is refused."""
     home = tmp_path / "tflhome"
     tag = f"task-stop-{os.getpid()}-{time.monotonic_ns()}"
     params = base_config(tiny_model, tmp_path, max_steps=60, logging_steps=1, save_steps=2)
@@ -338,10 +320,29 @@ def test_a_task_stop_ends_stopped_with_complete_checkpoints_and_a_new_job_resume
     # replace (its default applies).
     params.update(use_spot=False, docker_image="", sweep_metric="eval/loss", lower_is_better=True)
     params["save_total_limit"] = {"type": "int", "default": 3, "min": 1, "title": "Checkpoints to keep"}
+
+    flagged = make_lab_job(home, params)
+    [flagged_index] = lab_jobs(home, "exp1")
+    run = TaskRun(home, flagged, env={RUN_TAG: tag})
+    run.wait_for("step 2/60")
+    # The job's record has no lock and the run rewrites it (progress, metrics), so a write of the host's can be
+    # lost: like the host, keep the request there until the run ends.
+    deadline = time.time() + 120
+    while run.proc.poll() is None and time.time() < deadline:
+        if not read_job(flagged_index)["job_data"].get("stop"):
+            mark_stopping(home, flagged)
+        time.sleep(0.5)
+    assert run.proc.wait(timeout=30) == 0, run.output[-3000:]
+    job = read_job(flagged_index)
+    assert job["status"] == "STOPPED" and job["job_data"]["live_status"] == "Remote command finished"
+    flag_stopped_at = max(int(p.name.split("-")[1]) for p in (flagged_index.parent / "checkpoints").iterdir())
+    assert f"the newest complete checkpoint is step {flag_stopped_at}" in job["job_data"]["completion_details"]
+
     first = make_lab_job(home, params)
-    [first_index] = lab_jobs(home, "exp1")
+    [first_index] = [i for i in lab_jobs(home, "exp1") if str(read_job(i).get("id")) == str(first)]
     run = TaskRun(home, first, env={RUN_TAG: tag})
-    run.wait_for("checkpoint saved: step 4")
+    run.wait_for(f"step {flag_stopped_at + 3}/60")  # past one save of its own
+    assert f"continuing job {flagged} from step {flag_stopped_at}" in run.output
     run.stop()
     output = run.output
     assert last_json(output)["status"] == "STOPPED", output[-3000:]
@@ -398,30 +399,38 @@ def test_a_task_stop_ends_stopped_with_complete_checkpoints_and_a_new_job_resume
     assert "lora_r" in last_json(run.stdout)["errors"][0]["message"]
 
 
-@pytest.mark.parametrize(
-    ("logging_steps", "processes", "resume"), [(1, 2, True), (10, 1, False)], ids=["under-the-launcher", "own-child"]
-)
-def test_kill_9_of_main_py_leaves_ranks_that_save_and_the_next_run_closes_the_job_and_resumes(
-    tiny_model, tmp_path, logging_steps, processes, resume
+def test_kill_9_of_main_py_in_full_fine_tuning_leaves_a_rank_that_saves_fp32_weights_and_the_next_run_publishes(
+    tiny_model, tmp_path
 ):
-    # main.py killed outright (kill -9, the OOM killer): the ranks, whose output is their own files rather than a
-    # pipe to it, see their parent gone, finish the step, save a complete checkpoint and exit. The job stays
-    # RUNNING (nothing is left to end it) until the next run of the adapter finds it and closes it. Two ways to
-    # be orphaned: two ranks under accelerate's launcher, which outlives main.py, and one rank that is main.py's
-    # own child, logging rarely. What comes after is the same for both, so only the first runs the next run,
-    # which closes the job and resumes.
+    """main.py killed outright (kill -9, the OOM killer) while one rank, its own child, trains and logs rarely:
+    the rank, whose output is its own file rather than a pipe to main.py, sees its parent gone, finishes the step,
+    saves a complete checkpoint and exits. The job stays RUNNING (nothing is left to end it) until the next run of
+    the adapter finds it, closes it and resumes. (Two ranks under accelerate's launcher, which outlives main.py:
+    test_cpu_twins' QLoRA runs.)
+
+    The run fine-tunes every weight in bf16. Full fine-tuning loaded bf16 weights and updated them in bf16, where
+    updates below bf16's resolution are lost (and in fp16, the loss scaler raises "Attempting to unscale FP16
+    gradients": fp16 needs a GPU, so that twin is bench/gpu.py's). The weights are fp32 now, autocast computes in
+    bf16, the checkpoint holds the fp32 weights the next run resumes from, and the published model is bf16, as
+    the run trained it."""
     tag = f"parent-kill-{os.getpid()}-{time.monotonic_ns()}"
     config = base_config(
-        tiny_model, tmp_path, num_processes=processes, max_steps=3000, logging_steps=logging_steps, save_steps=10000
+        tiny_model,
+        tmp_path,
+        training_mode="full",
+        precision="bf16",
+        max_steps=3000,
+        logging_steps=10,
+        save_steps=10000,
+        learning_rate=1e-4,
     )
     run = Running(["--config", write_config(tmp_path, config), "--json"], env={RUN_TAG: tag})
     run.wait_for("step 1/3000")
-    time.sleep(1.0)
     run_dir = next(line for line in run.lines if "launch: " in line).split()[-1]
     run.proc.kill()
     run.proc.wait(timeout=10)
     try:
-        assert not no_processes_left(tag, timeout=120), "the ranks save and exit once their parent is gone"
+        assert not no_processes_left(tag, timeout=120), "the rank saves and exits once its parent is gone"
         rank_logs = "".join(path.read_text() for path in sorted(Path(run_dir, "logs").glob("rank-*.log")))
         assert "the parent process is gone: saving a checkpoint and stopping" in rank_logs
         assert "Traceback" not in rank_logs and "BrokenPipeError" not in rank_logs, rank_logs[-3000:]
@@ -429,21 +438,26 @@ def test_kill_9_of_main_py_leaves_ranks_that_save_and_the_next_run_closes_the_jo
         import shutil
 
         shutil.rmtree(run_dir, ignore_errors=True)  # what the killed parent would have removed
+    assert "weights: fp32, computed in bf16" in run.stderr
+    assert "trainable parameters (float32)" in run.stderr
     saved = sorted((tmp_path / "outputs" / "checkpoints" / "test-adaptor").glob("checkpoint-*"))
     assert len(saved) == 1, saved
     step = int(saved[0].name.split("-")[1])
     assert step >= 1 and (saved[0] / "trainer_state.json").is_file() and (saved[0] / "optimizer.pt").is_file()
+    assert set(tensor_dtypes(saved[0] / "model.safetensors").values()) == {"F32"}
     [first] = lab_jobs(tmp_path / "tflhome")
     assert read_job(first)["status"] == "RUNNING"
-    if not resume:
-        return
 
     resumed = run_main(["--config", write_config(tmp_path, {**config, "max_steps": step + 2}), "--json"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {step}" in resumed.stderr
     assert "was left open by a process that died; marked STOPPED" in resumed.stderr
-    assert last_json(resumed.stdout)["status"] == "COMPLETE"
+    result = last_json(resumed.stdout)
+    assert result["status"] == "COMPLETE" and result["steps"] == step + 2
     closed = read_job(first)
     assert closed["status"] == "STOPPED", closed
     details = closed["job_data"]["completion_details"]
     assert "ended without concluding it" in details and f"checkpoint at step {step}" in details
+    published = Path(result["adaptor_path"])
+    assert set(tensor_dtypes(published / "model.safetensors").values()) == {"BF16"}
+    assert "weights: fp32, computed in bf16" in resumed.stderr
