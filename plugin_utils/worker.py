@@ -375,6 +375,12 @@ def _final_loss(history: list[dict[str, Any]]) -> tuple[float | None, float | No
     return (train[-1] if train else None, evals[-1] if evals else None)
 
 
+def import_libraries() -> None:
+    """What every run trains with, beyond this module's own imports (rank.import_libraries times them)."""
+    import datasets  # noqa: F401
+    from trl import SFTTrainer  # noqa: F401
+
+
 def train(folder: RunFolder) -> int:
     spec = folder.read_spec()
     marks = {"rank_started": process_start()}  # absolute times; the parent makes them relative
