@@ -603,26 +603,34 @@ def test_the_tail_keeps_reading_after_our_stderr_is_gone(tmp_path, monkeypatch):
     assert list(tail.lines)[-1] == "line 999"
 
 
-def test_a_rank_imports_its_libraries_with_the_collector_off_and_freezes_them(monkeypatch):
+def test_a_rank_imports_its_libraries_with_the_collector_off_and_without_wandb_unless_it_logs_there(monkeypatch):
     """The collector is off only while the libraries import (a tenth of their CPU time), on again afterwards even
-    when an import fails, and what the imports made is frozen out of later collections."""
+    when an import fails, and what the imports made is frozen out of later collections. W&B, which transformers
+    and TRL import wherever it is installed, is absent from a rank that does not log to it."""
     import gc
+    import importlib.util
 
     from plugin_utils import rank, worker
 
     seen = []
     monkeypatch.setattr(worker, "import_libraries", lambda: seen.append(gc.isenabled()))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)  # restored afterwards, whatever the test did
     gc.unfreeze()
     try:
-        assert rank.import_libraries() is worker
-        assert seen == [False] and gc.isenabled() and gc.get_freeze_count() > 0
+        assert rank.import_libraries(logs_to_wandb=True) is worker
+        assert "wandb" not in sys.modules
+        assert rank.import_libraries(logs_to_wandb=False) is worker
+        assert seen == [False, False] and gc.isenabled() and gc.get_freeze_count() > 0
+        assert importlib.util.find_spec("wandb") is None, "every 'is it installed' check answers no"
+        with pytest.raises(ImportError):
+            import wandb  # noqa: F401
 
         def failing() -> None:
             raise ImportError("no module named trl")
 
         monkeypatch.setattr(worker, "import_libraries", failing)
         with pytest.raises(ImportError):
-            rank.import_libraries()
+            rank.import_libraries(logs_to_wandb=False)
         assert gc.isenabled()
     finally:
         gc.unfreeze()
