@@ -69,7 +69,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def _layers_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("layers-cache")
+    """One folder for every xdist worker of this run: the descriptions are keyed by the model's config, not its
+    path, and written whole, so a model one worker described is read by the others."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "layers-cache"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture(autouse=True)
@@ -86,6 +91,15 @@ def _isolated(tmp_path, monkeypatch, _layers_cache):
     monkeypatch.delenv("_TFL_JOB_ID", raising=False)
     monkeypatch.delenv("_TFL_EXPERIMENT_ID", raising=False)
     monkeypatch.setenv("SFT_PREPARED_CACHE", str(tmp_path / "prepared"))
+
+
+@pytest.fixture
+def worker():
+    """plugin_utils.worker, for the tests that call it: importing it imports transformers and torch (seconds of
+    CPU), which collection would otherwise pay on every xdist worker, whether or not it runs those tests."""
+    from plugin_utils import worker
+
+    return worker
 
 
 @pytest.fixture(scope="session")

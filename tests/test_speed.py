@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from plugin_utils import params, planning, speed, validation, worker
+from plugin_utils import params, planning, speed, validation
 from plugin_utils.machine import Gpu, Machine
 
 from .conftest import SAMPLE, params_of, plan_of, spec_of, stats_of
@@ -154,7 +154,9 @@ def test_liger_is_on_only_for_a_model_type_it_has_kernels_for(monkeypatch, liger
     assert "liger kernels: off (liger-kernel has no kernels for model_type gpt2)" in off.reasons
 
 
-def test_the_worker_applies_liger_itself_instead_of_trls_deprecated_switch(tiny_model, tmp_path, liger_stand_in):
+def test_the_worker_applies_liger_itself_instead_of_trls_deprecated_switch(
+    tiny_model, tmp_path, liger_stand_in, worker
+):
     """TRL 1.16 deprecates use_liger_kernel (a FutureWarning in every rank's log, gone in TRL 2): the worker patches
     the loaded model with liger's own instance function, its cross-entropy kernels off (TRL's fused LM head computes
     the loss), and TRL's switch stays off."""
@@ -374,7 +376,7 @@ def test_planned_steps_count_packs_when_packing():
 # --- the worker gets them --------------------------------------------------------------------------
 
 
-def test_the_worker_passes_the_speed_settings_to_trl(tmp_path):
+def test_the_worker_passes_the_speed_settings_to_trl(tmp_path, worker):
     chosen = speed.Speed(packing=True, gradient_checkpointing=False, dataloader_workers=2)
     args = worker._sft_config(spec_of(str(tmp_path), plan=plan_of(speed=chosen)))
     assert args.packing and args.padding_free is False  # TRL turns padding-free on itself for BFD packing
@@ -410,7 +412,7 @@ def test_packed_padding_free_rows_give_the_loss_of_separate_rows(tiny_model, att
     assert torch.allclose(packed, torch.cat(separate, dim=1), atol=1e-5)
 
 
-def test_a_model_that_cannot_use_flash_attention_falls_back_to_sdpa(tiny_model, capfd):
+def test_a_model_that_cannot_use_flash_attention_falls_back_to_sdpa(tiny_model, capfd, worker):
     # Here flash-attn is not installed, so transformers refuses flash_attention_2 just as it does for an
     # architecture without support: the worker loads the model with SDPA and says so.
     chosen = speed.Speed(attention="flash_attention_2")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from plugin_utils import launch, params, planning, sources, validation, worker
+from plugin_utils import launch, params, planning, sources, validation
 from plugin_utils.errors import InvalidConfig
 from plugin_utils.machine import Gpu, Machine
 from plugin_utils.speed import Speed
@@ -54,42 +54,42 @@ def test_completion_only_loss_true_on_text_rows_is_an_error_not_silent(tiny_mode
         prepare_data(p)
 
 
-def test_labels_are_given_so_a_completion_mask_is_never_ignored(tmp_path):
+def test_labels_are_given_so_a_completion_mask_is_never_ignored(tmp_path, worker):
     args = worker._sft_config(spec(tmp_path))
     assert args.dataset_kwargs == {"skip_prepare_dataset": True}  # TRL takes our labels as they are
 
 
-def test_padding_free_without_packing_is_never_set(tmp_path):
+def test_padding_free_without_packing_is_never_set(tmp_path, worker):
     args = worker._sft_config(spec(tmp_path))
     assert not args.padding_free and not args.packing
 
 
-def test_packing_always_has_a_max_length(tmp_path):
+def test_packing_always_has_a_max_length(tmp_path, worker):
     args = worker._sft_config(spec(tmp_path, packing=True))
     assert args.packing and args.max_length == 2048
     assert args.dataset_kwargs is None
 
 
-def test_cpu_plan_sets_use_cpu_so_bf16_is_not_assumed(tmp_path):
+def test_cpu_plan_sets_use_cpu_so_bf16_is_not_assumed(tmp_path, worker):
     # Without use_cpu, transformers raises "Your setup doesn't support bf16/gpu" on this machine.
     args = worker._sft_config(spec(tmp_path))
     assert args.use_cpu and not args.bf16 and not args.fp16
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fp16_and_bf16_are_never_both_on(tmp_path, precision):
+def test_fp16_and_bf16_are_never_both_on(tmp_path, precision, worker):
     # precision is one enum, so the plan names exactly one (fp16 needs a GPU and is refused on this machine).
     plan = plan_of(precision=precision)
     args = worker._sft_config(spec(tmp_path, plan=plan))
     assert (args.bf16, args.fp16) == (precision == "bf16", False)
 
 
-def test_warmup_ratio_becomes_a_fractional_warmup_steps(tmp_path):
+def test_warmup_ratio_becomes_a_fractional_warmup_steps(tmp_path, worker):
     args = worker._sft_config(spec(tmp_path, warmup_ratio=0.1))
     assert args.warmup_steps == pytest.approx(0.1)
 
 
-def test_report_to_is_explicit(tmp_path):
+def test_report_to_is_explicit(tmp_path, worker):
     assert worker._sft_config(spec(tmp_path)).report_to in ([], "none", ["none"])
 
 
