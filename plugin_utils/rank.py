@@ -9,13 +9,13 @@ are off (the parent logs one line per logged step), and the ranks but the first 
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import warnings
 from types import ModuleType
 
 from .runfolder import RunFolder
+from .sources import collector_off
 
 LIBRARY_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
 
@@ -43,13 +43,8 @@ def own_output(run_dir: str) -> None:
 
 
 def import_libraries(logs_to_wandb: bool) -> ModuleType:
-    """The worker and the libraries it trains with, imported with the cyclic garbage collector off, and without
-    Weights & Biases unless the run logs to it.
-
-    Importing torch, transformers, PEFT, TRL and datasets allocates millions of objects and almost no garbage,
-    yet each allocation threshold crossed runs a collection over everything allocated so far: about a tenth of
-    the import's CPU time, measured on 2 CPU cores. Once imported, those objects live as long as the rank, so they
-    are frozen out of the collector's reach and later collections (every training step allocates) skip them.
+    """The worker and the libraries it trains with, imported with the garbage collector off
+    (sources.collector_off), and without Weights & Biases unless the run logs to it.
 
     transformers and TRL import wandb wherever it is installed (the lab SDK installs it), only to learn that it
     is, and wandb brings click, trackio and more: about a second of CPU per rank on 2 cores. A run that does not
@@ -57,14 +52,10 @@ def import_libraries(logs_to_wandb: bool) -> ModuleType:
     "is it installed" check then answers no, and nothing imports it."""
     if not logs_to_wandb:
         sys.modules.setdefault("wandb", None)
-    gc.disable()
-    try:
+    with collector_off():
         from . import worker
 
         worker.import_libraries()
-    finally:
-        gc.enable()
-    gc.freeze()
     return worker
 
 

@@ -8,6 +8,7 @@ Used by validation, planning, data preparation, the hosts and the ranks alike; i
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import re
@@ -259,6 +260,21 @@ def inspect_model(name: str) -> ModelFacts:
 # Tokenizer classes that are the generic fast tokenizer: loaded directly, without AutoTokenizer's model
 # config machinery (which imports torch and costs the parent a second or more before the launch).
 GENERIC_TOKENIZERS = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+
+
+@contextlib.contextmanager
+def collector_off():
+    """For importing the heavy libraries (torch, transformers, PEFT, TRL, datasets). Their imports allocate
+    millions of objects and almost no garbage, yet each allocation threshold crossed runs a collection over
+    everything allocated so far: about a tenth of their CPU time, measured on 2 cores. Inside the block the cyclic
+    garbage collector is off; afterwards it is on again, and what the imports made, which lives as long as the
+    process, is frozen out of its reach so that later collections skip it."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.freeze()
 
 
 def load_tokenizer(model_name: str):

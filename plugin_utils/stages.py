@@ -78,6 +78,7 @@ def prepare(checked: Checked, *, preview: int, stop: launch.StopFlag) -> Ready:
     architecture that is no causal LM, bad rows and columns; then the rows tokenized into the prepared cache, and
     the rules over their statistics."""
     p, plan = checked.p, checked.plan
+    data.import_libraries()
     found = validation.check(("layers",), p=p, plan=plan, layers=layers.describe(p.model_name))
     try:
         dataset = data.load(p.data)

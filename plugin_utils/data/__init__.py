@@ -6,6 +6,6 @@ into a cache (`prepared_cache`) keyed by everything that affects the result (`ke
 Ranks memory-map that folder and never template or tokenize.
 """
 
-from .prepare import LoadedDataset, Prepared, PreparedStats, load, prepare
+from .prepare import LoadedDataset, Prepared, PreparedStats, import_libraries, load, prepare
 
-__all__ = ["LoadedDataset", "Prepared", "PreparedStats", "load", "prepare"]
+__all__ = ["LoadedDataset", "Prepared", "PreparedStats", "import_libraries", "load", "prepare"]

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import StopRequested
 from ..params import DataSettings
 from ..rowformats import DataFacts
-from ..sources import load_tokenizer
+from ..sources import collector_off, load_tokenizer
 from .encoding import Encoder, build, encode_checked, marked
 from .formats import detect_format
 from .keys import cache_key, fingerprint
@@ -76,6 +76,15 @@ class Prepared:
     cached: bool = False
     # The same rows for people: the training text with the trained parts between ⟦ and ⟧.
     marked: list[str] = field(default_factory=list)
+
+
+def import_libraries() -> None:
+    """datasets and transformers' fast tokenizer, which reading and tokenizing the rows use, imported with the
+    garbage collector off (sources.collector_off). Not AutoTokenizer: it imports torch, which a model with a
+    generic tokenizer never needs here (sources.load_tokenizer imports it when a model does)."""
+    with collector_off():
+        import datasets  # noqa: F401
+        from transformers import PreTrainedTokenizerFast  # noqa: F401
 
 
 def load(settings: DataSettings) -> LoadedDataset:
