@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -103,7 +104,19 @@ class StopFlag:
             self.signalled_at = time.time()
         self.request()
         if self.interrupting:
+            self._end_children()
             raise StopRequested()
+
+    def _end_children(self) -> None:
+        """Before the ranks start, every child of this process is a data-preparation process. They end here, with
+        SIGKILL, before the stop unwinds this process through the worker pool's own cleanup, which could hang two
+        ways: it joins its workers, and one forked just as the stop came (so it never got the group's signal),
+        stuck on a lock the fork copied held, never ran the handler that would end it on the pool's SIGTERM; and
+        it takes the lock of the pool's task queue, which a worker killed while reading the queue (by the group's
+        signal, or here) never gives back."""
+        end = getattr(self, "_end_preparation_processes", None)
+        if end is not None:
+            end()
 
     _forking = False
 
@@ -112,13 +125,64 @@ class StopFlag:
         taken once the fork is done. Registered once the libraries that fork (datasets' worker pools) have
         registered theirs: the last registered runs first before a fork and last after it."""
 
+        import psutil  # here, never inside a signal handler, which may interrupt an import
+
         def entering() -> None:
             StopFlag._forking = True
 
         def leaving() -> None:
             StopFlag._forking = False
 
+        def end_preparation_processes() -> None:
+            pools = _worker_pools()
+            for pool in pools:  # no worker replaces the ones killed below
+                with contextlib.suppress(AttributeError):
+                    pool._worker_handler._state = "TERMINATE"
+            for _ in range(2):  # again for a worker forked while the pools were told
+                children = psutil.Process().children(recursive=True)
+                for child in children:
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+                _wait_until_dead(children, timeout=5)
+            _free_pool_queue_locks(pools)
+
+        self._end_preparation_processes = end_preparation_processes
         os.register_at_fork(before=entering, after_in_parent=leaving, after_in_child=leaving)
+
+
+def _wait_until_dead(children: list, timeout: float) -> None:
+    """Until each process has ended (a zombie, or gone), without reaping it: its pool still waits for it."""
+    import psutil
+
+    deadline = time.time() + timeout
+    for child in children:
+        while time.time() < deadline:
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.Error:
+                break
+            time.sleep(0.01)
+
+
+def _worker_pools() -> list:
+    """The worker pools of this process (datasets' parallel map runs one)."""
+    try:
+        from multiprocess import pool as worker_pools
+    except ImportError:
+        return []
+    return [obj for obj in gc.get_objects() if isinstance(obj, worker_pools.Pool)]
+
+
+def _free_pool_queue_locks(pools: list) -> None:
+    """Give back the queue locks that only a pool's workers take: the task queue's read lock (an idle worker holds
+    it while it waits to read) and the result queue's write lock. Once the workers are dead nobody holds them
+    rightly, and the pool's terminate() takes the first (multiprocess.pool.Pool._help_stuff_finish) and puts on
+    the result queue under the second. A lock that is free refuses the release (ValueError)."""
+    for pool in pools:
+        for queue, lock in ((getattr(pool, "_inqueue", None), "_rlock"), (getattr(pool, "_outqueue", None), "_wlock")):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                getattr(queue, lock).release()
 
 
 def free_port() -> int:

@@ -635,3 +635,42 @@ def test_a_rank_imports_its_libraries_with_the_collector_off_and_without_wandb_u
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+KILLS_ITS_CHILDREN = """
+import signal, subprocess, sys
+import multiprocess
+from plugin_utils import launch
+from plugin_utils.errors import StopRequested
+
+stop = launch.StopFlag()
+stop.guard_forks()
+ignoring = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+)
+child = subprocess.Popen([sys.executable, "-c", ignoring], stdout=subprocess.PIPE, text=True)
+child.stdout.readline()
+pool = multiprocess.Pool(2)
+pool.map(abs, [1, 2])  # the workers wait for tasks: one of them holds the task queue's lock while it reads
+try:
+    stop.on_signal(signal.SIGTERM)
+except StopRequested:
+    print("stopped", child.wait(timeout=10), flush=True)
+pool.terminate()  # datasets' map does this on the way out: it takes the task queue's lock
+print("pool ended", flush=True)
+"""
+
+
+def test_a_stop_while_the_data_is_prepared_ends_every_child_and_the_pool_can_still_end():
+    """Seen once in eight fresh-clone suites: main.py stopped during the parallel preparation never exited. Two
+    stacks, two causes. (1) In multiprocess's Pool.__init__, joining a worker forked just as the stop came: it
+    never got the group's signal and, stuck on a lock the fork copied held, never ran the handler that would end
+    it on the pool's SIGTERM. (2) In Pool.terminate, taking the task queue's lock, which an idle worker holds
+    while it waits to read and which a worker killed by the group's signal never gives back. A stop before the
+    ranks start now kills every child and gives back the locks only workers take, before it unwinds main.py. Run
+    in its own process: the stop kills every child of the process it is in."""
+    import subprocess
+
+    script = [sys.executable, "-c", KILLS_ITS_CHILDREN]
+    done = subprocess.run(script, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["stopped", str(-9), "pool", "ended"], done.stdout + done.stderr
