@@ -81,7 +81,7 @@ class Running:
             reader.join(timeout=max(deadline - time.time(), 5))
         if self.proc.poll() is None or self._out_reader.is_alive() or self._reader.is_alive():
             left = self.session()
-            described = [f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in left if p.is_running()]
+            described = [_described(p) for p in left]
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             for proc in left:
@@ -97,6 +97,16 @@ class Running:
     @property
     def stderr(self) -> str:
         return "".join(self.lines)
+
+
+def _described(proc: psutil.Process) -> str:
+    """A process for a failure message: its command line, or why there is none."""
+    try:
+        return f"{proc.pid} {' '.join(proc.cmdline()[:4])}"
+    except psutil.ZombieProcess:
+        return f"{proc.pid} (a zombie: ended, not yet waited for by its parent)"
+    except psutil.Error:
+        return f"{proc.pid} (gone)"
 
 
 def no_processes_left(tag: str, timeout: float = 15) -> list[psutil.Process]:
