@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class StopFlag:
         self.interrupting = True
         self.signalled_at: float | None = None  # when the first stop signal came (not the host's stop flag)
         self.pid = os.getpid()
+        self._end_preparation_processes: Callable[[], None] | None = None  # set by guard_forks
 
     def request(self) -> None:
         if self.requested:
@@ -114,9 +116,8 @@ class StopFlag:
         stuck on a lock the fork copied held, never ran the handler that would end it on the pool's SIGTERM; and
         it takes the lock of the pool's task queue, which a worker killed while reading the queue (by the group's
         signal, or here) never gives back."""
-        end = getattr(self, "_end_preparation_processes", None)
-        if end is not None:
-            end()
+        if self._end_preparation_processes is not None:
+            self._end_preparation_processes()
 
     _forking = False
 
@@ -166,10 +167,10 @@ def _wait_until_dead(children: list, timeout: float) -> None:
 
 
 def _worker_pools() -> list:
-    """The worker pools of this process (datasets' parallel map runs one)."""
-    try:
-        from multiprocess import pool as worker_pools
-    except ImportError:
+    """The worker pools of this process (datasets' parallel map runs one). Called from a signal handler, so it
+    imports nothing: without multiprocess imported there is no pool."""
+    worker_pools = sys.modules.get("multiprocess.pool")
+    if worker_pools is None:
         return []
     return [obj for obj in gc.get_objects() if isinstance(obj, worker_pools.Pool)]
 
