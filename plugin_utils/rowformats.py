@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Data files by suffix, with the datasets builder that reads each.
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
 # Row formats whose trained parts are assistant turns.
 CHAT_FORMATS = ("chat", "chat_prompt_completion")
 

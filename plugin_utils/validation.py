@@ -28,6 +28,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import checkpoints, speed
@@ -41,9 +42,9 @@ from .planning import (
     planned_steps,
     selected_gpu_ids,
 )
-from .rowformats import CHAT_FORMATS, DataFacts
+from .rowformats import CHAT_FORMATS, DATA_SUFFIXES, DataFacts
 from .runfolder import lora_targets
-from .sources import ModelFacts, hub_offline
+from .sources import ModelFacts, hub_offline, workspace_dataset
 from .templates import chat_syntax_problem, syntax_problem
 
 PHASES = ("parameters", "machine", "model", "outputs", "layers", "data", "statistics")
@@ -157,6 +158,26 @@ def model_and_dataset_given(p):
         yield error("model_name", "no model given", "Set model_name to a local model folder or a Hub id")
     if not p.dataset_name:
         yield error("dataset_name", "no dataset given", "Set dataset_name to a data file, folder or dataset id")
+
+
+def _written_as_a_path(name: str) -> bool:
+    """dataset_name as a person writes a local path: from the root, the working folder or a home folder, or
+    naming a data file by its suffix. Hub ids and the workspace's dataset ids are neither."""
+    return name.startswith(("/", "./", "../", "~")) or Path(name).suffix in DATA_SUFFIXES
+
+
+@rule("parameters")
+def dataset_path_exists(p):
+    """A dataset_name written as a local path names a file or folder that exists (or a dataset of this
+    workspace): refused before anything is loaded, rather than once the model's layers are checked."""
+    name = p.dataset_name
+    missing = name and _written_as_a_path(name) and not Path(os.path.expanduser(name)).exists()
+    if missing and workspace_dataset(name) is None:
+        yield error(
+            "dataset_name",
+            f"{name} does not exist",
+            "Give the path of an existing .jsonl/.json/.csv/.parquet file or a folder of them",
+        )
 
 
 @rule("parameters")

@@ -35,7 +35,9 @@ def test_check_reports_the_plan_without_torch_or_a_job(tiny_model, tmp_path):
 
 
 def test_check_reports_every_problem_at_once_with_exit_code_2(tiny_model, tmp_path):
-    config = base_config(tiny_model, tmp_path, learning_rat=1e-4, max_steps=0, batch_size="many")
+    config = base_config(
+        tiny_model, tmp_path, learning_rat=1e-4, max_steps=0, batch_size="many", dataset_name="/nonexistent/train.jsonl"
+    )
     proc = run_main(["--config", write_config(tmp_path, config), "--check", "--json"])
     assert proc.returncode == 2
     report = last_json(proc.stdout)
@@ -43,6 +45,8 @@ def test_check_reports_every_problem_at_once_with_exit_code_2(tiny_model, tmp_pa
     by_parameter = {e["parameter"]: e["message"] for e in report["errors"]}
     assert "Did you mean 'learning_rate'?" in by_parameter["learning_rat"]
     assert "batch_size" in by_parameter
+    # A local path that cannot exist is refused without reading any data.
+    assert by_parameter["dataset_name"].startswith("/nonexistent/train.jsonl does not exist.")
     assert "learning_rat: unknown parameter" in proc.stderr
     assert "Traceback" not in proc.stderr
 

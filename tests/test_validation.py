@@ -45,9 +45,14 @@ MODEL_DIR = tempfile.mkdtemp(prefix="rules-model-")
 Path(MODEL_DIR, "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096}')
 
 
+# A dataset file that exists: a dataset_name written as a path must name one.
+ROWS = str(Path(MODEL_DIR, "rows.jsonl"))
+Path(ROWS).write_text('{"prompt": "a", "completion": "b"}\n')
+
+
 def config(**overrides) -> params.Params:
     """Parameters as a host's values are read, with a model folder and a dataset."""
-    raw = {"model_name": MODEL_DIR, "dataset_name": "/data/rows.jsonl", "adaptor_name": "my-adaptor", **overrides}
+    raw = {"model_name": MODEL_DIR, "dataset_name": ROWS, "adaptor_name": "my-adaptor", **overrides}
     return params.defaults().replace(**raw)
 
 
@@ -821,7 +826,7 @@ def test_every_rule_has_table_cases():
     covered |= {validation.rows_left_to_train, validation.truncation_within_max_dropped_fraction}
     covered |= {validation.evaluation_has_rows}
     covered |= {validation.effective_batch_fits_dataset, validation.checkpoint_before_the_end}
-    covered |= {validation.chat_template_keeps_answers}
+    covered |= {validation.chat_template_keeps_answers, validation.dataset_path_exists}
     # In test_layers.py, on models built from real configs on the meta device:
     covered |= {validation.model_builds_as_a_causal_lm, validation.lora_targets_are_layers}
     covered |= {validation.gradient_checkpointing_supported}
@@ -1040,3 +1045,20 @@ def test_cpu_oversubscription_is_named_with_the_fix():
         "num_processes: 64 processes on the CPU of a machine with 8 cores share them out and train slower. "
         "Use at most 8."
     )
+
+
+def test_a_dataset_written_as_a_path_that_does_not_exist_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    """`--check` answered ok for dataset_name /nonexistent/train.jsonl: the data phase found it only after the
+    model's layers were checked. Hub ids and the workspace's dataset ids are left to the data phase."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "completion": "b"}\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    present = [str(rows), str(tmp_path), "./rows.jsonl", "rows.jsonl", "~/rows.jsonl", "org/dataset", "alpaca"]
+    for name in present:
+        assert findings(validation.dataset_path_exists, config(dataset_name=name)) == set(), name
+    for name in ("/nonexistent/train.jsonl", "./missing", "../missing-rows", "~/no-such/rows.csv", "data/train.jsonl"):
+        assert messages(validation.dataset_path_exists, config(dataset_name=name)) == [
+            f"dataset_name: {name} does not exist. Give the path of an existing .jsonl/.json/.csv/.parquet file or"
+            " a folder of them."
+        ], name

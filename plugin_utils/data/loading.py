@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidConfig, problem
+from ..rowformats import DATA_SUFFIXES
 from ..sources import hub_offline, workspace_dataset
 
 log = logging.getLogger("sft")
 
-DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EVAL_SPLIT_NAMES = ("validation", "valid", "eval", "test")
 
 
