@@ -369,3 +369,38 @@ def test_a_model_folder_with_only_a_sentencepiece_model_prepares_token_exact(tmp
 
     saved = datasets.load_from_disk(prepared.path)["train"]
     assert saved[0]["input_ids"] == tok(rows[0]["prompt"] + rows[0]["completion"])["input_ids"] + [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("base", ["byte-bpe", "sentencepiece"])
+@pytest.mark.parametrize("answer", [" Line one\nLine two\n", "\n  indented  \n\n", "Plain answer."])
+def test_a_turn_opening_token_that_swallows_the_answers_whitespace_is_never_trained(bases, base, answer):
+    """Phi-3's `<|assistant|>`, `<|user|>`, `<|system|>` and `<|end|>` are added with rstrip=True, as in the
+    published tokenizer.json: the header token absorbs the whitespace an answer starts with, so it covers
+    characters of the trained span. It opens the turn and is part of the prompt at inference: never trained."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(bases[base]))
+    tokens = ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    tok.add_special_tokens(
+        {"additional_special_tokens": [AddedToken(t, rstrip=True, normalized=False) for t in tokens]},
+        replace_extra_special_tokens=False,
+    )
+    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "<|endoftext|>"})
+    tok.chat_template = (rt.FIXTURES / "phi-3.jinja").read_text()
+    messages = [_user(0), {"role": "assistant", "content": answer}, _user(1), {"role": "assistant", "content": answer}]
+    encoded = encoding.Encoder(params.defaults().data, "chat", tok, ["messages"], train_part_only=True).encode(
+        {"messages": messages}
+    )
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    assert ids == tok.apply_chat_template(messages, tokenize=True)["input_ids"]
+    pieces = [tok.convert_ids_to_tokens(run) for run in _runs(ids, labels)]
+    assert len(pieces) == 2, pieces
+    opener = tok.convert_tokens_to_ids("<|assistant|>")
+    assert opener in ids and not [t for t, lab in zip(ids, labels, strict=True) if t == opener and lab != -100]
+    assert pieces[0][-1] == "<|end|>" and pieces[1][-2:] == ["<|end|>", "<|endoftext|>"], pieces
+    for run in pieces:
+        assert "<|user|>" not in run and "<|assistant|>" not in run, run
+    # What the answer holds beyond the whitespace the header token absorbed is trained.
+    trained = "".join(tok.decode(run) for run in _runs(ids, labels))
+    assert trained.count(answer.strip()) == 2, trained

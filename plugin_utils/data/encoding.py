@@ -116,6 +116,10 @@ class Encoder:
             else None
         )
         self.backend = untrimmed(tokenizer)
+        # Tokens added to the vocabulary whole (a turn's header, an end-of-turn token): one that begins before a
+        # trained span, having absorbed the whitespace the answer starts with (Phi-3's `<|assistant|>` has
+        # rstrip), belongs to the text before it and is never trained.
+        self.added_ids = frozenset(self.backend.get_added_tokens_decoder())
 
     # --- text and spans ---
 
@@ -204,7 +208,10 @@ class Encoder:
         for start, end in item.spans:
             tokens = _tokens_of(encoding, added, start, end)
             if tokens:
-                labels[tokens[0] : tokens[1]] = ids[tokens[0] : tokens[1]]
+                first, last = tokens
+                while first < last and ids[first] in self.added_ids and encoding.token_to_chars(first)[0] < start:
+                    first += 1
+                labels[first:last] = ids[first:last]
         if not item.chat:
             # Tokens the tokenizer appended after the text (an EOS) close the row.
             k = len(ids)
