@@ -226,10 +226,14 @@ class ChatRenderer:
     """Renders conversations with the tokenizer's chat template (or an override), exactly as
     `apply_chat_template` does at inference, and locates each assistant turn."""
 
-    def __init__(self, tokenizer, chat_template: str | None, column: str):
+    def __init__(self, tokenizer, chat_template: str | None, column: str, stop_tokens=frozenset()):
         self.tok = tokenizer
         self.template = chat_template
         self.column = column
+        # The special tokens generation stops on (generation_config's eos_token_id): one that opens the turn after
+        # an answer is how the model ends that answer at inference (GLM-4's <|user|>), so it closes the answer.
+        self.stop_tokens = frozenset(stop_tokens)
+        self._turn_stop: list[str | None] = []
         specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
         ordered = sorted((s for s in specials if s), key=len, reverse=True)
         self._special = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
@@ -289,6 +293,9 @@ class ChatRenderer:
         for piece in self._pieces(after):
             special = self._is_special(piece)
             if special and self._opens_turn(piece):
+                if piece in self.stop_tokens and closed_at is None:
+                    matched += len(piece)
+                    closed_at = matched
                 break
             try:
                 at = own.index(piece, at) + 1
@@ -306,6 +313,19 @@ class ChatRenderer:
         if closed_at is not None:
             return closed_at, True
         return len(after[:matched].rstrip()), False
+
+    def turn_stop(self) -> str | None:
+        """The turn-opening stop token the template writes right after an answer that another turn follows, or
+        None: what the model writes to end an answer where the template ends a conversation's last answer with
+        nothing. Found once, from a probe conversation."""
+        if not self._turn_stop:
+            probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": MARK}]
+            text = self._try([*probe, {"role": "user", "content": "b"}], None)
+            after = text[text.find(MARK) + len(MARK) :] if text and MARK in text else ""
+            first = next(iter(self._pieces(after)), None)
+            found = first if first in self.stop_tokens and self._opens_turn(first) else None
+            self._turn_stop.append(found)
+        return self._turn_stop[0]
 
     def _opens_turn(self, token: str) -> bool:
         if token == self.tok.eos_token:  # never, even where BOS and EOS are one token (GPT-2, Granite)

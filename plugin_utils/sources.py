@@ -230,6 +230,15 @@ def model_config(name: str) -> dict[str, Any] | None:
     return read_json(path) if path and os.path.isfile(path) else None
 
 
+def stop_ids(name: str) -> tuple[int, ...]:
+    """The ids generation stops on, as the model's generation_config.json lists them (`eos_token_id`, an int or
+    a list): GLM-4 stops by writing the next turn's `<|user|>`. () without the file."""
+    folder = model_folder(name)
+    found = read_json(os.path.join(folder, "generation_config.json")).get("eos_token_id") if folder else None
+    values = found if isinstance(found, list) else [found]
+    return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """What validation may know about the model before anything is loaded."""

@@ -81,6 +81,14 @@ FAMILIES: dict[str, dict] = {
         eos="<|im_end|>", specials=["<|im_start|>", "<|im_end|>"], added=["<think>", "</think>"], closers={"<|im_end|>"}
     ),
     "solar": dict(bos="<s>", eos="</s>", specials=[], closers=set(), ends=False),
+    # GLM-4 ends an answer with the next turn's opener, which generation_config.json lists as a stop id (`stops`).
+    "glm-4": dict(
+        eos="<|endoftext|>",
+        specials=["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"],
+        closers={"<|user|>", "<|observation|>"},
+        stops=["<|endoftext|>", "<|user|>", "<|observation|>"],
+        skips_empty=True,  # renders no message without content (an assistant turn of tool calls alone)
+    ),
     "zephyr": dict(bos="<s>", eos="</s>", specials=["<|user|>", "<|assistant|>", "<|system|>"], closers={"</s>"}),
     "gpt-oss": dict(
         eos="<|return|>",

@@ -135,12 +135,18 @@ def family_tokenizers(bases):
 _ENCODERS: dict = {}
 
 
-def _encoder(tok, columns=("messages",)):
+def _stop_ids(tok, family: str) -> tuple[int, ...]:
+    """The ids the family's generation_config.json lists as eos_token_id."""
+    return tuple(tok.convert_tokens_to_ids(t) for t in rt.FAMILIES[family].get("stops", ()))
+
+
+def _encoder(tok, columns=("messages",), stop_ids: tuple[int, ...] = ()):
     """One encoder per tokenizer and format, as one preparation has (building one copies the tokenizer)."""
     key = (id(tok), columns)
     if key not in _ENCODERS:
         fmt = "chat_prompt_completion" if "prompt" in columns else "chat"
-        _ENCODERS[key] = (tok, encoding.Encoder(params.defaults().data, fmt, tok, list(columns), train_part_only=True))
+        encoder = encoding.Encoder(params.defaults().data, fmt, tok, list(columns), True, stop_ids)
+        _ENCODERS[key] = (tok, encoder)
     return _ENCODERS[key][1]
 
 
@@ -178,7 +184,8 @@ def test_mistral_templates_on_the_instruct_tokenizer_with_control_tokens(family_
 
 def _check_chat_row(tok, family: str, shape: str) -> None:
     messages = chat.normalize(json.loads(json.dumps(SHAPES[shape])), "messages")
-    encoder = _encoder(tok)
+    spec = rt.FAMILIES[family]
+    encoder = _encoder(tok, stop_ids=_stop_ids(tok, family))
     try:
         inference = tok.apply_chat_template(messages, tokenize=True)["input_ids"]
     except Exception as exc:  # the template refuses this conversation: so must the plugin, in its words
@@ -189,13 +196,16 @@ def _check_chat_row(tok, family: str, shape: str) -> None:
     encoded = encoder.encode({"messages": messages})
     ids, labels = encoded["input_ids"], encoded["labels"]
 
+    if spec.get("stops") and messages[-1]["role"] == "assistant":
+        # The template writes nothing after the last answer; the model ends it with the next turn's opener,
+        # which it stops on at inference: that token is appended and trained.
+        inference = [*inference, tok.convert_tokens_to_ids(spec["stops"][1])]
     assert ids == inference  # exactly the tokens of inference, one tokenization
     assert all(label in (-100, token) for token, label in zip(ids, labels, strict=True))
 
     specials = set(tok.all_special_tokens) | set(tok.get_added_vocab())
     trained_pieces = [tok.convert_ids_to_tokens(run) for run in _runs(ids, labels)]
     flat = [piece for run in trained_pieces for piece in run]
-    spec = rt.FAMILIES[family]
     allowed = spec["closers"] | spec["inside"] | CONTENT_TOKENS
     assert not [p for p in flat if p in specials and p not in allowed], trained_pieces
 
@@ -208,7 +218,8 @@ def _check_chat_row(tok, family: str, shape: str) -> None:
         if message["role"] == "assistant" and answer and answer in full:
             assert answer.replace(" ", "") in trained_text.replace(" ", ""), (answer, trained_text)
 
-    assistant_turns = sum(1 for m in messages if m["role"] == "assistant")
+    rendered = [m for m in messages if m["content"] or not spec.get("skips_empty")]
+    assistant_turns = sum(1 for m in rendered if m["role"] == "assistant")
     if spec["ends"]:
         runs = _runs(ids, labels)
         assert len(runs) == assistant_turns, trained_pieces
@@ -404,3 +415,43 @@ def test_a_turn_opening_token_that_swallows_the_answers_whitespace_is_never_trai
     # What the answer holds beyond the whitespace the header token absorbed is trained.
     trained = "".join(tok.decode(run) for run in _runs(ids, labels))
     assert trained.count(answer.strip()) == 2, trained
+
+
+def test_glm4_answers_end_with_the_stop_token_its_generation_config_lists(bases, tmp_path, monkeypatch):
+    """GLM-4 closes an answer with the next turn's `<|user|>`, which its generation_config.json lists among the
+    stop ids (eos_token_id [151329, 151336, 151338]): the model stops by writing it. Prepared from the model
+    folder, each answer trains that token, the last answer (after which the template writes nothing) gets it
+    appended, and no row is counted as ending without a special token. Without the stop ids (no
+    generation_config.json), the answers stay open and the warning says so."""
+    monkeypatch.setenv("SFT_PREPARED_CACHE", str(tmp_path / "prepared"))
+    tok = rt.for_family(bases["byte-bpe"], "glm-4")
+    model = tmp_path / "glm"
+    tok.save_pretrained(str(model))
+    rows = tmp_path / "rows.jsonl"
+    conversation = [
+        _user(0),
+        {"role": "assistant", "content": "First."},
+        _user(1),
+        {"role": "assistant", "content": "Second."},
+    ]
+    rows.write_text(json.dumps({"messages": conversation}) + "\n" + json.dumps({"messages": conversation[:2]}) + "\n")
+    p = params.defaults().replace(model_name=str(model), dataset_name=str(rows), adaptor_name="a")
+    user = tok.convert_tokens_to_ids("<|user|>")
+
+    def trained_runs():
+        from datasets import load_from_disk
+
+        prepared = prepare_data(p)
+        saved = load_from_disk(prepared.path)["train"]
+        runs = [[tok.convert_ids_to_tokens(r) for r in _runs(row["input_ids"], row["labels"])] for row in saved]
+        return prepared, runs
+
+    prepared, runs = trained_runs()
+    assert prepared.stats.open_turns == 2
+    assert [len(r) for r in runs] == [2, 1] and all(run[-1] != "<|user|>" for row in runs for run in row)
+
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_token_id, user, 7]}))
+    prepared, runs = trained_runs()
+    assert prepared.stats.open_turns == 0
+    assert [[run[-1] for run in row] for row in runs] == [["<|user|>", "<|user|>"], ["<|user|>"]], runs
+    assert all("<|assistant|>" not in run for row in runs for run in row)

@@ -87,7 +87,15 @@ class Encoder:
     non-chat row exactly once; a chat template writes its own end-of-turn tokens.
     """
 
-    def __init__(self, settings: DataSettings, fmt: str, tokenizer, columns: list[str], train_part_only: bool):
+    def __init__(
+        self,
+        settings: DataSettings,
+        fmt: str,
+        tokenizer,
+        columns: list[str],
+        train_part_only: bool,
+        stop_ids: tuple[int, ...] = (),
+    ):
         self.fmt = fmt
         self.tok = tokenizer
         self.train_part_only = train_part_only
@@ -108,7 +116,8 @@ class Encoder:
                         )
                     ]
                 )
-            self.chat = ChatRenderer(tokenizer, template, self.chat_column or "prompt/completion")
+            stops = {tokenizer.convert_ids_to_tokens(i) for i in stop_ids if 0 <= i < len(tokenizer)}
+            self.chat = ChatRenderer(tokenizer, template, self.chat_column or "prompt/completion", stops)
         self.tools_column = "tools" if "tools" in columns and fmt in CHAT_FORMATS else None
         self.template = (
             RowTemplate(settings.formatting_template, columns, settings.completion_column, split=train_part_only)
@@ -135,15 +144,24 @@ class Encoder:
             text = self.chat.render(messages, tools)
             return Planned(text, [(0, len(text))], True)
         rendered = self.chat.locate(messages, tools, first=first)
-        turns = rendered.turns
+        text, turns = rendered.text, rendered.turns
+        spans = [(t.start, t.end) for t in turns]
+        last = turns[-1] if turns and messages[-1]["role"] == "assistant" else None
+        stop = self.chat.turn_stop() if last and not last.closed and last.end == len(text) else None
+        if stop:
+            # The template closes an answer with the next turn's opener, a token the model stops on: the last
+            # answer, after which the template writes nothing, gets it too, or the model never learns to stop.
+            text += stop
+            spans[-1] = (last.start, len(text))
+            last.closed = True
         return Planned(
-            rendered.text,
-            [(t.start, t.end) for t in turns],
+            text,
+            spans,
             True,
             empty=any(t.empty for t in turns),
             no_answer=not turns,
             reasoning_dropped=any(t.reasoning_dropped for t in turns),
-            open_turn=any(not t.closed for t in turns),
+            open_turn=any(not t.closed and not t.empty for t in turns),  # an empty turn has nothing to end
         )
 
     def plan(self, row: dict[str, Any]) -> Planned:

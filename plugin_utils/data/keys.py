@@ -106,10 +106,13 @@ def toolchain() -> dict[str, str]:
     return found
 
 
-def cache_key(data_key: str, completion_only: bool) -> str:
-    """The prepared folder's name: the data key, the loss mode, and the code and libraries that shaped the
-    rows (a new version prepares again, while a checkpoint stays resumable)."""
+def cache_key(data_key: str, completion_only: bool, stop_ids: tuple[int, ...] = ()) -> str:
+    """The prepared folder's name: the data key, the loss mode, the ids the model stops on (they decide which
+    turn-opening token closes an answer), and the code and libraries that shaped the rows (a new version
+    prepares again, while a checkpoint stays resumable)."""
     facts = {"data": data_key, "completion_only": completion_only, "toolchain": toolchain()}
+    if stop_ids:
+        facts["stop_ids"] = list(stop_ids)
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import StopRequested
 from ..params import DataSettings
 from ..rowformats import DataFacts
-from ..sources import collector_off, load_tokenizer
+from ..sources import collector_off, load_tokenizer, stop_ids
 from .encoding import Encoder, build, encode_checked, marked
 from .formats import detect_format
 from .keys import cache_key, fingerprint
@@ -113,10 +113,11 @@ def prepare(
     before the result is published: a stop that a worker pool swallowed still leaves nothing behind."""
     cache = PreparedCache.from_env()  # a bad bound is an error before any work
     tokenizer = load_tokenizer(settings.model_name)
-    encoder = Encoder(settings, dataset.format, tokenizer, dataset.columns, completion_only)
+    stops = stop_ids(settings.model_name)
+    encoder = Encoder(settings, dataset.format, tokenizer, dataset.columns, completion_only, stops)
     samples, shown = _preview(encoder, tokenizer, dataset.head[:preview], settings.maximum_sequence_length)
 
-    key = cache_key(dataset.key, completion_only)
+    key = cache_key(dataset.key, completion_only, stops)
     stats = cache.use(key)
     if stats is not None:
         log.info(
