@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import os
 import re
@@ -122,9 +121,11 @@ def has_package(name: str) -> bool:
 def package_version(distribution: str) -> tuple[int, ...] | None:
     """An installed distribution's release as numbers ((0, 50, 2)), read from its metadata without importing it;
     None when it is not installed."""
+    from importlib import metadata  # imported by the rules that ask, not by every `--check`
+
     try:
-        version = importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
+        version = metadata.version(distribution)
+    except metadata.PackageNotFoundError:
         return None
     return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 

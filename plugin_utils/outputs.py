@@ -10,7 +10,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,8 @@ def is_complete_adapter(path: str) -> bool:
 
 
 def versions() -> dict[str, str]:
+    from importlib import metadata  # 25 ms: only once a run has outputs to describe
+
     found = {}
     for name in LIBRARIES:
         try:

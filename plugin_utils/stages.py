@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from . import checkpoints, cli, data, host, launch, layers, machine, outputs, params, planning, sources, validation
+from . import checkpoints, cli, host, launch, layers, machine, outputs, params, planning, sources, validation
 from .errors import InvalidConfig, Problem
 from .runfolder import RunSpec
+
+if TYPE_CHECKING:
+    from . import data
 
 log = logging.getLogger("sft")
 
@@ -77,6 +81,8 @@ def prepare(checked: Checked, *, preview: int, stop: launch.StopFlag) -> Ready:
     """What only the model's modules and the data can show, reported together: LoRA targets that name no layer, an
     architecture that is no causal LM, bad rows and columns; then the rows tokenized into the prepared cache, and
     the rules over their statistics."""
+    from . import data  # the data code, its Jinja and Arrow: not for `--check`
+
     p, plan = checked.p, checked.plan
     data.import_libraries()
     found = validation.check(("layers",), p=p, plan=plan, layers=layers.describe(p.model_name))
