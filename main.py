@@ -32,9 +32,12 @@ def main(argv: list[str] | None = None) -> None:
         chosen = checked.host  # as this machine sees it: another node of a multi-node run reports nothing
         if args.check:
             finished = cli.Finished(cli.check_report(checked.warnings, checked.plan))
+        elif args.dry_run:
+            finished = stages.dry_run(stages.prepare(checked, preview=args.preview, stop=stop))
         else:
-            ready = stages.prepare(checked, preview=args.preview, stop=stop)
-            finished = stages.dry_run(ready) if args.dry_run else stages.train(ready, stop)
+            with stages.ranks_started(checked) as ranks:  # importing while the data is prepared
+                ready = stages.prepare(checked, preview=args.preview, stop=stop)
+                finished = stages.train(ready, ranks, stop)
     except SystemExit:
         raise
     except BaseException as exc:  # every ending, a stop included, is concluded in one place

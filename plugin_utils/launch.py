@@ -455,33 +455,52 @@ class Watcher:
             self.handle(event)
 
 
-def run(
-    host, spec: RunSpec, plan: Plan, folder: RunFolder, stop: StopFlag, keep_open: tuple[int, ...] = ()
-) -> RunResult:
-    """Launch the ranks on this spec and watch them to the end; `host` gets progress and answers should_stop.
-    `keep_open`: descriptors the ranks' launcher inherits (the run lock's)."""
+class Ranks:
+    """The ranks' process group, started as soon as the plan is known: they import their libraries while this
+    process checks the layers, prepares the data and opens the job, then wait for the spec (`run` writes it),
+    so they never see a half-prepared dataset. Ended at once (`end`) where the run ends before the spec: a
+    refusal, a stop, a failure. Once `run` has them, the run's own ending decides."""
+
+    def __init__(self, plan: Plan, folder: RunFolder, log_to_wandb: bool, keep_open: tuple[int, ...] = ()):
+        self.plan, self.folder = plan, folder
+        self.handed_over = False
+        port = rendezvous_port(plan)
+        cmd = command(folder.path, write_configs(folder, plan, port))
+        log.info("launch: %s", " ".join(cmd))
+        os.makedirs(folder.logs_dir, exist_ok=True)
+        env = rank_env(plan, log_to_wandb, port)
+        env["SFT_LOG_TO_WANDB"] = "1" if log_to_wandb else ""  # read before the spec exists
+        with open(folder.launcher_log, "ab") as launcher_output:
+            self.proc = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=PLUGIN_DIR,
+                stdout=launcher_output,  # a file: the ranks never write into a pipe whose reader may die
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # The run lock, held by the ranks' launcher too: while ranks outlive us (saving after a stop, or
+                # after this process was killed), no other run takes their outputs.
+                pass_fds=tuple(keep_open),
+                # Its own session: a signal to our process group reaches us alone, and we stop the ranks in order
+                # (torch's launcher would otherwise SIGKILL them 30 s after forwarding the signal, mid-save).
+                start_new_session=True,
+            )
+
+    def end(self) -> None:
+        """End ranks that never got their spec (nothing was trained): the whole group, at once."""
+        if not self.handed_over:
+            _kill_group(self.proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+
+
+def run(host, spec: RunSpec, ranks: Ranks, stop: StopFlag) -> RunResult:
+    """Give the started ranks their spec and watch them to the end; `host` gets progress and answers
+    should_stop."""
     stop.interrupting = False  # from here on a stop is passed to the ranks, which save first
-    port = rendezvous_port(plan)
-    configs = write_configs(folder, plan, port)
+    plan, folder, proc = ranks.plan, ranks.folder, ranks.proc
+    ranks.handed_over = True
     folder.write_spec(spec)
-    cmd = command(folder.path, configs)
-    log.info("launch: %s", " ".join(cmd))
-    os.makedirs(folder.logs_dir, exist_ok=True)
-    with open(folder.launcher_log, "ab") as launcher_output:
-        proc = subprocess.Popen(
-            cmd,
-            env=rank_env(plan, spec.training.log_to_wandb, port),
-            cwd=PLUGIN_DIR,
-            stdout=launcher_output,  # a file: the ranks never write into a pipe whose reader may die
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            # The run lock, held by the ranks' launcher too: while ranks outlive us (saving after a stop, or after
-            # this process was killed), no other run takes their outputs.
-            pass_fds=tuple(keep_open),
-            # Its own session: a signal to our process group reaches us alone, and we stop the ranks in order
-            # (torch's launcher would otherwise SIGKILL them 30 s after forwarding the signal, mid-save).
-            start_new_session=True,
-        )
     tail = Tail(folder).start()
     watcher = Watcher(host, folder, spec)
     last_poll = 0.0

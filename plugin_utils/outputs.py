@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -163,16 +162,17 @@ class LeftBehind:
         return f"{ended}, before any checkpoint was saved. Found and closed by job {found_by}."
 
 
-def left_behind(runs: list[tuple[Where, str]], current_job: str) -> list[LeftBehind]:
+def left_behind(runs: list[tuple[Where, str]], current_job: str, held: str | None = None) -> list[LeftBehind]:
     """Of these runs ((where, job id) each), those whose job a dead process left open: unfinished record, free
-    lock. Whether the job itself still says RUNNING is the host's to check."""
+    lock (or the lock at `held`, which this run took: no other process held it then). Whether the job itself
+    still says RUNNING is the host's to check."""
     found = []
     for where, job_id in runs:
         record = read_record(where.run_dir) or {}
         job = str(record.get("job_id") or job_id or "")
         if not job or job == current_job or record.get("finished") is not False:
             continue
-        if RunLock.holder(where.lock_path) is None:
+        if where.lock_path == held or RunLock.holder(where.lock_path) is None:
             found.append(LeftBehind(job, checkpoints.latest(where.checkpoint_dir)))
     return found
 
@@ -306,14 +306,23 @@ def prepare_checkpoints(out: OutputFacts) -> str | None:
     return out.resume_from
 
 
+def _same_file(path: str, fd: int) -> bool:
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
+
 class RunLock:
     """One run per output: a second run on the same outputs is refused, not interleaved. The lock is the
-    kernel's (flock) on a file in the run's own folder, which no run deletes, so it goes away only with the
-    processes that hold it: this one and the ranks' launcher, which inherits it."""
+    kernel's (flock) on a file in the run's own folder, so it goes away only with the processes that hold it:
+    this one and the ranks' launcher, which inherits it. Only a run that ends before training removes the file
+    (`discard`, while holding it); a run locks a file only while it is the one at the path."""
 
     def __init__(self, path: str):
         self.path = path
         self.handle = None
+        self._created: list[str] = []  # the folders taken with the lock, which `discard` removes again
 
     @staticmethod
     def holder(path: str) -> str | None:
@@ -336,27 +345,48 @@ class RunLock:
     def __enter__(self) -> RunLock:
         import fcntl
 
+        folder = os.path.dirname(self.path)
+        while folder and not os.path.isdir(folder):
+            self._created.insert(0, folder)
+            folder = os.path.dirname(folder)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "another process"
+        while True:
+            self.handle = open(self.path, "a+")
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                break
+            if _same_file(self.path, self.handle.fileno()):
+                self.handle.truncate(0)
+                self.handle.write(f"pid {os.getpid()}\n")
+                self.handle.flush()
+                return self
+            # A run that ended before training removed the file between our open and our lock: lock the one
+            # in its place (or a new one), never the removed file, which no other run would see.
             self.handle.close()
-            raise InvalidConfig(
-                [
-                    problem(
-                        "adaptor_name",
-                        f"another run ({holder}) is writing this adapter's outputs",
-                        "Wait for it to finish, or pick another adaptor_name",
-                    )
-                ]
-            ) from None
-        self.handle.truncate(0)
-        self.handle.write(f"pid {os.getpid()}\n")
-        self.handle.flush()
-        return self
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.handle.seek(0)
+        holder = self.handle.read().strip() or "another process"
+        self.handle.close()
+        raise InvalidConfig(
+            [
+                problem(
+                    "adaptor_name",
+                    f"another run ({holder}) is writing this adapter's outputs",
+                    "Wait for it to finish, or pick another adaptor_name",
+                )
+            ]
+        )
+
+    def discard(self) -> None:
+        """Remove the lock file, and the folders made for it, while still holding it: a run that ended before
+        training leaves nothing in the outputs. A run that opened the file meanwhile sees it removed once it
+        holds the lock, and takes a new one."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        for folder in reversed(self._created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only while empty: another run may have written there since
 
     def fileno(self) -> int | None:
         """The lock's descriptor, for processes that hold the lock with us (the ranks' launcher)."""
@@ -405,13 +435,22 @@ class Staged:
 
 
 class RunSession:
-    """One run's hold on its outputs, for its whole life: the run lock (on the main node; the other nodes of a
-    multi-node run write beside it, under its lock), the staging folders of the adapter and the merged model, the
-    checkpoints folder made ready to resume, the run record (unfinished until `finished`), and the run folder the
-    ranks meet in. Leaving it removes what was staged and not published, and the run folder."""
+    """One run's hold on its outputs, from the job's start to its end: the staging folders of the adapter and the
+    merged model, the checkpoints folder made ready to resume, and the run record (unfinished until `finished`),
+    under the run lock (on the main node; the other nodes of a multi-node run write beside it, under its lock)
+    in the run folder the ranks meet in, both taken when the ranks started. Leaving it removes what was staged and
+    not published."""
 
     def __init__(
-        self, out: OutputFacts, job_id: str, adaptor_name: str, *, merged: str | None, main_node: bool, identity: dict
+        self,
+        out: OutputFacts,
+        job_id: str,
+        adaptor_name: str,
+        *,
+        merged: str | None,
+        main_node: bool,
+        identity: dict,
+        folder: RunFolder,
     ):
         self.out = out
         self.job_id = job_id
@@ -420,17 +459,13 @@ class RunSession:
         self.main_node = main_node
         self.identity = identity
         self._stack = contextlib.ExitStack()
-        self.lock: RunLock | None = None
         self.staged: Staged | None = None
-        self.folder: RunFolder | None = None
+        self.folder: RunFolder | None = folder
         self.resume_from: str | None = None
 
     def __enter__(self) -> RunSession:
         with self._stack as stack:
-            if self.main_node:
-                self.lock = stack.enter_context(RunLock(self.out.where.lock_path))
             self.staged = stack.enter_context(Staged(self.out.adapter_dir, self.merged))
-            self.folder = RunFolder(stack.enter_context(tempfile.TemporaryDirectory(prefix="sft-run-")))
             self.resume_from = prepare_checkpoints(self.out)
             self._record(finished=False)
             self.folder.write_identity(self.identity)
@@ -439,12 +474,6 @@ class RunSession:
 
     def __exit__(self, *exc) -> None:
         self._stack.close()
-
-    @property
-    def held(self) -> tuple[int, ...]:
-        """Descriptors the ranks' launcher inherits: the run lock's, so no other run takes these outputs while
-        ranks outlive this process (saving after a stop, or after it was killed)."""
-        return (self.lock.fileno(),) if self.lock is not None else ()
 
     def _record(self, *, finished: bool) -> None:
         if self.main_node:

@@ -62,8 +62,9 @@ def import_libraries(logs_to_wandb: bool) -> ModuleType:
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     own_output(args[0])
-    spec = RunFolder(args[0]).read_spec()
-    return import_libraries(spec.training.log_to_wandb).main(args)
+    # Started before the spec is written (the parent prepares the data meanwhile): what the imports depend on
+    # comes in the environment.
+    return import_libraries(os.environ.get("SFT_LOG_TO_WANDB") == "1").main(args)
 
 
 if __name__ == "__main__":

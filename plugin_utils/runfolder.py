@@ -165,7 +165,13 @@ class RunFolder:
 
     # --- the spec ---
     def write_spec(self, spec: RunSpec) -> None:
-        Path(self.file(SPEC_FILE)).write_text(spec.to_json())
+        """Written whole, then renamed into place: ranks waiting for it never read part of it."""
+        staging = self.file(SPEC_FILE + ".tmp")
+        Path(staging).write_text(spec.to_json())
+        os.replace(staging, self.file(SPEC_FILE))
+
+    def has_spec(self) -> bool:
+        return os.path.exists(self.file(SPEC_FILE))
 
     def read_spec(self) -> RunSpec:
         return RunSpec.from_json(Path(self.file(SPEC_FILE)).read_text())

@@ -7,13 +7,16 @@ job's final status and the exit code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import checkpoints, cli, host, launch, layers, machine, outputs, params, planning, sources, validation
 from .errors import InvalidConfig, Problem
-from .runfolder import RunSpec
+from .runfolder import RunFolder, RunSpec
 
 if TYPE_CHECKING:
     from . import data
@@ -77,6 +80,26 @@ def check(chosen: host.Host, nodes: machine.Nodes | None, clock: cli.Clock) -> C
     return Checked(chosen, p, here, plan, out, continued, warnings, clock)
 
 
+@contextlib.contextmanager
+def ranks_started(checked: Checked) -> Iterator[launch.Ranks]:
+    """The ranks, started as soon as the check has passed: they import their libraries (seconds per rank) while
+    this process prepares the data and opens the job, and wait for the spec. The run lock (main node) is taken
+    here and handed to them, with the run folder they meet in. A run that ends before the spec (a refusal found
+    in the data, a stop, a failure) ends them at once."""
+    plan = checked.plan
+    with contextlib.ExitStack() as stack:
+        lock = stack.enter_context(outputs.RunLock(checked.out.where.lock_path)) if plan.machine_rank == 0 else None
+        folder = RunFolder(stack.enter_context(tempfile.TemporaryDirectory(prefix="sft-run-")))
+        ranks = launch.Ranks(plan, folder, checked.p.log_to_wandb, keep_open=(lock.fileno(),) if lock else ())
+        stack.callback(ranks.end)
+        try:
+            yield ranks
+        except BaseException:
+            if lock and not ranks.handed_over:
+                lock.discard()  # nothing was trained: the outputs stay as they were
+            raise
+
+
 def prepare(checked: Checked, *, preview: int, stop: launch.StopFlag) -> Ready:
     """What only the model's modules and the data can show, reported together: LoRA targets that name no layer, an
     architecture that is no causal LM, bad rows and columns; then the rows tokenized into the prepared cache, and
@@ -108,8 +131,9 @@ def dry_run(ready: Ready) -> cli.Finished:
     return cli.Finished(cli.dry_run_report(ready.warnings, ready.prepared))
 
 
-def train(ready: Ready, stop: launch.StopFlag) -> cli.Finished:
-    """Open the job, start the ranks on the prepared data and watch them to the end, then publish the outputs."""
+def train(ready: Ready, ranks: launch.Ranks, stop: launch.StopFlag) -> cli.Finished:
+    """Open the job, give the started ranks the prepared data and watch them to the end, then publish the
+    outputs."""
     checked, plan, prepared, p = ready.checked, ready.plan, ready.prepared, ready.checked.p
     chosen, out = checked.host, checked.out
     job = chosen.sink
@@ -129,6 +153,7 @@ def train(ready: Ready, stop: launch.StopFlag) -> cli.Finished:
         merged=chosen.places.merged_location(p) if plan.merge_adapter else None,
         main_node=main_node,
         identity=outputs.identity(p, plan.world_size, prepared.key, plan.as_dict()),
+        folder=ranks.folder,
     )
     with session:
         spec = RunSpec.of(
@@ -143,7 +168,7 @@ def train(ready: Ready, stop: launch.StopFlag) -> cli.Finished:
             adapter_staging=session.staged.adapter_staging,
             merged_staging=session.staged.merged_staging,
         )
-        result = launch.run(job, spec, plan, session.folder, stop, keep_open=session.held)
+        result = launch.run(job, spec, ranks, stop)
         summary = outputs.summary(p, plan, result, prepared.stats, checked.clock.marks)
         final = session.staged.publish(job, p, summary) if result.has_adapter else None
         session.finished()
@@ -162,7 +187,8 @@ def close_left_open_jobs(chosen: host.Host, p, job: host.Sink) -> None:
     """Jobs an earlier run left open when its process died (killed, out of memory, the machine gone) are ended
     here, STOPPED when its ranks saved a checkpoint, else FAILED, with the reason: the job list never shows a dead
     run as running, or (the 0.31/0.32 host) as a success."""
-    for left in outputs.left_behind(chosen.places.earlier_runs(p), job.job_id):
+    held = chosen.places.locations(p).lock_path  # this run's own lock, taken when its ranks started
+    for left in outputs.left_behind(chosen.places.earlier_runs(p), job.job_id, held):
         try:
             closed = job.close_left_open(left.job_id, left.status, left.message(job.job_id))
         except Exception as exc:  # another job's state: worth a warning, never this run

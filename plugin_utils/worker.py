@@ -381,13 +381,26 @@ def import_libraries() -> None:
     from trl import SFTTrainer  # noqa: F401
 
 
+def _wait_for_spec(folder: RunFolder) -> RunSpec | None:
+    """The run's spec, which the parent writes once the data is prepared and the job is open; None when the
+    parent is gone first (it ends waiting ranks itself when the run ends before training)."""
+    while not folder.has_spec():
+        if _parent_gone():
+            return None
+        time.sleep(0.02)
+    return folder.read_spec()
+
+
 def train(folder: RunFolder) -> int:
-    spec = folder.read_spec()
     marks = {"rank_started": process_start()}  # absolute times; the parent makes them relative
     from datasets import load_from_disk
     from trl import SFTTrainer
 
     marks["libraries_imported"] = time.time()
+    spec = _wait_for_spec(folder)
+    if spec is None:
+        return 0
+    marks["spec_read"] = time.time()
 
     data = load_from_disk(spec.prepared_path)  # memory-mapped: ranks share the page cache
     tokenizer = load_tokenizer(spec.model_name)  # as the parent loaded it to prepare the rows

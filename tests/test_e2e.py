@@ -339,7 +339,12 @@ def test_cross_parameter_errors_are_reported_together_and_fail_the_job(tiny_mode
     assert all(name in details for name in ("max_steps:", "precision:", "lora_target_modules:"))
 
 
-def test_data_errors_exit_2_and_fail_the_job_before_any_launch(tiny_model, tmp_path):
+def test_data_errors_exit_2_and_end_the_ranks_that_started_while_the_data_was_read(tiny_model, tmp_path):
+    """The ranks start once the check passes, to import their libraries while the data is prepared; a refusal
+    found in the data ends them at once, with the same exit code and message, and leaves no process and
+    nothing in the outputs (not even the run lock the ranks were given)."""
+    import psutil
+
     rows = tmp_path / "text.jsonl"
     rows.write_text('{"text": "plain words"}\n' * 8)
     config = base_config(
@@ -349,7 +354,14 @@ def test_data_errors_exit_2_and_fail_the_job_before_any_launch(tiny_model, tmp_p
     assert proc.returncode == 2, proc.stderr[-2000:]
     [error] = last_json(proc.stdout)["errors"]
     assert error["parameter"] == "completion_only_loss"
-    assert "launch:" not in proc.stderr
+    [launch] = [line for line in proc.stderr.splitlines() if "launch:" in line]
+    run_folder = launch.split()[-1]
+    assert "sft-run-" in run_folder and not Path(run_folder).exists()
+    left = []
+    for process in psutil.process_iter(["cmdline"]):
+        if run_folder in " ".join(process.info["cmdline"] or []):
+            left.append(process)
+    assert not left, left
     assert not (tmp_path / "outputs").exists()
 
 

@@ -295,6 +295,42 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_the_lo
         pass
 
 
+def test_a_run_that_ends_before_training_removes_its_lock_and_a_run_that_opened_it_meanwhile_locks_anew(
+    tmp_path, monkeypatch
+):
+    """The ranks start holding the run lock, before the data is read; a run refused by its data then removes the
+    lock file and the folders made for it (while still holding it). A run that opened the file just before
+    locks the file then at the path, never the removed one, which no later run would see."""
+    import fcntl
+
+    from plugin_utils.errors import InvalidConfig
+
+    path = tmp_path / "outputs" / "runs" / "adaptor" / "lock"
+    first = outputs.RunLock(str(path)).__enter__()
+    with pytest.raises(InvalidConfig), outputs.RunLock(str(path)):
+        pass
+    first.discard()
+    first.__exit__(None, None, None)
+    assert not (tmp_path / "outputs").exists()
+
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_a_removal(handle, operation):
+        if not calls:  # another run removes the file between this run's open and its lock
+            os.unlink(path)
+        calls.append(operation)
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_removal)
+    with outputs.RunLock(str(path)) as lock:
+        assert len(calls) == 2 and path.exists()
+        assert os.path.samestat(os.stat(path), os.fstat(lock.fileno()))
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert outputs.RunLock.holder(str(path)) == f"pid {os.getpid()}"
+
+
 def test_a_write_failure_while_publishing_is_a_clear_failure_and_registers_nothing(tmp_path, monkeypatch):
     from plugin_utils.errors import RunFailed
 
