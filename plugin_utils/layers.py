@@ -102,6 +102,13 @@ def beside_language_model(model) -> tuple[str, ...]:
     return tuple(beside)
 
 
+def adapted_as(module) -> str:
+    """The module's class as PEFT's LoRA sees it: PEFT picks a layer's adapter by isinstance, so a subclass of a
+    layer it adapts is that layer (Falcon's FalconLinear a Linear, Gemma's scaled word embedding an Embedding);
+    any other module is named by its own class."""
+    return next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in ADAPTABLE), type(module).__name__)
+
+
 def beside_pattern(beside: tuple[str, ...] | list[str]) -> str | None:
     """A regular expression that fully matches those modules and everything inside them (PEFT's
     `exclude_modules` as a string); None when there are none."""
@@ -174,7 +181,7 @@ def _built(model_name: str) -> Layers:
     output = model.get_output_embeddings()
     output_name = next((name for name, module in model.named_modules() if module is output), None)
     return Layers(
-        modules={name: type(module).__name__ for name, module in model.named_modules() if name},
+        modules={name: adapted_as(module) for name, module in model.named_modules() if name},
         output_layer=output_name,
         beside=beside_language_model(model),
         supports_gradient_checkpointing=bool(getattr(model, "supports_gradient_checkpointing", True)),

@@ -50,6 +50,14 @@ def test_gpt2s_conv1d_projections_are_layers_lora_adapts(tmp_path):
     assert described.unknown_target("q_proj") == "'q_proj' names no layer of this model (did you mean 'c_proj'?)"
 
 
+def test_a_subclass_of_a_layer_lora_adapts_is_that_layer(tmp_path):
+    """PEFT picks an adapter by isinstance: Falcon's projections (FalconLinear) are Linears to it."""
+    falcon = {"architectures": ["FalconForCausalLM"], "model_type": "falcon", "hidden_size": 32, "vocab_size": 64}
+    described = layers.describe(model_folder(tmp_path, {**falcon, "num_attention_heads": 2, "num_hidden_layers": 1}))
+    assert described.modules["transformer.h.0.self_attention.query_key_value"] == "Linear"
+    assert described.adaptable_names() == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+
 @pytest.mark.parametrize(
     ("targets", "expected"),
     [
