@@ -124,26 +124,34 @@ def beside_pattern(beside: tuple[str, ...] | list[str]) -> str | None:
     return "(?:" + "|".join(re.escape(name) for name in beside) + r")(?:\..*)?"
 
 
-def describe(model_name: str) -> Layers | None:
-    """The model's modules: read from its safetensors headers, or as an earlier run built them for the same
-    config, or built from its config.json on the meta device. None when the config cannot be read here (a Hub id
-    that is not cached): the real load finds out then."""
+def known(model_name: str) -> Layers | None:
+    """The model's modules where files alone say them, in milliseconds and without torch (what `--check` can
+    afford): read from its safetensors headers, or as an earlier run built them for the same config. None
+    otherwise (`describe` builds them)."""
     config = model_config(model_name)
     if config is None:
         return None
     read = from_weights(model_folder(model_name), config)
     if read is not None:
         return read
-    kept = _kept_file(model_name)
     try:
-        with open(kept) as handle:
+        with open(_kept_file(model_name)) as handle:
             found = json.load(handle)
         return Layers(**{**found, "beside": tuple(found["beside"])})
-    except (OSError, ValueError, TypeError, KeyError):  # none kept yet, or a torn file: build it
-        pass
+    except (OSError, ValueError, TypeError, KeyError):  # none kept yet, or a torn file
+        return None
+
+
+def describe(model_name: str) -> Layers | None:
+    """The model's modules: as `known` finds them, else built from its config.json on the meta device (and kept
+    for the next run). None when the config cannot be read here (a Hub id that is not cached): the real load
+    finds out then."""
+    found = known(model_name)
+    if found is not None or model_config(model_name) is None:
+        return found
     layers = built(model_name)
     if layers.error is None:
-        _keep(kept, layers)
+        _keep(_kept_file(model_name), layers)
     return layers
 
 

@@ -37,6 +37,7 @@ class Checked:
     continued: outputs.Continued | None
     warnings: list[Problem]
     clock: cli.Clock
+    layers_checked: bool  # the LoRA targets were checked against the layers the model's files list
 
 
 @dataclass
@@ -50,8 +51,8 @@ class Ready:
 
 
 def check(chosen: host.Host, nodes: machine.Nodes | None, clock: cli.Clock) -> Checked:
-    """Every rule that needs no data and no torch: the parameters, this machine, the model's config.json and
-    the outputs (resuming and the run lock included)."""
+    """Every rule that needs no data and no torch: the parameters, this machine, the model's config.json, the
+    outputs (resuming and the run lock included), and the layers where the model's files list them."""
     reading = params.read(chosen.params_from.raw_params(), headless=chosen.headless, nodes=nodes)
     p, here = reading.params, machine.detect()
     chosen = chosen.on_machine(p.machine_rank)
@@ -63,21 +64,23 @@ def check(chosen: host.Host, nodes: machine.Nodes | None, clock: cli.Clock) -> C
         continued = chosen.places.checkpoint_to_resume(p, this_run["world_size"])
         requested = continued.checkpoint if continued else None
         out = outputs.inspect(chosen.places.locations(p), this_run, overwrite=p.overwrite_output, requested=requested)
+    listed = layers.known(p.model_name)
     found = validation.check(
-        validation.CHECK_PHASES,
+        validation.CHECK_PHASES + (("layers",) if listed else ()),
         prior=reading.errors,
         p=p,
         machine=here,
         model=sources.inspect_model(p.model_name),
         out=out,
         plan=plan,
+        layers=listed,
     )
     warnings = reading.warnings + found.warnings
     if found.errors:
         raise InvalidConfig(found.errors, warnings)
     cli.report_warnings(warnings)
     clock.mark("validated")
-    return Checked(chosen, p, here, plan, out, continued, warnings, clock)
+    return Checked(chosen, p, here, plan, out, continued, warnings, clock, layers_checked=listed is not None)
 
 
 @contextlib.contextmanager
@@ -108,7 +111,9 @@ def prepare(checked: Checked, *, preview: int, stop: launch.StopFlag) -> Ready:
 
     p, plan = checked.p, checked.plan
     data.import_libraries()
-    found = validation.check(("layers",), p=p, plan=plan, layers=layers.describe(p.model_name))
+    # Layers the check could not list (no safetensors headers of a known family, nothing kept): built here.
+    described = None if checked.layers_checked else layers.describe(p.model_name)
+    found = validation.check(("layers",) if described else (), p=p, plan=plan, layers=described)
     try:
         dataset = data.load(p.data)
     except InvalidConfig as exc:

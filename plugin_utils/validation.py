@@ -12,11 +12,13 @@ Phases, in order:
 - machine: GPUs, installed packages, disk;
 - model: the model's folder and config.json (no weights, no torch);
 - outputs: the adapter and checkpoint folders: a finished adapter, resuming, the run lock (checked, not taken);
-- layers: the model's modules, built from config.json on the meta device (layers.py: torch, but no weights);
+- layers: the model's modules, read from the safetensors headers (torch-free) or built from config.json on the
+  meta device (layers.py: torch, but no weights);
 - data: the dataset's format and columns, before tokenizing;
 - statistics: the prepared rows.
 
-`--check` runs the first four (torch-free); `--dry-run` and a real run run all seven, so a run `--dry-run`
+`--check` runs the first four (torch-free), and the layers where the model's files list them (layers.known);
+`--dry-run` and a real run run all seven, so a run `--dry-run`
 accepted is never refused later for a reason it could have seen. `check()` returns the findings; the caller decides.
 """
 
@@ -632,13 +634,13 @@ def enough_disk(p, out: OutputFacts, plan):
         )
 
 
-# --- the model's layers (built on the meta device: no weights) ------------------------------------------------
+# --- the model's layers (read from the weights' headers, or built on the meta device: no weights) -------------
 
 
 @rule("layers")
 def model_builds_as_a_causal_lm(layers: Layers):
     """transformers builds the model's architecture as a causal language model (from config.json, on the meta
-    device, without its weights)."""
+    device, without its weights; a family the safetensors headers describe is one)."""
     if layers.error:
         yield error(
             "model_name",

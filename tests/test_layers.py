@@ -356,14 +356,36 @@ def test_gradient_checkpointing_on_a_model_without_it_is_refused():
 
 
 @pytest.mark.slow
-def test_a_misspelt_target_fails_the_dry_run_and_the_run_before_launch_in_one_line(tiny_model, tmp_path):
+def test_a_misspelt_target_is_refused_by_the_check_where_the_weights_list_the_layers_else_before_training(
+    tiny_model, tmp_path
+):
+    """The tiny model's weights are safetensors: their headers list the layers, so `--check` itself (torch-free)
+    refuses the typo, and no rank starts. A model whose weights are a pickle is built on the meta device during
+    the preparation instead: `--check` cannot know, and the run refuses it there, ending the ranks that started
+    meanwhile."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    expected = "lora_target_modules: 'v_prj' names no layer of this model (did you mean 'v_proj'?)."
     config = base_config(tiny_model, tmp_path, lora_target_modules="q_proj,v_prj")
     path = write_config(tmp_path, config)
-    assert run_main(["--config", path, "--check"]).returncode == 0  # --check stays torch-free: it cannot know
-    expected = "lora_target_modules: 'v_prj' names no layer of this model (did you mean 'v_proj'?)."
-    for flags in (["--dry-run"], []):
+    for flags in (["--check"], ["--dry-run"], []):
         proc = run_main(["--config", path, *flags])
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert expected in proc.stderr and "Traceback" not in proc.stderr
         assert "launch:" not in proc.stderr
+
+    pickled = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model, pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    path = write_config(tmp_path, {**config, "model_name": str(pickled)})
+    env = {"SFT_LAYERS_CACHE": str(tmp_path / "layers")}  # nothing kept from an earlier build of this config
+    assert run_main(["--config", path, "--check"], env=env).returncode == 0  # torch-free: it cannot know
+    proc = run_main(["--config", path], env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert "launch:" in proc.stderr  # the ranks had started; the refusal ended them
     assert not (tmp_path / "outputs").exists(), "nothing is written"
