@@ -286,6 +286,80 @@ def collector_off():
         gc.freeze()
 
 
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: the text, or an AddedToken object holding it."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+class PlainTokenizer:
+    """A generic fast tokenizer read with the `tokenizers` library alone: its tokenizer.json as it is, and its
+    BOS and EOS from tokenizer_config.json. Exactly what transformers' PreTrainedTokenizerFast makes of such a
+    folder (tests/test_token_exact.py compares their ids, special tokens and decoding), without importing
+    transformers, most of a second of the parent's start. Only what preparing text, prompt/completion and
+    template rows asks of a tokenizer (encoding.Encoder, the preview)."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], backend):
+        self._tokenizer = backend
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token_id = backend.token_to_id(self.eos_token) if self.eos_token else None
+        self.bos_token_id = backend.token_to_id(self.bos_token) if self.bos_token else None
+        self.chat_template = None
+
+    @classmethod
+    def read(cls, folder: Path) -> PlainTokenizer | None:
+        """The folder's tokenizer, where it is the generic one with nothing transformers would add or rewrite:
+        no tokens beyond tokenizer.json's, no BOS/EOS switches that rebuild its post-processor, no clean-up of
+        decoded text, one value per special token, its EOS in the vocabulary. None otherwise."""
+        config = read_json(str(folder / "tokenizer_config.json"))
+        if config.get("tokenizer_class") not in GENERIC_TOKENIZERS or not (folder / "tokenizer.json").is_file():
+            return None
+        switches = {"add_bos_token", "add_eos_token", "add_prefix_space", "legacy"}
+        if switches & set(config) or config.get("clean_up_tokenization_spaces"):
+            return None
+        if (folder / "added_tokens.json").exists():
+            return None
+        mapped = read_json(str(folder / "special_tokens_map.json"))
+        for name in ("bos_token", "eos_token"):
+            if name in mapped:
+                if name in config and _token_text(config[name]) != _token_text(mapped[name]):
+                    return None
+                config = {**config, name: mapped[name]}
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        present = {i: token.content for i, token in backend.get_added_tokens_decoder().items()}
+        for key, token in (config.get("added_tokens_decoder") or {}).items():
+            if not isinstance(token, dict) or present.get(int(key)) != token.get("content"):
+                return None  # a token transformers would add to the backend
+        tokenizer = cls(folder, config, backend)
+        return tokenizer if tokenizer.eos_token_id is not None else None
+
+    def __len__(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids):
+        if isinstance(ids, int):
+            return self._tokenizer.id_to_token(ids)
+        return [self._tokenizer.id_to_token(i) for i in ids]
+
+
+def data_tokenizer(model_name: str, chat: bool):
+    """The tokenizer the parent prepares rows with: the generic fast one read directly (PlainTokenizer) where it
+    serves and the rows need no chat template, else the model's own (load_tokenizer)."""
+    folder = Path(os.path.expanduser(model_name))
+    plain = PlainTokenizer.read(folder) if not chat and folder.is_dir() else None
+    if plain is not None:
+        return plain
+    with collector_off():
+        return load_tokenizer(model_name)
+
+
 def load_tokenizer(model_name: str):
     """The model's tokenizer, with a pad token (its EOS when it has none). The same call in the parent, which
     prepares the rows with it, and in the ranks, which save it beside the adapter."""

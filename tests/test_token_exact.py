@@ -455,3 +455,96 @@ def test_glm4_answers_end_with_the_stop_token_its_generation_config_lists(bases,
     assert prepared.stats.open_turns == 0
     assert [[run[-1] for run in row] for row in runs] == [["<|user|>", "<|user|>"], ["<|user|>"]], runs
     assert all("<|assistant|>" not in run for row in runs for run in row)
+
+
+def test_a_generic_tokenizer_read_without_transformers_gives_the_same_ids_tokens_and_text(bases, tmp_path):
+    """The parent prepares text, prompt/completion and template rows with a generic fast tokenizer read by the
+    `tokenizers` library alone (sources.PlainTokenizer), skipping transformers' import. Where it serves, it gives
+    what transformers' PreTrainedTokenizerFast gives: the same BOS/EOS and ids, the same ids for every text with
+    and without special tokens, the same pieces and decoded text, and so the same prepared rows. Folders as
+    transformers 5 saves them (each family's special tokens on the byte-level tokenizer, the demo model's), and as
+    Hub models saved by transformers 4 ship (added_tokens_decoder, special_tokens_map.json). Where transformers
+    would change something, it does not serve."""
+    from transformers import PreTrainedTokenizerFast
+
+    from demo.tiny_model import build
+    from plugin_utils.sources import PlainTokenizer, data_tokenizer
+
+    folders = {"demo": build(tmp_path / "demo")}
+    for family in TEMPLATES:
+        rt.for_family(bases["byte-bpe"], family).save_pretrained(str(tmp_path / family))
+        folders[family] = tmp_path / family
+    hub = tmp_path / "saved-by-transformers-4"
+    hub.mkdir()
+    (hub / "tokenizer.json").write_text((tmp_path / "llama-3.1" / "tokenizer.json").read_text())
+    backend_tokens = json.loads((hub / "tokenizer.json").read_text())["added_tokens"]
+    decoder = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "rstrip", "special")} for t in backend_tokens}
+    (hub / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "added_tokens_decoder": decoder,
+                "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|eot_id|>",
+            }
+        )
+    )
+    specials = {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>", "special": True}}
+    (hub / "special_tokens_map.json").write_text(json.dumps(specials))
+    folders["hub"] = hub
+
+    texts = [
+        "Plain words, and more words.",
+        "  leading spaces\n\ttabs\n\nnewlines  ",
+        "Grüße aus Köln 你好 😀",
+        "<|endoftext|>inside<|eot_id|> <|im_start|>user\nhi<|im_end|>",
+        "",
+    ]
+    for name, folder in folders.items():
+        plain, real = PlainTokenizer.read(Path(folder)), PreTrainedTokenizerFast.from_pretrained(str(folder))
+        assert plain is not None, name
+        assert data_tokenizer(str(folder), chat=False).__class__ is PlainTokenizer
+        assert (plain.eos_token, plain.eos_token_id, plain.bos_token, plain.bos_token_id) == (
+            real.eos_token,
+            real.eos_token_id,
+            real.bos_token,
+            real.bos_token_id,
+        ), name
+        for text in [*texts, *real.all_special_tokens]:
+            for add in (True, False):
+                ids = real(text, add_special_tokens=add)["input_ids"]
+                assert plain._tokenizer.encode(text, add_special_tokens=add).ids == ids, (name, text, add)
+                assert real._tokenizer.encode(text, add_special_tokens=add).ids == ids, (name, text, add)
+                assert plain.convert_ids_to_tokens(ids) == real.convert_ids_to_tokens(ids)
+                for skip in (False, True):
+                    assert plain.decode(ids, skip_special_tokens=skip) == real.decode(ids, skip_special_tokens=skip)
+        data = params.defaults().data
+        for fmt, columns, train_part_only in (
+            ("prompt_completion", ["prompt", "completion"], True),
+            ("text", ["text"], False),
+        ):
+            rows = [{"prompt": t, "completion": f" {t}!", "text": t} for t in texts]
+            rows = [{k: row[k] for k in columns} for row in rows]
+            ours = encoding.Encoder(data, fmt, plain, columns, train_part_only).encode_many(rows)
+            theirs = encoding.Encoder(data, fmt, real, columns, train_part_only).encode_many(rows)
+            assert [(r["input_ids"], r["labels"]) for r in ours] == [(r["input_ids"], r["labels"]) for r in theirs]
+
+    refused = {
+        "sentencepiece": bases["sentencepiece"],  # LlamaTokenizer: transformers builds its own backend
+        "add_bos_token": {"add_bos_token": True},
+        "a token the backend lacks": {"added_tokens_decoder": {"9999": {"content": "<extra>", "special": True}}},
+        "clean-up": {"clean_up_tokenization_spaces": True},
+        "two EOS": {"eos_token": "<|endoftext|>"},
+    }
+    for why, change in refused.items():
+        if isinstance(change, Path):
+            assert PlainTokenizer.read(change) is None, why
+            continue
+        folder = tmp_path / f"refused-{len(why)}"
+        folder.mkdir()
+        for file in ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"):
+            (folder / file).write_text((hub / file).read_text())
+        config = json.loads((hub / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
+        assert PlainTokenizer.read(folder) is None, why
+    assert data_tokenizer(str(hub), chat=True).__class__ is not PlainTokenizer  # chat templates need transformers

@@ -11,8 +11,8 @@ from typing import Any
 
 from ..errors import StopRequested
 from ..params import DataSettings
-from ..rowformats import DataFacts
-from ..sources import collector_off, load_tokenizer, stop_ids
+from ..rowformats import CHAT_FORMATS, DataFacts
+from ..sources import collector_off, data_tokenizer, stop_ids
 from .encoding import Encoder, build, encode_checked, marked
 from .formats import detect_format
 from .keys import cache_key, fingerprint
@@ -79,12 +79,11 @@ class Prepared:
 
 
 def import_libraries() -> None:
-    """datasets and transformers' fast tokenizer, which reading and tokenizing the rows use, imported with the
-    garbage collector off (sources.collector_off). Not AutoTokenizer: it imports torch, which a model with a
-    generic tokenizer never needs here (sources.load_tokenizer imports it when a model does)."""
+    """datasets, which reads and saves the rows, imported with the garbage collector off (sources.collector_off).
+    Not transformers: a generic fast tokenizer is read without it (sources.data_tokenizer), and a model that
+    needs its own tokenizer class imports it there."""
     with collector_off():
         import datasets  # noqa: F401
-        from transformers import PreTrainedTokenizerFast  # noqa: F401
 
 
 def load(settings: DataSettings) -> LoadedDataset:
@@ -112,7 +111,7 @@ def prepare(
     plan's loss mode: whether only completions (assistant turns) are trained. `stopping()` is asked once more
     before the result is published: a stop that a worker pool swallowed still leaves nothing behind."""
     cache = PreparedCache.from_env()  # a bad bound is an error before any work
-    tokenizer = load_tokenizer(settings.model_name)
+    tokenizer = data_tokenizer(settings.model_name, chat=dataset.format in CHAT_FORMATS)
     stops = stop_ids(settings.model_name)
     encoder = Encoder(settings, dataset.format, tokenizer, dataset.columns, completion_only, stops)
     samples, shown = _preview(encoder, tokenizer, dataset.head[:preview], settings.maximum_sequence_length)
