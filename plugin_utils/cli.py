@@ -173,7 +173,7 @@ def conclude(sink, json_on: bool, finished: Finished | None, error: BaseExceptio
         emit_json(json_on, finished.report)
         return EXIT_OK
     if stop is not None and stop.requested and stop.interrupting:
-        # A stop before the ranks started interrupts whatever ran (a worker pool may break first).
+        # A stop before the ranks trained interrupts whatever ran (a worker pool may break first).
         error = StopRequested()
     job_id = sink.job_id or None
     if isinstance(error, InvalidConfig):

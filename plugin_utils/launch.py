@@ -25,7 +25,7 @@ from typing import Any
 
 from . import checkpoints
 from .errors import RunFailed, StopRequested
-from .machine import NODE_LEVEL_VARIABLES
+from .machine import NODE_LEVEL_VARIABLES, preparation_processes
 from .planning import Plan
 from .runfolder import (
     CheckpointSaved,
@@ -73,8 +73,9 @@ class RunResult:
 class StopFlag:
     """Set by a signal handler or the host's stop button; read by the watch loop.
 
-    Before the ranks start (data preparation), a signal interrupts at once: nothing has been trained,
-    and what was being written is staged and removed. Once they run, it asks them to save and stop.
+    Before the ranks have their spec (data preparation, opening the job), a signal interrupts at once: nothing
+    has been trained, what was being written is staged and removed, and the waiting ranks are ended. Once they
+    train, it asks them to save and stop.
     """
 
     def __init__(self) -> None:
@@ -110,7 +111,8 @@ class StopFlag:
             raise StopRequested()
 
     def _end_children(self) -> None:
-        """Before the ranks start, every child of this process is a data-preparation process. They end here, with
+        """Before the ranks train, every child of this process in its own session is a data-preparation process
+        (the ranks have a session of their own, and `Ranks.end` ends them). They end here, with
         SIGKILL, before the stop unwinds this process through the worker pool's own cleanup, which could hang two
         ways: it joins its workers, and one forked just as the stop came (so it never got the group's signal),
         stuck on a lock the fork copied held, never ran the handler that would end it on the pool's SIGTERM; and
@@ -140,7 +142,7 @@ class StopFlag:
                 with contextlib.suppress(AttributeError):
                     pool._worker_handler._state = "TERMINATE"
             for _ in range(2):  # again for a worker forked while the pools were told
-                children = psutil.Process().children(recursive=True)
+                children = preparation_processes()
                 for child in children:
                     with contextlib.suppress(psutil.Error):
                         child.kill()

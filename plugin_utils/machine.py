@@ -410,3 +410,17 @@ def nodes_from_env(env: dict[str, str] | None = None) -> Nodes | None:
         rank = _int(env.get("NODE_RANK")) or 0
         return Nodes(count, rank, env["MASTER_ADDR"], port, "MASTER_ADDR, MASTER_PORT, NODE_RANK")
     return None
+
+
+def preparation_processes() -> list:
+    """This process's children that prepare data (a worker pool and its manager), as psutil processes: those in
+    its own session. The ranks, started while the data is prepared, run in a session of their own."""
+    import psutil
+
+    session = os.getsid(0)
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getsid(child.pid) == session:
+                found.append(child)
+    return found

@@ -1,4 +1,4 @@
-"""Data preparation, done once in the parent before any rank starts.
+"""Data preparation, done once in the parent while the ranks import their libraries (they wait for its result).
 
 Rows are loaded (`loading`), their format found (`formats`), templates applied and everything tokenized into
 `input_ids` plus `labels` (-100 where no loss is taken) and truncated (`encoding`), then saved with `save_to_disk`

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import StopRequested
+from ..machine import preparation_processes
 from ..params import DataSettings
 from ..rowformats import CHAT_FORMATS, DataFacts
 from ..sources import collector_off, data_tokenizer, stop_ids
@@ -143,8 +144,8 @@ def _end_worker_processes() -> None:
     """End every process a parallel map started: its worker pool, and the manager process datasets starts beside
     it. A stop that interrupts the map can leave them running (this process would then wait for them at exit),
     or land between a fork and multiprocess registering the child, which then serves on as an orphan: so the
-    children are found from the process table, not from multiprocess's list. Before the ranks start, every child
-    of this process is one of them."""
+    children are found from the process table, not from multiprocess's list: those in this process's session (the
+    ranks, started early, have their own)."""
     import psutil
 
     try:
@@ -154,7 +155,7 @@ def _end_worker_processes() -> None:
     for child in multiprocess.active_children() if multiprocess else []:  # joined, so multiprocess forgets them
         child.terminate()
         child.join(timeout=5)
-    children = psutil.Process().children(recursive=True)
+    children = preparation_processes()
     for child in children:
         with contextlib.suppress(psutil.Error):
             child.terminate()
