@@ -1,7 +1,8 @@
 """SFT trainer plugin for TransformerLab, built on TRL.
 
 The pipeline: the host, then three stages (plugin_utils/stages.py): check (parameters, this machine, the model's
-config, the outputs), prepare (the model's layers and the data) and train (the job, the ranks, the outputs);
+config, the outputs), prepare (the model's layers and the data, while the ranks, started once the check passes,
+import their libraries) and train (the job, the ranks' spec, the outputs);
 `--check` stops after the first, `--dry-run` after the second, and `cli.conclude` turns how the run ended into
 the job's status and the exit code. Started three ways (TransformerLab's plugin harness, the lab SDK with
 _TFL_JOB_ID, or headless `python main.py --config run.json`); importing this module starts nothing.
