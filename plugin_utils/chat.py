@@ -244,11 +244,16 @@ class ChatRenderer:
         self._special = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
         self.fast = True  # False: every row turn by turn (the reference the fast way is checked against)
         self._shape: _Shape | bool | None = False  # False until the template's check has run
+        # The template source and keyword arguments that render plain messages exactly as apply_chat_template
+        # does, once the template's check has proved it; None until then, or where it is not so.
+        self._direct: tuple[str, dict[str, Any]] | None = None
 
     def render(self, messages: list[dict[str, Any]], tools: list | None = None, *, generation: bool = False) -> str:
         from jinja2 import TemplateError
 
         try:
+            if self._direct is not None and tools is None and _plain(messages):
+                return self._render_directly(messages, generation, *self._direct)
             return self.tok.apply_chat_template(
                 messages,
                 tools=tools,
@@ -265,6 +270,44 @@ class ChatRenderer:
                 f"the chat template refused this conversation ({reason})",
                 "Fix the conversation, or set formatting_chat_template to a template that accepts it",
             ) from None
+
+    @staticmethod
+    def _render_directly(messages, generation: bool, source: str, kwargs: dict[str, Any]) -> str:
+        """What apply_chat_template(tokenize=False) renders for plain messages (role and content strings only,
+        no tools), without its copying and normalizing of every message: its own compiled template (cached by
+        transformers), given the arguments it gives."""
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(source).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=generation, **kwargs
+        )
+
+    def _direct_rendering(self) -> tuple[str, dict[str, Any]] | None:
+        """The template source and keyword arguments for `_render_directly`, where it renders every plain probe
+        conversation, and its generation prompt after every message, as apply_chat_template does (the same
+        text, or the same refusal); else None."""
+        try:
+            source, kwargs = self.tok.get_chat_template(self.template), dict(self.tok.special_tokens_map)
+            self._render_directly([{"role": "user", "content": "?"}], False, source, kwargs)
+        except Exception:  # a transformers without that function, or a template it cannot compile
+            return None
+
+        def outcome(messages, generation: bool, direct: bool):
+            try:
+                if direct:
+                    return self._render_directly(messages, generation, source, kwargs)
+                return self.tok.apply_chat_template(
+                    messages, tokenize=False, chat_template=self.template, add_generation_prompt=generation
+                )
+            except Exception as exc:  # compared, not handled
+                return type(exc), str(exc)
+
+        for messages, _ in _PROBES:
+            for end in range(1, len(messages) + 1) if _plain(messages) else ():
+                for generation in (False, True):
+                    if outcome(messages[:end], generation, False) != outcome(messages[:end], generation, True):
+                        return None
+        return source, kwargs
 
     def _try(self, messages, tools, *, generation: bool = False) -> str | None:
         try:
@@ -430,8 +473,8 @@ class ChatRenderer:
                 self.tok.eos_token,
             )
             if key not in _SHAPES:
-                _SHAPES[key] = self._checked_shape()
-            self._shape = _SHAPES[key]
+                _SHAPES[key] = (self._checked_shape(), self._direct_rendering())
+            self._shape, self._direct = _SHAPES[key]
         return self._shape
 
     def _checked_shape(self) -> _Shape | None:
@@ -575,8 +618,9 @@ class _Shape:
     allowed: frozenset[str] = frozenset()
 
 
-# Template source and special tokens -> its shape (None: every row turn by turn).
-_SHAPES: dict[tuple, _Shape | None] = {}
+# Template source and special tokens -> its shape (None: every row turn by turn), and how to render plain
+# messages directly (None: through apply_chat_template).
+_SHAPES: dict[tuple, tuple[_Shape | None, tuple[str, dict[str, Any]] | None]] = {}
 
 # Which message fields the check's probes cover, per role; a row with any other field is located turn by turn.
 _COVERED = {
@@ -586,6 +630,15 @@ _COVERED = {
     "tool": {"role", "content", "name", "tool_call_id"},
 }
 _THINK = ("<think>", "</think>")
+
+
+def _plain(messages: list[dict[str, Any]]) -> bool:
+    """Messages of a role and a content string each, and nothing else: what apply_chat_template passes to the
+    template unchanged (it copies them, drops null fields and aliases reasoning fields)."""
+    return bool(messages) and all(
+        type(m) is dict and len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str
+        for m in messages
+    )
 
 
 def _features(messages: list[dict[str, Any]], tools, first: int, special: re.Pattern | None) -> frozenset[str] | None:
