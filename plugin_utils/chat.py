@@ -465,8 +465,13 @@ class ChatRenderer:
         as `locate_per_turn` does; None where the template's check found none. Checked once per template and
         special tokens (in this process)."""
         if self._shape is False:
+            try:
+                source = self.tok.get_chat_template(self.template)
+            except ValueError:  # no template: every render says so, row by row
+                self._shape = None
+                return None
             key = (
-                self.tok.get_chat_template(self.template),
+                source,
                 repr(sorted(self.tok.special_tokens_map.items())),
                 self._special.pattern if self._special else None,
                 self.tok.bos_token,
