@@ -462,8 +462,8 @@ class ChatRenderer:
 
     def shape(self) -> _Shape | None:
         """What the template writes around an answer, and the rows whose turns two renderings locate exactly
-        as `locate_per_turn` does; None where the template's check found none. Checked once per template and
-        special tokens (in this process)."""
+        as `locate_per_turn` does; None where the template's check found none. Checked once per template, special
+        tokens and model folder (in this process)."""
         if self._shape is False:
             try:
                 source = self.tok.get_chat_template(self.template)
@@ -472,6 +472,7 @@ class ChatRenderer:
                 return None
             key = (
                 source,
+                getattr(self.tok, "name_or_path", None),  # the model folder: what else closing may read
                 repr(sorted(self.tok.special_tokens_map.items())),
                 self._special.pattern if self._special else None,
                 self.tok.bos_token,
