@@ -8,7 +8,8 @@ templates), and checks at token level:
 - labels are -100 or the token itself;
 - no token of a user, system or tool message, and no role marker, is ever trained;
 - every answer the template renders is trained, each turn closed by its end-of-turn token;
-- an answer whose words also fill the question trains exactly the same tokens.
+- an answer whose words also fill the question trains exactly the same tokens;
+- every turn located from two renderings trains exactly the tokens the per-turn method trains.
 A conversation the template itself refuses is a RowProblem (exit 2 with the row), never a wrong row.
 """
 
