@@ -59,7 +59,7 @@ p = params.defaults().replace(model_name=sys.argv[2], dataset_name=sys.argv[3], 
 started = time.perf_counter()
 dataset = data.load(p.data)
 prepared = data.prepare(p.data, dataset, planning.loss_mode(p, dataset.format)[0])
-print(json.dumps({"seconds": time.perf_counter() - started, "rows": prepared.stats["rows_used"]}))
+print(json.dumps({"seconds": time.perf_counter() - started, "rows": prepared.stats.rows_used}))
 """
 
 TRL_ARM = """

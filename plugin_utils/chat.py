@@ -15,13 +15,22 @@ Where an assistant turn is, in the rendering of the whole conversation:
   <|end|>); where the last answer closes differently, the closer the template gives earlier messages.
   A token that opens a turn (BOS, a header, start or role token) ends the search: what belongs to the next
   turn is never part of it.
+
+That takes about three renderings per assistant turn. Where a template allows it, two renderings locate every
+turn of a conversation: the conversation, and the conversation with each assistant turn's fields replaced by a
+marker of its own. The text between two turns' markers occurs exactly once where it can in the whole rendering,
+and each turn's fields lie between; the generation prompt's header before the fields and the text the template
+emits after a last answer, rendered once per template, give the start and the closing text. Whether a template
+allows it is checked once per template and special tokens: both ways must locate the same turns on probe
+conversations. A row holding anything the probes did not cover, or whose renderings do not fit together, is
+located turn by turn.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "ipython", "function"}
@@ -155,12 +164,12 @@ def tools_of(value: Any, column: str) -> list | None:
     return value or None
 
 
-def _marked(message: dict[str, Any]) -> dict[str, Any]:
-    """The message with every field the model writes replaced by MARK."""
-    marked = {**message, "content": MARK}
+def _marked(message: dict[str, Any], mark: str = MARK) -> dict[str, Any]:
+    """The message with every field the model writes replaced by `mark`."""
+    marked = {**message, "content": mark}
     for reasoning in ("reasoning_content", "thinking"):  # Qwen3/DeepSeek's field, gpt-oss's field
         if isinstance(message.get(reasoning), str) and message[reasoning]:
-            marked[reasoning] = MARK
+            marked[reasoning] = mark
     if message.get("tool_calls"):
         calls = []
         for call in message["tool_calls"]:
@@ -170,7 +179,7 @@ def _marked(message: dict[str, Any]) -> dict[str, Any]:
                 if isinstance(call.get("function"), dict):
                     holder = call["function"] = dict(call["function"])
                 if "arguments" in holder:
-                    holder["arguments"] = {MARK: MARK} if isinstance(holder["arguments"], dict) else MARK
+                    holder["arguments"] = {mark: mark} if isinstance(holder["arguments"], dict) else mark
             calls.append(call)
         marked["tool_calls"] = calls
     return marked
@@ -237,11 +246,18 @@ class ChatRenderer:
         specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
         ordered = sorted((s for s in specials if s), key=len, reverse=True)
         self._special = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
+        self.fast = True  # False: every row turn by turn (the reference the fast way is checked against)
+        self._shape: _Shape | bool | None = False  # False until the template's check has run
+        # The template source and keyword arguments that render plain messages exactly as apply_chat_template
+        # does, once the template's check has proved it; None until then, or where it is not so.
+        self._direct: tuple[str, dict[str, Any]] | None = None
 
     def render(self, messages: list[dict[str, Any]], tools: list | None = None, *, generation: bool = False) -> str:
         from jinja2 import TemplateError
 
         try:
+            if self._direct is not None and tools is None and _plain(messages):
+                return self._render_directly(messages, generation, *self._direct)
             return self.tok.apply_chat_template(
                 messages,
                 tools=tools,
@@ -258,6 +274,44 @@ class ChatRenderer:
                 f"the chat template refused this conversation ({reason})",
                 "Fix the conversation, or set formatting_chat_template to a template that accepts it",
             ) from None
+
+    @staticmethod
+    def _render_directly(messages, generation: bool, source: str, kwargs: dict[str, Any]) -> str:
+        """What apply_chat_template(tokenize=False) renders for plain messages (role and content strings only,
+        no tools), without its copying and normalizing of every message: its own compiled template (cached by
+        transformers), given the arguments it gives."""
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(source).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=generation, **kwargs
+        )
+
+    def _direct_rendering(self) -> tuple[str, dict[str, Any]] | None:
+        """The template source and keyword arguments for `_render_directly`, where it renders every plain probe
+        conversation, and its generation prompt after every message, as apply_chat_template does (the same
+        text, or the same refusal); else None."""
+        try:
+            source, kwargs = self.tok.get_chat_template(self.template), dict(self.tok.special_tokens_map)
+            self._render_directly([{"role": "user", "content": "?"}], False, source, kwargs)
+        except Exception:  # a transformers without that function, or a template it cannot compile
+            return None
+
+        def outcome(messages, generation: bool, direct: bool):
+            try:
+                if direct:
+                    return self._render_directly(messages, generation, source, kwargs)
+                return self.tok.apply_chat_template(
+                    messages, tokenize=False, chat_template=self.template, add_generation_prompt=generation
+                )
+            except Exception as exc:  # compared, not handled
+                return type(exc), str(exc)
+
+        for messages, _ in _PROBES:
+            for end in range(1, len(messages) + 1) if _plain(messages) else ():
+                for generation in (False, True):
+                    if outcome(messages[:end], generation, False) != outcome(messages[:end], generation, True):
+                        return None
+        return source, kwargs
 
     def _try(self, messages, tools, *, generation: bool = False) -> str | None:
         try:
@@ -371,7 +425,20 @@ class ChatRenderer:
 
     def locate(self, messages: list[dict[str, Any]], tools: list | None = None, *, first: int = 0) -> Rendered:
         """The rendering and the assistant turns from message `first` on (TRL's conversational
-        prompt/completion rows train only the completion's turns)."""
+        prompt/completion rows train only the completion's turns): from two renderings where the template's
+        check allows it and the row holds only what that check covered, else turn by turn."""
+        shape = self.shape() if self.fast else None
+        if shape is not None:
+            features = _features(messages, tools, first, self._special)
+            if features is not None and features <= shape.allowed:
+                rendered = self._located_at_once(messages, first, shape)
+                if rendered is not None:
+                    return rendered
+        return self.locate_per_turn(messages, tools, first=first)
+
+    def locate_per_turn(self, messages: list[dict[str, Any]], tools: list | None = None, *, first: int = 0) -> Rendered:
+        """`locate` the reference way: each assistant turn from renderings of its own (the conversation with that
+        turn marked, its generation prompt, the conversation cut after it)."""
         full = self.render(messages, tools)
         rendered = Rendered(full)
         done = 0
@@ -411,6 +478,123 @@ class ChatRenderer:
             done = end
         return rendered
 
+    # --- every turn at once ---
+
+    def shape(self) -> _Shape | None:
+        """What the template writes around an answer, and the rows whose turns two renderings locate exactly
+        as `locate_per_turn` does; None where the template's check found none. Checked once per template, special
+        tokens and model folder (in this process)."""
+        if self._shape is False:
+            try:
+                source = self.tok.get_chat_template(self.template)
+            except ValueError:  # no template: every render says so, row by row
+                self._shape = None
+                return None
+            key = (
+                source,
+                getattr(self.tok, "name_or_path", None),  # the model folder
+                tuple(sorted(self.stop_tokens)),  # what closing reads beside the special tokens
+                repr(sorted(self.tok.special_tokens_map.items())),
+                self._special.pattern if self._special else None,
+                self.tok.bos_token,
+                self.tok.eos_token,
+            )
+            if key not in _SHAPES:
+                _SHAPES[key] = (self._checked_shape(), self._direct_rendering())
+            self._shape, self._direct = _SHAPES[key]
+        return self._shape
+
+    def _checked_shape(self) -> _Shape | None:
+        """The template's shape from probe renderings, and the row features with which locating every turn at
+        once gave the same turns as `locate_per_turn` on every probe conversation. None when even the plainest
+        conversations differ, or the template's shape cannot be read."""
+        question = [{"role": "user", "content": "Which river is the longest?"}]
+        history, generation = self._try(question, None), self._try(question, None, generation=True)
+        whole = self._try([*question, {"role": "assistant", "content": MARK}], None)
+        if history is None or generation is None or whole is None or whole.count(MARK) != 1:
+            return None
+        # The history ends where the generation prompt starts. Phi-3 ends a history with <|endoftext|> that its
+        # generation prompt leaves out: there, the last piece boundary the two share.
+        shared, ends = common_prefix(history, generation), 0
+        if shared == len(history):
+            ends = shared
+        else:
+            for piece in self._pieces(generation):
+                if ends + len(piece) > shared:
+                    break
+                ends += len(piece)
+        if not whole.startswith(generation[:ends]):
+            return None
+        prompt = generation[ends:]
+        header = prompt[: common_prefix(prompt, whole[ends:])]
+        fields = whole.index(MARK)
+        shape = _Shape(prompt, header if header.strip() else "", whole[ends:fields], whole[fields + len(MARK) :])
+        agreed: dict[str, bool] = {}
+        for messages, first in _PROBES:
+            features = _features(messages, None, first, self._special)
+            try:
+                expected = self.locate_per_turn(messages, first=first)
+            except RowProblem:
+                expected = None
+            try:
+                found = self._located_at_once(messages, first, shape)
+            except RowProblem:
+                found = None
+            if expected is None and found is None:
+                continue  # the template refuses this conversation: no evidence either way
+            same = found is not None and found == expected
+            for feature in features or ("",):
+                agreed[feature] = agreed.get(feature, True) and same
+        if not agreed.get(""):
+            return None
+        return replace(shape, allowed=frozenset(feature for feature, ok in agreed.items() if ok))
+
+    def _located_at_once(self, messages: list[dict[str, Any]], first: int, shape: _Shape) -> Rendered | None:
+        """The turns from two renderings: the conversation, and the conversation with each assistant turn's
+        fields replaced by a marker of its own. The text between two turns' markers is found once, and only
+        once, in the conversation: the fields of each turn lie between. The start and the closing text come from
+        the template's shape. None (locate turn by turn) wherever the renderings do not fit together."""
+        full = self.render(messages, None)
+        rendered = Rendered(full)
+        indices = [i for i, message in enumerate(messages) if message["role"] == "assistant" and i >= first]
+        if not indices:
+            return rendered
+        if len(indices) > 999 or _PRIVATE.search(full):
+            return None
+        marks = [f"\ue000\ue001m{k:03d}\ue001\ue000" for k in range(len(indices))]
+        marked = list(messages)
+        for i, mark in zip(indices, marks, strict=True):
+            marked[i] = _marked(messages[i], mark)
+        spans = _fields(full, self._try(marked, None), marks)
+        if spans is None:
+            return None
+        done, last = 0, len(messages) - 1
+        for i, (a, b) in zip(indices, spans, strict=True):
+            if i == 0:
+                start = a  # no history, no generation prompt
+            elif shape.header:
+                # The history ends where the generation prompt's header does, last before the fields.
+                at = full.rfind(shape.header, done, a)
+                if at < 0:
+                    return None
+                start = at + common_prefix(shape.generation, full[at:a])
+            else:
+                start = a - len(shape.before)
+                if start < done or full[start:a] != shape.before:
+                    return None
+            own = full[b:] if i == last else shape.tail
+            closing, closed = self.closing(own, full[b:])
+            if not closed and i < last:
+                closing, closed = self.closing(own, full[b:], self.closer_before(full[:start]))
+            end = b + closing
+            start = max(start, done)
+            if a < done or end < start:
+                return None
+            empty = not full[a:b].strip()
+            rendered.turns.append(Turn(start, end, empty, closed, _reasoning_dropped(messages[i], full[start:end])))
+            done = end
+        return rendered
+
 
 class _Alone:
     """The conversation cut after one assistant message (that message last), rendered when needed, and
@@ -441,3 +625,192 @@ def _reasoning_dropped(message: dict[str, Any], trained: str) -> bool:
             return False
         reasoning = content.split("</think>")[0].split("<think>")[-1]
     return bool(reasoning.strip()) and reasoning.strip() not in trained
+
+
+# --- locating every turn from two renderings ---
+
+# Private use characters in a rendering would be taken for markers.
+_PRIVATE = re.compile("[\ue000-\uf8ff]")
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a template writes around an assistant answer, read from probe renderings, and the row features
+    (`_features`) for which its check found two renderings enough."""
+
+    generation: str  # what add_generation_prompt appends to a history
+    header: str  # as much of it as the whole rendering shows before an answer ("" when none, or only whitespace)
+    before: str  # the text between the history and the answer's content
+    tail: str  # what follows an answer's content when it is the last message
+    allowed: frozenset[str] = frozenset()
+
+
+# Template source and special tokens -> its shape (None: every row turn by turn), and how to render plain
+# messages directly (None: through apply_chat_template).
+_SHAPES: dict[tuple, tuple[_Shape | None, tuple[str, dict[str, Any]] | None]] = {}
+
+# Which message fields the check's probes cover, per role; a row with any other field is located turn by turn.
+_COVERED = {
+    "system": {"role", "content"},
+    "user": {"role", "content"},
+    "assistant": {"role", "content", "tool_calls", "reasoning_content", "thinking"},
+    "tool": {"role", "content", "name", "tool_call_id"},
+}
+_THINK = ("<think>", "</think>")
+
+
+def _plain(messages: list[dict[str, Any]]) -> bool:
+    """Messages of a role and a content string each, and nothing else: what apply_chat_template passes to the
+    template unchanged (it copies them, drops null fields and aliases reasoning fields)."""
+    return bool(messages) and all(
+        type(m) is dict and len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str
+        for m in messages
+    )
+
+
+def _features(messages: list[dict[str, Any]], tools, first: int, special: re.Pattern | None) -> frozenset[str] | None:
+    """What a conversation holds that a template may render differently, as the check's probes name it; None
+    for what no probe covers (tool definitions, other fields or roles, a system message later on, two messages
+    of one role in a row, special tokens in the text)."""
+    if tools:
+        return None
+    found = {"prompt"} if first else set()
+    previous = None
+    for number, message in enumerate(messages):
+        role, content = message["role"], message["content"]
+        if role not in _COVERED or not _COVERED[role].issuperset(message) or not isinstance(content, str):
+            return None
+        texts = [content]
+        if role == "assistant":
+            reasoning = [message[key] for key in ("reasoning_content", "thinking") if key in message]
+            if not all(isinstance(r, str) for r in reasoning):
+                return None
+            texts += reasoning
+            found.update({"reasoning"} if reasoning else ())
+            found.update({"tools"} if message.get("tool_calls") else ())
+            found.update({"think"} if any(tag in content for tag in _THINK) else ())
+            if not message.get("tool_calls"):
+                found.update({"empty"} if not content.strip() else {"edges"} if content != content.strip() else ())
+            found.update({"assistant_first"} if previous in (None, "system") else ())
+        if special is not None:
+            tokens = {token for text in texts for token in special.findall(text)}
+            if tokens - (set(_THINK) if role == "assistant" else set()):
+                return None
+        if role == "system":
+            if number:
+                return None
+            found.add("system")
+        elif role == "tool":
+            found.add("tools")
+        elif role == previous:
+            return None
+        previous = role
+    if previous != "assistant":
+        found.add("open_end")
+    return frozenset(found)
+
+
+def _fields(full: str, marked: str | None, marks: list[str]) -> list[tuple[int, int]] | None:
+    """Where each turn's fields are in `full`, from `marked`, the rendering with turn k's fields replaced by
+    marks[k]: the text between two turns' markers must occur exactly once where it can in `full` (its leftmost
+    and rightmost placements agree). None where the renderings do not fit together that way."""
+    if marked is None:
+        return None
+    regions, at = [], 0
+    for mark in marks:
+        start = marked.find(mark)
+        if start < at:
+            return None  # missing, or out of order
+        end = marked.rfind(mark) + len(mark)
+        if _PRIVATE.search(marked[start:end].replace(mark, "")):
+            return None  # another turn's marker inside this turn's fields
+        regions.append((start, end))
+        at = end
+    edges = [0, *(at for region in regions for at in region), len(marked)]
+    gaps = [marked[edges[j] : edges[j + 1]] for j in range(0, len(edges), 2)]
+    head, tail, inner = gaps[0], gaps[-1], gaps[1:-1]
+    limit = len(full) - len(tail)
+    if limit < len(head) or not full.startswith(head) or not full.endswith(tail):
+        return None
+    if any(_PRIVATE.search(gap) for gap in inner):
+        return None
+    leftmost, at = [], len(head)
+    for gap in inner:
+        found = full.find(gap, at, limit)
+        if found < 0:
+            return None
+        leftmost.append(found)
+        at = found + len(gap)
+    rightmost, at = [], limit
+    for gap in reversed(inner):
+        at = full.rfind(gap, len(head), at)
+        rightmost.append(at)
+    if leftmost != rightmost[::-1]:
+        return None
+    starts = [len(head)] + [found + len(gap) for found, gap in zip(leftmost, inner, strict=True)]
+    return list(zip(starts, [*leftmost, limit], strict=True))
+
+
+def _probe_conversations() -> list[tuple[list[dict[str, Any]], int]]:
+    """The conversations a template's check locates both ways, with the message from which turns are trained.
+    Each row feature is covered by several: a feature is trusted only where all of its probes agree."""
+
+    def user(n: int, extra: str = "") -> dict[str, Any]:
+        return {"role": "user", "content": f"Question {n}: how far is the {['river', 'lake', 'hill'][n % 3]}?{extra}"}
+
+    def answer(text: str, **fields: Any) -> dict[str, Any]:
+        return {"role": "assistant", "content": text, **fields}
+
+    system = {"role": "system", "content": "Answer briefly."}
+    call = {"id": "call1", "type": "function", "function": {"name": "distance", "arguments": {"to": "lake"}}}
+    result = {"role": "tool", "name": "distance", "tool_call_id": "call1", "content": "12 km"}
+    plain = [user(1), answer("About two miles."), user(2), answer("Nine miles, by the\nnorth road.")]
+    return [
+        ([user(0), answer("It is 4 km away.")], 0),
+        (plain, 0),
+        ([*plain, user(3), answer("Twelve.")], 0),
+        ([user(4, " Say yes: yes"), answer("yes"), user(5, " yes yes"), answer("yes")], 0),
+        ([user(6), answer("```\nprint(1)\n```\nDone. 😀 Grüße")], 0),
+        ([system, user(7), answer("Far.")], 0),
+        ([system, *plain], 0),
+        ([answer("Hello, ask me."), user(8), answer("Three km.")], 0),
+        ([system, answer("Hello."), user(9), answer("Two km.")], 0),
+        ([user(10), answer("Near."), user(11)], 0),
+        ([system, *plain, user(12)], 0),
+        (plain, 2),
+        ([*plain, user(3), answer("Twelve.")], 4),
+        ([user(13), answer(""), user(14), answer("Far away.")], 0),
+        ([user(15), answer("Far away."), user(16), answer("")], 0),
+        ([user(17), answer("  \n "), user(18), answer("Close.")], 0),
+        ([user(19), answer(" Leading space."), user(20), answer("Trailing newlines.\n\n")], 0),
+        ([user(21), answer("\nBoth ends \n"), user(22), answer("\t Tab first.")], 0),
+        (
+            [
+                user(23),
+                answer("<think>\nfirst thought\n</think>\n\nFirst."),
+                user(24),
+                answer("<think>\nnext\n</think>\n\nNext."),
+            ],
+            0,
+        ),
+        ([user(25), answer("Plain first."), user(26), answer("<think>\nlate\n</think>\nLate.")], 0),
+        (
+            [
+                user(27),
+                answer("First.", reasoning_content="early thought"),
+                user(28),
+                answer("Next.", reasoning_content="late thought"),
+            ],
+            0,
+        ),
+        ([user(29), answer("First."), user(30), answer("Next.", reasoning_content="only late")], 0),
+        ([user(31), answer("First.", thinking="early"), user(32), answer("Next.", thinking="late")], 0),
+        ([user(33), answer("", tool_calls=[call]), result, answer("It is 12 km.")], 0),
+        (
+            [user(34), answer("Let me check.", tool_calls=[call]), result, answer("12 km."), user(35), answer("Fine.")],
+            0,
+        ),
+    ]
+
+
+_PROBES = _probe_conversations()

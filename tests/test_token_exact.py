@@ -8,7 +8,8 @@ templates), and checks at token level:
 - labels are -100 or the token itself;
 - no token of a user, system or tool message, and no role marker, is ever trained;
 - every answer the template renders is trained, each turn closed by its end-of-turn token;
-- an answer whose words also fill the question trains exactly the same tokens.
+- an answer whose words also fill the question trains exactly the same tokens;
+- every turn located from two renderings trains exactly the tokens the per-turn method trains.
 A conversation the template itself refuses is a RowProblem (exit 2 with the row), never a wrong row.
 """
 
@@ -142,7 +143,7 @@ def _stop_ids(tok, family: str) -> tuple[int, ...]:
 
 def _encoder(tok, columns=("messages",), stop_ids: tuple[int, ...] = ()):
     """One encoder per tokenizer and format, as one preparation has (building one copies the tokenizer)."""
-    key = (id(tok), columns)
+    key = (id(tok), columns, stop_ids)
     if key not in _ENCODERS:
         fmt = "chat_prompt_completion" if "prompt" in columns else "chat"
         encoder = encoding.Encoder(params.defaults().data, fmt, tok, list(columns), True, stop_ids)
@@ -548,3 +549,152 @@ def test_a_generic_tokenizer_read_without_transformers_gives_the_same_ids_tokens
         (folder / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
         assert PlainTokenizer.read(folder) is None, why
     assert data_tokenizer(str(hub), chat=True).__class__ is not PlainTokenizer  # chat templates need transformers
+
+
+# --- every turn from two renderings, against the per-turn method (chat.ChatRenderer.locate) -------------
+
+# The fixture templates whose check finds two renderings enough for plain conversations.
+AT_ONCE = {
+    "command-r7b",
+    "deepseek-r1-distill",
+    "gemma-2",
+    "gemma-3",
+    "glm-4",
+    "gpt-oss",
+    "granite-3.3",
+    "kimi-k2",
+    "llama-2",
+    "llama-3.1",
+    "llama-3.2",
+    "mistral-v0.1",
+    "mistral-v0.3",
+    "phi-3",
+    "phi-3.5",
+    "qwen2.5",
+    "qwen3",
+    "qwen3-original",
+    "smollm3",
+    "solar",
+    "zephyr",
+}
+# Conversations of user and assistant turns only, which all of them locate from two renderings.
+PLAIN_SHAPES = ["single", "repeated-answer", "unicode"]
+
+
+def _encoded_both_ways(encoder, messages) -> list:
+    """The row's token ids, labels and flags as `locate` finds its turns, and as the per-turn method does."""
+    results = []
+    for fast in (True, False):
+        encoder.chat.fast = fast
+        try:
+            encoded = encoder.encode({"messages": messages})
+            flags = [
+                getattr(encoded["planned"], flag) for flag in ("empty", "no_answer", "reasoning_dropped", "open_turn")
+            ]
+            results.append((encoded["input_ids"], encoded["labels"], flags))
+        except RowProblem as exc:
+            results.append(str(exc))
+        finally:
+            encoder.chat.fast = True
+    return results
+
+
+@pytest.mark.parametrize(
+    ("base", "family"),
+    [(base, family) for base in ("byte-bpe", "sentencepiece") for family in TEMPLATES]
+    + [("mistral-instruct-v3", family) for family in ("mistral-v0.1", "mistral-v0.3", "llama-2")],
+)
+def test_two_renderings_train_exactly_the_tokens_the_per_turn_method_trains(family_tokenizers, base, family):
+    tok = family_tokenizers(base, family)
+    encoder = _encoder(tok, stop_ids=_stop_ids(tok, family))
+    renderer = encoder.chat
+    shape = renderer.shape()
+    for name, conversation in SHAPES.items():
+        messages = chat.normalize(json.loads(json.dumps(conversation)), "messages")
+        fast, reference = _encoded_both_ways(encoder, messages)
+        assert fast == reference, name
+        if family in AT_ONCE and name in PLAIN_SHAPES and not isinstance(reference, str):
+            assert chat._features(messages, None, 0, renderer._special) <= shape.allowed, name
+            assert renderer._located_at_once(messages, 0, shape) == renderer.locate_per_turn(messages), name
+
+
+def test_a_two_turn_conversation_is_rendered_twice_not_six_times(family_tokenizers, monkeypatch):
+    renderer = _encoder(family_tokenizers("byte-bpe", "qwen2.5")).chat
+    renderer.shape()  # the template's check, once
+    messages = chat.normalize(SHAPES["repeated-answer"], "messages")
+    rendered, render = [], renderer.render
+    monkeypatch.setattr(renderer, "render", lambda *args, **kwargs: rendered.append(1) or render(*args, **kwargs))
+    fast = renderer.locate(messages)
+    assert len(rendered) == 2
+    rendered.clear()
+    assert renderer.locate_per_turn(messages) == fast
+    assert len(rendered) == 6
+
+
+# The answer's header changes after the first answer: its generation prompt is no header of later answers.
+RELABELLING = (
+    "{% for m in messages %}{% if m.role == 'user' %}<|im_start|>user\n{{ m.content }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ 'assistant' if loop.index0 < 2 else 'assistant again' }}\n{{ m.content }}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_the_check_rejects_is_located_turn_by_turn(family_tokenizers, monkeypatch):
+    renderer = chat.ChatRenderer(family_tokenizers("byte-bpe", "qwen2.5"), RELABELLING, "messages")
+    assert renderer.shape() is None
+    messages = chat.normalize(SHAPES["repeated-answer"], "messages")
+    rendered, render = [], renderer.render
+    monkeypatch.setattr(renderer, "render", lambda *args, **kwargs: rendered.append(1) or render(*args, **kwargs))
+    located = renderer.locate(messages)
+    renders = len(rendered)
+    assert located == renderer.locate_per_turn(messages)
+    assert len(rendered) == 2 * renders > 2 * 2
+    assert [located.text[t.start : t.end] for t in located.turns] == [
+        "yes<|im_end|>",
+        " again\nyes<|im_end|>",  # the per-turn method's own reading of this template
+    ]
+
+
+def test_a_row_feature_whose_probes_disagree_is_located_turn_by_turn(family_tokenizers):
+    """Qwen2.5 closes a tool call after its arguments: the text after a final plain answer is no guide there."""
+    renderer = _encoder(family_tokenizers("byte-bpe", "qwen2.5")).chat
+    shape = renderer.shape()
+    assert shape is not None and "tools" not in shape.allowed
+    messages = chat.normalize(json.loads(json.dumps(SHAPES["tool-calls"])), "messages")
+    reference = renderer.locate_per_turn(messages)
+    assert renderer.locate(messages) == reference
+    assert renderer._located_at_once(messages, 0, shape) != reference  # what the check kept out
+    assert [t.closed for t in reference.turns] == [True, True]
+
+
+@pytest.mark.parametrize("family", TEMPLATES)
+def test_plain_messages_render_directly_exactly_as_apply_chat_template(family_tokenizers, family):
+    """Every plain conversation of the matrix, cut after every message, with and without the generation
+    prompt, with each answer marked: the same text or the same refusal."""
+    for base in ("byte-bpe", "sentencepiece"):
+        tok = family_tokenizers(base, family)
+        renderer = _encoder(tok).chat
+        renderer.shape()
+        assert renderer._direct is not None
+        for conversation in SHAPES.values():
+            messages = chat.normalize(json.loads(json.dumps(conversation)), "messages")
+            answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            marked = [messages[i] if i not in answers else chat._marked(m, f"<{i}>") for i, m in enumerate(messages)]
+            for variant in (messages, marked, [chat._marked(m) if m["role"] == "assistant" else m for m in messages]):
+                if not chat._plain(variant):
+                    continue
+                for end in range(1, len(variant) + 1):
+                    for generation in (False, True):
+                        outcomes = []
+                        for direct in (True, False):
+                            try:
+                                outcomes.append(
+                                    renderer._render_directly(variant[:end], generation, *renderer._direct)
+                                    if direct
+                                    else tok.apply_chat_template(
+                                        variant[:end], tokenize=False, add_generation_prompt=generation
+                                    )
+                                )
+                            except Exception as exc:
+                                outcomes.append((type(exc), str(exc)))
+                        assert outcomes[0] == outcomes[1], (base, end, generation)
