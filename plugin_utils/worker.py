@@ -260,6 +260,8 @@ def _trained(model) -> dict[str, Any]:
 # step that sees it. Agreeing at every step cost a collective each (and the wait for the slower rank it forces):
 # on 2 CPU ranks, 2.4 to 3.9 ms of a 72 ms step.
 AGREE_EVERY_SECONDS = 0.2
+# Steps seldom vary much in length, but the pace is only measured: a bound for steps that suddenly slow down a lot.
+AGREE_AT_LEAST_EVERY_STEPS = 50
 
 
 class StopChecks:
@@ -278,7 +280,8 @@ class StopChecks:
     def proposal(self, step: int) -> int:
         """Steps until the next check, at the pace since the last one (one at least)."""
         steps, seconds = step - self.last[0], time.monotonic() - self.last[1]
-        return max(1, int(AGREE_EVERY_SECONDS * steps / seconds)) if seconds > 0 else 1
+        paced = int(AGREE_EVERY_SECONDS * steps / seconds) if seconds > 0 else AGREE_AT_LEAST_EVERY_STEPS
+        return max(1, min(AGREE_AT_LEAST_EVERY_STEPS, paced))
 
     def agreed(self, step: int, interval: int) -> None:
         self.next_step = step + interval

@@ -41,6 +41,9 @@ def test_the_next_stop_check_comes_after_about_agree_every_seconds_of_steps_at_t
     assert not checks.due(18) and checks.due(19)
     clock.now += 7 * 0.5  # steps as slow as the check interval or slower: every step is checked
     assert checks.proposal(19) == 1
+    checks.agreed(19, 1)
+    clock.now += 0.0001  # however fast the steps, a check at least every AGREE_AT_LEAST_EVERY_STEPS
+    assert checks.proposal(20) == worker.AGREE_AT_LEAST_EVERY_STEPS
 
 
 def test_one_rank_agrees_with_itself_without_a_process_group(worker):
