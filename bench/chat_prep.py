@@ -11,6 +11,7 @@ Arms, each in its own process, runs alternated:
 - plugin: `main.py --config CFG --dry-run` (fresh SFT_PREPARED_CACHE, SFT_LAYERS_CACHE and datasets cache per
   run), the whole process: start, imports, the model's layers, load, prepare, save, report; and the same on the
   first 10 rows, what a dry run costs whatever the rows (the rows' share is the difference);
+- prepare: `data.load` and `data.prepare` in process, timed after the imports (fresh caches);
 - encoder: the plugin's Encoder over the same rows in batches of 1,000 (what `encoding.build`'s map runs in each
   process), with the chat template's renders counted; `--profile` prints where its time goes.
 Each figure is wall time and CPU time (the process and those it waited for): on a shared machine the CPU time
@@ -51,6 +52,22 @@ for i in range(0, len(rows), 1000):
     texts = [tok.apply_chat_template(m, tokenize=False, chat_template=template) for m in rows[i : i + 1000]]
     count += len(backend.encode_batch_fast(texts, add_special_tokens=False))
 print(json.dumps({"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu, "rows": count}))
+"""
+
+# The parent's whole preparation in process, as bench/data_prep.py's plugin arm times it: load, render, tokenize,
+# label, write, statistics, save (imports before the clock).
+PREPARE_ARM = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import datasets, transformers
+from plugin_utils import data, params, planning
+p = params.defaults().replace(model_name=sys.argv[2], dataset_name=sys.argv[3], adaptor_name="bench",
+                              formatting_chat_template=json.loads(sys.argv[4]), maximum_sequence_length=512)
+started, cpu = time.perf_counter(), time.process_time()
+dataset = data.load(p.data)
+prepared = data.prepare(p.data, dataset, planning.loss_mode(p, dataset.format)[0])
+seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+print(json.dumps({"seconds": seconds, "cpu": cpu, "rows": prepared.stats.rows_used}))
 """
 
 ENCODER_ARM = """
@@ -172,6 +189,14 @@ def main() -> None:
                         f"({fixed_cpu:5.2f} CPU-s), so the rows take {wall - fixed_wall:5.2f} s "
                         f"({cpu - fixed_cpu:5.2f} CPU-s): {(wall - fixed_wall) / base_wall:4.2f}x the baseline "
                         f"({(cpu - fixed_cpu) / base_cpu:4.2f}x in CPU)"
+                    )
+                for checkout in checkouts:
+                    fresh = {name: tempfile.mkdtemp(dir=tmp) for name in ("SFT_PREPARED_CACHE", "HF_DATASETS_CACHE")}
+                    arm = [sys.executable, "-c", PREPARE_ARM, str(checkout), model, str(data), json.dumps(template)]
+                    prepared = last_json(run(arm, {**env, **fresh})[2])
+                    print(
+                        f"    {checkout.name:12s} prepare {prepared['seconds']:5.2f} s ({prepared['cpu']:5.2f} CPU-s "
+                        f"in this process): {prepared['seconds'] / base_wall:4.2f}x the baseline"
                     )
             for checkout in checkouts:
                 arm = [sys.executable, "-c", ENCODER_ARM, str(checkout), model, str(data), json.dumps(template)]

@@ -246,7 +246,9 @@ class ChatRenderer:
         specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
         ordered = sorted((s for s in specials if s), key=len, reverse=True)
         self._special = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
-        self.fast = True  # False: every row turn by turn (the reference the fast way is checked against)
+        # False: every row turn by turn, every rendering by apply_chat_template (the reference the fast ways are
+        # checked against).
+        self.fast = True
         self._shape: _Shape | bool | None = False  # False until the template's check has run
         # The template source and keyword arguments that render plain messages exactly as apply_chat_template
         # does, once the template's check has proved it; None until then, or where it is not so.
@@ -256,7 +258,7 @@ class ChatRenderer:
         from jinja2 import TemplateError
 
         try:
-            if self._direct is not None and tools is None and _plain(messages):
+            if self.fast and self._direct is not None and tools is None and _plain(messages):
                 return self._render_directly(messages, generation, *self._direct)
             return self.tok.apply_chat_template(
                 messages,
