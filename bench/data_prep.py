@@ -3,6 +3,7 @@ parent-side preparation next to TRL's own formatting_func path on the same rows 
 the bare fast tokenizer on the same rendered texts (the limit: tokenization alone).
 
     .venv/bin/python bench/data_prep.py [--rows 100000] [--scaling 25000,50000,100000]
+    .venv/bin/python bench/data_prep.py --rows 20000 --whole 3   # main.py --dry-run next to the bare work
 
 Each arm runs in its own process with its own datasets cache; peak memory is the highest PSS summed over
 that process tree, sampled every 20 ms. Rows/s counts the rows prepared (templated, tokenized, labelled, written).
@@ -100,6 +101,63 @@ print(json.dumps({"seconds": time.perf_counter() - started, "rows": rows}))
 """
 
 
+# The whole-process comparison (--whole): `main.py --dry-run` from start to exit, next to a script that does the
+# least the same rows need, also from start to exit: read the JSON lines, render the template, encode_batch_fast.
+WHOLE_BARE = """
+import json, sys
+from jinja2 import Template
+from tokenizers import Tokenizer
+template = Template(json.loads(sys.argv[3]))
+texts = [template.render(**json.loads(line)) for line in open(sys.argv[2])]
+backend = Tokenizer.from_file(sys.argv[1] + "/tokenizer.json")
+for i in range(0, len(texts), 1000):
+    backend.encode_batch_fast(texts[i : i + 1000])
+"""
+
+
+def whole(model: str, data: Path, template: str, runs: int, tmp: str) -> None:
+    """Medians of alternating runs, each a fresh process with fresh prepared, layers and datasets caches."""
+    import statistics
+
+    config = Path(tmp, "whole.json")
+    config.write_text(
+        json.dumps(
+            {
+                "model_name": model,
+                "dataset_name": str(data),
+                "formatting_template": json.loads(template),
+                "adaptor_name": "bench",
+                "train_device": "cpu",
+                "maximum_sequence_length": 512,
+                "output_dir": str(Path(tmp, "outputs")),
+            }
+        )
+    )
+    arms = {
+        "plugin main.py --dry-run": [sys.executable, str(ROOT / "main.py"), "--config", str(config), "--dry-run"],
+        "bare (read, render, encode_batch_fast)": [sys.executable, "-c", WHOLE_BARE, model, str(data), template],
+    }
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(runs):
+        for name, cmd in arms.items():
+            fresh = tempfile.mkdtemp(dir=tmp)
+            env = {
+                **os.environ,
+                "HF_HUB_OFFLINE": "1",
+                "SFT_PREPARED_CACHE": str(Path(fresh, "prepared")),
+                "SFT_LAYERS_CACHE": str(Path(fresh, "layers")),
+                "HF_DATASETS_CACHE": str(Path(fresh, "datasets")),
+            }
+            started = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    bare = medians["bare (read, render, encode_batch_fast)"]
+    for name, median in medians.items():
+        shown = ", ".join(f"{t:.2f}" for t in times[name])
+        print(f"{name:40s} median {median:6.2f} s ({shown})  {median / bare:.2f}x bare")
+
+
 def make_rows(path: Path, count: int) -> None:
     rng = random.Random(0)
 
@@ -160,6 +218,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--scaling", default="25000,50000,100000")
     parser.add_argument("--bare-only", action="store_true", help="skip the TRL arms and the scaling runs")
+    parser.add_argument("--whole", type=int, default=0, help="only the whole-process comparison, this many runs")
     args = parser.parse_args()
     from demo.tiny_model import build
 
@@ -174,6 +233,10 @@ def main() -> None:
         template = json.dumps(TEMPLATE)
         data = Path(tmp, f"rows-{args.rows}.jsonl")
         make_rows(data, args.rows)
+        if args.whole:
+            print(f"{args.rows} alpaca-style rows, whole processes, {os.cpu_count()} CPUs")
+            whole(model, data, template, args.whole, tmp)
+            return
         print(f"{args.rows} alpaca-style rows, template with a conditional, tiny BPE tokenizer, {os.cpu_count()} CPUs")
         plugin = run_arm([sys.executable, "-c", PLUGIN_ARM, str(ROOT), model, str(data), template], env)
         print(
