@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/reporting_cost.py
 
-Rank side: the plugin's callback `on_step_end` (stop-file check, parent check, one 1-element all-reduce
-so every rank agrees on stopping, a progress event at most once a second) timed over 2,000 calls in a
+Rank side: the plugin's callback `on_step_end` (at the steps the ranks last agreed on, a few times a second:
+the stop-file check, the parent check and one all-reduce by which every rank agrees on stopping and on the
+next such step; a progress event at most once a second) timed over 2,000 calls in a
 real 2-rank gloo group on this machine. Parent side: one relayed row (the plugin's lab SDK adapter,
 `update_progress` with metrics, which appends to metrics.jsonl and rewrites the job's index.json whole), timed
 over 200 calls, next to the SDK's own in-place write of index.json.
