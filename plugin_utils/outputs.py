@@ -460,7 +460,7 @@ class RunSession:
         self.identity = identity
         self._stack = contextlib.ExitStack()
         self.staged: Staged | None = None
-        self.folder: RunFolder | None = folder
+        self.folder = folder
         self.resume_from: str | None = None
 
     def __enter__(self) -> RunSession:
