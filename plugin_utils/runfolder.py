@@ -31,10 +31,19 @@ DEEPSPEED_CONFIG = "deepspeed_config.json"
 
 
 def process_start() -> float:
-    """When this process started (epoch seconds): start-up stages are timed from it, in parent and ranks."""
-    import psutil
+    """When this process started (epoch seconds): start-up stages are timed from it, in parent and ranks. Read
+    from /proc as psutil reads it on Linux (the boot time plus the process's start in clock ticks), without
+    importing psutil (30 ms of `--check`); psutil elsewhere."""
+    try:
+        with open("/proc/self/stat") as handle:
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        import psutil
 
-    return psutil.Process().create_time()
+        return psutil.Process().create_time()
 
 
 @dataclass(frozen=True)
