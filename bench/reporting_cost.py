@@ -7,7 +7,9 @@ the stop-file check, the parent check and one all-reduce by which every rank agr
 next such step; a progress event at most once a second) timed over 2,000 calls in a
 real 2-rank gloo group on this machine. Parent side: one relayed row (the plugin's lab SDK adapter,
 `update_progress` with metrics, which appends to metrics.jsonl and rewrites the job's index.json whole), timed
-over 200 calls, next to the SDK's own in-place write of index.json.
+over 200 rows sent one a call and four a call (the watcher sends one pump's rows together: all but the last are
+appended alone), in CPU time (what the ranks lose on a machine whose cores all train) and wall time, next to the
+SDK's own in-place write of index.json.
 """
 
 from __future__ import annotations
@@ -56,11 +58,15 @@ if sys.argv[2] == "sdk":  # the SDK's own write (index.json truncated, then writ
     sdk.lab = lab
 else:  # as the plugin attaches: the job's record written whole (host._whole_record_writes)
     sdk.attach()
-rows = 200
-started = time.perf_counter()
-for step in range(rows):
-    sdk.progress(step % 100, {"loss": 1.0, "learning_rate": 1e-4, "tokens_per_second": 1e4}, step)
-print(f"RESULT {1e3 * (time.perf_counter() - started) / rows:.2f}")
+batch = int(sys.argv[3])  # rows per call: the watcher sends each pump's rows together
+calls = 200 // batch
+cpu, started = time.process_time(), time.perf_counter()
+for call in range(calls):
+    rows = [host.StepRow(step, step % 100, {"loss": 1.0, "learning_rate": 1e-4, "tokens_per_second": 1e4})
+            for step in range(call * batch, (call + 1) * batch)]
+    sdk.progress(rows)
+rows = calls * batch
+print(f"RESULT {1e3 * (time.process_time() - cpu) / rows:.2f} {1e3 * (time.perf_counter() - started) / rows:.2f}")
 """
 
 
@@ -91,10 +97,15 @@ def main() -> None:
         world, per_call = result(out.stdout + out.stderr)
         print(f"rank side: on_step_end {per_call} us per step (world size {world}, gloo)")
         for how, what in (("plugin", "the plugin's adapter, record written whole"), ("sdk", "the SDK's own write")):
-            out = subprocess.run(
-                [sys.executable, "-c", PARENT_SCRIPT, str(ROOT), how], capture_output=True, text=True, env=env
-            )
-            print(f"parent side: one relayed metrics row {result(out.stdout)[0]} ms ({what})")
+            for batch in (1, 4):
+                out = subprocess.run(
+                    [sys.executable, "-c", PARENT_SCRIPT, str(ROOT), how, str(batch)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
+                cpu, wall = result(out.stdout)
+                print(f"parent side: {batch} row(s) a call, per row {cpu} ms CPU, {wall} ms wall ({what})")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any
 
 from . import checkpoints
 from .errors import RunFailed, StopRequested
+from .host import StepRow
 from .machine import NODE_LEVEL_VARIABLES, preparation_processes
 from .planning import Plan
 from .runfolder import (
@@ -389,7 +390,9 @@ def _rank_failure(folder: RunFolder, tail: collections.deque, code: int) -> str:
 
 
 class Watcher:
-    """Relays rank events to the host and keeps what the run's outcome needs (start, end, first step)."""
+    """Relays rank events to the host and keeps what the run's outcome needs (start, end, first step). The rows
+    and lines of one pump go to the host together (`flush`): every write to a job costs this process CPU that,
+    on a machine whose cores all train, the ranks would otherwise have had."""
 
     def __init__(self, host, folder: RunFolder, spec: RunSpec | None = None):
         self.host = host
@@ -401,6 +404,8 @@ class Watcher:
         self.start: Started | None = None
         self.end: Done | Stopped | None = None
         self.first_step_at: float | None = None
+        self._rows: list[StepRow] = []
+        self._lines: list[str] = []
 
     def _percent(self, step: int, max_steps: int) -> int:
         if max_steps > 0:
@@ -414,12 +419,15 @@ class Watcher:
         return (time.time() - self.start.at) / (step - self.start.global_step) * (max_steps - step)
 
     def handle(self, event: Event) -> None:
+        """Take one event; what it tells the host waits for `flush`, except where order matters to the host (a
+        start, a checkpoint), which flushes what came before."""
         step = getattr(event, "step", 0)
         self.step = max(self.step, step)
         if isinstance(event, Logged | Progress) and self.first_step_at is None and step > 0:
             self.first_step_at = event.at
         match event:
             case Started():
+                self.flush()
                 self.start = event
                 resumed = f", resuming at step {event.global_step}" if event.global_step else ""
                 self.host.log(
@@ -434,17 +442,18 @@ class Watcher:
                 eta = self._eta(step, max_steps)
                 if eta is not None:
                     row["eta_seconds"] = round(eta, 1)
-                self.host.progress(self._percent(step, max_steps), row, step)
+                self._rows.append(StepRow(step, self._percent(step, max_steps), row))
                 shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                self.host.log(f"step {step}/{max_steps}: {shown}")
+                self._lines.append(f"step {step}/{max_steps}: {shown}")
                 self.last_relay = time.time()
             case Progress(max_steps=max_steps):
                 percent = self._percent(step, max_steps)
-                if time.time() - self.last_relay >= RELAY_INTERVAL:
+                if not self._rows and time.time() - self.last_relay >= RELAY_INTERVAL:
                     eta = self._eta(step, max_steps)
-                    self.host.progress(percent, {"eta_seconds": round(eta, 1)} if eta is not None else None, step)
+                    self._rows.append(StepRow(step, percent, {"eta_seconds": round(eta, 1)} if eta is not None else {}))
                     self.last_relay = time.time()
             case CheckpointSaved(path=path):
+                self.flush()
                 self.host.log(f"checkpoint saved: step {step} ({path})")
                 if self.spec is not None:
                     world = self.start.world_size if self.start else 1
@@ -452,9 +461,19 @@ class Watcher:
             case Done() | Stopped():
                 self.end = event
 
+    def flush(self) -> None:
+        """What the events since the last flush tell the host: their rows in one call, their lines in one."""
+        rows, lines = self._rows, self._lines
+        self._rows, self._lines = [], []
+        if rows:
+            self.host.progress(rows)
+        if lines:
+            self.host.log("\n".join(lines))
+
     def pump(self) -> None:
         for event in self.reader.read():
             self.handle(event)
+        self.flush()
 
 
 class Ranks:

@@ -102,6 +102,8 @@ def test_headless_run_trains_on_two_cpu_ranks_with_fsdp_and_completes_the_job(ti
     assert logged and all("loss" not in m and "learning_rate" not in m for m in logged)
     assert {"train/learning_rate", "train/tokens_per_second"} <= set().union(*logged)
     # The final loss, the score and the last row of the metrics are the loss at the last trained step.
+    # Every logged step, in order, with its own step, however the parent batched them on the way.
+    assert [r["step"] for r in rows if "train/loss" in r.get("metrics", {})] == [1, 3, 6, 8], rows
     last = [r for r in rows if "train/loss" in r.get("metrics", {})][-1]
     assert last["metrics"]["train/loss"] == pytest.approx(result["final_loss"])
     assert last.get("step") == 8, rows

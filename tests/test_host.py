@@ -425,6 +425,46 @@ def test_a_stop_lists_the_checkpoints_again_with_the_final_status(tmp_path):
     assert job["job_data"]["latest_checkpoint"] == "/ckpt/checkpoint-4"
 
 
+RELAY_ROWS = """
+import json, sys
+from plugin_utils import host
+sink = host.TaskJob(host.LabSdk(None))
+sink.start({})
+if sys.argv[1] == "no-append":  # an SDK without the job's own row append: every row through update_progress
+    host._row_appender = lambda job: None
+sink.progress([host.StepRow(1, 10, {"loss": 2.0}), host.StepRow(2, 20, {}), host.StepRow(3, 30, {"loss": 1.5})])
+sink.progress([host.StepRow(4, 40, {"eval_loss": 1.2, "eta_seconds": 3.0})])
+"""
+
+
+@pytest.mark.parametrize("sdk", ["as-installed", "no-append"])
+def test_a_batch_of_rows_reaches_the_jobs_metrics_in_order_and_the_last_is_current(tmp_path, sdk):
+    """The watcher sends one pump's rows together; the rows before the last are appended to metrics.jsonl alone
+    (the SDK's update_progress rewrites the job's record twice a row). What the job shows is the same either way:
+    every row in order with its own step and percent, the last as progress and current metrics."""
+    from .task_host import EXPERIMENT, make_lab_job
+
+    home = tmp_path / "tflhome"
+    job_id = make_lab_job(home, config())
+    env = {**os.environ, "TFL_HOME_DIR": str(home), "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": EXPERIMENT}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", RELAY_ROWS, sdk], capture_output=True, text=True, env=env, cwd=str(ROOT)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [index] = (home / "workspace" / "experiments" / EXPERIMENT / "jobs").glob("*/index.json")
+    rows = [json.loads(line) for line in (index.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["progress"], row.get("metrics")) for row in rows] == [
+        (1, 10, {"train/loss": 2.0}),
+        (2, 20, None),
+        (3, 30, {"train/loss": 1.5}),
+        (4, 40, {"eval/loss": 1.2, "eta_seconds": 3.0}),
+    ]
+    job = json.loads(index.read_text())
+    assert job["progress"] == 40
+    assert job["job_data"]["current_metrics"] == {"eval/loss": 1.2, "eta_seconds": 3.0}
+
+
 # --- the job's record survives a kill of the process writing it -------------------------------------------------
 
 WRITE_THE_JOB_IN_A_LOOP = """
@@ -436,7 +476,7 @@ print("attached", flush=True)
 step = 0
 while True:
     step += 1
-    sdk.progress(step % 100, {"train/loss": 1.0 / step}, step)
+    sdk.progress([host.StepRow(step, step % 100, {"train/loss": 1.0 / step})])
     sdk.set_fields({"step": step, "padding": "x" * 20000})
 """
 
