@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -92,6 +91,8 @@ def ranks_started(checked: Checked) -> Iterator[launch.Ranks]:
     plan = checked.plan
     with contextlib.ExitStack() as stack:
         lock = stack.enter_context(outputs.RunLock(checked.out.where.lock_path)) if plan.machine_rank == 0 else None
+        import tempfile  # here: --check never makes a run folder
+
         folder = RunFolder(stack.enter_context(tempfile.TemporaryDirectory(prefix="sft-run-")))
         ranks = launch.Ranks(plan, folder, checked.p.log_to_wandb, keep_open=(lock.fileno(),) if lock else ())
         stack.callback(ranks.end)

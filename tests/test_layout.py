@@ -67,8 +67,8 @@ def imports_of(path: Path) -> list[tuple[str, bool]]:
 
 # The imports made inside a function, on purpose: a rank sends its output to its own file before the worker
 # loads the libraries that print; `--check` answers without the data code (its Jinja, Arrow and tokenizer
-# imports), which only the prepare stage needs.
-DEFERRED = {("rank", "worker"), ("stages", "data")}
+# imports), which only the prepare stage needs, and imports Jinja only where a template is given.
+DEFERRED = {("rank", "worker"), ("stages", "data"), ("validation", "templates")}
 
 
 def test_every_module_is_placed_in_a_stage():

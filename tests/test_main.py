@@ -34,6 +34,34 @@ def test_check_reports_the_plan_without_torch_or_a_job(tiny_model, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+CHECK_AND_LIST_IMPORTS = """
+import sys, main
+try:
+    main.main(["--config", sys.argv[1], "--check"])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+heavy = ("torch", "transformers", "trl", "datasets", "tokenizers", "jinja2", "asyncio", "lab", "psutil")
+print(" ".join(name for name in heavy if name in sys.modules))
+"""
+
+
+def test_check_imports_no_library_it_does_not_use(tiny_model, tmp_path):
+    """--check answers in a fraction of a second because it imports what it checks with and nothing else: no ML
+    library, no data code, no lab SDK, and Jinja only to parse a template that is given."""
+    config = base_config(tiny_model, tmp_path)
+    untemplated = {k: v for k, v in config.items() if k != "formatting_template"}
+    imported = {}
+    for name, given in (("template", config), ("none", untemplated)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(given))
+        proc = subprocess.run(
+            [sys.executable, "-c", CHECK_AND_LIST_IMPORTS, str(path)], capture_output=True, text=True, cwd=str(ROOT)
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        imported[name] = proc.stdout.split()
+    assert imported == {"template": ["jinja2"], "none": []}
+
+
 def test_check_reports_every_problem_at_once_with_exit_code_2(tiny_model, tmp_path):
     config = base_config(
         tiny_model, tmp_path, learning_rat=1e-4, max_steps=0, batch_size="many", dataset_name="/nonexistent/train.jsonl"
