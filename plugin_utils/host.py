@@ -552,10 +552,10 @@ class StepRow(NamedTuple):
     metrics: dict[str, float]
 
 
-def _say(text: str) -> None:
-    """One or more lines to our stderr, each with the log's prefix."""
-    for line in text.split("\n"):
-        log.info("%s", line)
+def _say(messages: tuple[str, ...]) -> None:
+    """Each message to our stderr, with the log's prefix."""
+    for message in messages:
+        log.info("%s", message)
 
 
 class Sink(Protocol):
@@ -567,8 +567,8 @@ class Sink(Protocol):
 
     def start(self, params: Params) -> None: ...
 
-    def log(self, text: str) -> None:
-        """One or more lines (joined by newlines: the ranks' rows since the last call go out together)."""
+    def log(self, *messages: str) -> None:
+        """One or more messages (the steps logged since the last call go out together), in order."""
 
     def progress(self, rows: list[StepRow]) -> None:
         """The steps reported since the last call, oldest first (at least one); the last is the job's progress
@@ -606,8 +606,8 @@ class NullSink:
     def start(self, params) -> None:
         pass
 
-    def log(self, text: str) -> None:
-        _say(text)
+    def log(self, *messages: str) -> None:
+        _say(messages)
 
     def progress(self, rows) -> None:
         pass
@@ -683,8 +683,8 @@ class LegacyJob:
     def kill_grace_seconds(self):
         return None
 
-    def log(self, text):
-        _say(text)
+    def log(self, *messages):
+        _say(messages)
 
     def checkpoints(self, paths):
         pass
@@ -868,10 +868,10 @@ class _LabJob:
         """A job to write to."""
         raise NotImplementedError
 
-    def log(self, text):
-        _say(text)
+    def log(self, *messages):
+        _say(messages)
         if self.sdk.attached:
-            self.sdk.log(text)
+            self.sdk.log("\n".join(messages))  # one write to the job's log
 
     def progress(self, rows):
         if self.sdk.attached:

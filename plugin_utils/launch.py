@@ -468,7 +468,7 @@ class Watcher:
         if rows:
             self.host.progress(rows)
         if lines:
-            self.host.log("\n".join(lines))
+            self.host.log(*lines)
 
     def pump(self) -> None:
         for event in self.reader.read():

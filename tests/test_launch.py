@@ -299,9 +299,9 @@ class RecordingHost:
         self.calls: list[str] = []  # "log" or "progress", in order
         self.stop_asked = 0
 
-    def log(self, text):
+    def log(self, *messages):
         self.calls.append("log")
-        self.logs.extend(text.split("\n"))
+        self.logs.extend(messages)
 
     def progress(self, rows):
         self.calls.append("progress")
