@@ -559,6 +559,7 @@ def test_prepared_folder_holds_only_input_ids_and_labels(model_dir):
 @pytest.mark.parametrize("fmt", ["template", "chat"])
 def test_parallel_preparation_gives_the_same_rows_as_one_process(tmp_path, model_dir, monkeypatch, fmt):
     # Large datasets are prepared in one process per CPU: templates and tokenizers must survive pickling.
+    assert encoding.PARALLEL_CHAT_ROWS > 40 and encoding.PARALLEL_ROWS > 40  # so `single` is one process
     if fmt == "template":
         rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(40)]
         extra = {"formatting_template": "Q: {{ question }}\nA: {{ answer }}"}
@@ -569,6 +570,7 @@ def test_parallel_preparation_gives_the_same_rows_as_one_process(tmp_path, model
     p = make_params(model_dir, dataset, **extra)
     single = saved(prepare_data(p))["train"]
     monkeypatch.setattr(encoding, "PARALLEL_ROWS", 10)
+    monkeypatch.setattr(encoding, "PARALLEL_CHAT_ROWS", 10)
     monkeypatch.setenv("SFT_PREPARED_CACHE", str(tmp_path / "parallel-cache"))
     parallel = saved(prepare_data(p))["train"]
     assert parallel["input_ids"] == single["input_ids"]
