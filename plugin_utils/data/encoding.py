@@ -4,6 +4,8 @@ part of every prepared folder's key: a change here prepares the data again, a ch
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -316,6 +318,21 @@ def _column_sum(ds, column: str, predicate=None) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector off while a batch of rows is encoded. A batch allocates hundreds of thousands
+    of lists (token ids, labels) and no cycles (none found after a batch on template or chat rows), yet every
+    700 allocations the collector walks what is young: about a tenth of the batch's CPU time. It is on again
+    between batches, where anything cyclic a batch left is collected."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _column_types(flags: tuple[str, ...]) -> dict[str, Any]:
     """The Arrow types of the encoded columns, given with each batch: datasets would otherwise infer them by
     walking every token id in Python (most of its writing time). They are the types it infers: `input_ids`
@@ -343,15 +360,16 @@ def build(splits, encoder: Encoder, settings: DataSettings, staging: str) -> dic
             rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
             out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "trained": []}
             out.update({flag: [] for flag in flags})
-            for encoded in encode_checked(encoder, rows, indices[0] if indices else 0, split):
-                ids, labels = encoded["input_ids"], encoded["labels"]
-                out["length"].append(len(ids))
-                out["input_ids"].append(ids[:max_len])
-                out["labels"].append(labels[:max_len])
-                kept = labels[:max_len]
-                out["trained"].append(len(kept) - kept.count(-100))
-                for flag in flags:
-                    out[flag].append(int(getattr(encoded["planned"], flag)))
+            with _collector_paused():
+                for encoded in encode_checked(encoder, rows, indices[0] if indices else 0, split):
+                    ids, labels = encoded["input_ids"], encoded["labels"]
+                    out["length"].append(len(ids))
+                    out["input_ids"].append(ids[:max_len])
+                    out["labels"].append(labels[:max_len])
+                    kept = labels[:max_len]
+                    out["trained"].append(len(kept) - kept.count(-100))
+                    for flag in flags:
+                        out[flag].append(int(getattr(encoded["planned"], flag)))
             return pa.table({name: pa.array(values, types[name]) for name, values in out.items()})
 
         return encode_batch
