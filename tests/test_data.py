@@ -861,3 +861,24 @@ def test_a_dataset_split_and_eval_split_follow_the_written_rule(tmp_path, model_
             "eval_split: 0.2 is not applied: the dataset's own 'test' split (3 rows) is the evaluation set. "
             "Set eval_split to 0 to train without evaluation."
         ]
+
+
+def test_encoded_batches_are_written_as_datasets_writes_python_lists(tmp_path):
+    # encoding.build hands each batch to datasets as an Arrow table: its types and values must be those datasets
+    # gives the same batch as Python lists (input_ids narrowed to int32), or the prepared files would change.
+    out = {
+        "input_ids": [[5, 6, 7], [], [8]],
+        "labels": [[-100, 6, 7], [], [8]],
+        "length": [3, 0, 1],
+        "trained": [2, 0, 1],
+        "empty": [0, 1, 0],
+    }
+    rows = datasets.Dataset.from_dict({"n": [1, 2, 3]})
+
+    def written(batch_of):
+        return rows.map(lambda _: batch_of(), batched=True, remove_columns=["n"], cache_file_name=None)
+
+    as_lists, as_table = written(lambda: out), written(lambda: encoding._arrow_table(out))
+    assert as_table.data.schema == as_lists.data.schema
+    assert as_table.features == as_lists.features
+    assert as_table.to_dict() == as_lists.to_dict() == out

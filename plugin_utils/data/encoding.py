@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import math
 import os
@@ -333,26 +334,34 @@ def _collector_paused():
             gc.enable()
 
 
-def _column_types(flags: tuple[str, ...]) -> dict[str, Any]:
-    """The Arrow types of the encoded columns, given with each batch: datasets would otherwise infer them by
-    walking every token id in Python (most of its writing time). They are the types it infers: `input_ids`
-    narrowed to int32 (datasets does that for the column of that name), everything else int64."""
+def _arrow_table(columns: dict[str, list]):
+    """An encoded batch as the Arrow table datasets writes: given whole, with the types it would infer
+    (`input_ids` narrowed to int32, as datasets does for the column of that name; everything else int64), instead of
+    lists it would walk token by token in Python to infer them (most of its writing time). The token lists go
+    through numpy, flattened: about four times faster than pyarrow converting the lists of lists."""
+    import numpy as np
     import pyarrow as pa
 
-    return {
-        "input_ids": pa.list_(pa.int32()),
-        "labels": pa.list_(pa.int64()),
-        **{name: pa.int64() for name in ("length", "trained", *flags)},
-    }
+    def token_lists(lists: list[list[int]], dtype) -> pa.Array:
+        lengths = np.fromiter(map(len, lists), np.int32, count=len(lists))
+        offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int32)))
+        values = np.fromiter(itertools.chain.from_iterable(lists), dtype, count=int(offsets[-1]))
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values))
+
+    return pa.table(
+        {
+            name: token_lists(values, np.int32 if name == "input_ids" else np.int64)
+            if name in ("input_ids", "labels")
+            else pa.array(values, pa.int64())
+            for name, values in columns.items()
+        }
+    )
 
 
 def build(splits, encoder: Encoder, settings: DataSettings, staging: str) -> dict[str, Any]:
-    import pyarrow as pa
-
     max_len = settings.maximum_sequence_length
 
     flags = ("empty", "no_answer", "reasoning_dropped", "open_turn")
-    types = _column_types(flags)
 
     def encoder_for(split: str):
         def encode_batch(batch: dict[str, list], indices: list[int]):
@@ -370,7 +379,7 @@ def build(splits, encoder: Encoder, settings: DataSettings, staging: str) -> dic
                     out["trained"].append(len(kept) - kept.count(-100))
                     for flag in flags:
                         out[flag].append(int(getattr(encoded["planned"], flag)))
-            return pa.table({name: pa.array(values, types[name]) for name, values in out.items()})
+            return _arrow_table(out)
 
         return encode_batch
 
