@@ -242,6 +242,9 @@ class ChatRenderer:
         # The special tokens generation stops on (generation_config's eos_token_id): one that opens the turn after
         # an answer is how the model ends that answer at inference (GLM-4's <|user|>), so it closes the answer.
         self.stop_tokens = frozenset(stop_tokens)
+        # Read once: each read of a transformers tokenizer's special token goes through its __getattr__, and
+        # _opens_turn asks for both for every special token of every answer's closing.
+        self._eos, self._bos = tokenizer.eos_token, tokenizer.bos_token
         self._turn_stop: list[str | None] = []
         specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
         ordered = sorted((s for s in specials if s), key=len, reverse=True)
@@ -384,9 +387,9 @@ class ChatRenderer:
         return self._turn_stop[0]
 
     def _opens_turn(self, token: str) -> bool:
-        if token == self.tok.eos_token:  # never, even where BOS and EOS are one token (GPT-2, Granite)
+        if token == self._eos:  # never, even where BOS and EOS are one token (GPT-2, Granite)
             return False
-        return token == self.tok.bos_token or bool(_OPENER.search(token))
+        return token == self._bos or bool(_OPENER.search(token))
 
     def closer_before(self, text: str) -> str | None:
         """The special token that closed an earlier message: the last one followed (whitespace aside) by a

@@ -559,6 +559,7 @@ def test_prepared_folder_holds_only_input_ids_and_labels(model_dir):
 @pytest.mark.parametrize("fmt", ["template", "chat"])
 def test_parallel_preparation_gives_the_same_rows_as_one_process(tmp_path, model_dir, monkeypatch, fmt):
     # Large datasets are prepared in one process per CPU: templates and tokenizers must survive pickling.
+    assert encoding.PARALLEL_CHAT_ROWS > 40 and encoding.PARALLEL_ROWS > 40  # so `single` is one process
     if fmt == "template":
         rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(40)]
         extra = {"formatting_template": "Q: {{ question }}\nA: {{ answer }}"}
@@ -569,6 +570,7 @@ def test_parallel_preparation_gives_the_same_rows_as_one_process(tmp_path, model
     p = make_params(model_dir, dataset, **extra)
     single = saved(prepare_data(p))["train"]
     monkeypatch.setattr(encoding, "PARALLEL_ROWS", 10)
+    monkeypatch.setattr(encoding, "PARALLEL_CHAT_ROWS", 10)
     monkeypatch.setenv("SFT_PREPARED_CACHE", str(tmp_path / "parallel-cache"))
     parallel = saved(prepare_data(p))["train"]
     assert parallel["input_ids"] == single["input_ids"]
@@ -859,3 +861,24 @@ def test_a_dataset_split_and_eval_split_follow_the_written_rule(tmp_path, model_
             "eval_split: 0.2 is not applied: the dataset's own 'test' split (3 rows) is the evaluation set. "
             "Set eval_split to 0 to train without evaluation."
         ]
+
+
+def test_encoded_batches_are_written_as_datasets_writes_python_lists(tmp_path):
+    # encoding.build hands each batch to datasets as an Arrow table: its types and values must be those datasets
+    # gives the same batch as Python lists (input_ids narrowed to int32), or the prepared files would change.
+    out = {
+        "input_ids": [[5, 6, 7], [], [8]],
+        "labels": [[-100, 6, 7], [], [8]],
+        "length": [3, 0, 1],
+        "trained": [2, 0, 1],
+        "empty": [0, 1, 0],
+    }
+    rows = datasets.Dataset.from_dict({"n": [1, 2, 3]})
+
+    def written(batch_of):
+        return rows.map(lambda _: batch_of(), batched=True, remove_columns=["n"], cache_file_name=None)
+
+    as_lists, as_table = written(lambda: out), written(lambda: encoding._arrow_table(out))
+    assert as_table.data.schema == as_lists.data.schema
+    assert as_table.features == as_lists.features
+    assert as_table.to_dict() == as_lists.to_dict() == out

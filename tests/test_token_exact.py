@@ -698,3 +698,37 @@ def test_plain_messages_render_directly_exactly_as_apply_chat_template(family_to
                             except Exception as exc:
                                 outcomes.append((type(exc), str(exc)))
                         assert outcomes[0] == outcomes[1], (base, end, generation)
+
+
+@pytest.mark.parametrize("base", ["byte-bpe", "sentencepiece"])
+def test_chat_rows_prepared_in_one_process_per_cpu_match_one_process(bases, tmp_path, monkeypatch, base):
+    """Chat rows go to worker processes from encoding.PARALLEL_CHAT_ROWS on, fewer rows than other rows need:
+    the rows those processes prepare with a real tokenizer and template are exactly the ones a single process
+    prepares."""
+    from datasets import load_from_disk
+
+    tok = rt.for_family(bases[base], "qwen2.5")
+    model = tmp_path / "model"
+    tok.save_pretrained(str(model))
+    conversations = [
+        [
+            _user(i),
+            {"role": "assistant", "content": f"Answer {i}."},
+            _user(i + 1),
+            {"role": "assistant", "content": "Ok"},
+        ]
+        for i in range(24)
+    ]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    p = params.defaults().replace(model_name=str(model), dataset_name=str(rows), adaptor_name="a")
+
+    def prepared(cache: str, threshold: int):
+        monkeypatch.setenv("SFT_PREPARED_CACHE", str(tmp_path / cache))
+        monkeypatch.setattr(encoding, "PARALLEL_CHAT_ROWS", threshold)
+        return load_from_disk(prepare_data(p).path)["train"]
+
+    single, parallel = prepared("single", 10**9), prepared("parallel", 8)
+    assert parallel["input_ids"] == single["input_ids"]
+    assert parallel["labels"] == single["labels"]
+    assert any(label != -100 for row in single["labels"] for label in row)
