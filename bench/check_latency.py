@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,10 +42,16 @@ sys.exit("TRL did not raise the seed error")
 """
 
 
+CPU: list[float] = []  # CPU seconds (user + system) of each timed run, beside its wall time
+
+
 def timed(cmd: list[str], env: dict[str, str], expect: int) -> float:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if proc.returncode != expect:
         raise SystemExit(f"{cmd[:3]} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
     return elapsed
@@ -82,7 +89,9 @@ def main() -> None:
         )
         check = [sys.executable, str(ROOT / "main.py"), "--config", str(config), "--check"]
         timed(check, env, 0)  # the warm-up: writes the compiled modules
+        CPU.clear()
         ok = [timed(check, env, 0) for _ in range(args.runs)]
+        ok_cpu = list(CPU)
         plain = Path(tmp, "plain.json")  # no template: jinja is not imported
         plain.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if "template" not in k}))
         untemplated = [timed([*check[:3], str(plain), "--check"], env, 0) for _ in range(args.runs)]
@@ -95,7 +104,10 @@ def main() -> None:
             timed([sys.executable, "-c", TRL_SEED_ERROR, model, data, str(Path(tmp, "trl-out"))], env, 0)
             for _ in range(max(3, args.runs // 2))
         ]
-    print(f"main.py --check (valid config)      median {statistics.median(ok):.3f} s  (n={len(ok)})")
+    print(
+        f"main.py --check (valid config)      median {statistics.median(ok):.3f} s  (n={len(ok)}), "
+        f"CPU {statistics.median(ok_cpu):.3f} s"
+    )
     print(f"main.py --check (same, no template) median {statistics.median(untemplated):.3f} s  (n={len(ok)})")
     print(f"main.py --check (2 errors reported) median {statistics.median(bad):.3f} s  (n={len(bad)})")
     print(f"plain TRL raising the seed error    median {statistics.median(trl):.3f} s  (n={len(trl)})")
