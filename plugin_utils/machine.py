@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field, replace
 
 
@@ -175,8 +176,22 @@ def _nvml_gpu(nvml, index: int) -> Gpu:
     return replace(gpu, mig_mode=True, mig_devices=tuple(devices))
 
 
+# What a loaded NVIDIA driver makes (the control device; WSL's GPU device; the driver's /proc folder, also seen
+# inside containers): without any of them NVML has nothing to find.
+DRIVER_FILES = ("/dev/nvidiactl", "/dev/dxg", "/proc/driver/nvidia")
+
+
+def _nvidia_driver_loaded() -> bool:
+    """Whether an NVIDIA driver can be there. Asked before NVML, whose import and failed start (no driver
+    library) are most of what `--check` spends on a machine without GPUs; elsewhere than Linux, NVML answers."""
+    return not sys.platform.startswith("linux") or any(os.path.exists(path) for path in DRIVER_FILES)
+
+
 def _query_nvml() -> list[Gpu] | None:
-    """The GPUs as NVML (nvidia-ml-py) reports them; None when it cannot: not installed, or no driver library."""
+    """The GPUs as NVML (nvidia-ml-py) reports them; None when it cannot: no driver, not installed, or no driver
+    library."""
+    if not _nvidia_driver_loaded():
+        return None
     try:
         import pynvml
     except ImportError:

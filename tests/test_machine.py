@@ -157,7 +157,13 @@ def no_nvml(monkeypatch):
 
 
 @pytest.fixture
-def nvml(monkeypatch):
+def driver(monkeypatch):
+    """A machine whose NVIDIA driver is loaded (none is, here): NVML is asked."""
+    monkeypatch.setattr(machine, "_nvidia_driver_loaded", lambda: True)
+
+
+@pytest.fixture
+def nvml(monkeypatch, driver):
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(GPUS))
 
 
@@ -218,14 +224,14 @@ def test_free_memory_is_read_so_a_shared_gpu_counts_what_is_left(source, request
     assert gpus[1].memory_mib == 81559
 
 
-def test_nvidia_smi_is_the_fallback_when_nvml_fails(monkeypatch, tmp_path):
+def test_nvidia_smi_is_the_fallback_when_nvml_fails(monkeypatch, tmp_path, driver):
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(None))
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path))
     assert [g.uuid for g in detected(monkeypatch, None).gpus] == [UUID_0, UUID_1, UUID_2]
 
 
 @pytest.mark.parametrize("smi", ["fails", "absent"])
-def test_no_driver_means_no_gpus_and_no_error(monkeypatch, tmp_path, smi):
+def test_no_driver_means_no_gpus_and_no_error(monkeypatch, tmp_path, smi, driver):
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(None))  # NVML cannot start without a driver
     if smi == "fails":
         monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, csv="NVIDIA-SMI has failed\n", exit_code=9))
@@ -235,12 +241,27 @@ def test_no_driver_means_no_gpus_and_no_error(monkeypatch, tmp_path, smi):
     assert found.gpus == [] and found.usable_gpus == []
 
 
-def test_the_real_nvml_here_finds_no_driver(monkeypatch, tmp_path):
-    """nvidia-ml-py is installed; this machine has no NVIDIA driver, so NVML gives up and nothing breaks."""
+def test_the_real_nvml_here_finds_no_driver(monkeypatch, tmp_path, driver):
+    """nvidia-ml-py is installed; this machine has no NVIDIA driver, so NVML gives up and nothing breaks (asked
+    as it would be where the driver's files exist)."""
     monkeypatch.delitem(sys.modules, "pynvml", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
     assert machine._query_nvml() is None
     assert machine.detect_gpus() == []
+
+
+def test_without_the_drivers_files_nvml_is_never_imported(monkeypatch, tmp_path):
+    """No /dev/nvidiactl, /dev/dxg or /proc/driver/nvidia (this machine): no NVIDIA driver is loaded, and NVML
+    (about 30 ms to import and fail to start, most of a --check here) is not asked; nvidia-smi still is."""
+    assert not any(os.path.exists(path) for path in machine.DRIVER_FILES), "this test needs a machine without one"
+    assert not machine._nvidia_driver_loaded()
+    (tmp_path / "smi").mkdir()
+    with_smi = fake_nvidia_smi(tmp_path / "smi")
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert machine.detect_gpus() == [] and "pynvml" not in sys.modules
+    monkeypatch.setenv("PATH", with_smi)
+    assert [g.uuid for g in machine.detect_gpus()] == [UUID_0, UUID_1, UUID_2]
 
 
 # --- CUDA_VISIBLE_DEVICES, as CUDA reads it ---------------------------------------------------------------------
@@ -355,8 +376,17 @@ def test_check_plans_the_gpu_a_uuid_names(tiny_model, tmp_path, source):
     # NVML: GPUs from the fake pynvml.py; nvidia-smi: the fake script, and a pynvml.py whose nvmlInit fails as the
     # real one does without a driver library.
     (fakes / "pynvml.py").write_text(FAKE_PYNVML + f"\nGPUS = {json.dumps(GPUS) if source == 'nvml' else None}\n")
+    path = fake_nvidia_smi(fakes)
+    if source == "nvml":
+        # Only NVML answers, as on a machine whose driver is loaded: its control device exists (a fake one here,
+        # seen by the process alone) and no nvidia-smi is installed.
+        (fakes / "sitecustomize.py").write_text(
+            "import os.path\n_exists = os.path.exists\nos.path.exists = lambda p: p == '/dev/nvidiactl' or _exists(p)\n"
+        )
+        (fakes / "nvidia-smi").unlink()
+        path = os.environ["PATH"]
     env = {
-        "PATH": fake_nvidia_smi(fakes),
+        "PATH": path,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(fakes), os.environ.get("PYTHONPATH")])),
         "CUDA_VISIBLE_DEVICES": UUID_1,
     }

@@ -40,14 +40,15 @@ try:
     main.main(["--config", sys.argv[1], "--check"])
 except SystemExit as exc:
     assert not exc.code, exc.code
-heavy = ("torch", "transformers", "trl", "datasets", "tokenizers", "jinja2", "asyncio", "lab", "psutil")
+heavy = ("torch", "transformers", "trl", "datasets", "tokenizers", "jinja2", "asyncio", "lab", "psutil", "pynvml")
 print(" ".join(name for name in heavy if name in sys.modules))
 """
 
 
 def test_check_imports_no_library_it_does_not_use(tiny_model, tmp_path):
     """--check answers in a fraction of a second because it imports what it checks with and nothing else: no ML
-    library, no data code, no lab SDK, and Jinja only to parse a template that is given."""
+    library, no data code, no lab SDK, no NVML without an NVIDIA driver (none here), and Jinja only to parse a
+    template that is given."""
     config = base_config(tiny_model, tmp_path)
     untemplated = {k: v for k, v in config.items() if k != "formatting_template"}
     imported = {}
