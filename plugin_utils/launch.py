@@ -13,7 +13,6 @@ import gc
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -190,12 +189,16 @@ def _free_pool_queue_locks(pools: list) -> None:
 
 
 def free_port() -> int:
+    import socket  # here: of the runs that import this module, --check never opens one
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def _port_free(port: int) -> bool:
+    import socket
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind(("", port))
