@@ -33,6 +33,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .errors import RowProblem
+
 ROLES = {"system", "developer", "user", "assistant", "tool", "ipython", "function"}
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
 # Special tokens that open a turn rather than close one: a header, a start or beginning marker, a role.
@@ -41,18 +43,6 @@ _OPENER = re.compile(
 )
 # Characters of Unicode's private use area: no tokenizer's text contains them by accident.
 MARK = "\ue000\ue001mark\ue001\ue000"
-
-
-class RowProblem(ValueError):
-    """A row that cannot be used: the parameter to name, the data column at fault, what is wrong and the fix.
-    The caller adds the row number."""
-
-    def __init__(self, parameter: str, column: str, what: str, fix: str):
-        super().__init__(parameter, column, what, fix)
-        self.parameter, self.column, self.what, self.fix = parameter, column, what, fix
-
-    def __str__(self) -> str:
-        return f"column {self.column!r} {self.what}" if self.column else self.what
 
 
 CHAT = "chatml_formatted_column"

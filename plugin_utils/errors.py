@@ -55,3 +55,15 @@ class StopRequested(Exception):
 
 class RunFailed(Exception):
     """Training failed after it started; the message says why."""
+
+
+class RowProblem(ValueError):
+    """A row that cannot be used: the parameter to name, the data column at fault, what is wrong and the fix.
+    The caller adds the row number."""
+
+    def __init__(self, parameter: str, column: str, what: str, fix: str):
+        super().__init__(parameter, column, what, fix)
+        self.parameter, self.column, self.what, self.fix = parameter, column, what, fix
+
+    def __str__(self) -> str:
+        return f"column {self.column!r} {self.what}" if self.column else self.what

@@ -10,11 +10,9 @@ from typing import Any, ClassVar
 
 from jinja2 import StrictUndefined, TemplateError, TemplateNotFound, TemplateSyntaxError, UndefinedError, nodes
 from jinja2.exceptions import SecurityError
-from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .chat import RowProblem
-from .errors import InvalidConfig, problem
+from .errors import InvalidConfig, RowProblem, problem
 
 # No letters or spaces: filters such as `lower` or `trim` on the completion column leave it intact.
 _SENTINEL = "\ue000\ue001\ue000"
@@ -167,27 +165,26 @@ class RowTemplate:
         return prompt, full[len(prompt) :]
 
 
-class _GenerationTag(Extension):
-    """Lets `{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) parse; rendering
-    happens in transformers, which defines the tag itself."""
-
-    tags: ClassVar[set[str]] = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.Scope(body, lineno=lineno)
-
-
 def chat_syntax_problem(source: str) -> str | None:
     """What is wrong with a chat template's Jinja syntax, or None; parsed the way transformers compiles
     chat templates (loop controls, the generation tag), without importing it."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment as Sandbox
+    from jinja2.ext import Extension  # here: a formatting template's check never needs it
+
+    class _GenerationTag(Extension):
+        """Lets `{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) parse; rendering
+        happens in transformers, which defines the tag itself."""
+
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
 
     try:
-        Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, "jinja2.ext.loopcontrols"]).parse(
-            source
-        )
+        ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, "jinja2.ext.loopcontrols"]
+        ).parse(source)
     except TemplateSyntaxError as exc:
         return f"is not valid Jinja (line {exc.lineno}: {exc.message})"
     return None

@@ -12,8 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from plugin_utils.chat import RowProblem  # noqa: E402
-from plugin_utils.errors import InvalidConfig  # noqa: E402
+from plugin_utils.errors import InvalidConfig, RowProblem  # noqa: E402
 from plugin_utils.templates import RowTemplate, printed_columns  # noqa: E402
 
 ALPACA = (

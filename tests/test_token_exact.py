@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_tokenizers as rt  # noqa: E402
 
 from plugin_utils import chat, params, planning  # noqa: E402
-from plugin_utils.chat import RowProblem  # noqa: E402
 from plugin_utils.data import encoding  # noqa: E402
+from plugin_utils.errors import RowProblem  # noqa: E402
 from tests.conftest import prepare_data  # noqa: E402
 
 # One worker runs this file: its tokenizers are built once per worker, so spreading it would build them twice.

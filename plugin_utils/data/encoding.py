@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import chat
-from ..chat import ChatRenderer, RowProblem
-from ..errors import InvalidConfig, problem
+from ..chat import ChatRenderer
+from ..errors import InvalidConfig, RowProblem, problem
 from ..params import DataSettings
 from ..rowformats import CHAT_FORMATS
 from ..templates import RowTemplate

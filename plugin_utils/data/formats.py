@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import chat
-from ..chat import RowProblem
-from ..errors import InvalidConfig, problem
+from ..errors import InvalidConfig, RowProblem, problem
 from ..params import DataSettings
 
 
