@@ -48,11 +48,12 @@ print(" ".join(name for name in heavy if name in sys.modules))
 def test_check_imports_no_library_it_does_not_use(tiny_model, tmp_path):
     """--check answers in a fraction of a second because it imports what it checks with and nothing else: no ML
     library, no data code, no lab SDK, no NVML without an NVIDIA driver (none here), and Jinja only to parse a
-    template that is given."""
-    config = base_config(tiny_model, tmp_path)
+    template that has more than text and `{{ column }}` outputs."""
+    config = base_config(tiny_model, tmp_path)  # "Question: {{ prompt }}\nAnswer:{{ completion }}"
     untemplated = {k: v for k, v in config.items() if k != "formatting_template"}
+    tagged = {**config, "formatting_template": "{% if prompt %}Q: {{ prompt }}{% endif %}\nA: {{ completion }}"}
     imported = {}
-    for name, given in (("template", config), ("none", untemplated)):
+    for name, given in (("plain", config), ("tagged", tagged), ("none", untemplated)):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(given))
         proc = subprocess.run(
@@ -60,7 +61,7 @@ def test_check_imports_no_library_it_does_not_use(tiny_model, tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         imported[name] = proc.stdout.split()
-    assert imported == {"template": ["jinja2"], "none": []}
+    assert imported == {"plain": [], "tagged": ["jinja2"], "none": []}
 
 
 def test_check_reports_every_problem_at_once_with_exit_code_2(tiny_model, tmp_path):

@@ -106,6 +106,69 @@ def cpu_plan(processes: int = 1) -> planning.Plan:
     return planning.build(config(num_processes=str(processes), train_device="cpu"), CPU_ONLY)
 
 
+# --- a template answered without Jinja -----------------------------------------------------------------------
+
+# Pieces whose joins make the lexer's hard cases: tags split or doubled, braces next to outputs, operator words.
+PIECES = [
+    "{",
+    "}",
+    "{{",
+    "}}",
+    "{%",
+    "%}",
+    "{#",
+    "#}",
+    " ",
+    "\n",
+    "-",
+    "a",
+    "not",
+    "{{ a }}",
+    "{{b}}",
+    "{{ in }}",
+    "{{ q } }",
+    "{% if a %}",
+    "{% endif %}",
+    "{{ a -}}",
+    "{{ 1 }}",
+    "{{ a.b }}",
+    "Q:",
+    "\u00e9",
+]
+
+
+def test_a_template_of_text_and_column_outputs_is_valid_without_parsing_and_only_then():
+    """plainly_valid answers for the common template (text and `{{ column }}` outputs) without importing Jinja;
+    whatever it calls valid, Jinja parses, over 20,000 strings joined from pieces that make the lexer's hard
+    cases, and the usual templates take that way."""
+    import random
+
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(keep_trailing_newline=True)
+    rng = random.Random(7)
+    plain = 0
+    for _ in range(20_000):
+        source = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 8)))
+        if validation.plainly_valid(source):
+            plain += 1
+            try:
+                env.parse(source)
+            except TemplateSyntaxError as exc:
+                pytest.fail(f"{source!r} was called plainly valid, but Jinja refuses it: {exc}")
+    assert plain > 1000, "the strings cover the plain case too"
+    for usual in (
+        "Question: {{ prompt }}\nAnswer:{{ completion }}",
+        "### Instruction:\n{{instruction}}\n\n### Response:\n{{ output }}",
+        "<s>[INST] {{ question }} [/INST] {{ answer }}</s>",
+        "Plain text, no outputs: { braces } are text.",
+    ):
+        assert validation.plainly_valid(usual), usual
+    for parsed in ("{% if input %}{{ input }}{% endif %}", "{{ a | upper }}", "{{{ a }}", "{# note #}{{ a }}"):
+        assert not validation.plainly_valid(parsed), parsed
+
+
 # --- configuration rules, table-driven: (rule, overrides, expected findings) ----------------------------
 
 CONFIG_CASES = [
