@@ -7,7 +7,7 @@ LEGACY_LAB := .legacy-lab
 LEGACY_LAB_032 := .legacy-lab-0.1.1
 BITSANDBYTES := .bitsandbytes
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean task-folder
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
+# The folder current TransformerLab adds a task from (`lab task add`, the web UI's upload): README.md says why.
+task-folder: setup
+	$(PY) tools/task_folder.py
+
 lint:
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -45,4 +49,4 @@ format:
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(LEGACY_LAB) $(LEGACY_LAB_032) $(BITSANDBYTES) demo/workspace
+	rm -rf $(VENV) $(LEGACY_LAB) $(LEGACY_LAB_032) $(BITSANDBYTES) demo/workspace dist

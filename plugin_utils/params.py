@@ -26,7 +26,12 @@ from .sources import workspace_model
 
 log = logging.getLogger("sft")
 
-MANIFEST = Path(__file__).resolve().parent.parent / "index.json"
+PLUGIN_DIR = Path(__file__).resolve().parent.parent
+# The manifest's copy in a task folder (tools/task_folder.py writes it). TransformerLab keeps a task's own record
+# in the task's index.json and copies an uploaded folder over it, then hands a run the task's files, record
+# included: there the copy is the schema and index.json is not ours, so the copy wins wherever it exists.
+TASK_FOLDER_MANIFEST = PLUGIN_DIR / "plugin_manifest.json"
+MANIFEST = TASK_FOLDER_MANIFEST if TASK_FOLDER_MANIFEST.is_file() else PLUGIN_DIR / "index.json"
 
 # Keys the host (Train tab, harness, lab SDK) fills. Never form parameters: the form would overwrite them.
 HOST_KEYS: dict[str, dict[str, Any]] = {
