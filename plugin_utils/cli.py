@@ -190,6 +190,8 @@ def conclude(sink, json_on: bool, finished: Finished | None, error: BaseExceptio
         message = stop_message(step, checkpoint)
         log.warning("%s", message)
         _safely(lambda: sink.stopped(message))
+        if isinstance(error, StopRequested) and error.leave is not None:
+            _safely(error.leave)
         emit_json(
             json_on, {"status": "STOPPED", "job_id": job_id, "adaptor_path": None, "steps": step, "final_loss": None}
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 EXIT_OK = 0
@@ -45,11 +46,15 @@ class InvalidConfig(Exception):
 
 class StopRequested(Exception):
     """The user asked the run to stop (signal or the host's stop flag): at `step` (0: before the first), with
-    `checkpoint` the newest complete one (None: none was saved)."""
+    `checkpoint` the newest complete one (None: none was saved); `logged`: the losses and learning rates the
+    ranks logged until then. `leave`: what the run leaves once the job is STOPPED (its loss curve), after the status
+    because a task's host kills the run seconds after its Stop."""
 
-    def __init__(self, step: int = 0, checkpoint: str | None = None):
+    def __init__(self, step: int = 0, checkpoint: str | None = None, logged: list[dict] | None = None):
         self.step = step
         self.checkpoint = checkpoint
+        self.logged = logged or []
+        self.leave: Callable[[], object] | None = None
         super().__init__(step, checkpoint)
 
 

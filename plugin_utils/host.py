@@ -315,6 +315,10 @@ class LabSdk:
                 pipeline_tag="text-generation",  # else the SDK asks the Hub about the parent model
             )
 
+    def save_artifact(self, path: str) -> str:
+        with _quiet():
+            return self.lab.save_artifact(path)
+
     def finish(self, message: str, score: dict[str, float], plot_path: str | None) -> None:
         with _quiet():
             self.lab.finish(message, score=score, plot_data_path=plot_path)
@@ -584,6 +588,9 @@ class Sink(Protocol):
 
     def register_merged(self, path: str, p: Params) -> str: ...
 
+    def artifact(self, path: str) -> None:
+        """A file for the job's Artifacts (what `lab job download` fetches and the job page previews)."""
+
     def complete(self, message: str, score: dict[str, float], plot_path: str | None) -> None: ...
 
     def fail(self, message: str) -> None: ...
@@ -623,6 +630,9 @@ class NullSink:
 
     def register_merged(self, path, p) -> str:
         return path
+
+    def artifact(self, path) -> None:
+        pass
 
     def complete(self, message, score, plot_path) -> None:
         pass
@@ -688,6 +698,9 @@ class LegacyJob:
 
     def checkpoints(self, paths):
         pass
+
+    def artifact(self, path):
+        pass  # 0.31/0.32 jobs have no artifacts: the picture lies in the adapter folder, which that host shows
 
     def register_model(self, path, p):
         return path
@@ -903,6 +916,14 @@ class _LabJob:
 
     def _save_model(self, path: str, name: str, p) -> str:
         return self.sdk.save_model(path, name, p.model_name or None, p.model_architecture or None)
+
+    def artifact(self, path):
+        if not self.sdk.attached:
+            return
+        try:
+            self.sdk.save_artifact(path)
+        except Exception as exc:  # a copy for the job page: the run's outputs are already in place
+            log.warning("could not add %s to the job's artifacts: %s", os.path.basename(path), exc)
 
     def complete(self, message, score, plot_path):
         if plot_path and self.mirror is not None:

@@ -45,6 +45,7 @@ log = logging.getLogger("sft")
 PLUGIN_DIR = str(Path(__file__).resolve().parent.parent)
 RELAY_INTERVAL = 1.0
 METRIC_KEYS = ("loss", "eval_loss", "learning_rate", "epoch", "tokens_per_second", "grad_norm", "mean_token_accuracy")
+CURVE_KEYS = ("loss", "eval_loss", "learning_rate")
 STOP_POLL_INTERVAL = 2.0
 STOP_GRACE_SECONDS = 300
 
@@ -68,6 +69,7 @@ class RunResult:
     # When rank 0 started, imported its libraries, loaded the model, built the trainer (seconds from our start).
     rank_startup: dict[str, float] = field(default_factory=dict)
     loss_history: list[dict[str, Any]] = field(default_factory=list)
+    logged: list[dict[str, float]] = field(default_factory=list)  # see Watcher.logged
 
 
 class StopFlag:
@@ -409,6 +411,9 @@ class Watcher:
         self.first_step_at: float | None = None
         self._rows: list[StepRow] = []
         self._lines: list[str] = []
+        # Each logged step's losses and learning rate, as this process saw them: the loss curve's points, at the
+        # end of a run and at a stop alike.
+        self.logged: list[dict[str, float]] = []
 
     def _percent(self, step: int, max_steps: int) -> int:
         if max_steps > 0:
@@ -442,6 +447,7 @@ class Watcher:
                 if "loss" not in metrics and "eval_loss" not in metrics:
                     return  # the closing summary row; the final loss comes with the done event
                 row = {k: metrics[k] for k in METRIC_KEYS if k in metrics}
+                self.logged.append({"step": step, **{k: row[k] for k in CURVE_KEYS if k in row}})
                 eta = self._eta(step, max_steps)
                 if eta is not None:
                     row["eta_seconds"] = round(eta, 1)
@@ -568,11 +574,11 @@ def run(host, spec: RunSpec, ranks: Ranks, stop: StopFlag) -> RunResult:
         tail.stop(timeout=0.2 if abandoned else 5)
     watcher.pump()
     if abandoned:
-        raise StopRequested(watcher.step, checkpoints.latest(spec.checkpoint_dir, plan.world_size))
+        raise StopRequested(watcher.step, checkpoints.latest(spec.checkpoint_dir, plan.world_size), watcher.logged)
     code = proc.returncode
     if stop.requested and (code != 0 or not isinstance(watcher.end, Done)):
         step = watcher.end.step if watcher.end is not None else watcher.step
-        raise StopRequested(step, checkpoints.latest(spec.checkpoint_dir, plan.world_size))
+        raise StopRequested(step, checkpoints.latest(spec.checkpoint_dir, plan.world_size), watcher.logged)
     if code != 0 or not isinstance(watcher.end, Done):
         raise RunFailed(_rank_failure(folder, tail.lines, code))
     end, start = watcher.end, watcher.start
@@ -585,6 +591,7 @@ def run(host, spec: RunSpec, ranks: Ranks, stop: StopFlag) -> RunResult:
         eval_loss=end.eval_loss,
         runtime=end.runtime,
         loss_history=list(end.loss_history),
+        logged=watcher.logged,
         startup_seconds=round(watcher.first_step_at - began, 2) if watcher.first_step_at else None,
         rank_startup={k: round(v - began, 2) for k, v in start.marks.items()} if start else {},
         resumed_from_step=start.global_step if start else 0,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints
+from . import checkpoints, report
 from .errors import InvalidConfig, RunFailed, problem
 from .machine import existing_parent
 from .params import HARD_KEYS, MANIFEST, SOFT_KEYS, Params
@@ -415,6 +415,19 @@ class Staged:
         for path in (self.adapter_staging, self.merged_staging):
             if path:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def describe(self, summary_data: dict[str, Any], curve: str | None) -> None:
+        """The model card (in place of TRL's) and the loss curve it shows, in each staged folder, so that they are
+        published with it: an adapter's card loads it with peft; a merged or fully trained model's, alone."""
+        adapter = summary_data["parameters"]["training_mode"] != "full"
+        for staging, final, peft in (
+            (self.adapter_staging, self.adapter_dir, adapter),
+            (self.merged_staging, self.merged_dir, False),
+        ):
+            if staging and os.path.isdir(staging):
+                if curve:
+                    shutil.copy2(curve, staging)
+                report.write_card(staging, final, summary_data, peft=peft)
 
     def publish(self, host, p: Params, summary_data: dict[str, Any]) -> str:
         """Move the outputs into place and register them with the host; returns the adapter's path."""

@@ -8,13 +8,15 @@ job's final status and the exit code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import checkpoints, cli, host, launch, layers, machine, outputs, params, planning, sources, validation
-from .errors import InvalidConfig, Problem
+from . import checkpoints, cli, host, launch, layers, machine, outputs, params, planning, report, sources, validation
+from .errors import InvalidConfig, Problem, StopRequested
 from .runfolder import RunFolder, RunSpec
 
 if TYPE_CHECKING:
@@ -174,19 +176,41 @@ def train(ready: Ready, ranks: launch.Ranks, stop: launch.StopFlag) -> cli.Finis
             adapter_staging=session.staged.adapter_staging,
             merged_staging=session.staged.merged_staging,
         )
-        result = launch.run(job, spec, ranks, stop)
+        try:
+            result = launch.run(job, spec, ranks, stop)
+        except StopRequested as stopped:
+            stopped.leave = functools.partial(keep_loss_curve, job, out.where, stopped.logged)
+            raise
+        curve = keep_loss_curve(job, out.where, result.logged)
         summary = outputs.summary(p, plan, result, prepared.stats, checked.clock.marks)
-        final = session.staged.publish(job, p, summary) if result.has_adapter else None
+        final = None
+        if result.has_adapter:
+            session.staged.describe(summary, curve)
+            final = session.staged.publish(job, p, summary)
         session.finished()
     plot = outputs.write_plot(out.where.plot_path, result.loss_history)
-    report = {
+    answer = {
         "status": "COMPLETE",
         "job_id": job.job_id or None,
         "adaptor_path": final,
         "steps": result.steps,
         "final_loss": result.final_loss,
     }
-    return cli.Finished(report, (outputs.completion_message(result, final), outputs.score(result), plot))
+    return cli.Finished(answer, (outputs.completion_message(result, final), outputs.score(result), plot))
+
+
+def keep_loss_curve(job: host.Sink, where: outputs.Where, logged: list[dict]) -> str | None:
+    """The loss curve, finished or stopped, in the run's folder (beside loss_plot.json) and among a lab SDK job's
+    artifacts. A picture that cannot be drawn is a warning: the run's outputs matter more."""
+    try:
+        curve = report.draw_loss_curve(logged, os.path.join(where.run_dir, report.CURVE_FILE))
+    except Exception as exc:
+        log.warning("could not draw the loss curve: %s", exc)
+        return None
+    if curve:
+        job.log(f"loss curve: {curve}")
+        job.artifact(curve)
+    return curve
 
 
 def close_left_open_jobs(chosen: host.Host, p, job: host.Sink) -> None:

@@ -131,6 +131,10 @@ def qlora(tiny_model, tmp_path_factory):
     stopped.finish()
     print(f"stop latency (SIGHUP to exit, 2 CPU ranks): {time.time() - sent:.2f} s")
     at_stop = saved()
+    # The loss curve up to the stop, in the run's folder and among the stopped job's artifacts.
+    at_stop["curve"] = (tmp / "outputs" / "runs" / "test-adaptor" / "loss_curve.png").is_file()
+    jobs = lab_jobs(tmp / "tflhome")
+    at_stop["artifacts"] = [sorted(p.name for p in (i.parent / "artifacts").glob("*")) for i in jobs]
     stopped_at = max([int(name.split("-")[1]) for name in at_stop["saved"]] or [0])
 
     resumed = {**config, "max_steps": stopped_at + 2, "fuse_model": True}
@@ -185,6 +189,7 @@ def test_qlora_stops_with_a_checkpoint_and_the_next_run_resumes_it_to_the_end(ql
     assert at_stop["saved"] == [f"checkpoint-{killed_at}", f"checkpoint-{stopped_at}"]
     assert at_stop["complete"] == [True, True], "trainer_state.json and optimizer.pt are saved"
     assert not at_stop["published"], "a stopped run publishes no adapter"
+    assert at_stop["curve"] and ["loss_curve.png"] in at_stop["artifacts"], at_stop["artifacts"]
     assert killed_at + 2 <= stopped_at < 20
     assert last.proc.returncode == 0, last.stderr[-3000:]
     assert "warning: max_steps: changed since the checkpoint" in last.stderr

@@ -12,6 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+from PIL import Image
+
+from plugin_utils.report import EVAL_COLOUR, TRAIN_COLOUR
 
 from .conftest import (
     LEGACY_LAB,
@@ -25,6 +29,7 @@ from .conftest import (
     write_config,
 )
 from .task_host import make_lab_job
+from .test_report import pixels_of
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +115,18 @@ def test_headless_run_trains_on_two_cpu_ranks_with_fsdp_and_completes_the_job(ti
     progress = [r["progress"] for r in rows]
     assert progress == sorted(progress), "progress is monotonic"
     assert job["job_data"]["parameters"]["adaptor_name"] == "test-adaptor"
+    # The loss curve as a picture: beside the adapter, in the run's folder, and among the job's artifacts.
+    curve = Image.open(adapter / "loss_curve.png")
+    assert curve.size == (1000, 600) and pixels_of(curve, TRAIN_COLOUR)
+    assert not pixels_of(curve, EVAL_COLOUR), "no eval split: no eval line"
+    assert (tmp_path / "outputs" / "runs" / "test-adaptor" / "loss_curve.png").is_file()
+    assert (index.parent / "artifacts" / "loss_curve.png").read_bytes() == (adapter / "loss_curve.png").read_bytes()
+    # The adapter's model card replaces TRL's: what it was trained from and on, how well, and how to load it.
+    card = (adapter / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert (meta["base_model"], meta["library_name"]) == (tiny_model, "peft") and "lora" in meta["tags"]
+    assert "has been trained using [TRL]" not in card and "![loss curve](loss_curve.png)" in card
+    assert f"| final train loss | {result['final_loss']:.4f} |" in card and "| rows trained on |" in card
 
 
 def tensorboard_events(path: Path) -> list:
@@ -445,3 +462,10 @@ def test_chat_rows_with_a_published_template_train_end_to_end_and_fuse(tiny_mode
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert len(job["job_data"]["models"]) == 2
+    # Its loss curve shows the eval loss too, and the merged model carries the same picture.
+    curve = Image.open(Path(result["adaptor_path"]) / "loss_curve.png")
+    assert pixels_of(curve, TRAIN_COLOUR) and pixels_of(curve, EVAL_COLOUR)
+    assert (merged / "loss_curve.png").is_file()
+    cards = [(folder / "README.md").read_text() for folder in (Path(result["adaptor_path"]), merged)]
+    assert [yaml.safe_load(card.split("---\n")[1])["library_name"] for card in cards] == ["peft", "transformers"]
+    assert "| final eval loss |" in cards[0] and "PeftModel" not in cards[1]
