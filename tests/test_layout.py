@@ -24,6 +24,7 @@ ORDER = [
     "params",
     "speed",
     "planning",
+    "report",
     "outputs",
     "strategies",
     "validation",

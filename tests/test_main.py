@@ -41,6 +41,7 @@ try:
 except SystemExit as exc:
     assert not exc.code, exc.code
 heavy = ("torch", "transformers", "trl", "datasets", "tokenizers", "jinja2", "asyncio", "lab", "psutil", "pynvml")
+heavy += ("PIL",)
 print(" ".join(name for name in heavy if name in sys.modules))
 """
 
