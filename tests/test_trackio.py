@@ -110,3 +110,32 @@ def test_a_trackio_run_that_never_started_costs_one_warning_and_never_the_run(tm
     assert proc.stderr.count("the host asked for a Trackio run") == 1, proc.stderr[-3000:]
     assert "did not start one" in proc.stderr
     assert job_status(home) == "COMPLETE"
+
+
+@pytest.mark.slow
+def test_a_task_run_of_main_fills_the_hosts_trackio_run(tiny_model, tmp_path):
+    """The whole path: the ranks' rows, through the parent's sink, into the Trackio run of the task's job."""
+    from .conftest import base_config, last_json, run_main
+    from .task_host import EXPERIMENT, make_lab_job
+
+    home, trackio_dir = tmp_path / "tflhome", tmp_path / "trackio"
+    job_id = make_lab_job(home, base_config(tiny_model, tmp_path, max_steps=4, logging_steps=2, save_steps=4))
+    env = {"_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": EXPERIMENT, "TFL_HOME_DIR": str(home)}
+    env.update(
+        TLAB_TRACKIO_AUTO_INIT="true",
+        TLAB_TRACKIO_PROJECT_NAME=PROJECT,
+        TLAB_TRACKIO_RUN_NAME=RUN,
+        TRACKIO_DIR=str(trackio_dir),
+    )
+    proc = run_main(["--json"], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert last_json(proc.stdout)["status"] == "COMPLETE"
+    assert job_status(home) == "COMPLETE"
+    [index] = (home / "workspace" / "experiments" / EXPERIMENT / "jobs").glob("*/index.json")
+    job_rows = [json.loads(line) for line in (index.parent / "metrics.jsonl").read_text().splitlines()]
+    measured = [(row["step"], row.get("metrics") or {}) for row in job_rows if "step" in row]
+    losses = [(step, metrics["train/loss"]) for step, metrics in measured if "train/loss" in metrics]
+    assert [step for step, _ in losses][-1] == 4, losses
+    for folder in (trackio_dir, home / "workspace" / "trackio_runs" / EXPERIMENT / PROJECT):
+        rows = trackio_rows(folder)
+        assert [(step, metrics["train/loss"]) for step, metrics in rows if "train/loss" in metrics] == losses
