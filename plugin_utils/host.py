@@ -197,6 +197,25 @@ def _quiet():
 
 
 RECORD_READS = 20
+TRACKIO_SKIPS = frozenset({"eta_seconds"})  # the job's estimate of time left: no measure of the training
+
+
+def _trackio_run_started():
+    """The trackio module when the host asked for a Trackio run (TLAB_TRACKIO_AUTO_INIT=true, as TransformerLab's
+    "Enable Trackio metrics tracking" sets it) and `lab.init` started it; None otherwise. The SDK swallows a run
+    that would not start (an unwritable TRACKIO_DIR): say so once, as the job's dashboard will be empty."""
+    if os.environ.get("TLAB_TRACKIO_AUTO_INIT", "").lower() != "true":
+        return None
+    try:
+        import trackio
+        from trackio import context_vars
+    except ImportError as exc:
+        log.warning("the host asked for a Trackio run, but trackio cannot be imported: %s", exc)
+        return None
+    if context_vars.current_run.get() is None:
+        log.warning("the host asked for a Trackio run, but the lab SDK did not start one (is TRACKIO_DIR writable?)")
+        return None
+    return trackio
 
 
 class LabSdk:
@@ -213,6 +232,7 @@ class LabSdk:
         self.metrics_api = True
         self._checkpoints_dir: str | None = None
         self._remote: bool | None = None
+        self._trackio = None  # the trackio module while the run `lab.init` started for the host takes our rows
 
     def attach(self):
         """The SDK's `lab`, attached to the job. A read-only attachment reads the job without `lab.init`, through
@@ -228,6 +248,7 @@ class LabSdk:
                 else:
                     lab.init(experiment_id=self.experiment)
                     _whole_record_writes(lab.job)
+                    self._trackio = _trackio_run_started()
             self.metrics_api = "metrics" in inspect.signature(lab.update_progress).parameters
             self.lab = lab
         return self.lab
@@ -284,6 +305,38 @@ class LabSdk:
                 for row in earlier:
                     self.lab.update_progress(row.percent, metrics=row.metrics or None, step=row.step)
             self.lab.update_progress(last.percent, metrics=last.metrics or None, step=last.step)
+
+    def trackio_log(self, rows: list[StepRow]) -> None:
+        """Each measured row into the Trackio run the host asked for, with its step, before the SDK's
+        `update_progress` copies Trackio's database to where the job's Trackio button reads it."""
+        if self._trackio is None:
+            return
+        try:
+            with _quiet():
+                for row in rows:
+                    metrics = {name: value for name, value in row.metrics.items() if name not in TRACKIO_SKIPS}
+                    if metrics:
+                        self._trackio.log(metrics, step=row.step)
+        except Exception as exc:
+            self._trackio_failed("log to", exc)
+
+    def trackio_finish(self) -> None:
+        """End the Trackio run (its last rows written) and copy its database where the host's dashboard reads it;
+        `lab.finish` does both for a completed run, nothing does for a failed or stopped one."""
+        if self._trackio is None:
+            return
+        try:
+            with _quiet():
+                self._trackio.finish()
+                self.lab.capture_active_trackio_run()
+        except Exception as exc:
+            self._trackio_failed("finish", exc)
+        self._trackio = None
+
+    def _trackio_failed(self, doing: str, exc: Exception) -> None:
+        """One warning, then no more Trackio calls: the job's own metrics carry on, the run never fails for it."""
+        log.warning("could not %s the job's Trackio run; its Trackio dashboard stops here: %s", doing, exc)
+        self._trackio = None
 
     def set_fields(self, fields: dict[str, Any]) -> None:
         """Fields of the job's job_data."""
@@ -889,9 +942,11 @@ class _LabJob:
     def progress(self, rows):
         if self.sdk.attached:
             # Named as TensorBoard names them (train/loss, eval/loss, ...): one Metrics chart each on the job page.
-            self.sdk.progress(
-                [row._replace(metrics={self.METRIC_NAMES.get(k, k): v for k, v in row.metrics.items()}) for row in rows]
-            )
+            named = [
+                row._replace(metrics={self.METRIC_NAMES.get(k, k): v for k, v in row.metrics.items()}) for row in rows
+            ]
+            self.sdk.trackio_log(named)
+            self.sdk.progress(named)
 
     def should_stop(self) -> bool:
         return False
@@ -928,17 +983,20 @@ class _LabJob:
     def complete(self, message, score, plot_path):
         if plot_path and self.mirror is not None:
             plot_path = self.mirror.plot(plot_path)
+        self.sdk.trackio_finish()
         self.sdk.finish(message, score, plot_path)
 
     def fail(self, message):
         if self._reachable():
             self.sdk.error(message)
+            self.sdk.trackio_finish()  # after the final status, which a task's Stop or a crash must not lose
 
     def stopped(self, message):
         if self._reachable():
             # The checkpoints written again with the final status: a host's Stop writes the job's record while we
             # may be writing it, and a listing lost that way would leave the job page without its checkpoints.
             self.sdk.end("STOPPED", "success", message, self._listed)
+            self.sdk.trackio_finish()
 
     def close_left_open(self, job_id, status, message):
         return self.sdk.close_other(job_id, status, message)
