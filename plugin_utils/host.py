@@ -230,6 +230,7 @@ class LabSdk:
         self.read_only = read_only
         self.lab = None
         self.metrics_api = True
+        self._append_row = None  # the SDK job's own metrics.jsonl append, where it has one (_row_appender)
         self._checkpoints_dir: str | None = None
         self._remote: bool | None = None
         self._trackio = None  # the trackio module while the run `lab.init` started for the host takes our rows
@@ -250,6 +251,7 @@ class LabSdk:
                     _whole_record_writes(lab.job)
                     self._trackio = _trackio_run_started()
             self.metrics_api = "metrics" in inspect.signature(lab.update_progress).parameters
+            self._append_row = _row_appender(lab.job)
             self.lab = lab
         return self.lab
 
@@ -293,7 +295,7 @@ class LabSdk:
             if not self.metrics_api:
                 self.lab.update_progress(last.percent)
                 return
-            append = _row_appender(self.lab.job) if earlier else None
+            append = self._append_row if earlier else None
             if append is not None:
 
                 async def appended():

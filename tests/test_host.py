@@ -428,10 +428,10 @@ def test_a_stop_lists_the_checkpoints_again_with_the_final_status(tmp_path):
 RELAY_ROWS = """
 import json, sys
 from plugin_utils import host
-sink = host.TaskJob(host.LabSdk(None))
-sink.start({})
 if sys.argv[1] == "no-append":  # an SDK without the job's own row append: every row through update_progress
     host._row_appender = lambda job: None
+sink = host.TaskJob(host.LabSdk(None))
+sink.start({})
 sink.progress([host.StepRow(1, 10, {"loss": 2.0}), host.StepRow(2, 20, {}), host.StepRow(3, 30, {"loss": 1.5})])
 sink.progress([host.StepRow(4, 40, {"eval_loss": 1.2, "eta_seconds": 3.0})])
 """
