@@ -3,11 +3,14 @@ drawn with Pillow so that no plotting library has to be installed, and the adapt
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
+
+from .sources import write_whole
 
 CURVE_FILE = "loss_curve.png"
 SIZE = (1000, 600)
@@ -99,8 +102,9 @@ def draw_loss_curve(history: Sequence[dict[str, Any]], path: str) -> str | None:
     _legend(draw, font, legend)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # Whole or not at all: a task's host kills the run seconds after a Stop, maybe while this is written.
-    image.save(f"{path}.partial", format="PNG")
-    os.replace(f"{path}.partial", path)
+    picture = io.BytesIO()
+    image.save(picture, format="PNG")
+    write_whole(path, picture.getvalue())
     return path
 
 

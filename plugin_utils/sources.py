@@ -192,12 +192,12 @@ def workspace_dataset(name: str) -> WorkspaceDataset | None:
     )
 
 
-def write_whole(path: str, text: str) -> None:
-    """`text` written to `path` whole: beside it under a name of this process and thread, then renamed over it, so
-    a reader never sees part of it, and a process killed midway leaves the old file as it was."""
+def write_whole(path: str, text: str | bytes) -> None:
+    """`text` (or bytes) written to `path` whole: beside it under a name of this process and thread, then renamed
+    over it, so a reader never sees part of it, and a process killed midway leaves the old file as it was."""
     staging = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        with open(staging, "w", encoding="utf-8") as handle:
+        with open(staging, "wb") if isinstance(text, bytes) else open(staging, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(staging, path)
     finally:
