@@ -200,6 +200,23 @@ RECORD_READS = 20
 TRACKIO_SKIPS = frozenset({"eta_seconds"})  # the job's estimate of time left: no measure of the training
 
 
+SQLITE_SIDECARS = ("-wal", "-shm")
+
+
+def _drop_stale_sidecars(source: str, copy: str) -> None:
+    """Remove from `copy` the SQLite write-ahead logs that `source` no longer has. The SDK copies Trackio's folder
+    to the host's at every progress call, merging into what is there, so a copy taken while the database was being
+    written leaves its `-wal` beside the final database, and SQLite replays it over that database: the dashboard
+    then shows the rows of that moment (none, at the first step). A finished run's folder has no write-ahead log."""
+    storage = _storage()
+    if storage is None:
+        return
+    for path in _sync(storage.ls(copy, detail=False)):
+        name = posixpath.basename(str(path).rstrip("/"))
+        if name.endswith(SQLITE_SIDECARS) and not os.path.exists(os.path.join(source, name)):
+            _sync(storage.rm(str(path)))
+
+
 def _trackio_run_started():
     """The trackio module when the host asked for a Trackio run (TLAB_TRACKIO_AUTO_INIT=true, as TransformerLab's
     "Enable Trackio metrics tracking" sets it) and `lab.init` started it; None otherwise. The SDK swallows a run
@@ -330,7 +347,13 @@ class LabSdk:
         try:
             with _quiet():
                 self._trackio.finish()
-                self.lab.capture_active_trackio_run()
+                capture = getattr(self.lab, "capture_trackio_metadata", None)
+                if capture is None:
+                    self.lab.capture_active_trackio_run()
+                else:
+                    from trackio.utils import TRACKIO_DIR
+
+                    _drop_stale_sidecars(str(TRACKIO_DIR), capture(db_path=str(TRACKIO_DIR)))
         except Exception as exc:
             self._trackio_failed("finish", exc)
         self._trackio = None

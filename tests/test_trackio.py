@@ -94,6 +94,65 @@ def test_each_row_reaches_the_hosts_trackio_run_and_its_dashboard_whatever_the_e
     assert trackio_rows(home / "workspace" / "trackio_runs" / EXPERIMENT / PROJECT) == EXPECTED
 
 
+MID_RUN_COPY = """
+import os, sqlite3, sys, time
+from plugin_utils import host
+from trackio.sqlite_storage import SQLiteStorage
+from trackio.utils import TRACKIO_DIR
+def logged(count):  # trackio writes from a thread of its own: wait for the rows to be in its database
+    deadline = time.time() + 30
+    while len(SQLiteStorage.get_logs(sys.argv[1], sys.argv[2])) < count:
+        assert time.time() < deadline, "trackio never wrote the rows"
+        time.sleep(0.05)
+sink = host.TaskJob(host.LabSdk(None))
+sink.start({})
+sink.progress([host.StepRow(1, 10, {"loss": 2.0})])
+logged(1)
+# Another reader of the database (the host's dashboard, a copy in progress) keeps its write-ahead log alive while
+# the next rows are written, and the SDK copies the folder then, as it does at every progress call.
+reader = sqlite3.connect(os.path.join(str(TRACKIO_DIR), sys.argv[1] + ".db"))
+reader.execute("SELECT count(*) FROM sqlite_master").fetchall()
+sink.progress([host.StepRow(2, 20, {"loss": 1.5})])
+logged(2)
+sink.sdk.lab.capture_active_trackio_run()
+reader.close()
+sink.progress([host.StepRow(3, 30, {"loss": 1.25})])
+sink.complete("Done", {"train/loss": 1.25}, None)
+"""
+
+
+def test_a_copy_taken_mid_run_leaves_no_write_ahead_log_that_rolls_the_dashboard_back(tmp_path):
+    """SQLite replays a `-wal` file it finds beside a database: one left in the host's folder by a copy taken
+    while the run wrote (the SDK merges each copy into the last) would show the dashboard the rows of that moment
+    instead of the final ones. The run's end removes it."""
+    from .task_host import EXPERIMENT, make_lab_job
+
+    home, trackio_dir = tmp_path / "tflhome", tmp_path / "trackio"
+    job_id = make_lab_job(home, config())
+    env = {**os.environ, "TFL_HOME_DIR": str(home), "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": EXPERIMENT}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        TLAB_TRACKIO_AUTO_INIT="true",
+        TLAB_TRACKIO_PROJECT_NAME=PROJECT,
+        TLAB_TRACKIO_RUN_NAME=RUN,
+        TRACKIO_DIR=str(trackio_dir),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", MID_RUN_COPY, PROJECT, RUN],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = home / "workspace" / "trackio_runs" / EXPERIMENT / PROJECT
+    expected = [(1, {"train/loss": 2.0}), (2, {"train/loss": 1.5}), (3, {"train/loss": 1.25})]
+    assert trackio_rows(trackio_dir) == expected
+    assert trackio_rows(shared) == expected
+    assert not list(shared.glob("*-wal"))
+
+
 def test_a_trackio_run_that_fails_under_us_costs_one_warning_and_never_the_run(tmp_path):
     home = tmp_path / "tflhome"
     proc = run_sink(home, tmp_path / "trackio", "finished-elsewhere", "complete")
