@@ -37,7 +37,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
-from . import checkpoints
+from . import checkpoints, downloads
 from .errors import EXIT_OK, EXIT_STOPPED, InvalidConfig, RunFailed, problem
 from .outputs import Continued, Where, unfinished_run
 from .params import Params
@@ -393,9 +393,9 @@ class LabSdk:
                 pipeline_tag="text-generation",  # else the SDK asks the Hub about the parent model
             )
 
-    def save_artifact(self, path: str) -> str:
+    def save_artifact(self, path: str, name: str | None = None) -> str:
         with _quiet():
-            return self.lab.save_artifact(path)
+            return self.lab.save_artifact(path, name=name)
 
     def finish(self, message: str, score: dict[str, float], plot_path: str | None) -> None:
         with _quiet():
@@ -986,13 +986,55 @@ class _LabJob:
         self.sdk.set_fields(self._listed)
 
     def register_model(self, path, p):
-        return self._register(path, p.adaptor_name, p)
+        return self._published(path, p.adaptor_name, p)
 
     def register_merged(self, path, p):
-        return self._register(path, f"{p.adaptor_name}-merged", p)
+        return self._published(path, f"{p.adaptor_name}-merged", p)
 
     def _register(self, path: str, name: str, p) -> str:
         raise NotImplementedError
+
+    def _published(self, path: str, name: str, p) -> str:
+        """Registered with the job's models, and offered among the job's artifacts as `name` (what `lab job
+        download` fetches; see downloads): a small adapter whole, copied before the folder moves; else its other
+        files with WHERE.md, which names where the registration put the weights. The artifacts are a copy for
+        the user's convenience: failing to make it is a warning, the registration is what counts."""
+        spare, size, adapter = None, 0, False
+        try:
+            if downloads.copied_whole(path):
+                self.sdk.save_artifact(path, name)
+                self.log(
+                    f"artifacts: {name}/, the whole adapter ({downloads.size_text(downloads.folder_bytes(path))}): "
+                    f"`lab job download {self.job_id}`"
+                )
+            else:
+                size = downloads.folder_bytes(path)
+                adapter = os.path.isfile(os.path.join(path, downloads.ADAPTER_CONFIG))
+                spare = downloads.without_weights(path)
+        except Exception as exc:
+            log.warning("could not add %s to the job's artifacts: %s", name, exc)
+        try:
+            saved = self._register(path, name, p)
+            if spare is not None:
+                self._offer_pointer(spare, name, size, adapter, saved)
+        finally:
+            if spare is not None:
+                shutil.rmtree(spare, ignore_errors=True)
+        return saved
+
+    def _offer_pointer(self, spare: str, name: str, size: int, adapter: bool, saved: str) -> None:
+        text = downloads.pointer_text(name, size, adapter, saved, self.job_id, in_job=isinstance(self, TaskJob))
+        try:
+            with open(os.path.join(spare, downloads.POINTER_FILE), "w", encoding="utf-8") as handle:
+                handle.write(text)
+            self.sdk.save_artifact(spare, name)
+        except Exception as exc:
+            log.warning("could not add %s to the job's artifacts: %s", name, exc)
+            return
+        self.log(
+            f"artifacts: {name}/, its card and {downloads.POINTER_FILE} (the weights stay at {saved}): "
+            f"`lab job download {self.job_id}`"
+        )
 
     def _save_model(self, path: str, name: str, p) -> str:
         return self.sdk.save_model(path, name, p.model_name or None, p.model_architecture or None)

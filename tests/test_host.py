@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -469,6 +470,7 @@ def test_a_batch_of_rows_reaches_the_jobs_metrics_in_order_and_the_last_is_curre
 
 WRITE_THE_JOB_IN_A_LOOP = """
 import sys
+from pathlib import Path
 from plugin_utils import host
 sdk = host.LabSdk(None)
 sdk.attach()
@@ -518,3 +520,76 @@ def test_the_job_record_is_never_seen_half_written_and_survives_a_kill_9(tmp_pat
         proc.wait(timeout=30)
     job = json.loads(index.read_text())
     assert str(job["id"]) == job_id and job["job_data"]["step"] > 0
+
+
+# --- what `lab job download` gives of the trained model ---------------------------------------------------------
+
+PUBLISH_MODELS = """
+import json, logging, os, sys
+from plugin_utils import downloads, host, params
+logging.basicConfig(level=logging.INFO)
+bound, root = int(sys.argv[1]), sys.argv[2]
+downloads.WHOLE_BOUND = bound
+def folder(name, files):
+    path = os.path.join(root, name)
+    os.makedirs(os.path.join(path, "sub"), exist_ok=True)
+    for relative, content in files.items():
+        with open(os.path.join(path, relative), "wb") as handle:
+            handle.write(content)
+    return path
+adapter = folder("my-adaptor", {"adapter_config.json": b"{}", "adapter_model.safetensors": os.urandom(4096),
+                                "README.md": b"# card", "sub/tokenizer.json": b"{}"})
+merged = folder("merged", {"config.json": b"{}", "model.safetensors": os.urandom(8192), "README.md": b"# merged"})
+sink = host.TaskJob(host.LabSdk(None))
+sink.start({})
+p = params.defaults().replace(adaptor_name="my-adaptor", model_name="/models/tiny")
+saved = {"merged": sink.register_merged(merged, p), "adapter": sink.register_model(adapter, p)}
+print(json.dumps(saved))
+"""
+
+
+@pytest.mark.parametrize("bound", [1 << 30, 1000])
+def test_the_jobs_artifacts_hold_a_small_adapter_whole_and_else_its_card_and_where_the_weights_are(tmp_path, bound):
+    """What `lab job download` and the Artifacts pane give (TransformerLab 0.40 zips the job's artifacts folder):
+    the adapter whole under the bound; a merged model, or an adapter over the bound, as its files without the
+    weights and WHERE.md naming the job's model that holds them, which is where the registration put them."""
+    from .task_host import EXPERIMENT, make_lab_job
+
+    home = tmp_path / "tflhome"
+    job_id = make_lab_job(home, config())
+    env = {**os.environ, "TFL_HOME_DIR": str(home), "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": EXPERIMENT}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", PUBLISH_MODELS, str(bound), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads(proc.stdout.splitlines()[-1])
+    [index] = (home / "workspace" / "experiments" / EXPERIMENT / "jobs").glob("*/index.json")
+    artifacts = index.parent / "artifacts"
+    job = json.loads(index.read_text())
+    assert sorted(os.path.basename(a) for a in job["job_data"]["artifacts"]) == ["my-adaptor", "my-adaptor-merged"]
+
+    def files(folder):
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+    merged_offer = artifacts / "my-adaptor-merged"
+    assert files(merged_offer) == ["README.md", "WHERE.md", "config.json"]
+    where = (merged_offer / "WHERE.md").read_text()
+    assert "a whole model" in where and saved["merged"] in where
+    assert f"lab job publish model {job_id} {os.path.basename(saved['merged'])}" in where
+    assert (Path(saved["merged"]) / "model.safetensors").stat().st_size == 8192  # the weights, registered
+    adapter_files = ["README.md", "adapter_config.json", "adapter_model.safetensors", "sub/tokenizer.json"]
+    if bound > 10000:
+        assert files(artifacts / "my-adaptor") == adapter_files
+        assert (artifacts / "my-adaptor" / "adapter_model.safetensors").read_bytes() == (
+            Path(saved["adapter"]) / "adapter_model.safetensors"
+        ).read_bytes()
+        assert "artifacts: my-adaptor/, the whole adapter" in proc.stderr
+    else:
+        assert files(artifacts / "my-adaptor") == ["README.md", "WHERE.md", "adapter_config.json", "sub/tokenizer.json"]
+        assert "more than the" in (artifacts / "my-adaptor" / "WHERE.md").read_text()
+    assert not (tmp_path / "out" / "my-adaptor").exists()  # a task's models are moved into its job

@@ -25,6 +25,7 @@ ORDER = [
     "speed",
     "planning",
     "report",
+    "downloads",
     "outputs",
     "strategies",
     "validation",

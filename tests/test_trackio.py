@@ -198,3 +198,16 @@ def test_a_task_run_of_main_fills_the_hosts_trackio_run(tiny_model, tmp_path):
     for folder in (trackio_dir, home / "workspace" / "trackio_runs" / EXPERIMENT / PROJECT):
         rows = trackio_rows(folder)
         assert [(step, metrics["train/loss"]) for step, metrics in rows if "train/loss" in metrics] == losses
+    # What `lab job download` zips (the job's artifacts folder): the loss curve, and the adapter whole, with its
+    # card and its own copy of the curve.
+    artifacts = index.parent / "artifacts"
+    assert sorted(p.name for p in artifacts.iterdir()) == ["loss_curve.png", "test-adaptor"]
+    adapter = artifacts / "test-adaptor"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "loss_curve.png"} <= {
+        p.name for p in adapter.iterdir()
+    }
+    assert "library_name: peft" in (adapter / "README.md").read_text()
+    [registered] = (index.parent / "models").glob("*_test-adaptor")
+    assert (adapter / "adapter_model.safetensors").read_bytes() == (
+        registered / "adapter_model.safetensors"
+    ).read_bytes()
