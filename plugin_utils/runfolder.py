@@ -74,6 +74,16 @@ class TrainingSettings:
     log_to_wandb: bool
 
 
+# What report_to may name: the trackers the trainer logs to itself, each beside the run's outputs.
+REPORTERS = ("tensorboard", "trackio", "wandb")
+
+
+def reporter_names(value: str) -> list[str]:
+    """The names a report_to value lists (a comma list, lower-cased); none for 'none' or empty."""
+    names = [name.strip().lower() for name in (value or "").split(",") if name.strip()]
+    return [name for name in names if name != "none"]
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything a rank needs, decided by the parent: the asked training values, the plan's decisions, and
