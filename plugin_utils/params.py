@@ -195,7 +195,7 @@ class Params:
     main_process_ip: str = field(metadata=_role(RUN))
     main_process_port: int = field(metadata=_role(RUN))
     report_to: str = field(metadata=_role(RUN))
-    log_to_wandb: bool = field(metadata=_role(RUN, group="training"))
+    log_to_wandb: bool = field(metadata=_role(RUN))
     fuse_model: bool = field(metadata=_role(RUN))
 
     def as_dict(self) -> dict[str, Any]:

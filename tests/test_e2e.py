@@ -58,8 +58,9 @@ def test_headless_run_trains_on_two_cpu_ranks_with_fsdp_and_completes_the_job(ti
     # FSDP, sharded over the two ranks' gloo group (DDP, the default, trains in every other two-rank run).
     config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=8, logging_steps=3)
     config["distributed_strategy"] = "fsdp"
+    config["report_to"] = "tensorboard,trackio"
     del config["gradient_checkpointing"]  # auto: decided from the memory estimate
-    proc = run_main(["--config", write_config(tmp_path, config), "--json"])
+    proc = run_main(["--config", write_config(tmp_path, config), "--json"], env={"TLAB_TRACKIO_AUTO_INIT": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = last_json(proc.stdout)
     assert result["status"] == "COMPLETE"
@@ -127,6 +128,28 @@ def test_headless_run_trains_on_two_cpu_ranks_with_fsdp_and_completes_the_job(ti
     assert (meta["base_model"], meta["library_name"]) == (tiny_model, "peft") and "lora" in meta["tags"]
     assert "has been trained using [TRL]" not in card and "![loss curve](loss_curve.png)" in card
     assert f"| final train loss | {result['final_loss']:.4f} |" in card and "| rows trained on |" in card
+    # report_to: the first rank alone reports, into the run's logs folder, at every logged step.
+    logs = tmp_path / "outputs" / "runs" / "test-adaptor" / "logs"
+    [run] = (logs / "tensorboard").iterdir()
+    [events] = run.glob("events.out.tfevents.*")
+    assert f"report_to tensorboard: {run}; open: tensorboard --logdir {logs / 'tensorboard'}" in proc.stderr
+    assert f"report_to trackio: {logs / 'trackio'}; open: TRACKIO_DIR=" in proc.stderr
+    scalars = [(e.step, v.simple_value) for e in tensorboard_events(events) for v in e.summary.value]
+    losses = [(r["step"], r["metrics"]["train/loss"]) for r in rows if "train/loss" in r.get("metrics", {})]
+    assert [(step, pytest.approx(loss)) for step, loss in losses] == [
+        (e.step, v.simple_value) for e in tensorboard_events(events) for v in e.summary.value if v.tag == "train/loss"
+    ], scalars
+    tracked = trackio_rows(logs / "trackio", "test-adaptor", run.name)
+    assert [(r["train/global_step"], pytest.approx(r["train/loss"])) for r in tracked if "train/loss" in r] == losses
+
+
+def trackio_rows(folder: Path, project: str, run: str) -> list[dict]:
+    """A run's rows in a Trackio folder, as trackio's own reader gives them."""
+    from .test_trackio import READ_LOGS
+
+    env = {**os.environ, "TRACKIO_DIR": str(folder)}
+    args = [sys.executable, "-c", READ_LOGS, project, run]
+    return json.loads(subprocess.run(args, capture_output=True, text=True, env=env, check=True).stdout.splitlines()[-1])
 
 
 def tensorboard_events(path: Path) -> list:
