@@ -217,11 +217,17 @@ def _drop_stale_sidecars(source: str, copy: str) -> None:
             _sync(storage.rm(str(path)))
 
 
+def trackio_requested() -> bool:
+    """The host asked for a Trackio run of the job (TLAB_TRACKIO_AUTO_INIT=true, as TransformerLab's "Enable
+    Trackio metrics tracking" sets it), which this process fills."""
+    return os.environ.get("TLAB_TRACKIO_AUTO_INIT", "").lower() == "true"
+
+
 def _trackio_run_started():
-    """The trackio module when the host asked for a Trackio run (TLAB_TRACKIO_AUTO_INIT=true, as TransformerLab's
-    "Enable Trackio metrics tracking" sets it) and `lab.init` started it; None otherwise. The SDK swallows a run
-    that would not start (an unwritable TRACKIO_DIR): say so once, as the job's dashboard will be empty."""
-    if os.environ.get("TLAB_TRACKIO_AUTO_INIT", "").lower() != "true":
+    """The trackio module when the host asked for a Trackio run and `lab.init` started it; None otherwise. The SDK
+    swallows a run that would not start (an unwritable TRACKIO_DIR): say so once, as the job's dashboard will be
+    empty."""
+    if not trackio_requested():
         return None
     try:
         import trackio

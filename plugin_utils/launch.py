@@ -17,22 +17,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import checkpoints
 from .errors import RunFailed, StopRequested
-from .host import StepRow
+from .host import StepRow, trackio_requested
 from .machine import NODE_LEVEL_VARIABLES, preparation_processes
 from .planning import Plan
 from .runfolder import (
+    NO_REPORTING,
     CheckpointSaved,
     Done,
     Event,
     Logged,
     Progress,
+    Reporting,
     RunFolder,
     RunSpec,
     Started,
@@ -245,13 +247,60 @@ def lone_deepspeed_rank(plan: Plan, port: int) -> dict[str, str]:
     }
 
 
-def rank_env(plan: Plan, log_to_wandb: bool = False, port: int = 0) -> dict[str, str]:
+REPORTS_DIR = "logs"
+
+
+def reporting(p, run_dir: str) -> Reporting:
+    """Where the first rank's trackers write: the `logs` folder of the run's own folder, which no run deletes and
+    which holds the loss curve beside it; the adapter's name as the project, the start time as the run. Under a
+    host that runs its own Trackio run for the job (TLAB_TRACKIO_AUTO_INIT), this process already logs every row
+    there (host.LabSdk.trackio_log): the ranks' Trackio would be a second copy, so they have none."""
+    skipped = {"trackio"} if trackio_requested() else set()
+    reporters = tuple(name for name in p.reporters if name not in skipped)
+    return Reporting(reporters, os.path.join(run_dir, REPORTS_DIR), p.adaptor_name, time.strftime("%Y%m%d-%H%M%S"))
+
+
+def reporting_env(reporting: Reporting, environ: Mapping[str, str]) -> dict[str, str]:
+    """Each tracker's folder as the library reads it, in the ranks' environment (Trackio reads TRACKIO_DIR when it
+    is imported); W&B offline without a key, unless WANDB_MODE says otherwise. SFT_LOG_TO_WANDB tells a rank,
+    before it reads the spec, whether to import W&B at all (rank.import_libraries)."""
+    env = {"SFT_LOG_TO_WANDB": "1" if "wandb" in reporting.reporters else ""}
+    if "tensorboard" in reporting.reporters:
+        env["TENSORBOARD_LOGGING_DIR"] = reporting.directory("tensorboard")
+    if "trackio" in reporting.reporters:
+        env["TRACKIO_DIR"] = reporting.directory("trackio")
+    if "wandb" in reporting.reporters:
+        env.update(WANDB_DIR=reporting.folder, WANDB_PROJECT=reporting.project)
+        if not environ.get("WANDB_API_KEY"):
+            env["WANDB_MODE"] = environ.get("WANDB_MODE") or "offline"
+    return env
+
+
+def reporting_lines(asked: tuple[str, ...], reporting: Reporting, environ: Mapping[str, str]) -> list[str]:
+    """One line per tracker asked for: where its logs are and how to open them."""
+    lines = []
+    for name in asked:
+        where = reporting.directory(name)
+        if name not in reporting.reporters:
+            lines.append(f"report_to {name}: the job's own Trackio run has the rows; the ranks log no second copy")
+        elif name == "tensorboard":
+            lines.append(f"report_to tensorboard: {where}; open: tensorboard --logdir {os.path.dirname(where)}")
+        elif name == "trackio":
+            show = f"TRACKIO_DIR={where} trackio show --project {reporting.project}"
+            lines.append(f"report_to trackio: {where}; open: {show}")
+        elif reporting_env(reporting, environ).get("WANDB_MODE") == "offline":
+            lines.append(f"report_to wandb: offline, in {where}; upload: wandb sync {where}/offline-run-*")
+        else:
+            lines.append(f"report_to wandb: project {reporting.project}, run {reporting.run_name}; files in {where}")
+    return lines
+
+
+def rank_env(plan: Plan, reporting: Reporting = NO_REPORTING, port: int = 0) -> dict[str, str]:
     """The ranks' environment. GPUs are selected here, never inside the ranks after torch starts: the planned GPUs
     as this process's CUDA_VISIBLE_DEVICES names them (a GPU- or MIG- id stays that id), else by nvidia-smi index;
     an empty value hides every GPU."""
     env = {k: v for k, v in os.environ.items() if k not in NODE_LEVEL_VARIABLES}
-    if log_to_wandb and not env.get("WANDB_API_KEY"):
-        env.setdefault("WANDB_MODE", "offline")
+    env.update(reporting_env(reporting, env))
     env["CUDA_VISIBLE_DEVICES"] = plan.cuda_visible_devices
     # CUDA numbers cards fastest first unless told otherwise; nvidia-smi numbers them by bus.
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -491,15 +540,14 @@ class Ranks:
     so they never see a half-prepared dataset. Ended at once (`end`) where the run ends before the spec: a
     refusal, a stop, a failure. Once `run` has them, the run's own ending decides."""
 
-    def __init__(self, plan: Plan, folder: RunFolder, log_to_wandb: bool, keep_open: tuple[int, ...] = ()):
-        self.plan, self.folder = plan, folder
+    def __init__(self, plan: Plan, folder: RunFolder, reporting: Reporting, keep_open: tuple[int, ...] = ()):
+        self.plan, self.folder, self.reporting = plan, folder, reporting
         self.handed_over = False
         port = rendezvous_port(plan)
         cmd = command(folder.path, write_configs(folder, plan, port))
         log.info("launch: %s", " ".join(cmd))
         os.makedirs(folder.logs_dir, exist_ok=True)
-        env = rank_env(plan, log_to_wandb, port)
-        env["SFT_LOG_TO_WANDB"] = "1" if log_to_wandb else ""  # read before the spec exists
+        env = rank_env(plan, reporting, port)
         with open(folder.launcher_log, "ab") as launcher_output:
             self.proc = subprocess.Popen(
                 cmd,

@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import InvalidConfig, Problem, problem
 from .machine import Nodes
-from .runfolder import LoraSettings, TrainingSettings, lora_targets
+from .runfolder import LoraSettings, TrainingSettings, lora_targets, reporter_names
 from .sources import workspace_model
 
 log = logging.getLogger("sft")
@@ -194,7 +194,8 @@ class Params:
     machine_rank: int = field(metadata=_role(RUN))
     main_process_ip: str = field(metadata=_role(RUN))
     main_process_port: int = field(metadata=_role(RUN))
-    log_to_wandb: bool = field(metadata=_role(RUN, group="training"))
+    report_to: str = field(metadata=_role(RUN))
+    log_to_wandb: bool = field(metadata=_role(RUN))
     fuse_model: bool = field(metadata=_role(RUN))
 
     def as_dict(self) -> dict[str, Any]:
@@ -222,6 +223,13 @@ class Params:
         return LoraSettings(
             self.lora_r, self.lora_alpha, self.lora_dropout, ("all-linear",) if names is None else tuple(names)
         )
+
+    @property
+    def reporters(self) -> tuple[str, ...]:
+        """The trackers report_to names, in its order, each once; log_to_wandb (the form's older switch) adds
+        wandb."""
+        names = reporter_names(self.report_to) + (["wandb"] if self.log_to_wandb else [])
+        return tuple(dict.fromkeys(names))
 
     @property
     def training(self) -> TrainingSettings:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-SPEC_VERSION = 3
+SPEC_VERSION = 4
 SPEC_FILE = "spec.json"
 EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"
@@ -71,7 +71,36 @@ class TrainingSettings:
     logging_steps: int
     save_steps: int
     save_total_limit: int
-    log_to_wandb: bool
+
+
+# What report_to may name: the trackers the trainer logs to itself, each beside the run's outputs.
+REPORTERS = ("tensorboard", "trackio", "wandb")
+
+
+def reporter_names(value: str) -> list[str]:
+    """The names a report_to value lists (a comma list, lower-cased); none for 'none' or empty."""
+    names = [name.strip().lower() for name in (value or "").split(",") if name.strip()]
+    return [name for name in names if name != "none"]
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """Where the first rank's trainer reports its logs besides the job (report_to), decided by the parent, which
+    also points each tracker's folder there through the ranks' environment (launch.reporting_env)."""
+
+    reporters: tuple[str, ...] = ()  # what the trainer's report_to gets
+    folder: str = ""  # <the run's folder>/logs: each tracker's files in a folder of its own name beneath it
+    project: str = ""  # the adapter's name: Trackio's and W&B's project
+    run_name: str = ""  # when the run started: Trackio's and W&B's run, and TensorBoard's folder for it
+
+    def directory(self, reporter: str) -> str:
+        """A tracker's folder (W&B makes its own `wandb` folder in WANDB_DIR, the logs folder). TensorBoard's is
+        one per run, so that `tensorboard --logdir` on the folder above shows an adapter's runs side by side."""
+        folder = os.path.join(self.folder, reporter)
+        return os.path.join(folder, self.run_name) if reporter == "tensorboard" else folder
+
+
+NO_REPORTING = Reporting()
 
 
 @dataclass(frozen=True)
@@ -107,12 +136,13 @@ class RunSpec:
     adapter_staging: str
     merged_staging: str | None
     deepspeed_config: str | None = None
+    reporting: Reporting = NO_REPORTING
     version: int = SPEC_VERSION
 
     @classmethod
     def of(cls, p, plan, folder: RunFolder, **where: Any) -> RunSpec:
         """The spec for these parameters and this plan; `where` gives prepared_path, has_eval, checkpoint_dir,
-        checkpoint_staging, resume_from, adapter_staging and merged_staging."""
+        checkpoint_staging, resume_from, adapter_staging, merged_staging and reporting."""
         s = plan.speed
         return cls(
             model_name=p.model_name,
@@ -153,6 +183,8 @@ class RunSpec:
         lora = values["lora"]
         values["lora"] = LoraSettings(**{**lora, "lora_target_modules": tuple(lora["lora_target_modules"])})
         values["training"] = TrainingSettings(**values["training"])
+        reporting = values.get("reporting") or {}
+        values["reporting"] = Reporting(**{**reporting, "reporters": tuple(reporting.get("reporters", ()))})
         return cls(**values)
 
 

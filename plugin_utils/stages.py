@@ -96,7 +96,8 @@ def ranks_started(checked: Checked) -> Iterator[launch.Ranks]:
         import tempfile  # here: --check never makes a run folder
 
         folder = RunFolder(stack.enter_context(tempfile.TemporaryDirectory(prefix="sft-run-")))
-        ranks = launch.Ranks(plan, folder, checked.p.log_to_wandb, keep_open=(lock.fileno(),) if lock else ())
+        reporting = launch.reporting(checked.p, checked.out.where.run_dir)
+        ranks = launch.Ranks(plan, folder, reporting, keep_open=(lock.fileno(),) if lock else ())
         stack.callback(ranks.end)
         try:
             yield ranks
@@ -149,6 +150,8 @@ def train(ready: Ready, ranks: launch.Ranks, stop: launch.StopFlag) -> cli.Finis
     job.log(cli.parameters_text(p))
     job.log(cli.dataset_text(prepared))  # to the job's log and, like every host log line, to stderr
     job.log(cli.plan_text(plan))
+    for line in launch.reporting_lines(p.reporters, ranks.reporting, os.environ):
+        job.log(line)
     if checked.continued:
         job.log(cli.continued_text(checked.continued))
     main_node = plan.machine_rank == 0
@@ -175,6 +178,7 @@ def train(ready: Ready, ranks: launch.Ranks, stop: launch.StopFlag) -> cli.Finis
             resume_from=session.resume_from,
             adapter_staging=session.staged.adapter_staging,
             merged_staging=session.staged.merged_staging,
+            reporting=ranks.reporting,
         )
         try:
             result = launch.run(job, spec, ranks, stop)

@@ -46,7 +46,7 @@ from .planning import (
     selected_gpu_ids,
 )
 from .rowformats import CHAT_FORMATS, DATA_SUFFIXES, DataFacts
-from .runfolder import lora_targets
+from .runfolder import REPORTERS, lora_targets, reporter_names
 from .sources import ModelFacts, hub_offline, workspace_dataset
 
 PHASES = ("parameters", "machine", "model", "outputs", "layers", "data", "statistics")
@@ -386,10 +386,27 @@ def fuse_model_explained(p):
 
 
 @rule("parameters")
+def report_to_names_trackers(p):
+    """report_to is none, or a comma list of tensorboard, trackio and wandb."""
+    unknown = [name for name in reporter_names(p.report_to) if name not in REPORTERS]
+    if unknown:
+        yield error(
+            "report_to",
+            f"{', '.join(map(repr, unknown))} is not one of none, {', '.join(REPORTERS)}",
+            f"Use none, or one or more of {', '.join(REPORTERS)} separated by commas, such as tensorboard,trackio",
+        )
+
+
+@rule("parameters")
 def wandb_key(p):
-    """log_to_wandb without WANDB_API_KEY runs Weights & Biases offline (warning)."""
-    if p.log_to_wandb and not os.environ.get("WANDB_API_KEY"):
-        yield warning("log_to_wandb", "WANDB_API_KEY is not set: Weights & Biases runs offline", "Set the key")
+    """Weights & Biases (report_to or log_to_wandb) without WANDB_API_KEY runs offline (warning)."""
+    if "wandb" in p.reporters and not os.environ.get("WANDB_API_KEY"):
+        asked = "report_to" if "wandb" in reporter_names(p.report_to) else "log_to_wandb"
+        yield warning(
+            asked,
+            "WANDB_API_KEY is not set: Weights & Biases runs offline, in the run's logs folder",
+            "Set the key, or `wandb sync` the folder the log names later",
+        )
 
 
 @rule("parameters")
@@ -529,6 +546,24 @@ def strategy_packages_installed(p, machine: Machine):
         yield error(
             "distributed_strategy", f"{strategy} needs deepspeed", "Reinstall with WITH_DEEPSPEED=1, or use ddp"
         )
+
+
+# What each tracker needs installed (any one of its packages) and how to install it.
+REPORTER_PACKAGES = {
+    "tensorboard": (("tensorboardX", "tensorboard"), "pip install tensorboardX"),
+    "trackio": (("trackio",), "pip install trackio"),
+    "wandb": (("wandb",), "pip install wandb"),
+}
+
+
+@rule("machine")
+def reporters_installed(p):
+    """Each tracker report_to names is installed (looked up, never imported): tensorboardX, trackio, wandb."""
+    for name in p.reporters:
+        packages, install = REPORTER_PACKAGES.get(name, ((), ""))
+        if packages and not any(has_package(package) for package in packages):
+            parameter = "log_to_wandb" if name not in reporter_names(p.report_to) else "report_to"
+            yield error(parameter, f"{name} needs {packages[0]}, which is not installed", f"Run `{install}`")
 
 
 @rule("machine")

@@ -172,7 +172,11 @@ def _sft_config(spec: RunSpec):
         # Rows arrive tokenized, truncated and labelled; TRL only has work left when it packs.
         dataset_kwargs=None if spec.packing else {"skip_prepare_dataset": True},
         remove_unused_columns=False,
-        report_to=["wandb"] if spec.training.log_to_wandb else [],
+        # The trainer reports from the first rank alone; the others would still import every tracker (seconds of
+        # CPU each, shared with the rank that trains) for callbacks that do nothing there.
+        report_to=list(spec.reporting.reporters) if os.environ.get("RANK", "0") == "0" else [],
+        project=spec.reporting.project,
+        run_name=spec.reporting.run_name or None,
         ddp_find_unused_parameters=False if spec.training_mode != "full" else None,
         tf32=True if spec.tf32 else None,
         dataloader_num_workers=spec.dataloader_workers,

@@ -3,6 +3,7 @@ workspace, the legacy job store of lab 0.0.98, and a rank that raises."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -58,8 +59,9 @@ def test_headless_run_trains_on_two_cpu_ranks_with_fsdp_and_completes_the_job(ti
     # FSDP, sharded over the two ranks' gloo group (DDP, the default, trains in every other two-rank run).
     config = base_config(tiny_model, tmp_path, num_processes=2, max_steps=8, logging_steps=3)
     config["distributed_strategy"] = "fsdp"
+    config["report_to"] = "tensorboard,trackio"
     del config["gradient_checkpointing"]  # auto: decided from the memory estimate
-    proc = run_main(["--config", write_config(tmp_path, config), "--json"])
+    proc = run_main(["--config", write_config(tmp_path, config), "--json"], env={"TLAB_TRACKIO_AUTO_INIT": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = last_json(proc.stdout)
     assert result["status"] == "COMPLETE"
@@ -127,6 +129,29 @@ def test_headless_run_trains_on_two_cpu_ranks_with_fsdp_and_completes_the_job(ti
     assert (meta["base_model"], meta["library_name"]) == (tiny_model, "peft") and "lora" in meta["tags"]
     assert "has been trained using [TRL]" not in card and "![loss curve](loss_curve.png)" in card
     assert f"| final train loss | {result['final_loss']:.4f} |" in card and "| rows trained on |" in card
+    # report_to: the first rank alone reports, into the run's logs folder, at every logged step.
+    logs = tmp_path / "outputs" / "runs" / "test-adaptor" / "logs"
+    [run] = (logs / "tensorboard").iterdir()
+    [events] = run.glob("events.out.tfevents.*")
+    assert f"report_to tensorboard: {run}; open: tensorboard --logdir {logs / 'tensorboard'}" in proc.stderr
+    assert f"report_to trackio: {logs / 'trackio'}; open: TRACKIO_DIR=" in proc.stderr
+    scalars = [(e.step, v.simple_value) for e in tensorboard_events(events) for v in e.summary.value]
+    losses = [(r["step"], r["metrics"]["train/loss"]) for r in rows if "train/loss" in r.get("metrics", {})]
+    assert [(step, pytest.approx(loss)) for step, loss in losses] == [
+        (e.step, v.simple_value) for e in tensorboard_events(events) for v in e.summary.value if v.tag == "train/loss"
+    ], scalars
+    tracked = trackio_rows(logs / "trackio" / "test-adaptor.db", run.name)
+    assert [(r["train/global_step"], pytest.approx(r["train/loss"])) for r in tracked if "train/loss" in r] == losses
+
+
+def trackio_rows(database: Path, run: str) -> list[dict]:
+    """A run's rows in a Trackio project's database (trackio 0.43's `metrics` table), read with sqlite3 rather
+    than trackio's reader, which would cost a process importing trackio (seconds on 2 busy cores)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        found = db.execute("SELECT metrics FROM metrics WHERE run_name = ? ORDER BY id", (run,)).fetchall()
+    return [json.loads(metrics) for (metrics,) in found]
 
 
 def tensorboard_events(path: Path) -> list:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin_utils import launch
+from plugin_utils import launch, params
 from plugin_utils.runfolder import (
     EVENTS_FILE,
     CheckpointSaved,
@@ -23,6 +23,7 @@ from plugin_utils.runfolder import (
     EventWriter,
     Logged,
     Progress,
+    Reporting,
     RunFolder,
     Started,
     Stopped,
@@ -219,15 +220,54 @@ def test_rank_env_is_unbuffered_and_quiet():
     assert env["TOKENIZERS_PARALLELISM"] == "false"
 
 
+def reporting_of(tmp_path, monkeypatch, **raw) -> Reporting:
+    monkeypatch.delenv("TLAB_TRACKIO_AUTO_INIT", raising=False)
+    return launch.reporting(params.defaults().replace(adaptor_name="my-adapter", **raw), str(tmp_path / "runs"))
+
+
 @pytest.mark.parametrize(("key", "mode"), [(None, "offline"), ("secret", None)])
-def test_rank_env_runs_wandb_offline_without_a_key(monkeypatch, key, mode):
+def test_rank_env_runs_wandb_offline_without_a_key(monkeypatch, tmp_path, key, mode):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     if key is None:
         monkeypatch.delenv("WANDB_API_KEY", raising=False)
     else:
         monkeypatch.setenv("WANDB_API_KEY", key)
-    assert launch.rank_env(CPU_ONE, log_to_wandb=True).get("WANDB_MODE") == mode
-    assert "WANDB_MODE" not in launch.rank_env(CPU_ONE, log_to_wandb=False)
+    wandb = reporting_of(tmp_path, monkeypatch, log_to_wandb=True)
+    assert launch.rank_env(CPU_ONE, wandb).get("WANDB_MODE") == mode
+    assert launch.rank_env(CPU_ONE, wandb)["SFT_LOG_TO_WANDB"] == "1"  # the rank imports W&B
+    assert "WANDB_MODE" not in launch.rank_env(CPU_ONE, reporting_of(tmp_path, monkeypatch, report_to="tensorboard"))
+    assert not launch.rank_env(CPU_ONE)["SFT_LOG_TO_WANDB"]
+
+
+def test_each_tracker_writes_in_the_runs_logs_folder_and_the_log_says_how_to_open_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    reporting = reporting_of(tmp_path, monkeypatch, report_to="tensorboard,trackio,wandb")
+    logs, run = tmp_path / "runs" / "logs", reporting.run_name
+    assert (reporting.reporters, reporting.project) == (("tensorboard", "trackio", "wandb"), "my-adapter")
+    env = launch.rank_env(CPU_ONE, reporting)
+    assert env["TENSORBOARD_LOGGING_DIR"] == str(logs / "tensorboard" / run)
+    assert env["TRACKIO_DIR"] == str(logs / "trackio")
+    assert (env["WANDB_DIR"], env["WANDB_PROJECT"], env["WANDB_MODE"]) == (str(logs), "my-adapter", "offline")
+    assert launch.reporting_lines(reporting.reporters, reporting, os.environ) == [
+        f"report_to tensorboard: {logs}/tensorboard/{run}; open: tensorboard --logdir {logs}/tensorboard",
+        f"report_to trackio: {logs}/trackio; open: TRACKIO_DIR={logs}/trackio trackio show --project my-adapter",
+        f"report_to wandb: offline, in {logs}/wandb; upload: wandb sync {logs}/wandb/offline-run-*",
+    ]
+
+
+def test_under_the_hosts_trackio_run_the_ranks_log_no_second_copy(monkeypatch, tmp_path):
+    """The parent already logs every row to the job's Trackio run (TLAB_TRACKIO_AUTO_INIT, tests/test_trackio.py):
+    the ranks' trainer reports to the rest, and the host's TRACKIO_DIR is left as it is."""
+    p = params.defaults().replace(adaptor_name="a", report_to="trackio,tensorboard")
+    monkeypatch.setenv("TLAB_TRACKIO_AUTO_INIT", "true")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "hosts-trackio"))
+    reporting = launch.reporting(p, str(tmp_path))
+    assert reporting.reporters == ("tensorboard",)
+    assert launch.rank_env(CPU_ONE, reporting)["TRACKIO_DIR"] == str(tmp_path / "hosts-trackio")
+    [trackio, tensorboard] = launch.reporting_lines(p.reporters, reporting, os.environ)
+    assert trackio == "report_to trackio: the job's own Trackio run has the rows; the ranks log no second copy"
+    assert tensorboard.startswith("report_to tensorboard: ")
 
 
 # --- EventReader -----------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ try:
 except SystemExit as exc:
     assert not exc.code, exc.code
 heavy = ("torch", "transformers", "trl", "datasets", "tokenizers", "jinja2", "asyncio", "lab", "psutil", "pynvml")
-heavy += ("PIL",)
+heavy += ("PIL", "tensorboardX", "trackio", "wandb")
 print(" ".join(name for name in heavy if name in sys.modules))
 """
 
@@ -49,8 +49,10 @@ print(" ".join(name for name in heavy if name in sys.modules))
 def test_check_imports_no_library_it_does_not_use(tiny_model, tmp_path):
     """--check answers in a fraction of a second because it imports what it checks with and nothing else: no ML
     library, no data code, no lab SDK, no NVML without an NVIDIA driver (none here), and Jinja only to parse a
-    template that has more than text and `{{ column }}` outputs."""
+    template that has more than text and `{{ column }}` outputs; the trackers report_to names are looked up, never
+    imported."""
     config = base_config(tiny_model, tmp_path)  # "Question: {{ prompt }}\nAnswer:{{ completion }}"
+    config["report_to"] = "tensorboard,trackio,wandb"
     untemplated = {k: v for k, v in config.items() if k != "formatting_template"}
     tagged = {**config, "formatting_template": "{% if prompt %}Q: {{ prompt }}{% endif %}\nA: {{ completion }}"}
     imported = {}

@@ -90,6 +90,7 @@ FORM = [
     "machine_rank",
     "main_process_ip",
     "main_process_port",
+    "report_to",
     "log_to_wandb",
     "fuse_model",
 ]

@@ -542,3 +542,23 @@ def test_a_params_copy_reads_its_values_as_a_host_does():
         p.replace(lora_r="many")
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.lora_r = 4
+
+
+@pytest.mark.parametrize(
+    ("raw", "reporters"),
+    [
+        ({}, ()),
+        ({"report_to": "none"}, ()),
+        ({"report_to": " TensorBoard , trackio,"}, ("tensorboard", "trackio")),
+        ({"report_to": "trackio,trackio"}, ("trackio",)),
+        # The form's older switch adds W&B, once.
+        ({"log_to_wandb": "on"}, ("wandb",)),
+        ({"report_to": "tensorboard", "log_to_wandb": True}, ("tensorboard", "wandb")),
+        ({"report_to": "wandb,tensorboard", "log_to_wandb": True}, ("wandb", "tensorboard")),
+    ],
+)
+def test_report_to_is_a_comma_list_and_log_to_wandb_adds_wandb(raw, reporters):
+    reading = params.read({"adaptor_name": "a", **raw}, headless=True)
+    assert reading.errors == []
+    assert reading.params.reporters == reporters
+    assert reading.params.as_dict()["report_to"] == raw.get("report_to", "none")  # recorded as given

@@ -173,12 +173,14 @@ def test_a_trackio_run_that_never_started_costs_one_warning_and_never_the_run(tm
 
 @pytest.mark.slow
 def test_a_task_run_of_main_fills_the_hosts_trackio_run(tiny_model, tmp_path):
-    """The whole path: the ranks' rows, through the parent's sink, into the Trackio run of the task's job."""
+    """The whole path: the ranks' rows, through the parent's sink, into the Trackio run of the task's job, once
+    (report_to trackio too)."""
     from .conftest import base_config, last_json, run_main
     from .task_host import EXPERIMENT, make_lab_job
 
     home, trackio_dir = tmp_path / "tflhome", tmp_path / "trackio"
-    job_id = make_lab_job(home, base_config(tiny_model, tmp_path, max_steps=4, logging_steps=2, save_steps=4))
+    config = base_config(tiny_model, tmp_path, max_steps=4, logging_steps=2, save_steps=4, report_to="trackio")
+    job_id = make_lab_job(home, config)
     env = {"_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": EXPERIMENT, "TFL_HOME_DIR": str(home)}
     env.update(
         TLAB_TRACKIO_AUTO_INIT="true",
@@ -211,3 +213,7 @@ def test_a_task_run_of_main_fills_the_hosts_trackio_run(tiny_model, tmp_path):
     assert (adapter / "adapter_model.safetensors").read_bytes() == (
         registered / "adapter_model.safetensors"
     ).read_bytes()
+    # report_to trackio adds no second copy from the ranks: the job's run already has every row.
+    assert "report_to trackio: the job's own Trackio run has the rows; the ranks log no second copy" in proc.stderr
+    assert not [path for path in tmp_path.rglob("*.db") if "test-adaptor" in path.name]
+    assert not list(tmp_path.rglob("logs/trackio"))

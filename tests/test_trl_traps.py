@@ -3,6 +3,7 @@ caught by the plugin's own check. One test each, named for the trap."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from plugin_utils import launch, params, planning, sources, validation
 from plugin_utils.errors import InvalidConfig
 from plugin_utils.machine import Gpu, Machine
+from plugin_utils.runfolder import Reporting
 from plugin_utils.speed import Speed
 
 from .conftest import SAMPLE, TEMPLATE, plan_of, prepare_data, spec_of
@@ -91,6 +93,19 @@ def test_warmup_ratio_becomes_a_fractional_warmup_steps(tmp_path, worker):
 
 def test_report_to_is_explicit(tmp_path, worker):
     assert worker._sft_config(spec(tmp_path)).report_to in ([], "none", ["none"])
+
+
+def test_report_to_reaches_the_first_ranks_trainer_alone(tmp_path, worker, monkeypatch):
+    """TRL's default ("all" in older releases) would report to every tracker installed; the others' callbacks do
+    nothing on a rank but the first, which alone gets the list."""
+    reporting = Reporting(("tensorboard", "trackio"), str(tmp_path / "logs"), "my-adapter", "20261207-120000")
+    reported = dataclasses.replace(spec(tmp_path), reporting=reporting)
+    monkeypatch.setenv("RANK", "0")
+    args = worker._sft_config(reported)
+    assert args.report_to == ["tensorboard", "trackio"]
+    assert (args.project, args.run_name) == ("my-adapter", "20261207-120000")
+    monkeypatch.setenv("RANK", "1")
+    assert worker._sft_config(reported).report_to == []
 
 
 def test_lora_on_lm_head_is_caught_before_launch():

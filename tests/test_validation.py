@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -262,6 +263,11 @@ CONFIG_CASES = [
     (validation.save_steps_within_max_steps, {"max_steps": -1, "save_steps": 500}, set()),
     (validation.save_steps_within_max_steps, {"max_steps": 100, "save_steps": 50}, set()),
     (validation.save_steps_within_max_steps, {"max_steps": 100, "save_steps": 200}, {("warning", "save_steps")}),
+    (validation.report_to_names_trackers, {}, set()),
+    (validation.report_to_names_trackers, {"report_to": "none"}, set()),
+    (validation.report_to_names_trackers, {"report_to": " TensorBoard , trackio,wandb"}, set()),
+    (validation.report_to_names_trackers, {"report_to": "tensorbord"}, {("error", "report_to")}),
+    (validation.report_to_names_trackers, {"report_to": "trackio,mlflow"}, {("error", "report_to")}),
 ]
 
 
@@ -320,6 +326,8 @@ MACHINE_CASES = [
     # The GPU is not used when training on the CPU, so its bf16 support does not matter.
     (validation.precision_supported, {"precision": "bf16", "train_device": "cpu"}, ONE_VOLTA, set()),
     (validation.qlora_needs_bitsandbytes, {"training_mode": "lora"}, CPU_ONLY, set()),
+    (validation.reporters_installed, {"report_to": "tensorboard,trackio,wandb"}, CPU_ONLY, set()),
+    (validation.reporters_installed, {"log_to_wandb": True}, CPU_ONLY, set()),
 ]
 
 
@@ -346,15 +354,47 @@ def test_every_message_the_rule_tables_produce_is_proof_read():
 
 
 @pytest.mark.parametrize(
-    ("enabled", "key", "expected"),
-    [(False, None, set()), (True, "secret", set()), (True, None, {("warning", "log_to_wandb")})],
+    ("asked", "key", "expected"),
+    [
+        ({"log_to_wandb": False}, None, set()),
+        ({"log_to_wandb": True}, "secret", set()),
+        ({"log_to_wandb": True}, None, {("warning", "log_to_wandb")}),
+        ({"report_to": "tensorboard,wandb"}, None, {("warning", "report_to")}),
+        ({"report_to": "wandb", "log_to_wandb": True}, "secret", set()),
+    ],
 )
-def test_wandb_without_a_key_is_a_warning(monkeypatch, enabled, key, expected):
+def test_wandb_without_a_key_is_a_warning(monkeypatch, asked, key, expected):
     if key is None:
         monkeypatch.delenv("WANDB_API_KEY", raising=False)
     else:
         monkeypatch.setenv("WANDB_API_KEY", key)
-    assert findings(validation.wandb_key, config(log_to_wandb=enabled)) == expected
+    assert findings(validation.wandb_key, config(**asked)) == expected
+
+
+def test_an_unknown_tracker_is_refused_with_the_ones_offered():
+    [line] = messages(validation.report_to_names_trackers, config(report_to="tensorboard,mlflow"))
+    assert line == (
+        "report_to: 'mlflow' is not one of none, tensorboard, trackio, wandb. Use none, or one or more of "
+        "tensorboard, trackio, wandb separated by commas, such as tensorboard,trackio."
+    )
+
+
+@pytest.mark.parametrize(
+    ("asked", "absent", "parameter", "install"),
+    [
+        ({"report_to": "tensorboard,trackio"}, ("trackio",), "report_to", "pip install trackio"),
+        ({"report_to": "tensorboard"}, ("tensorboardX", "tensorboard"), "report_to", "pip install tensorboardX"),
+        ({"log_to_wandb": True}, ("wandb",), "log_to_wandb", "pip install wandb"),
+    ],
+)
+def test_a_tracker_that_is_not_installed_is_refused_with_its_install_command(
+    monkeypatch, asked, absent, parameter, install
+):
+    # None in sys.modules is how Python marks a module absent: find_spec answers no, as where it is not installed.
+    for package in absent:
+        monkeypatch.setitem(sys.modules, package, None)
+    [line] = messages(validation.reporters_installed, config(**asked), CPU_ONLY)
+    assert line.startswith(f"{parameter}: ") and line.endswith(f"Run `{install}`.") and "not installed" in line
 
 
 @pytest.mark.parametrize("machine", [CPU_ONLY, TWO_AMPERE], ids=["cpu", "gpus"])
