@@ -92,6 +92,7 @@ FORM = [
     "main_process_port",
     "log_to_wandb",
     "fuse_model",
+    "sample_generations",
 ]
 
 # The choices each choice parameter offers (info.md, "Parameters").
