@@ -139,3 +139,12 @@ def test_a_task_run_of_main_fills_the_hosts_trackio_run(tiny_model, tmp_path):
     for folder in (trackio_dir, home / "workspace" / "trackio_runs" / EXPERIMENT / PROJECT):
         rows = trackio_rows(folder)
         assert [(step, metrics["train/loss"]) for step, metrics in rows if "train/loss" in metrics] == losses
+    # The sample answers are the task job's evals (TransformerLab's Evals tab reads job_data.eval_results), scored 0/1
+    # by exact match.
+    import csv
+
+    [evals] = json.loads(index.read_text())["job_data"]["eval_results"]
+    with open(evals, newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 4 and set(table[0]) == {"input", "expected_output", "output", "score"}
+    assert {row["score"] for row in table} <= {"0", "1"} and all(row["input"].startswith("Question: ") for row in table)
