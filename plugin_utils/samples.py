@@ -20,6 +20,9 @@ SAMPLES_FILE = "samples.jsonl"
 # The longest answer generated, whatever the references' length: it bounds the time samples cost.
 MAX_NEW_TOKENS = 256
 IGNORED = -100  # a label that takes no loss (data/encoding.py)
+# Prompts answered in one generate call: the KV cache grows with the batch (64 prompts of 2k tokens would hold tens of
+# GiB on a 7B model), while a few fill the device as well as many.
+BATCH = 8
 SHOWN_LINES = 3
 SHOWN_CHARS = 240
 
@@ -91,33 +94,40 @@ def new_tokens_for(prompts: list[Prompted], max_length: int) -> int:
 
 
 def answer(model, tokenizer, prompts: list[Prompted], max_length: int) -> list[list[int]]:
-    """Each prompt's greedy answer, its stop token excluded: one batch, left-padded, in eval mode (no dropout) with
-    the KV cache, on the device the model is on."""
-    import torch
+    """Each prompt's greedy answer, its stop token excluded: in left-padded batches of BATCH, in eval mode (no
+    dropout) with the KV cache, on the device the model is on."""
     from transformers import GenerationConfig
 
     stops = stop_ids(prompts, tokenizer, model.generation_config.eos_token_id)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    width = max(len(p.prompt) for p in prompts)
-    device = next(model.parameters()).device
-    ids = torch.tensor([[pad] * (width - len(p.prompt)) + p.prompt for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p.prompt)) + [1] * len(p.prompt) for p in prompts], device=device)
     config = GenerationConfig(
         max_new_tokens=new_tokens_for(prompts, max_length),
         do_sample=False,
         num_beams=1,
         use_cache=True,
         eos_token_id=stops,
-        pad_token_id=pad,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
     )
     model.eval()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     answers = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, token in enumerate(row) if token in stops), len(row))
-        answers.append(row[:end])
+    for first in range(0, len(prompts), BATCH):
+        for row in _generate(model, prompts[first : first + BATCH], config):
+            end = next((i for i, token in enumerate(row) if token in stops), len(row))
+            answers.append(row[:end])
     return answers
+
+
+def _generate(model, batch: list[Prompted], config) -> list[list[int]]:
+    """The new tokens of one left-padded batch."""
+    import torch
+
+    width = max(len(p.prompt) for p in batch)
+    device = next(model.parameters()).device
+    pads = [width - len(p.prompt) for p in batch]
+    ids = torch.tensor([[config.pad_token_id] * pad + p.prompt for p, pad in zip(batch, pads, strict=True)])
+    mask = torch.tensor([[0] * pad + [1] * len(p.prompt) for p, pad in zip(batch, pads, strict=True)])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    return out[:, width:].tolist()
 
 
 def records(tokenizer, prompts: list[Prompted], answers: list[list[int]]) -> list[dict[str, str]]:

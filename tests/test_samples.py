@@ -100,7 +100,7 @@ def test_new_tokens_follow_the_longest_reference_within_the_cap_and_the_context(
     assert samples.new_tokens_for([samples.Prompted([1], [2] * 1000)], max_length=4096) == samples.MAX_NEW_TOKENS
 
 
-def test_the_tiny_model_answers_greedily_in_one_left_padded_batch_and_stops_at_eos(tiny_model):
+def test_the_tiny_model_answers_greedily_in_left_padded_batches_and_stops_at_eos(tiny_model):
     """A real generation: the batch's answers are each prompt's own greedy answer alone, and none runs past its stop
     token or the longest reference."""
     import torch
@@ -120,6 +120,8 @@ def test_the_tiny_model_answers_greedily_in_one_left_padded_batch_and_stops_at_e
     assert together[1][:3] == alone[1][:3] and together[0] == alone[0]
     stops = set(samples.stop_ids(prompts, tok, model.generation_config.eos_token_id))
     assert all(len(a) <= 6 and not stops & set(a) for a in together)
+    # More prompts than one batch holds: answered batch by batch, in order.
+    assert samples.answer(model, tok, prompts * samples.BATCH, max_length=128) == together * samples.BATCH
 
 
 def test_a_generation_that_fails_is_a_note_for_one_warning_never_an_exception(tiny_model, tmp_path, worker):
