@@ -418,9 +418,10 @@ class Staged:
             if path:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def describe(self, summary_data: dict[str, Any], curve: str | None) -> None:
+    def describe(self, summary_data: dict[str, Any], curve: str | None, answered: list[dict[str, str]]) -> None:
         """The model card (in place of TRL's) and the loss curve it shows, in each staged folder, so that they are
-        published with it: an adapter's card loads it with peft; a merged or fully trained model's, alone."""
+        published with it: an adapter's card loads it with peft; a merged or fully trained model's, alone. The card
+        shows the sample answers too."""
         adapter = summary_data["parameters"]["training_mode"] != "full"
         for staging, final, peft in (
             (self.adapter_staging, self.adapter_dir, adapter),
@@ -429,7 +430,7 @@ class Staged:
             if staging and os.path.isdir(staging):
                 if curve:
                     shutil.copy2(curve, staging)
-                report.write_card(staging, final, summary_data, peft=peft)
+                report.write_card(staging, final, summary_data, peft=peft, samples=answered)
 
     def keep_samples(self, answered: list[dict[str, str]]) -> None:
         """The trained model's sample answers as samples.jsonl in the staged adapter folder, published with it. A

@@ -138,6 +138,7 @@ def test_headless_run_trains_on_two_cpu_ranks_with_fsdp_and_completes_the_job(ti
     assert "sample answers of the trained model (4, greedy, from the last training rows):" in log_text
     assert all(f"  reference: {a['expected_output']}" in log_text for a in answers)
     assert job["job_data"]["eval_results"] == [str(index.parent / "eval_results" / "sample_generations.csv")]
+    assert "## Sample answers" in card and f"````text\n{answers[0]['expected_output']}\n````" in card
     assert not tagged_processes(tag, "plugin_utils.rank"), "the ranks are gone once the run is over"
 
 
