@@ -542,7 +542,7 @@ def sample_answers(spec: RunSpec, data, tokenizer, trained) -> Sampled:
         rows, source = samples.held_out(data, spec.sample_generations)
         prompts = samples.prompts_of(rows, set(tokenizer.all_special_ids))
         if not prompts:
-            note = "none: every token of the rows is trained (text rows, or completion-only loss off): no prompt"
+            note = "none: no row has a prompt (every token is trained: text rows, or completion-only loss off)"
             return Sampled(samples=(), note=note)
         model = _whole_model(spec) if spec.strategy in SHARDED else trained
         answers = samples.answer(model, tokenizer, prompts, spec.max_length)

@@ -140,6 +140,23 @@ def test_a_generation_that_fails_is_a_note_for_one_warning_never_an_exception(ti
     assert event.failed and event.samples == () and "none" in event.note
 
 
+def test_rows_without_a_prompt_are_skipped_with_one_line_and_nothing_loaded(tiny_model, tmp_path, worker):
+    """Text rows: every token trained. Nothing is loaded (the spec names no model that could be)."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
+
+    from .conftest import spec_of
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tok("Just some text.")["input_ids"] + [tok.eos_token_id]
+    text = DatasetDict({"train": Dataset.from_dict({"input_ids": [ids], "labels": [ids]})})
+    event = worker.sample_answers(spec_of(str(tmp_path), strategy="fsdp"), text, tok, trained=None)
+    assert (event.samples, event.failed) == ((), False) and event.note.startswith("none: no row has a prompt")
+    watcher = launch.Watcher(RecordingHost(), RunFolder(str(tmp_path)))
+    relay(watcher, event)
+    assert watcher.host.logs == [f"sample answers of the trained model: {event.note}"]
+
+
 def test_the_parent_logs_each_sample_shortened_and_warns_once_when_none_could_be_made(tmp_path, caplog):
     watcher = launch.Watcher(RecordingHost(), RunFolder(str(tmp_path)))
     long_prompt = "\n".join(f"line {i}" for i in range(10))
