@@ -37,7 +37,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol
 
-from . import checkpoints, downloads
+from . import checkpoints, downloads, samples
 from .errors import EXIT_OK, EXIT_STOPPED, InvalidConfig, RunFailed, problem
 from .outputs import Continued, Where, unfinished_run
 from .params import Params
@@ -403,6 +403,15 @@ class LabSdk:
         with _quiet():
             return self.lab.save_artifact(path, name=name)
 
+    def save_evals(self, answered: list[dict[str, str]]) -> str:
+        """The trained model's sample answers as the job's evals (its Evals tab), scored by exact match."""
+        import pandas  # here: only a lab SDK job's evals need it (it comes with datasets)
+
+        table = pandas.DataFrame([{**sample, "score": samples.exact_match(sample)} for sample in answered])
+        columns = {"input": "input", "output": "output", "expected_output": "expected_output", "score": "score"}
+        with _quiet():
+            return self.lab.save_artifact(table, name="sample_generations", type="evals", config={"evals": columns})
+
     def finish(self, message: str, score: dict[str, float], plot_path: str | None) -> None:
         with _quiet():
             self.lab.finish(message, score=score, plot_data_path=plot_path)
@@ -675,6 +684,9 @@ class Sink(Protocol):
     def artifact(self, path: str) -> None:
         """A file for the job's Artifacts (what `lab job download` fetches and the job page previews)."""
 
+    def samples(self, answered: list[dict[str, str]]) -> None:
+        """The trained model's sample answers (samples.py), where the host keeps them apart from the log."""
+
     def complete(self, message: str, score: dict[str, float], plot_path: str | None) -> None: ...
 
     def fail(self, message: str) -> None: ...
@@ -716,6 +728,9 @@ class NullSink:
         return path
 
     def artifact(self, path) -> None:
+        pass
+
+    def samples(self, answered) -> None:
         pass
 
     def complete(self, message, score, plot_path) -> None:
@@ -785,6 +800,9 @@ class LegacyJob:
 
     def artifact(self, path):
         pass  # 0.31/0.32 jobs have no artifacts: the picture lies in the adapter folder, which that host shows
+
+    def samples(self, answered):
+        pass  # 0.31/0.32 jobs have no evals: the log shows the samples, and samples.jsonl lies in the adapter folder
 
     def register_model(self, path, p):
         return path
@@ -1052,6 +1070,14 @@ class _LabJob:
             self.sdk.save_artifact(path)
         except Exception as exc:  # a copy for the job page: the run's outputs are already in place
             log.warning("could not add %s to the job's artifacts: %s", os.path.basename(path), exc)
+
+    def samples(self, answered):
+        if not self.sdk.attached:
+            return
+        try:
+            self.sdk.save_evals(answered)
+        except Exception as exc:  # the job page's copy: the log and samples.jsonl already hold them
+            log.warning("could not add the sample answers to the job's evals: %s", exc)
 
     def complete(self, message, score, plot_path):
         if plot_path and self.mirror is not None:

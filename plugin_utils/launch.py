@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints
+from . import checkpoints, samples
 from .errors import RunFailed, StopRequested
 from .host import StepRow, trackio_requested
 from .machine import NODE_LEVEL_VARIABLES, preparation_processes
@@ -37,6 +37,7 @@ from .runfolder import (
     Reporting,
     RunFolder,
     RunSpec,
+    Sampled,
     Started,
     Stopped,
     process_start,
@@ -72,6 +73,7 @@ class RunResult:
     rank_startup: dict[str, float] = field(default_factory=dict)
     loss_history: list[dict[str, Any]] = field(default_factory=list)
     logged: list[dict[str, float]] = field(default_factory=list)  # see Watcher.logged
+    samples: list[dict[str, str]] = field(default_factory=list)  # the trained model's answers (samples.py)
 
 
 class StopFlag:
@@ -463,6 +465,7 @@ class Watcher:
         # Each logged step's losses and learning rate, as this process saw them: the loss curve's points, at the
         # end of a run and at a stop alike.
         self.logged: list[dict[str, float]] = []
+        self.samples: list[dict[str, str]] = []
 
     def _percent(self, step: int, max_steps: int) -> int:
         if max_steps > 0:
@@ -516,6 +519,15 @@ class Watcher:
                 if self.spec is not None:
                     world = self.start.world_size if self.start else 1
                     self.host.checkpoints(checkpoints.complete(self.spec.checkpoint_dir, world))
+            case Sampled(samples=answered, note=note, failed=failed):
+                self.flush()
+                self.samples = list(answered)
+                if failed:
+                    log.warning("could not generate sample answers of the trained model: %s", note)
+                elif answered:
+                    self.host.log(*samples.log_lines(self.samples, note))
+                else:
+                    self.host.log(f"sample answers of the trained model: {note}")
             case Done() | Stopped():
                 self.end = event
 
@@ -640,6 +652,7 @@ def run(host, spec: RunSpec, ranks: Ranks, stop: StopFlag) -> RunResult:
         runtime=end.runtime,
         loss_history=list(end.loss_history),
         logged=watcher.logged,
+        samples=watcher.samples,
         startup_seconds=round(watcher.first_step_at - began, 2) if watcher.first_step_at else None,
         rank_startup={k: round(v - began, 2) for k, v in start.marks.items()} if start else {},
         resumed_from_step=start.global_step if start else 0,

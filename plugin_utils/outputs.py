@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -12,13 +13,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import checkpoints, report
+from . import checkpoints, report, samples
 from .errors import InvalidConfig, RunFailed, problem
 from .machine import existing_parent
 from .params import HARD_KEYS, MANIFEST, SOFT_KEYS, Params
 from .runfolder import IDENTITY_FILE, RunFolder
 from .sources import read_json, write_whole
 
+log = logging.getLogger("sft")
 SUMMARY_FILE = "training_summary.json"
 LIBRARIES = ("trl", "transformers", "accelerate", "peft", "datasets", "torch", "transformerlab")
 
@@ -416,9 +418,10 @@ class Staged:
             if path:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def describe(self, summary_data: dict[str, Any], curve: str | None) -> None:
+    def describe(self, summary_data: dict[str, Any], curve: str | None, answered: list[dict[str, str]]) -> None:
         """The model card (in place of TRL's) and the loss curve it shows, in each staged folder, so that they are
-        published with it: an adapter's card loads it with peft; a merged or fully trained model's, alone."""
+        published with it: an adapter's card loads it with peft; a merged or fully trained model's, alone. The card
+        shows the sample answers too."""
         adapter = summary_data["parameters"]["training_mode"] != "full"
         for staging, final, peft in (
             (self.adapter_staging, self.adapter_dir, adapter),
@@ -427,7 +430,17 @@ class Staged:
             if staging and os.path.isdir(staging):
                 if curve:
                     shutil.copy2(curve, staging)
-                report.write_card(staging, final, summary_data, peft=peft)
+                report.write_card(staging, final, summary_data, peft=peft, samples=answered)
+
+    def keep_samples(self, answered: list[dict[str, str]]) -> None:
+        """The trained model's sample answers as samples.jsonl in the staged adapter folder, published with it. A
+        file that cannot be written is a warning: the adapter matters more."""
+        if not answered or not os.path.isdir(self.adapter_staging):
+            return
+        try:
+            write_whole(os.path.join(self.adapter_staging, samples.SAMPLES_FILE), samples.to_jsonl(answered))
+        except OSError as exc:
+            log.warning("could not write %s beside the adapter: %s", samples.SAMPLES_FILE, exc)
 
     def publish(self, host, p: Params, summary_data: dict[str, Any]) -> str:
         """Move the outputs into place and register them with the host; returns the adapter's path."""

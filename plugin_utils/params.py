@@ -197,6 +197,7 @@ class Params:
     report_to: str = field(metadata=_role(RUN))
     log_to_wandb: bool = field(metadata=_role(RUN))
     fuse_model: bool = field(metadata=_role(RUN))
+    sample_generations: int = field(metadata=_role(RUN))
 
     def as_dict(self) -> dict[str, Any]:
         """The values as a user gives them (`auto`, `true`, `0,1`): for JSON, the job's record and the log."""

@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from . import samples as sampling
 from .sources import write_whole
 
 CURVE_FILE = "loss_curve.png"
@@ -133,11 +134,12 @@ def _legend(draw, font, entries) -> None:
 CARD_FILE = "README.md"
 
 
-def model_card(summary: dict[str, Any], *, peft: bool, folder: str) -> str:
+def model_card(summary: dict[str, Any], *, peft: bool, folder: str, samples: Sequence[dict[str, str]] = ()) -> str:
     """The model card (Hugging Face's format: YAML front matter, then Markdown) of what this run published, from its
     training summary: what it was trained from and on, with which parameters and why, how well, and how to load it.
     `peft`: an adapter (loaded on its base model); else a whole model (full fine-tuning, or the merged model).
-    `folder`: the name of the folder it is published as, which the loading code names."""
+    `folder`: the name of the folder it is published as, which the loading code names. `samples`: the trained
+    model's answers to held-out prompts (samples.py), shown shortened."""
     asked, plan, data = summary["parameters"], summary["plan"], summary["dataset"]
     name, base, mode = asked["adaptor_name"], asked["model_name"], asked["training_mode"]
     tags = ["sft", "trl", "transformerlab"] + ([mode] if mode in ("lora", "qlora") else ["full-fine-tuning"])
@@ -186,6 +188,7 @@ def model_card(summary: dict[str, Any], *, peft: bool, folder: str) -> str:
         "",
         "![loss curve](loss_curve.png)",
         "",
+        *_sample_answers(samples),
         "## Data",
         "",
         *_table(dataset),
@@ -216,10 +219,29 @@ def model_card(summary: dict[str, Any], *, peft: bool, folder: str) -> str:
     return "\n".join(lines)
 
 
-def write_card(staging: str, final: str, summary: dict[str, Any], *, peft: bool) -> None:
+def write_card(
+    staging: str, final: str, summary: dict[str, Any], *, peft: bool, samples: Sequence[dict[str, str]] = ()
+) -> None:
     """The card in the staged folder that becomes `final`, in place of the generic one TRL writes when it saves."""
     with open(os.path.join(staging, CARD_FILE), "w", encoding="utf-8") as handle:
-        handle.write(model_card(summary, peft=peft, folder=os.path.basename(final.rstrip(os.sep))))
+        handle.write(model_card(summary, peft=peft, folder=os.path.basename(final.rstrip(os.sep)), samples=samples))
+
+
+def _sample_answers(samples: Sequence[dict[str, str]]) -> list[str]:
+    """The card's section of sample answers (none: no section), each text fenced as it is, shortened."""
+    if not samples:
+        return []
+    lines = [
+        "## Sample answers",
+        "",
+        f"Greedy answers to held-out prompts, whole in the adapter's `{sampling.SAMPLES_FILE}`.",
+        "",
+    ]
+    for number, sample in enumerate(samples, 1):
+        lines += [f"### {number}", ""]
+        for label, key in (("Prompt", "input"), ("Reference", "expected_output"), ("Answer", "output")):
+            lines += [f"{label}:", "", "````text", sampling.shortened(sample[key]), "````", ""]
+    return lines
 
 
 def _table(rows: list[tuple[str, Any]]) -> list[str]:

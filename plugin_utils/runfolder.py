@@ -1,8 +1,8 @@
 """The run folder: the one place parent and ranks meet. This module alone knows its files:
 
 - `spec.json`: the typed, versioned run spec (`RunSpec`): everything a rank needs, written by the parent;
-- `events.jsonl`: typed events (`Started`, `Progress`, `Logged`, `CheckpointSaved`, `Stopped`, `Done`), appended
-  by rank 0 and tailed by the parent (only the parent talks to the host, so the host's job files,
+- `events.jsonl`: typed events (`Started`, `Progress`, `Logged`, `CheckpointSaved`, `Stopped`, `Sampled`, `Done`),
+  appended by rank 0 and tailed by the parent (only the parent talks to the host, so the host's job files,
   read-modify-write without a lock, have one writer);
 - `STOP`: the parent's stop request;
 - `error-rank<N>.txt`: a failing rank's exception, for the failure message;
@@ -114,6 +114,7 @@ class RunSpec:
     lora: LoraSettings
     training: TrainingSettings
     max_length: int
+    sample_generations: int  # held-out prompts rank 0 answers after the final save (samples.py)
     # The plan's decisions.
     fuse_model: bool
     merged_precision: str  # what fuse_model merges the adapter into
@@ -150,6 +151,7 @@ class RunSpec:
             lora=p.lora,
             training=p.training,
             max_length=p.maximum_sequence_length,
+            sample_generations=p.sample_generations,
             fuse_model=plan.merge_adapter,
             merged_precision=plan.merged_precision,
             device=plan.device,
@@ -356,6 +358,17 @@ class Stopped(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Sampled(Event):
+    """The trained model's answers to held-out prompts (samples.py), or why there are none: `note` says where the
+    prompts came from, or why none was answered; `failed` when generating them failed (a warning, never the run)."""
+
+    kind: ClassVar[str] = "sampled"
+    samples: tuple[dict[str, str], ...]  # input, expected_output, output
+    note: str
+    failed: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class Done(Event):
     """Training finished and the adapter (or model) was saved to its staging folder."""
 
@@ -371,8 +384,10 @@ class Done(Event):
     loss_history: tuple[dict[str, float], ...]
 
 
-EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (Started, Progress, Logged, CheckpointSaved, Stopped, Done)}
-TUPLES = {"trainable_dtypes", "loss_history"}
+EVENTS: dict[str, type[Event]] = {
+    cls.kind: cls for cls in (Started, Progress, Logged, CheckpointSaved, Stopped, Sampled, Done)
+}
+TUPLES = {"trainable_dtypes", "loss_history", "samples"}
 
 
 class EventWriter:

@@ -189,8 +189,11 @@ def train(ready: Ready, ranks: launch.Ranks, stop: launch.StopFlag) -> cli.Finis
         summary = outputs.summary(p, plan, result, prepared.stats, checked.clock.marks)
         final = None
         if result.has_adapter:
-            session.staged.describe(summary, curve)
+            session.staged.describe(summary, curve, result.samples)
+            session.staged.keep_samples(result.samples)
             final = session.staged.publish(job, p, summary)
+            if result.samples:
+                job.samples(result.samples)
         session.finished()
     plot = outputs.write_plot(out.where.plot_path, result.loss_history)
     answer = {

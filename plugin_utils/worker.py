@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import PrinterCallback, TrainerCallback
 
-from . import checkpoints
+from . import checkpoints, samples
 from .layers import beside_language_model, beside_pattern
 from .runfolder import (
     CheckpointSaved,
@@ -26,6 +26,7 @@ from .runfolder import (
     Progress,
     RunFolder,
     RunSpec,
+    Sampled,
     Started,
     Stopped,
     process_start,
@@ -502,6 +503,9 @@ def train(folder: RunFolder) -> int:
     trainer.save_model(staging)  # every rank takes part (sharded strategies gather); rank 0 writes
     if is_world_main:
         tokenizer.save_pretrained(staging)
+        if spec.sample_generations:
+            # The other ranks go on to their end meanwhile: generating takes no collective.
+            reporter.emit(sample_answers(spec, data, tokenizer, trainer.model))
     if spec.fuse_model and is_world_main:
         del trainer
         merge_adapter(spec, staging, tokenizer)
@@ -528,6 +532,47 @@ def _peak_gpu_memory_mib() -> float | None:
     if not torch.cuda.is_available():
         return None
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+# Strategies that shard the weights over the ranks: no rank holds the whole trained model in memory.
+SHARDED = ("fsdp", "deepspeed_zero3")
+
+
+def sample_answers(spec: RunSpec, data, tokenizer, trained) -> Sampled:
+    """The trained model's greedy answers to a few held-out prompts (samples.py), made by the first rank once the
+    adapter is saved. A model sharded over the ranks is loaded again, whole, from what was just saved; any other
+    is answered in memory. Whatever goes wrong here is a note for one warning, never the run's failure."""
+    try:
+        rows, source = samples.held_out(data, spec.sample_generations)
+        prompts = samples.prompts_of(rows, set(tokenizer.all_special_ids))
+        if not prompts:
+            note = "none: no row has a prompt (every token is trained: text rows, or completion-only loss off)"
+            return Sampled(samples=(), note=note)
+        model = _whole_model(spec) if spec.strategy in SHARDED else trained
+        answers = samples.answer(model, tokenizer, prompts, spec.max_length)
+        return Sampled(samples=tuple(samples.records(tokenizer, prompts, answers)), note=source)
+    except Exception as exc:
+        return Sampled(samples=(), note=f"{type(exc).__name__}: {exc}".strip(), failed=True)
+
+
+def _whole_model(spec: RunSpec):
+    """The trained model as saved, on this rank's device: the base (4-bit for QLoRA, as trained) with the adapter,
+    or the fully trained model itself."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": _dtype(spec.precision)}
+    if spec.training_mode == "qlora":
+        kwargs.update(_quantization(spec))
+    if spec.training_mode == "full":
+        model = AutoModelForCausalLM.from_pretrained(spec.adapter_staging, **kwargs)
+    else:
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(spec.model_name, **kwargs), spec.adapter_staging
+        )
+    if spec.training_mode != "qlora" and spec.device == "cuda":
+        model.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+    return model
 
 
 def merge_adapter(spec: RunSpec, adapter_dir: str, tokenizer) -> None:

@@ -109,6 +109,20 @@ def tiny_model(tmp_path_factory) -> str:
     return str(build(tmp_path_factory.mktemp("tiny-model")))
 
 
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    """The real base tokenizers (real_tokenizers.py), built once per worker for the data and sample tests (which
+    share the worker: xdist_group "token_exact")."""
+    from . import real_tokenizers as rt
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {
+        "byte-bpe": rt.byte_bpe_dir(root / "bpe"),
+        "sentencepiece": rt.sentencepiece_dir(root / "spm", "tokenizer.model.v1"),
+        "mistral-instruct-v3": rt.sentencepiece_dir(root / "v3", "mistral_instruct_tokenizer_240323.model.v3"),
+    }
+
+
 def tensor_dtypes(path: Path) -> dict[str, str]:
     """Each tensor's dtype in a safetensors file, as stored ("F32", "BF16")."""
     from safetensors import safe_open

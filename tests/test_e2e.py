@@ -61,7 +61,10 @@ def test_headless_run_trains_on_two_cpu_ranks_with_fsdp_and_completes_the_job(ti
     config["distributed_strategy"] = "fsdp"
     config["report_to"] = "tensorboard,trackio"
     del config["gradient_checkpointing"]  # auto: decided from the memory estimate
-    proc = run_main(["--config", write_config(tmp_path, config), "--json"], env={"TLAB_TRACKIO_AUTO_INIT": ""})
+    tag = f"fsdp-{os.getpid()}-{time.monotonic_ns()}"
+    proc = run_main(
+        ["--config", write_config(tmp_path, config), "--json"], env={"TLAB_TRACKIO_AUTO_INIT": "", RUN_TAG: tag}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = last_json(proc.stdout)
     assert result["status"] == "COMPLETE"
@@ -143,6 +146,19 @@ def test_headless_run_trains_on_two_cpu_ranks_with_fsdp_and_completes_the_job(ti
     tracked = trackio_rows(logs / "trackio" / "test-adaptor.db", run.name)
     assert [(r["train/global_step"], pytest.approx(r["train/loss"])) for r in tracked if "train/loss" in r] == losses
 
+    # Sample answers (sample_generations 4, no eval split: the last training rows), made on the first rank from the
+    # saved adapter (FSDP shards the trained model): beside the adapter, in the job's log and among its evals.
+    answers = [json.loads(line) for line in (adapter / "samples.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 and all(a["output"] and a["input"].startswith("Question: ") for a in answers), answers
+    rows = [json.loads(line) for line in (ROOT / "demo" / "sample_data.jsonl").read_text().splitlines()[-4:]]
+    assert [a["expected_output"] for a in answers] == [row["completion"].strip() for row in rows]
+    log_text = (index.parent / f"output_{job['id']}.txt").read_text()
+    assert "sample answers of the trained model (4, greedy, from the last training rows):" in log_text
+    assert all(f"  reference: {a['expected_output']}" in log_text for a in answers)
+    assert job["job_data"]["eval_results"] == [str(index.parent / "eval_results" / "sample_generations.csv")]
+    assert "## Sample answers" in card and f"````text\n{answers[0]['expected_output']}\n````" in card
+    assert not tagged_processes(tag, "plugin_utils.rank"), "the ranks are gone once the run is over"
+
 
 def trackio_rows(database: Path, run: str) -> list[dict]:
     """A run's rows in a Trackio project's database (trackio 0.43's `metrics` table), read with sqlite3 rather
@@ -183,12 +199,14 @@ def _legacy_job(home: Path, job_id: str) -> Path:
     return index
 
 
-def _run_like_the_harness(input_file: Path, home: Path, lab_dir: Path = LEGACY_LAB):
-    # What TransformerLab's plugin_harness.py does: plugin dir on sys.path, import main, call main.main().
+def _run_like_the_harness(input_file: Path, home: Path, lab_dir: Path = LEGACY_LAB, hooks: Path | None = None):
+    """What TransformerLab's plugin_harness.py does: plugin dir on sys.path, import main, call main.main().
+    `hooks`: a folder whose sitecustomize.py every process of the run loads (a test's injection)."""
     script = (
         "import sys; sys.path.append(sys.argv[1]); sys.argv = [sys.argv[0]] + sys.argv[2:]; import main; main.main()"
     )
-    env = {**os.environ, "TFL_HOME_DIR": str(home), "PYTHONPATH": str(lab_dir)}
+    path = os.pathsep.join(str(folder) for folder in (hooks, lab_dir) if folder)
+    env = {**os.environ, "TFL_HOME_DIR": str(home), "PYTHONPATH": path}
     args = ["--plugin_dir", str(ROOT), "--input_file", str(input_file), "--experiment_name", "alpha"]
     return subprocess.run(
         [sys.executable, "-c", script, str(ROOT), *args],
@@ -248,18 +266,61 @@ def _legacy_input(tmp_path: Path, tiny_model: str, **form) -> tuple[Path, Path, 
 LEGACY_SDKS = {"0.0.98 (TransformerLab 0.31)": LEGACY_LAB, "0.1.1 (TransformerLab 0.32)": LEGACY_LAB_032}
 # One rank: the host is the parent's alone (two ranks are proven headless and under the lab SDK).
 LEGACY_PROCESSES = {"0.0.98 (TransformerLab 0.31)": 1, "0.1.1 (TransformerLab 0.32)": 1}
+# The sample answers each carries: none asked for, or a generation that fails (FAILING_GENERATION).
+LEGACY_SAMPLES = {"0.0.98 (TransformerLab 0.31)": "off", "0.1.1 (TransformerLab 0.32)": "failing"}
+
+FAILING_GENERATION = textwrap.dedent(
+    """
+    # Test injection: in a rank (SFT_PARENT_PID is set for the ranks alone), generating raises, as it would where
+    # the GPU has no room left for the sample answers' batch.
+    import importlib.abc, importlib.util, os, sys
+
+    class _Hook(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name != "transformers.generation.utils":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            real_exec = spec.loader.exec_module
+
+            def exec_module(module):
+                real_exec(module)
+
+                def generate(self, *args, **kwargs):
+                    raise RuntimeError("injected generation failure")
+
+                module.GenerationMixin.generate = generate
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    if os.environ.get("SFT_PARENT_PID"):
+        sys.meta_path.insert(0, _Hook())
+    """
+)
 
 
 @pytest.mark.parametrize(
-    ("lab_dir", "processes"),
-    [(LEGACY_SDKS[name], LEGACY_PROCESSES[name]) for name in LEGACY_SDKS],
+    ("lab_dir", "processes", "samples"),
+    [(LEGACY_SDKS[name], LEGACY_PROCESSES[name], LEGACY_SAMPLES[name]) for name in LEGACY_SDKS],
     ids=list(LEGACY_SDKS),
 )
-def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path, lab_dir, processes):
+def test_legacy_harness_run_completes_the_legacy_job(tiny_model, tmp_path, lab_dir, processes, samples):
     assert lab_dir.is_dir(), "make setup installs the legacy lab SDKs"
-    input_file, index, adapter = _legacy_input(tmp_path, tiny_model, num_processes=str(processes))
-    proc = _run_like_the_harness(input_file, tmp_path / "tflhome", lab_dir)
+    form = {"num_processes": str(processes)}
+    hooks = tmp_path / "hooks"
+    if samples == "off":
+        form["sample_generations"] = "0"
+    else:
+        hooks.mkdir()
+        (hooks / "sitecustomize.py").write_text(FAILING_GENERATION)
+    input_file, index, adapter = _legacy_input(tmp_path, tiny_model, **form)
+    proc = _run_like_the_harness(input_file, tmp_path / "tflhome", lab_dir, hooks)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Neither run has sample answers: one asked for none, the other's generation failed, which is one warning.
+    assert not (adapter / "samples.jsonl").exists() and "sample answers of the trained model (" not in proc.stderr
+    warned = proc.stderr.count("could not generate sample answers of the trained model: RuntimeError: injected")
+    assert warned == (0 if samples == "off" else 1), proc.stderr[-3000:]
     job = read_job(index)
     assert job["status"] == "COMPLETE", job
     assert job["progress"] == 100
@@ -494,3 +555,9 @@ def test_chat_rows_with_a_published_template_train_end_to_end_and_fuse(tiny_mode
     cards = [(folder / "README.md").read_text() for folder in (Path(result["adaptor_path"]), merged)]
     assert [yaml.safe_load(card.split("---\n")[1])["library_name"] for card in cards] == ["peft", "transformers"]
     assert "| final eval loss |" in cards[0] and "PeftModel" not in cards[1]
+    # Sample answers from the dataset's own eval split, each prompted with the conversation up to its last answer
+    # (the tool call and its result included) and answered in memory before the adapter was merged.
+    answers = [json.loads(line) for line in (Path(result["adaptor_path"]) / "samples.jsonl").read_text().splitlines()]
+    assert [a["expected_output"] for a in answers] == [f"Sunny, {i}." for i in range(20, 24)]
+    assert all(a["input"].endswith("\nsunny\n</tool_response>\nassistant") for a in answers), answers[0]
+    assert [f"Weather {i}?" in a["input"] for i, a in zip(range(20, 24), answers, strict=True)] == [True] * 4

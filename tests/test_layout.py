@@ -16,6 +16,7 @@ ORDER = [
     "rowformats",
     "machine",
     "runfolder",
+    "samples",
     "checkpoints",
     "chat",
     "templates",

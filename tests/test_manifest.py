@@ -93,6 +93,7 @@ FORM = [
     "report_to",
     "log_to_wandb",
     "fuse_model",
+    "sample_generations",
 ]
 
 # The choices each choice parameter offers (info.md, "Parameters").

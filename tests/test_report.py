@@ -128,3 +128,12 @@ def test_full_fine_tuning_and_merged_cards_are_transformers_models_without_peft(
     merged = report.model_card(summary(), peft=False, folder="my-adapter-merged")
     assert front_matter(merged)["library_name"] == "transformers" and "with a LoRA adapter merged in" in merged
     assert 'path = "./my-adapter-merged"' in merged
+
+
+def test_a_card_shows_the_sample_answers_shortened_and_none_without_them():
+    answered = [{"input": "Question: 2+2?\nAnswer:", "expected_output": "It is 4.", "output": "x" * 1000}]
+    card = report.model_card(summary(), peft=True, folder="my-adapter", samples=answered)
+    section = card.split("## Sample answers\n", 1)[1].split("## Data\n", 1)[0]
+    assert "````text\nQuestion: 2+2?\nAnswer:\n````" in section and "````text\nIt is 4.\n````" in section
+    assert "x" * 240 + " [...]\n````" in section and "x" * 241 not in section
+    assert "## Sample answers" not in report.model_card(summary(), peft=True, folder="my-adapter")

@@ -112,16 +112,6 @@ def test_every_fixture_template_has_a_family():
 
 
 @pytest.fixture(scope="session")
-def bases(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tokenizers")
-    return {
-        "byte-bpe": rt.byte_bpe_dir(root / "bpe"),
-        "sentencepiece": rt.sentencepiece_dir(root / "spm", "tokenizer.model.v1"),
-        "mistral-instruct-v3": rt.sentencepiece_dir(root / "v3", "mistral_instruct_tokenizer_240323.model.v3"),
-    }
-
-
-@pytest.fixture(scope="session")
 def family_tokenizers(bases):
     cache = {}
 

@@ -205,7 +205,7 @@ def test_a_task_run_of_main_fills_the_hosts_trackio_run(tiny_model, tmp_path):
     artifacts = index.parent / "artifacts"
     assert sorted(p.name for p in artifacts.iterdir()) == ["loss_curve.png", "test-adaptor"]
     adapter = artifacts / "test-adaptor"
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "loss_curve.png"} <= {
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "loss_curve.png", "samples.jsonl"} <= {
         p.name for p in adapter.iterdir()
     }
     assert "library_name: peft" in (adapter / "README.md").read_text()
@@ -217,3 +217,12 @@ def test_a_task_run_of_main_fills_the_hosts_trackio_run(tiny_model, tmp_path):
     assert "report_to trackio: the job's own Trackio run has the rows; the ranks log no second copy" in proc.stderr
     assert not [path for path in tmp_path.rglob("*.db") if "test-adaptor" in path.name]
     assert not list(tmp_path.rglob("logs/trackio"))
+    # The sample answers are the task job's evals (TransformerLab's Evals tab reads job_data.eval_results), scored 0/1
+    # by exact match.
+    import csv
+
+    [evals] = json.loads(index.read_text())["job_data"]["eval_results"]
+    with open(evals, newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 4 and set(table[0]) == {"input", "expected_output", "output", "score"}
+    assert {row["score"] for row in table} <= {"0", "1"} and all(row["input"].startswith("Question: ") for row in table)
