@@ -689,7 +689,11 @@ def test_a_rank_imports_its_libraries_with_the_collector_off_and_without_wandb_u
 
     seen = []
     monkeypatch.setattr(worker, "import_libraries", lambda: seen.append(gc.isenabled()))
-    monkeypatch.delitem(sys.modules, "wandb", raising=False)  # restored afterwards, whatever the test did
+    # Set, then removed: monkeypatch records sys.modules' own entry (none, or the module) and puts it back at the
+    # end, whatever the test did. A delitem alone records nothing when W&B was never imported, and the None the
+    # rank leaves would make every later test of this worker find W&B not installed.
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.delitem(sys.modules, "wandb")
     gc.unfreeze()
     try:
         assert rank.import_libraries(logs_to_wandb=True) is worker
