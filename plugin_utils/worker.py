@@ -501,6 +501,7 @@ def train(folder: RunFolder) -> int:
         # The fp32 weights were the optimizer's master copy; the model is published in the precision it trained in.
         trainer.model.to(_dtype(spec.precision))
     trainer.save_model(staging)  # every rank takes part (sharded strategies gather); rank 0 writes
+    peak_memory = _peak_gpu_memory_mib()  # the training's: the sample answers below load and generate on rank 0 alone
     if is_world_main:
         tokenizer.save_pretrained(staging)
         if spec.sample_generations:
@@ -519,7 +520,7 @@ def train(folder: RunFolder) -> int:
             eval_loss=eval_loss,
             runtime=runtime,
             has_adapter=is_world_main,
-            peak_gpu_memory_mib=_peak_gpu_memory_mib(),
+            peak_gpu_memory_mib=peak_memory,
             loss_history=history,
         )
     )
