@@ -1,20 +1,26 @@
 """What a lab SDK job's Artifacts hold of the trained model: what `lab job download` and the job page's Artifacts
 pane give (TransformerLab 0.40). The model itself is registered in the job's models, which `lab job download`
-does not fetch; the artifacts get the whole adapter when it is small, else its card and where its weights are.
+does not fetch; the artifacts get `<name>.zip`, holding the whole adapter when it is small, else its card and where
+its weights are.
 
-Why a bound: TransformerLab builds `lab job download`'s zip in the API server's memory, reading every file whole,
-and a copy in the artifacts doubles the model's disk use. An adapter is tens to hundreds of megabytes (rank 64
-on every linear layer of an 8B model: about 670 MB in float32); a fully trained or merged model is the base
-model's size, gigabytes. So a LoRA adapter up to WHOLE_BOUND is copied whole, and anything else gets a folder of
-the same name with the files beside the weights (the card, the configs, the tokenizer, the loss curve, the sample
-answers) and WHERE.md, which says where the weights are and how to fetch them.
+One zip file rather than a folder: TransformerLab 0.40.1 lists a job's artifacts through the SDK, which lists files
+only, and serves a folder alone only where the job's record names an artifacts_dir, which the SDK never writes; a
+file is listed, previewed by name, downloaded alone (`lab job download <job> --file <name>.zip`) and zipped with
+the rest. Stored, not compressed: weights do not compress, and the server zips the artifacts again.
+
+Why a bound: the server builds `lab job download`'s zip in its memory, reading every file whole, and a copy in the
+artifacts doubles the model's disk use. An adapter is tens to hundreds of megabytes (rank 64 on every linear layer
+of an 8B model: about 670 MB in float32); a fully trained or merged model is the base model's size, gigabytes. So
+a LoRA adapter up to WHOLE_BOUND goes in whole, and anything else without its weights, with WHERE.md, which says
+where they are and how to fetch them.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import posixpath
 import tempfile
+import zipfile
 
 WHOLE_BOUND = 1 << 30  # bytes: the largest adapter copied whole into a job's artifacts
 ADAPTER_CONFIG = "adapter_config.json"  # what PEFT writes beside an adapter's weights
@@ -36,18 +42,25 @@ def is_weights(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES)
 
 
-def without_weights(path: str) -> str:
-    """A new temporary folder holding the files of `path` that are not weights, at the same relative paths (the
-    caller removes it)."""
-    spare = tempfile.mkdtemp(prefix="sft-artifact-")
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            if is_weights(name):
-                continue
-            relative = os.path.relpath(os.path.join(root, name), path)
-            os.makedirs(os.path.dirname(os.path.join(spare, relative)), exist_ok=True)
-            shutil.copy2(os.path.join(root, name), os.path.join(spare, relative))
-    return spare
+def archive(path: str, name: str, *, weights: bool) -> str:
+    """`<name>.zip` of the model folder at `path`, its files under `<name>/` (without the weight files unless
+    `weights`), in a new temporary folder beside `path` (the caller removes it): on the output's disk, not /tmp."""
+    spare = tempfile.mkdtemp(prefix=".artifact-", dir=os.path.dirname(os.path.abspath(path)))
+    target = os.path.join(spare, f"{name}.zip")
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as bundle:
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for file in sorted(files):
+                if weights or not is_weights(file):
+                    full = os.path.join(root, file)
+                    bundle.write(full, posixpath.join(name, *os.path.relpath(full, path).split(os.sep)))
+    return target
+
+
+def add_text(bundle: str, name: str, file: str, text: str) -> None:
+    """`<name>/<file>` added to the zip `bundle`."""
+    with zipfile.ZipFile(bundle, "a", zipfile.ZIP_STORED, allowZip64=True) as opened:
+        opened.writestr(posixpath.join(name, file), text)
 
 
 def size_text(size: int) -> str:
@@ -68,8 +81,8 @@ def pointer_text(name: str, size: int, adapter: bool, saved: str, job_id: str, *
         f"# {name}: where its weights are",
         "",
         why,
-        "This folder holds the files beside the weights: the model card (README.md), the configs, the tokenizer,"
-        " the loss curve and the sample answers.",
+        "This zip holds the files beside the weights: the model card (README.md), the configs, the tokenizer, the"
+        " loss curve and the sample answers.",
         "",
         f"The weights: `{saved}`",
         "",

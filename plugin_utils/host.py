@@ -962,6 +962,7 @@ class _LabJob:
         "eval_loss": "eval/loss",
     }
     stopped_exit_code = EXIT_STOPPED
+    moves_models = False  # whether registering moves a model into the job's models (else it stays where it is)
 
     def __init__(self, sdk: LabSdk):
         self.sdk = sdk
@@ -1019,46 +1020,41 @@ class _LabJob:
         raise NotImplementedError
 
     def _published(self, path: str, name: str, p) -> str:
-        """Registered with the job's models, and offered among the job's artifacts as `name` (what `lab job
-        download` fetches; see downloads): a small adapter whole, copied before the folder moves; else its other
-        files with WHERE.md, which names where the registration put the weights. The artifacts are a copy for
-        the user's convenience: failing to make it is a warning, the registration is what counts."""
-        spare, size, adapter = None, 0, False
+        """Registered with the job's models, and offered among the job's artifacts as `<name>.zip` (what `lab job
+        download` fetches; see downloads): a small adapter whole, zipped before the folder moves; else its other
+        files with WHERE.md, which names where the registration put the weights. The artifacts are a copy for the
+        user's convenience: failing to make it is a warning, the registration is what counts."""
+        bundle, whole, size = None, False, 0
         try:
-            if downloads.copied_whole(path):
-                self.sdk.save_artifact(path, name)
-                self.log(
-                    f"artifacts: {name}/, the whole adapter ({downloads.size_text(downloads.folder_bytes(path))}): "
-                    f"`lab job download {self.job_id}`"
-                )
-            else:
-                size = downloads.folder_bytes(path)
-                adapter = os.path.isfile(os.path.join(path, downloads.ADAPTER_CONFIG))
-                spare = downloads.without_weights(path)
+            whole, size = downloads.copied_whole(path), downloads.folder_bytes(path)
+            adapter = os.path.isfile(os.path.join(path, downloads.ADAPTER_CONFIG))
+            bundle = downloads.archive(path, name, weights=whole)
         except Exception as exc:
             log.warning("could not add %s to the job's artifacts: %s", name, exc)
         try:
             saved = self._register(path, name, p)
-            if spare is not None:
-                self._offer_pointer(spare, name, size, adapter, saved)
+            if bundle is not None:
+                if not whole:
+                    text = downloads.pointer_text(name, size, adapter, saved, self.job_id, in_job=self.moves_models)
+                    downloads.add_text(bundle, name, downloads.POINTER_FILE, text)
+                self._offer(bundle, whole, size, saved)
         finally:
-            if spare is not None:
-                shutil.rmtree(spare, ignore_errors=True)
+            if bundle is not None:
+                shutil.rmtree(os.path.dirname(bundle), ignore_errors=True)
         return saved
 
-    def _offer_pointer(self, spare: str, name: str, size: int, adapter: bool, saved: str) -> None:
-        text = downloads.pointer_text(name, size, adapter, saved, self.job_id, in_job=isinstance(self, TaskJob))
+    def _offer(self, bundle: str, whole: bool, size: int, saved: str) -> None:
         try:
-            with open(os.path.join(spare, downloads.POINTER_FILE), "w", encoding="utf-8") as handle:
-                handle.write(text)
-            self.sdk.save_artifact(spare, name)
+            self.sdk.save_artifact(bundle)
         except Exception as exc:
-            log.warning("could not add %s to the job's artifacts: %s", name, exc)
+            log.warning("could not add %s to the job's artifacts: %s", os.path.basename(bundle), exc)
             return
-        self.log(
-            f"artifacts: {name}/, its card and {downloads.POINTER_FILE} (the weights stay at {saved}): "
-            f"`lab job download {self.job_id}`"
+        held = (
+            f"the whole adapter ({downloads.size_text(size)})"
+            if whole
+            else f"its card and {downloads.POINTER_FILE} (the weights stay at {saved})"
         )
+        self.log(f"artifacts: {os.path.basename(bundle)}, {held}: `lab job download {self.job_id}`")
 
     def _save_model(self, path: str, name: str, p) -> str:
         return self.sdk.save_model(path, name, p.model_name or None, p.model_architecture or None)
@@ -1105,6 +1101,7 @@ class TaskJob(_LabJob):
     """The job TransformerLab made for this task (current TransformerLab, _TFL_JOB_ID): it exists before the run,
     its Stop signals the run, and the models are moved into it."""
 
+    moves_models = True
     # A task's Stop: SIGTERM to every process of the run, SIGKILL 3 s later; any exit but 0 then counts as a crash,
     # so a stopped run exits 0 once the job is STOPPED.
     KILL_GRACE = 3.0

@@ -550,9 +550,12 @@ print(json.dumps(saved))
 
 @pytest.mark.parametrize("bound", [1 << 30, 1000])
 def test_the_jobs_artifacts_hold_a_small_adapter_whole_and_else_its_card_and_where_the_weights_are(tmp_path, bound):
-    """What `lab job download` and the Artifacts pane give (TransformerLab 0.40 zips the job's artifacts folder):
-    the adapter whole under the bound; a merged model, or an adapter over the bound, as its files without the
-    weights and WHERE.md naming the job's model that holds them, which is where the registration put them."""
+    """What `lab job download` and the Artifacts pane give (TransformerLab 0.40 zips the job's artifacts folder; its
+    SDK lists files only): `<name>.zip`, the adapter whole under the bound; a merged model, or an adapter over the
+    bound, its files without the weights and WHERE.md naming the job's model that holds them, which is where the
+    registration put them. Nothing is left beside the outputs."""
+    import zipfile
+
     from .task_host import EXPERIMENT, make_lab_job
 
     home = tmp_path / "tflhome"
@@ -571,25 +574,32 @@ def test_the_jobs_artifacts_hold_a_small_adapter_whole_and_else_its_card_and_whe
     [index] = (home / "workspace" / "experiments" / EXPERIMENT / "jobs").glob("*/index.json")
     artifacts = index.parent / "artifacts"
     job = json.loads(index.read_text())
-    assert sorted(os.path.basename(a) for a in job["job_data"]["artifacts"]) == ["my-adaptor", "my-adaptor-merged"]
+    zips = ["my-adaptor-merged.zip", "my-adaptor.zip"]
+    assert sorted(os.path.basename(a) for a in job["job_data"]["artifacts"]) == zips
+    assert sorted(p.name for p in artifacts.iterdir()) == zips
 
-    def files(folder):
-        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    def listed(bundle):
+        with zipfile.ZipFile(artifacts / bundle) as opened:
+            return sorted(opened.namelist()), {name: opened.read(name) for name in opened.namelist()}
 
-    merged_offer = artifacts / "my-adaptor-merged"
-    assert files(merged_offer) == ["README.md", "WHERE.md", "config.json"]
-    where = (merged_offer / "WHERE.md").read_text()
+    names, merged = listed("my-adaptor-merged.zip")
+    assert names == ["my-adaptor-merged/README.md", "my-adaptor-merged/WHERE.md", "my-adaptor-merged/config.json"]
+    where = merged["my-adaptor-merged/WHERE.md"].decode()
     assert "a whole model" in where and saved["merged"] in where
     assert f"lab job publish model {job_id} {os.path.basename(saved['merged'])}" in where
     assert (Path(saved["merged"]) / "model.safetensors").stat().st_size == 8192  # the weights, registered
-    adapter_files = ["README.md", "adapter_config.json", "adapter_model.safetensors", "sub/tokenizer.json"]
+    names, adapter = listed("my-adaptor.zip")
     if bound > 10000:
-        assert files(artifacts / "my-adaptor") == adapter_files
-        assert (artifacts / "my-adaptor" / "adapter_model.safetensors").read_bytes() == (
-            Path(saved["adapter"]) / "adapter_model.safetensors"
-        ).read_bytes()
-        assert "artifacts: my-adaptor/, the whole adapter" in proc.stderr
+        inside = ["README.md", "adapter_config.json", "adapter_model.safetensors", "sub/tokenizer.json"]
+        assert names == [f"my-adaptor/{name}" for name in inside]
+        assert (
+            adapter["my-adaptor/adapter_model.safetensors"]
+            == (Path(saved["adapter"]) / "adapter_model.safetensors").read_bytes()
+        )
+        assert "artifacts: my-adaptor.zip, the whole adapter (0.0 MiB)" in proc.stderr
     else:
-        assert files(artifacts / "my-adaptor") == ["README.md", "WHERE.md", "adapter_config.json", "sub/tokenizer.json"]
-        assert "more than the" in (artifacts / "my-adaptor" / "WHERE.md").read_text()
+        inside = ["README.md", "WHERE.md", "adapter_config.json", "sub/tokenizer.json"]
+        assert names == [f"my-adaptor/{name}" for name in inside]
+        assert "more than the" in adapter["my-adaptor/WHERE.md"].decode()
+    assert not list((tmp_path / "out").iterdir())  # a task's models moved into its job, and no temporary zip left
     assert not (tmp_path / "out" / "my-adaptor").exists()  # a task's models are moved into its job

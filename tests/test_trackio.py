@@ -200,19 +200,25 @@ def test_a_task_run_of_main_fills_the_hosts_trackio_run(tiny_model, tmp_path):
     for folder in (trackio_dir, home / "workspace" / "trackio_runs" / EXPERIMENT / PROJECT):
         rows = trackio_rows(folder)
         assert [(step, metrics["train/loss"]) for step, metrics in rows if "train/loss" in metrics] == losses
-    # What `lab job download` zips (the job's artifacts folder): the loss curve, and the adapter whole, with its
-    # card and its own copy of the curve.
+    # What `lab job download` zips (the job's artifacts folder): the loss curve, and the adapter whole in one zip,
+    # with its card, its own copy of the curve and the sample answers.
+    import zipfile
+
     artifacts = index.parent / "artifacts"
-    assert sorted(p.name for p in artifacts.iterdir()) == ["loss_curve.png", "test-adaptor"]
-    adapter = artifacts / "test-adaptor"
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "loss_curve.png", "samples.jsonl"} <= {
-        p.name for p in adapter.iterdir()
-    }
-    assert "library_name: peft" in (adapter / "README.md").read_text()
+    assert sorted(p.name for p in artifacts.iterdir()) == ["loss_curve.png", "test-adaptor.zip"]
     [registered] = (index.parent / "models").glob("*_test-adaptor")
-    assert (adapter / "adapter_model.safetensors").read_bytes() == (
-        registered / "adapter_model.safetensors"
-    ).read_bytes()
+    with zipfile.ZipFile(artifacts / "test-adaptor.zip") as bundle:
+        inside = {name.removeprefix("test-adaptor/") for name in bundle.namelist()}
+        assert {
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "README.md",
+            "loss_curve.png",
+            "samples.jsonl",
+        } <= inside
+        assert "library_name: peft" in bundle.read("test-adaptor/README.md").decode()
+        weights = bundle.read("test-adaptor/adapter_model.safetensors")
+    assert weights == (registered / "adapter_model.safetensors").read_bytes()
     # report_to trackio adds no second copy from the ranks: the job's run already has every row.
     assert "report_to trackio: the job's own Trackio run has the rows; the ranks log no second copy" in proc.stderr
     assert not [path for path in tmp_path.rglob("*.db") if "test-adaptor" in path.name]
