@@ -22,6 +22,7 @@ import pytest
 from .conftest import ROOT, RUN_TAG, base_config, last_json, run_main, tagged_processes, tensor_dtypes, write_config
 from .task_host import TaskRun, make_lab_job, mark_stopping
 from .test_e2e import _legacy_input, lab_jobs, metrics_rows, read_job
+from .test_trackio import check_a_completed_task_jobs_page, host_trackio_env
 
 pytestmark = pytest.mark.slow
 
@@ -375,10 +376,12 @@ def test_task_stops_by_flag_and_by_signal_end_stopped_with_complete_checkpoints_
     assert f"the newest complete checkpoint is step {stopped_at}" in job["job_data"]["completion_details"]
     assert not no_processes_left(tag, timeout=10), "no process of the run is left"
 
-    # Queued again with the same adaptor_name (every launch is a new job): it continues the stopped run.
+    # Queued again with the same adaptor_name (every launch is a new job): it continues the stopped run. The Queue
+    # form's Trackio tracking is on, and report_to names trackio (test_trackio checks what the job page shows).
     params["max_steps"] = stopped_at + 4  # a soft change: the resumed run goes on to it, with a warning
-    second = make_lab_job(home, params)
-    run = Running(["--json"], env={"_TFL_JOB_ID": second, "_TFL_EXPERIMENT_ID": "exp1"})
+    second = make_lab_job(home, {**params, "report_to": "trackio"})
+    env = {"_TFL_JOB_ID": second, "_TFL_EXPERIMENT_ID": "exp1", **host_trackio_env(tmp_path / "trackio")}
+    run = Running(["--json"], env=env)
     assert run.finish() == 0, run.stderr[-3000:]
     assert f"continuing job {first} from step {stopped_at} ({checkpoint})" in run.stderr
     assert f"resuming at step {stopped_at}" in run.stderr
@@ -400,6 +403,7 @@ def test_task_stops_by_flag_and_by_signal_end_stopped_with_complete_checkpoints_
     assert Path(result["adaptor_path"]) == Path(models[0])
     saved = sorted(Path(index.parent, "checkpoints").iterdir())
     assert saved and all(p.name.startswith("checkpoint-") for p in saved), "the run's own files live elsewhere"
+    check_a_completed_task_jobs_page(index, home, tmp_path / "trackio", run.stderr, "test-adaptor")
 
     # "Restart from checkpoint" on the job page names the checkpoint; a change that makes it unusable (the
     # adapter's rank) is refused, naming it.

@@ -171,62 +171,52 @@ def test_a_trackio_run_that_never_started_costs_one_warning_and_never_the_run(tm
     assert job_status(home) == "COMPLETE"
 
 
-@pytest.mark.slow
-def test_a_task_run_of_main_fills_the_hosts_trackio_run(tiny_model, tmp_path):
-    """The whole path: the ranks' rows, through the parent's sink, into the Trackio run of the task's job, once
-    (report_to trackio too)."""
-    from .conftest import base_config, last_json, run_main
-    from .task_host import EXPERIMENT, make_lab_job
+def host_trackio_env(trackio_dir: Path) -> dict[str, str]:
+    """What TransformerLab 0.40's `apply_trackio_launch_env` sets in a job's environment when its Queue form's
+    "Enable Trackio metrics tracking for this run" is ticked."""
+    return {
+        "TLAB_TRACKIO_AUTO_INIT": "true",
+        "TLAB_TRACKIO_PROJECT_NAME": PROJECT,
+        "TLAB_TRACKIO_RUN_NAME": RUN,
+        "TRACKIO_DIR": str(trackio_dir),
+    }
 
-    home, trackio_dir = tmp_path / "tflhome", tmp_path / "trackio"
-    config = base_config(tiny_model, tmp_path, max_steps=4, logging_steps=2, save_steps=4, report_to="trackio")
-    job_id = make_lab_job(home, config)
-    env = {"_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": EXPERIMENT, "TFL_HOME_DIR": str(home)}
-    env.update(
-        TLAB_TRACKIO_AUTO_INIT="true",
-        TLAB_TRACKIO_PROJECT_NAME=PROJECT,
-        TLAB_TRACKIO_RUN_NAME=RUN,
-        TRACKIO_DIR=str(trackio_dir),
-    )
-    proc = run_main(["--json"], env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert last_json(proc.stdout)["status"] == "COMPLETE"
-    assert job_status(home) == "COMPLETE"
-    [index] = (home / "workspace" / "experiments" / EXPERIMENT / "jobs").glob("*/index.json")
+
+def check_a_completed_task_jobs_page(index: Path, home: Path, trackio_dir: Path, stderr: str, adapter: str) -> None:
+    """What the job page of a task job that completed with Trackio tracking on and report_to trackio shows, beyond
+    its status (test_lifecycle's resumed task job runs it, to share that launch): the ranks' rows, through the
+    parent's sink, in the job's Trackio run and its dashboard's copy, once; the loss curve and the adapter whole
+    among its artifacts (what `lab job download` zips); the sample answers as its evals."""
+    import csv
+    import zipfile
+
+    from .task_host import EXPERIMENT
+
     job_rows = [json.loads(line) for line in (index.parent / "metrics.jsonl").read_text().splitlines()]
     measured = [(row["step"], row.get("metrics") or {}) for row in job_rows if "step" in row]
     losses = [(step, metrics["train/loss"]) for step, metrics in measured if "train/loss" in metrics]
-    assert [step for step, _ in losses][-1] == 4, losses
+    assert losses, job_rows
     for folder in (trackio_dir, home / "workspace" / "trackio_runs" / EXPERIMENT / PROJECT):
         rows = trackio_rows(folder)
         assert [(step, metrics["train/loss"]) for step, metrics in rows if "train/loss" in metrics] == losses
-    # What `lab job download` zips (the job's artifacts folder): the loss curve, and the adapter whole in one zip,
-    # with its card, its own copy of the curve and the sample answers.
-    import zipfile
+    # report_to trackio adds no second copy from the ranks: the job's run already has every row.
+    assert "report_to trackio: the job's own Trackio run has the rows; the ranks log no second copy" in stderr
+    assert not [path for path in home.parent.rglob("*.db") if adapter in path.name]
+    assert not list(home.parent.rglob("logs/trackio"))
 
     artifacts = index.parent / "artifacts"
-    assert sorted(p.name for p in artifacts.iterdir()) == ["loss_curve.png", "test-adaptor.zip"]
-    [registered] = (index.parent / "models").glob("*_test-adaptor")
-    with zipfile.ZipFile(artifacts / "test-adaptor.zip") as bundle:
-        inside = {name.removeprefix("test-adaptor/") for name in bundle.namelist()}
-        assert {
-            "adapter_model.safetensors",
-            "adapter_config.json",
-            "README.md",
-            "loss_curve.png",
-            "samples.jsonl",
-        } <= inside
-        assert "library_name: peft" in bundle.read("test-adaptor/README.md").decode()
-        weights = bundle.read("test-adaptor/adapter_model.safetensors")
+    assert sorted(p.name for p in artifacts.iterdir()) == ["loss_curve.png", f"{adapter}.zip"]
+    [registered] = (index.parent / "models").glob(f"*_{adapter}")
+    with zipfile.ZipFile(artifacts / f"{adapter}.zip") as bundle:
+        inside = {name.removeprefix(f"{adapter}/") for name in bundle.namelist()}
+        wanted = {"adapter_model.safetensors", "adapter_config.json", "README.md", "loss_curve.png", "samples.jsonl"}
+        assert wanted <= inside, inside
+        assert "library_name: peft" in bundle.read(f"{adapter}/README.md").decode()
+        weights = bundle.read(f"{adapter}/adapter_model.safetensors")
     assert weights == (registered / "adapter_model.safetensors").read_bytes()
-    # report_to trackio adds no second copy from the ranks: the job's run already has every row.
-    assert "report_to trackio: the job's own Trackio run has the rows; the ranks log no second copy" in proc.stderr
-    assert not [path for path in tmp_path.rglob("*.db") if "test-adaptor" in path.name]
-    assert not list(tmp_path.rglob("logs/trackio"))
-    # The sample answers are the task job's evals (TransformerLab's Evals tab reads job_data.eval_results), scored 0/1
-    # by exact match.
-    import csv
 
+    # The sample answers are the task job's evals (the Evals tab reads job_data.eval_results), scored 0/1 by exact
+    # match.
     [evals] = json.loads(index.read_text())["job_data"]["eval_results"]
     with open(evals, newline="") as handle:
         table = list(csv.DictReader(handle))
