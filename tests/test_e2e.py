@@ -269,34 +269,47 @@ LEGACY_PROCESSES = {"0.0.98 (TransformerLab 0.31)": 1, "0.1.1 (TransformerLab 0.
 # The sample answers each carries: none asked for, or a generation that fails (FAILING_GENERATION).
 LEGACY_SAMPLES = {"0.0.98 (TransformerLab 0.31)": "off", "0.1.1 (TransformerLab 0.32)": "failing"}
 
-FAILING_GENERATION = textwrap.dedent(
+
+def injection(purpose: str, module: str, patch: str, when: str) -> str:
+    """A sitecustomize.py for a test injection: in the processes where `when` holds, `patch(module)` runs as soon
+    as `module` has been imported, before anything uses it."""
+    hook = f"""
+        # Test injection: {purpose}
+        import importlib.abc, importlib.util, os, sys
+
+        class _Hook(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name != {module!r}:
+                    return None
+                sys.meta_path.remove(self)
+                spec = importlib.util.find_spec(name)
+                real_exec = spec.loader.exec_module
+
+                def exec_module(module):
+                    real_exec(module)
+                    patch(module)
+
+                spec.loader.exec_module = exec_module
+                return spec
+
+        if {when}:
+            sys.meta_path.insert(0, _Hook())
+        """
+    return textwrap.dedent(hook) + textwrap.dedent(patch)
+
+
+FAILING_GENERATION = injection(
+    "in a rank (SFT_PARENT_PID is set for the ranks alone), generating raises, as it would where the GPU has no"
+    " room left for the sample answers' batch.",
+    "transformers.generation.utils",
     """
-    # Test injection: in a rank (SFT_PARENT_PID is set for the ranks alone), generating raises, as it would where
-    # the GPU has no room left for the sample answers' batch.
-    import importlib.abc, importlib.util, os, sys
+    def patch(module):
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("injected generation failure")
 
-    class _Hook(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "transformers.generation.utils":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
-            real_exec = spec.loader.exec_module
-
-            def exec_module(module):
-                real_exec(module)
-
-                def generate(self, *args, **kwargs):
-                    raise RuntimeError("injected generation failure")
-
-                module.GenerationMixin.generate = generate
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    if os.environ.get("SFT_PARENT_PID"):
-        sys.meta_path.insert(0, _Hook())
-    """
+        module.GenerationMixin.generate = generate
+    """,
+    'os.environ.get("SFT_PARENT_PID")',
 )
 
 
@@ -350,38 +363,23 @@ def test_invalid_parameters_fail_the_legacy_job_with_the_same_text(tiny_model, t
     assert not adapter.exists()
 
 
-FAILING_RANK = textwrap.dedent(
+FAILING_RANK = injection(
+    "in the rank named by SFT_TEST_FAIL_RANK, TRL's loss raises on the third step.",
+    "trl.trainer.sft_trainer",
     """
-    # Test injection: in the rank named by SFT_TEST_FAIL_RANK, TRL's loss raises on the third step.
-    import importlib.abc, importlib.util, os, sys
+    def patch(module):
+        real_loss = module.SFTTrainer.compute_loss
+        calls = []
 
-    class _Hook(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != "trl.trainer.sft_trainer":
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
-            real_exec = spec.loader.exec_module
+        def compute_loss(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected failure in rank " + os.environ["RANK"])
+            return real_loss(self, *args, **kwargs)
 
-            def exec_module(module):
-                real_exec(module)
-                real_loss = module.SFTTrainer.compute_loss
-                calls = []
-
-                def compute_loss(self, *args, **kwargs):
-                    calls.append(1)
-                    if len(calls) == 3:
-                        raise RuntimeError("injected failure in rank " + os.environ["RANK"])
-                    return real_loss(self, *args, **kwargs)
-
-                module.SFTTrainer.compute_loss = compute_loss
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("SFT_TEST_FAIL_RANK"):
-        sys.meta_path.insert(0, _Hook())
-    """
+        module.SFTTrainer.compute_loss = compute_loss
+    """,
+    'os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("SFT_TEST_FAIL_RANK")',
 )
 
 

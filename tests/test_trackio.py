@@ -46,13 +46,7 @@ def run_sink(home: Path, trackio_dir: Path, *args: str) -> subprocess.CompletedP
 
     job_id = make_lab_job(home, config())
     env = {**os.environ, "TFL_HOME_DIR": str(home), "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": EXPERIMENT}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        TLAB_TRACKIO_AUTO_INIT="true",
-        TLAB_TRACKIO_PROJECT_NAME=PROJECT,
-        TLAB_TRACKIO_RUN_NAME=RUN,
-        TRACKIO_DIR=str(trackio_dir),
-    )
+    env.update(PYTHONPATH=str(ROOT), **host_trackio_env(trackio_dir))
     return subprocess.run(
         [sys.executable, "-c", SINK_RUN, *args], capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=120
     )
@@ -130,13 +124,7 @@ def test_a_copy_taken_mid_run_leaves_no_write_ahead_log_that_rolls_the_dashboard
     home, trackio_dir = tmp_path / "tflhome", tmp_path / "trackio"
     job_id = make_lab_job(home, config())
     env = {**os.environ, "TFL_HOME_DIR": str(home), "_TFL_JOB_ID": job_id, "_TFL_EXPERIMENT_ID": EXPERIMENT}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        TLAB_TRACKIO_AUTO_INIT="true",
-        TLAB_TRACKIO_PROJECT_NAME=PROJECT,
-        TLAB_TRACKIO_RUN_NAME=RUN,
-        TRACKIO_DIR=str(trackio_dir),
-    )
+    env.update(PYTHONPATH=str(ROOT), **host_trackio_env(trackio_dir))
     proc = subprocess.run(
         [sys.executable, "-c", MID_RUN_COPY, PROJECT, RUN],
         capture_output=True,
