@@ -150,8 +150,8 @@ def train(ready: Ready, ranks: launch.Ranks, stop: launch.StopFlag) -> cli.Finis
     job.log(cli.parameters_text(p))
     job.log(cli.dataset_text(prepared))  # to the job's log and, like every host log line, to stderr
     job.log(cli.plan_text(plan))
-    for line in launch.reporting_lines(p.reporters, ranks.reporting, os.environ):
-        job.log(line)
+    if p.reporters:
+        job.log(*launch.reporting_lines(p.reporters, ranks.reporting, os.environ))  # one write to the job's log
     if checked.continued:
         job.log(cli.continued_text(checked.continued))
     main_node = plan.machine_rank == 0
