@@ -31,9 +31,13 @@ def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name)) for root, _dirs, files in os.walk(path) for name in files)
 
 
-def copied_whole(path: str) -> bool:
-    """Whether the model at `path` goes into the artifacts whole: a LoRA adapter of at most WHOLE_BOUND bytes."""
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and folder_bytes(path) <= WHOLE_BOUND
+def is_adapter(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def copied_whole(adapter: bool, size: int) -> bool:
+    """Whether a model goes into the artifacts whole: a LoRA adapter of at most WHOLE_BOUND bytes."""
+    return adapter and size <= WHOLE_BOUND
 
 
 def is_weights(name: str) -> bool:

@@ -1026,8 +1026,8 @@ class _LabJob:
         user's convenience: failing to make it is a warning, the registration is what counts."""
         bundle, whole, size = None, False, 0
         try:
-            whole, size = downloads.copied_whole(path), downloads.folder_bytes(path)
-            adapter = os.path.isfile(os.path.join(path, downloads.ADAPTER_CONFIG))
+            size, adapter = downloads.folder_bytes(path), downloads.is_adapter(path)
+            whole = downloads.copied_whole(adapter, size)
             bundle = downloads.archive(path, name, weights=whole)
         except Exception as exc:
             log.warning("could not add %s to the job's artifacts: %s", name, exc)
