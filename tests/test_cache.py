@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -406,3 +407,57 @@ def test_a_bad_bound_is_an_error_naming_its_variable_before_anything_is_prepared
     [error] = raised.value.errors
     assert error.parameter == variable and repr(value) in error.message and "\n" not in error.line()
     assert not root().exists() or entries() == set()
+
+
+STOPPED_WHILE_STAGING = """
+import os, signal, sys, time
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[1])
+from plugin_utils.data import prepared_cache
+
+
+class Stop(BaseException):
+    pass
+
+
+def on_signal(signum, frame):
+    raise Stop()
+
+
+real_mkdir = os.mkdir
+
+
+def slow_mkdir(path, *args, **kwargs):
+    real_mkdir(path, *args, **kwargs)
+    if prepared_cache.STAGING in os.fspath(path):
+        time.sleep(30)  # the stop comes here: the folder made, nothing yet holding it
+
+
+os.mkdir = slow_mkdir
+signal.signal(signal.SIGTERM, on_signal)
+cache = prepared_cache.PreparedCache(Path(sys.argv[2]), prepared_cache.cache_bounds())
+try:
+    with cache.building("key") as staging:
+        time.sleep(30)
+except Stop:
+    sys.exit(3)
+"""
+
+
+def test_a_stop_the_moment_the_staging_folder_is_made_removes_it(tmp_path):
+    """The main process's stop handler raises wherever it lands: also just after the staging folder is made,
+    before the code that removes it on the way out holds it (a SIGTERM sent as the folder appears, as a busy
+    machine can time it). Slowed down there on purpose so the stop lands in that window every time."""
+    root = tmp_path / "prepared"
+    proc = subprocess.Popen([sys.executable, "-c", STOPPED_WHILE_STAGING, str(ROOT), str(root)])
+    try:
+        deadline = time.time() + 30
+        while not list(root.glob(f"*{prepared_cache.STAGING}*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert list(root.glob(f"*{prepared_cache.STAGING}*")), "the staging folder was made"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 3
+    finally:
+        proc.kill()
+    assert not list(root.iterdir()), "nothing is left in the cache"

@@ -159,7 +159,8 @@ def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(t
     assert last_json(run.stdout)["status"] == "STOPPED"
     cache = tmp_path / "prepared"
     assert not list(cache.glob("*/stats.json")), "no prepared dataset was published"
-    assert not list(cache.glob("*.tmp-*")), "the staging folder was removed"
+    left = [str(path.relative_to(cache)) for path in cache.glob("*.tmp-*/**/*")] + list(map(str, cache.glob("*.tmp-*")))
+    assert not left, f"the staging folder was removed; left: {left}\n{run.stderr[-3000:]}"
     assert not (tmp_path / "outputs").exists()
 
 

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -162,9 +161,12 @@ class PreparedCache:
         """A staging folder for `key`'s dataset, held while it is built (evictors leave it alone) and removed
         afterwards, unless `publish` gave it the key."""
         self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{key}{STAGING}{os.getpid()}-", dir=self.root))
-        self._building[staging] = _lock(staging, exclusive=False)
+        # Named first and made inside the try: a stop raised from a signal handler the moment the folder exists
+        # (a SIGTERM can land between mkdtemp's mkdir and its return) still removes it.
+        staging = self.root / f"{key}{STAGING}{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
+            staging.mkdir(mode=0o700)
+            self._building[staging] = _lock(staging, exclusive=False)
             yield staging
         finally:
             fd = self._building.pop(staging, None)
