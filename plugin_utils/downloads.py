@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 
 WHOLE_BOUND = 1 << 30  # bytes: the largest adapter copied whole into a job's artifacts
 ADAPTER_CONFIG = "adapter_config.json"  # what PEFT writes beside an adapter's weights
@@ -52,13 +53,17 @@ def archive(path: str, name: str, *, weights: bool) -> str:
 
     spare = tempfile.mkdtemp(prefix=".artifact-", dir=os.path.dirname(os.path.abspath(path)))
     target = os.path.join(spare, f"{name}.zip")
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as bundle:
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for file in sorted(files):
-                if weights or not is_weights(file):
-                    full = os.path.join(root, file)
-                    bundle.write(full, posixpath.join(name, *os.path.relpath(full, path).split(os.sep)))
+    try:
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED, allowZip64=True) as bundle:
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for file in sorted(files):
+                    if weights or not is_weights(file):
+                        full = os.path.join(root, file)
+                        bundle.write(full, posixpath.join(name, *os.path.relpath(full, path).split(os.sep)))
+    except BaseException:  # a full disk, say: no half-written zip left beside the model
+        shutil.rmtree(spare, ignore_errors=True)
+        raise
     return target
 
 

@@ -93,9 +93,15 @@ def ranks_started(checked: Checked) -> Iterator[launch.Ranks]:
     plan = checked.plan
     with contextlib.ExitStack() as stack:
         lock = stack.enter_context(outputs.RunLock(checked.out.where.lock_path)) if plan.machine_rank == 0 else None
+        import shutil
         import tempfile  # here: --check never makes a run folder
+        import uuid
 
-        folder = RunFolder(stack.enter_context(tempfile.TemporaryDirectory(prefix="sft-run-")))
+        # Its removal is registered before it is made: a stop raised the moment it exists still removes it.
+        where = os.path.join(tempfile.gettempdir(), f"sft-run-{uuid.uuid4().hex[:12]}")
+        stack.callback(shutil.rmtree, where, ignore_errors=True)
+        os.mkdir(where, 0o700)
+        folder = RunFolder(where)
         reporting = launch.reporting(checked.p, checked.out.where.run_dir)
         ranks = launch.Ranks(plan, folder, reporting, keep_open=(lock.fileno(),) if lock else ())
         stack.callback(ranks.end)

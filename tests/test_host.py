@@ -603,3 +603,17 @@ def test_the_jobs_artifacts_hold_a_small_adapter_whole_and_else_its_card_and_whe
         assert "more than the" in adapter["my-adaptor/WHERE.md"].decode()
     assert not list((tmp_path / "out").iterdir())  # a task's models moved into its job, and no temporary zip left
     assert not (tmp_path / "out" / "my-adaptor").exists()  # a task's models are moved into its job
+
+
+def test_a_zip_that_fails_half_written_leaves_nothing_beside_the_model(tmp_path):
+    """A zip that cannot be finished (here a file that vanished: a link to nothing; for a user, a full disk) is
+    removed with its temporary folder: nothing half-written is left beside the outputs."""
+    from plugin_utils import downloads
+
+    model = tmp_path / "out" / "my-adaptor"
+    model.mkdir(parents=True)
+    (model / "adapter_config.json").write_text("{}")
+    (model / "gone.json").symlink_to(tmp_path / "nowhere.json")
+    with pytest.raises(OSError):
+        downloads.archive(str(model), "my-adaptor", weights=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["my-adaptor"]
