@@ -27,6 +27,7 @@ from .errors import RunFailed, StopRequested
 from .host import StepRow, trackio_requested
 from .machine import NODE_LEVEL_VARIABLES, preparation_processes
 from .planning import Plan
+from .report import CURVE_KEYS
 from .runfolder import (
     NO_REPORTING,
     CheckpointSaved,
@@ -48,7 +49,6 @@ log = logging.getLogger("sft")
 PLUGIN_DIR = str(Path(__file__).resolve().parent.parent)
 RELAY_INTERVAL = 1.0
 METRIC_KEYS = ("loss", "eval_loss", "learning_rate", "epoch", "tokens_per_second", "grad_norm", "mean_token_accuracy")
-CURVE_KEYS = ("loss", "eval_loss", "learning_rate")
 STOP_POLL_INTERVAL = 2.0
 STOP_GRACE_SECONDS = 300
 

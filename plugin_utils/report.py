@@ -14,6 +14,8 @@ from . import samples as sampling
 from .sources import write_whole
 
 CURVE_FILE = "loss_curve.png"
+# What the loss curve draws of each logged step, under the names TRL logs them with.
+CURVE_KEYS = ("loss", "eval_loss", "learning_rate")
 SIZE = (1000, 600)
 # Plot area inside the picture: room on the left for the loss ticks, on the right for the learning rate's.
 LEFT, RIGHT, TOP, BOTTOM = 90, 910, 60, 520
@@ -43,12 +45,30 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> list[tuple[float, fl
     return [(float(h["step"]), float(h[key])) for h in history if h.get(key) is not None and "step" in h]
 
 
+def earlier_points(checkpoint: str | None) -> list[dict[str, float]]:
+    """The loss curve's points from before a resume: the steps the checkpoint's trainer state logged (its
+    log_history, which the resumed trainer carries on), so that a resumed run's picture shows the whole run.
+    None to read, or a state that cannot be read, gives none: the picture then starts at the resume."""
+    if not checkpoint:
+        return []
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as handle:
+            history = json.load(handle)["log_history"]
+        return [
+            {"step": int(row["step"]), **{key: float(row[key]) for key in CURVE_KEYS if row.get(key) is not None}}
+            for row in history
+            if isinstance(row, dict) and "step" in row and ("loss" in row or "eval_loss" in row)
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def draw_loss_curve(history: Sequence[dict[str, Any]], path: str) -> str | None:
     """Train loss (and eval loss, when there is one) against the step on the left axis, the learning rate on
     the right one; None when no step logged a loss (nothing worth a picture)."""
     from PIL import Image, ImageDraw, ImageFont  # only once a run has something to draw
 
-    train, evals, rates = (_series(history, key) for key in ("loss", "eval_loss", "learning_rate"))
+    train, evals, rates = (_series(history, key) for key in CURVE_KEYS)
     if not train and not evals:
         return None
     rates = rates if len(rates) > 1 else []  # one value is no schedule: no second axis for it

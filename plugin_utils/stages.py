@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -189,9 +190,9 @@ def train(ready: Ready, ranks: launch.Ranks, stop: launch.StopFlag) -> cli.Finis
         try:
             result = launch.run(job, spec, ranks, stop)
         except StopRequested as stopped:
-            stopped.leave = functools.partial(keep_loss_curve, job, out.where, stopped.logged)
+            stopped.leave = functools.partial(keep_loss_curve, job, out.where, stopped.logged, session.resume_from)
             raise
-        curve = keep_loss_curve(job, out.where, result.logged)
+        curve = keep_loss_curve(job, out.where, result.logged, session.resume_from)
         summary = outputs.summary(p, plan, result, prepared.stats, checked.clock.marks)
         final = None
         if result.has_adapter:
@@ -212,16 +213,19 @@ def train(ready: Ready, ranks: launch.Ranks, stop: launch.StopFlag) -> cli.Finis
     return cli.Finished(answer, (outputs.completion_message(result, final), outputs.score(result), plot))
 
 
-def keep_loss_curve(job: host.Sink, where: outputs.Where, logged: list[dict]) -> str | None:
+def keep_loss_curve(job: host.Sink, where: outputs.Where, logged: list[dict], resumed: str | None) -> str | None:
     """The loss curve, finished or stopped, in the run's folder (beside loss_plot.json) and among a lab SDK job's
-    artifacts. A picture that cannot be drawn is a warning: the run's outputs matter more."""
+    artifacts: of the whole run, the steps before a resume (read from the checkpoint `resumed`) included. A
+    picture that cannot be drawn is a warning: the run's outputs matter more."""
+    first = min((row["step"] for row in logged), default=math.inf)
+    points = [row for row in report.earlier_points(resumed) if row["step"] < first] + logged
     try:
-        curve = report.draw_loss_curve(logged, os.path.join(where.run_dir, report.CURVE_FILE))
+        curve = report.draw_loss_curve(points, os.path.join(where.run_dir, report.CURVE_FILE))
     except Exception as exc:
         log.warning("could not draw the loss curve: %s", exc)
         return None
     if curve:
-        job.log(f"loss curve: {curve}")
+        job.log(f"loss curve: {curve} (steps {points[0]['step']} to {points[-1]['step']})")
         job.artifact(curve)
     return curve
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -399,6 +400,8 @@ def test_task_stops_by_flag_and_by_signal_end_stopped_with_complete_checkpoints_
     steps = [r["step"] for r in metrics_rows(index) if "train/loss" in r.get("metrics", {})]
     assert min(steps) == stopped_at + 1 and max(steps) == stopped_at + 4, "the metrics continue from the step"
     assert "warning: max_steps: changed since the checkpoint" in run.stderr
+    # The loss curve is of the whole run: the steps the stopped jobs trained, read from the checkpoint, included.
+    assert re.search(rf"loss curve: \S+loss_curve.png \(steps 1 to {stopped_at + 4}\)", run.stderr), run.stderr[-3000:]
     models = job["job_data"].get("models") or []
     assert len(models) == 1 and Path(models[0], "adapter_model.safetensors").is_file()
     assert Path(result["adaptor_path"]) == Path(models[0])

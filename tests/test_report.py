@@ -56,6 +56,33 @@ def test_no_logged_loss_draws_nothing(tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
+def test_a_resumed_run_takes_the_steps_before_the_resume_from_its_checkpoints_trainer_state(tmp_path):
+    """The rows of trainer_state.json's log_history as Trainer writes them (the closing summary row and rows
+    without a loss are not points); a checkpoint without a readable state gives no earlier points, never an
+    error. test_lifecycle's resumed task job checks it on real checkpoints."""
+    import json
+
+    state = {
+        "global_step": 4,
+        "log_history": [
+            {"epoch": 0.1, "grad_norm": 1.5, "learning_rate": 2e-4, "loss": 2.5, "step": 2},
+            {"epoch": 0.2, "eval_loss": 2.7, "eval_runtime": 0.1, "step": 2},
+            {"epoch": 0.3, "learning_rate": 1e-4, "loss": 2.1, "step": 4},
+            {"epoch": 0.3, "step": 4, "total_flos": 10.0, "train_loss": 2.3, "train_runtime": 1.0},
+        ],
+    }
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    assert report.earlier_points(str(tmp_path)) == [
+        {"step": 2, "loss": 2.5, "learning_rate": 2e-4},
+        {"step": 2, "eval_loss": 2.7},
+        {"step": 4, "loss": 2.1, "learning_rate": 1e-4},
+    ]
+    assert report.earlier_points(None) == []
+    assert report.earlier_points(str(tmp_path / "missing")) == []
+    (tmp_path / "trainer_state.json").write_text('{"log_history": [{"step": 2, "loss": null')
+    assert report.earlier_points(str(tmp_path)) == []
+
+
 def test_ticks_are_round_and_cover_the_range():
     assert report.nice_ticks(0.31, 2.64) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
     assert report.nice_ticks(0, 8, whole=True) == [0, 2, 4, 6, 8]
