@@ -37,8 +37,8 @@ test: setup
 	$(PY) -m pytest
 
 # The folder current TransformerLab adds a task from (`lab task add`, the web UI's upload): README.md says why.
-task-folder: setup
-	$(PY) tools/task_folder.py
+task-folder:  # Python alone: nothing to install
+	$(PYTHON) tools/task_folder.py
 
 lint:
 	$(PY) -m ruff check .

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT, base_config, last_json, write_config
@@ -30,6 +31,7 @@ COPY = "plugin_manifest.json"
 # keys, run through the lab SDK as the server runs it. Prints the task's id and what the experiment lists.
 UPLOAD = """
 import asyncio, json, os, sys, tempfile, uuid, zipfile
+import pytest
 import yaml
 from lab import storage
 from lab.task_template import TaskTemplate
@@ -179,3 +181,45 @@ def test_the_same_folder_with_the_gallery_manifest_as_index_json_loses_its_task_
     shutil.copy(ROOT / "index.json", folder / "index.json")
     uploaded = _upload(folder, Path(os.environ["TFL_HOME_DIR"]))
     assert uploaded["id"] not in {task.get("id") for task in uploaded["listed"]}
+
+
+# The tool run where PyYAML cannot be imported: a machine with Python alone, where `lab` may run.
+WITHOUT_YAML = """
+import runpy, sys
+sys.modules["yaml"] = None  # `import yaml` raises ImportError
+tool = sys.argv.pop(1)
+sys.argv[0] = tool
+runpy.run_path(tool, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("git", ["", "https://github.com/example/sft-trainer"])
+def test_python_alone_writes_the_same_folder(tmp_path, git):
+    """Without PyYAML the folder's task.yaml is the repository's (kept equal to index.json's rendering by
+    test_task_yaml) less its github_repo_url line: byte for byte what the rendering gives, with `git` empty and
+    with it set (a copy of the repository whose task.yaml was rendered with it)."""
+    from tools import task_yaml
+
+    repo = tmp_path / "repo"
+    manifest = json.loads((ROOT / "index.json").read_text())
+    for name in (*manifest["files"], "README.md", "tools"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, repo / name)
+    (repo / "index.json").write_text(json.dumps({**manifest, "git": git}, indent=2))
+    (repo / "task.yaml").write_text(task_yaml.render({**manifest, "git": git}))
+    assert ("github_repo_url:" in (repo / "task.yaml").read_text()) == bool(git)
+    tool = str(repo / "tools" / "task_folder.py")
+    rendered, copied = tmp_path / "rendered", tmp_path / "copied"
+    subprocess.run([sys.executable, tool, str(rendered)], check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_YAML, tool, str(copied)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(p.relative_to(rendered).as_posix() for p in rendered.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*") if p.is_file())
+    assert all((rendered / f).read_bytes() == (copied / f).read_bytes() for f in files)
+    assert "github_repo_url" not in (copied / "task.yaml").read_text()
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_YAML, tool, "--check", str(rendered)], capture_output=True)
+    assert proc.returncode == 0, proc.stderr

@@ -11,6 +11,10 @@ plugin_utils/), README.md, task.yaml as tools/task_yaml.py renders it (without `
 travels with the folder), and index.json itself under the name plugin_utils/params.py reads first
 (plugin_manifest.json), never as index.json. index.json at the repo root stays the one home of the schema.
 
+It needs Python alone, as the machine `lab` runs on may have nothing else (`make task-folder` installs nothing):
+without PyYAML, task.yaml is the repository's own (which tests/test_task_yaml.py keeps equal to what index.json
+renders), less its `github_repo_url` line.
+
 `python tools/task_folder.py [DEST]` (default dist/task) writes the folder afresh; `--check [DEST]` exits 1,
 naming each file that differs from what the repository gives now (a folder written before index.json or the code
 changed). Python's __pycache__ folders, which running the folder's main.py leaves, are neither written nor checked.
@@ -28,7 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from plugin_utils.params import TASK_FOLDER_MANIFEST  # noqa: E402
-from tools.task_yaml import render  # noqa: E402
 
 DEFAULT_DEST = ROOT / "dist" / "task"
 ALSO = ("README.md",)  # for whoever opens the task's files; a run does not need it
@@ -40,13 +43,23 @@ def _members(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 
 
+def task_yaml(manifest: dict) -> str:
+    """The folder's task.yaml: without `github_repo_url`, as the code travels with the folder."""
+    try:
+        from tools.task_yaml import render
+    except ImportError:  # no PyYAML here: the repository's task.yaml is the same rendering
+        text = (ROOT / "task.yaml").read_text(encoding="utf-8")
+        return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("github_repo_url:"))
+    return render({**manifest, "git": ""})
+
+
 def contents() -> dict[str, bytes]:
     """Every file of the task folder, by its path inside the folder."""
     raw = (ROOT / "index.json").read_bytes()
     manifest = json.loads(raw)
     files = {
         TASK_FOLDER_MANIFEST.name: raw,
-        "task.yaml": render({**manifest, "git": ""}).encode(),
+        "task.yaml": task_yaml(manifest).encode(),
     }
     for name in (*manifest["files"], *ALSO):
         for member in _members(ROOT / name):
