@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.dry_run:
             finished = stages.dry_run(stages.prepare(checked, preview=args.preview, stop=stop))
         else:
-            with stages.ranks_started(checked) as ranks:  # importing while the data is prepared
+            with stages.ranks_started(checked, stop) as ranks:  # importing while the data is prepared
                 ready = stages.prepare(checked, preview=args.preview, stop=stop)
                 finished = stages.train(ready, ranks, stop)
     except SystemExit:

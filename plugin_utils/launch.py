@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,8 @@ class StopFlag:
         self.signalled_at: float | None = None  # when the first stop signal came (not the host's stop flag)
         self.pid = os.getpid()
         self._end_preparation_processes: Callable[[], None] | None = None  # set by guard_forks
+        self._deferring = 0  # inside `deferred`
+        self._deferred = False  # a stop signal came while deferring: raised once the stretch is done
 
     def request(self) -> None:
         if self.requested:
@@ -113,6 +115,23 @@ class StopFlag:
             self.signalled_at = time.time()
         self.request()
         if self.interrupting:
+            if self._deferring:
+                self._deferred = True
+                return
+            self._end_children()
+            raise StopRequested()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A stretch a stop must not cut in two (the ranks started and their ending registered, which would
+        otherwise leave them running, holding the run lock): a stop signal during it interrupts once it is done."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if not self._deferring and self._deferred and self.interrupting:
+            self._deferred = False
             self._end_children()
             raise StopRequested()
 

@@ -86,30 +86,35 @@ def check(chosen: host.Host, nodes: machine.Nodes | None, clock: cli.Clock) -> C
 
 
 @contextlib.contextmanager
-def ranks_started(checked: Checked) -> Iterator[launch.Ranks]:
+def ranks_started(checked: Checked, stop: launch.StopFlag) -> Iterator[launch.Ranks]:
     """The ranks, started as soon as the check has passed: they import their libraries (seconds per rank) while
     this process prepares the data and opens the job, and wait for the spec. The run lock (main node) is taken
     here and handed to them, with the run folder they meet in. A run that ends before the spec (a refusal found
     in the data, a stop, a failure) ends them at once."""
+    import shutil
+    import tempfile  # here: --check never makes a run folder
+    import uuid
+
     plan = checked.plan
     with contextlib.ExitStack() as stack:
-        lock = stack.enter_context(outputs.RunLock(checked.out.where.lock_path)) if plan.machine_rank == 0 else None
-        import shutil
-        import tempfile  # here: --check never makes a run folder
-        import uuid
-
-        # Its removal is registered before it is made: a stop raised the moment it exists still removes it.
-        where = os.path.join(tempfile.gettempdir(), f"sft-run-{uuid.uuid4().hex[:12]}")
-        stack.callback(shutil.rmtree, where, ignore_errors=True)
-        os.mkdir(where, 0o700)
-        folder = RunFolder(where)
-        reporting = launch.reporting(checked.p, checked.out.where.run_dir)
-        ranks = launch.Ranks(plan, folder, reporting, keep_open=(lock.fileno(),) if lock else ())
-        stack.callback(ranks.end)
+        lock = ranks = None
         try:
+            # A stop signal while the lock is taken, the run folder made and the ranks started is raised once
+            # each has its undoing registered: else the ranks (a session of their own, which no signal to the run
+            # reaches) would run on holding the lock, or the outputs keep the lock's folders.
+            with stop.deferred():
+                if plan.machine_rank == 0:
+                    lock = stack.enter_context(outputs.RunLock(checked.out.where.lock_path))
+                where = os.path.join(tempfile.gettempdir(), f"sft-run-{uuid.uuid4().hex[:12]}")
+                stack.callback(shutil.rmtree, where, ignore_errors=True)
+                os.mkdir(where, 0o700)
+                reporting = launch.reporting(checked.p, checked.out.where.run_dir)
+                keep_open = (lock.fileno(),) if lock else ()
+                ranks = launch.Ranks(plan, RunFolder(where), reporting, keep_open=keep_open)
+                stack.callback(ranks.end)
             yield ranks
         except BaseException:
-            if lock and not ranks.handed_over:
+            if lock and not (ranks and ranks.handed_over):
                 lock.discard()  # nothing was trained: the outputs stay as they were
             raise
 

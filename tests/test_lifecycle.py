@@ -165,6 +165,46 @@ def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(t
     assert not (tmp_path / "outputs").exists()
 
 
+PAUSE_AFTER_THE_RANKS_START = """
+# Test injection: main.py (the one process without SFT_PARENT_PID) pauses for a second right after starting the
+# ranks' launcher, before the code after the start runs: a stop sent then lands between the start and the
+# registration that ends them.
+import os, subprocess, sys, time
+
+if not os.environ.get("SFT_PARENT_PID"):
+    _start = subprocess.Popen.__init__
+
+    def _paused(self, args, *rest, **options):
+        _start(self, args, *rest, **options)
+        if "plugin_utils.rank" in " ".join(map(str, args)):
+            sys.stderr.write("test: the ranks' launcher started\\n")
+            sys.stderr.flush()
+            time.sleep(1.0)
+
+    subprocess.Popen.__init__ = _paused
+"""
+
+
+def test_sigterm_as_the_ranks_start_ends_them_before_the_run_exits(tiny_model, tmp_path):
+    """A stop that lands the moment the ranks' launcher has started (the injection widens that moment to a
+    second) still ends the launcher and its ranks: they run in a session of their own, which no signal to the
+    run reaches, and hold the run lock, so left running they would keep the next run of these outputs out."""
+    tag = f"start-stop-{os.getpid()}-{time.monotonic_ns()}"
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(PAUSE_AFTER_THE_RANKS_START)
+    config = base_config(tiny_model, tmp_path, num_processes=2)
+    env = {RUN_TAG: tag, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    run = Running(["--config", write_config(tmp_path, config), "--json"], env=env)
+    run.wait_for("test: the ranks' launcher started")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=60) == 3, run.stderr[-3000:]
+    assert last_json(run.stdout)["status"] == "STOPPED"
+    # At once: a rank left running would still be importing its libraries for seconds.
+    assert not no_processes_left(tag, timeout=0.5), "the launcher and its ranks ended with the run"
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_ctrl_c_during_a_dry_run_creates_no_job(tiny_model, tmp_path):
     rows = tmp_path / "many.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"Q {i}?", "completion": f" {i}."}) + "\n" for i in range(25_000)))
