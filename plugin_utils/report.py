@@ -48,7 +48,7 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> list[tuple[float, fl
 def earlier_points(checkpoint: str | None) -> list[dict[str, float]]:
     """The loss curve's points from before a resume: the steps the checkpoint's trainer state logged (its
     log_history, which the resumed trainer carries on), so that a resumed run's picture shows the whole run.
-    None to read, or a state that cannot be read, gives none: the picture then starts at the resume."""
+    No checkpoint, or a state that cannot be read, gives none: the picture then starts at the resume."""
     if not checkpoint:
         return []
     try:
