@@ -22,7 +22,7 @@ import pytest
 
 from .conftest import ROOT, RUN_TAG, base_config, last_json, run_main, tagged_processes, tensor_dtypes, write_config
 from .task_host import TaskRun, make_lab_job, mark_stopping
-from .test_e2e import _legacy_input, lab_jobs, metrics_rows, read_job
+from .test_e2e import _legacy_input, injection, lab_jobs, metrics_rows, read_job
 from .test_trackio import check_a_completed_task_jobs_page, host_trackio_env
 
 pytestmark = pytest.mark.slow
@@ -165,24 +165,28 @@ def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(t
     assert not (tmp_path / "outputs").exists()
 
 
-PAUSE_AFTER_THE_RANKS_START = """
-# Test injection: main.py (the one process without SFT_PARENT_PID) pauses for a second right after starting the
-# ranks' launcher, before the code after the start runs: a stop sent then lands between the start and the
-# registration that ends them.
-import os, subprocess, sys, time
+PAUSE_AFTER_THE_RANKS_START = injection(
+    "main.py (the one process without SFT_PARENT_PID) pauses for a second right after starting the ranks'"
+    " launcher, before the code after the start runs: a stop sent then lands between the start and the"
+    " registration that ends them.",
+    "subprocess",
+    """
+    def patch(module):
+        import sys, time
 
-if not os.environ.get("SFT_PARENT_PID"):
-    _start = subprocess.Popen.__init__
+        start = module.Popen.__init__
 
-    def _paused(self, args, *rest, **options):
-        _start(self, args, *rest, **options)
-        if "plugin_utils.rank" in " ".join(map(str, args)):
-            sys.stderr.write("test: the ranks' launcher started\\n")
-            sys.stderr.flush()
-            time.sleep(1.0)
+        def paused(self, args, *rest, **options):
+            start(self, args, *rest, **options)
+            if "plugin_utils.rank" in " ".join(map(str, args)):
+                sys.stderr.write("test: the ranks' launcher started\\n")
+                sys.stderr.flush()
+                time.sleep(1.0)
 
-    subprocess.Popen.__init__ = _paused
-"""
+        module.Popen.__init__ = paused
+    """,
+    'not os.environ.get("SFT_PARENT_PID")',
+)
 
 
 def test_sigterm_as_the_ranks_start_ends_them_before_the_run_exits(tiny_model, tmp_path):
