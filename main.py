@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.setup_logging()
     args = cli.parse(argv)
     stop = launch.StopFlag()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in launch.PARENT_STOP_SIGNALS:
         signal.signal(sig, stop.on_signal)
     chosen = finished = error = None
     try:
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except BaseException as exc:  # every ending, a stop included, is concluded in one place
         error = exc
+    stop.settle()  # a stop signal from here on would only cut the report of how the run ended short
     # Until a real run has a host, nothing can touch a job: --check and --dry-run never do.
     sink = chosen.sink if chosen is not None and not (args.check or args.dry_run) else host.NullSink()
     code = cli.conclude(sink, args.json, finished, error, stop)

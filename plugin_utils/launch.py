@@ -50,6 +50,11 @@ PLUGIN_DIR = str(Path(__file__).resolve().parent.parent)
 RELAY_INTERVAL = 1.0
 METRIC_KEYS = ("loss", "eval_loss", "learning_rate", "epoch", "tokens_per_second", "grad_norm", "mean_token_accuracy")
 STOP_POLL_INTERVAL = 2.0
+# The signals that stop a run, in this process (the ranks take theirs in worker.py).
+PARENT_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# How long a stop that interrupted this process has to unwind (end the preparation's processes and the waiting
+# ranks, remove what was half written; each wait there is bounded) before another stop signal interrupts again.
+UNWIND_SECONDS = 30.0
 STOP_GRACE_SECONDS = 300
 
 
@@ -93,6 +98,8 @@ class StopFlag:
         self._end_preparation_processes: Callable[[], None] | None = None  # set by guard_forks
         self._deferring = 0  # inside `deferred`
         self._deferred = False  # a stop signal came while deferring: raised once the stretch is done
+        self._interrupted_at: float | None = None  # when a stop signal last interrupted this process
+        self.settled = False  # see `settle`
 
     def request(self) -> None:
         if self.requested:
@@ -104,6 +111,8 @@ class StopFlag:
             # A forked data-preparation worker inherited this handler: it just ends, as by default.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+            return
+        if self.settled:
             return
         if self.interrupting and self._forking:
             # Inside os.fork's hooks an exception is swallowed, with a lock of theirs (logging's) half taken: the
@@ -118,8 +127,24 @@ class StopFlag:
             if self._deferring:
                 self._deferred = True
                 return
-            self._end_children()
-            raise StopRequested()
+            if self._interrupted_at is not None and time.time() - self._interrupted_at < UNWIND_SECONDS:
+                # An impatient second Ctrl-C: the first stop is unwinding, and cut short it would leave what it
+                # removes (a staging folder, worker processes) behind. One that comes later breaks a stuck unwind.
+                return
+            self._interrupt()
+
+    def _interrupt(self) -> None:
+        self._interrupted_at = time.time()
+        self._end_children()
+        raise StopRequested()
+
+    def settle(self) -> None:
+        """The run's ending is decided (its report follows): a stop signal from now on changes nothing. Ignored, not
+        only no longer raised: Python puts back the default action (death by the signal) while it shuts down,
+        which would turn a stopped run's exit code into the signal's."""
+        self.settled = True
+        for signum in PARENT_STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
@@ -132,8 +157,7 @@ class StopFlag:
             self._deferring -= 1
         if not self._deferring and self._deferred and self.interrupting:
             self._deferred = False
-            self._end_children()
-            raise StopRequested()
+            self._interrupt()
 
     def _end_children(self) -> None:
         """Before the ranks train, every child of this process in its own session is a data-preparation process

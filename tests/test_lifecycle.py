@@ -138,8 +138,17 @@ def test_kill_9_of_one_rank_fails_the_job_and_leaves_no_process(tiny_model, tmp_
     assert not (tmp_path / "outputs" / "test-adaptor").exists()
 
 
-@pytest.mark.parametrize("to_group", [True, False], ids=["group", "main-alone"])
-def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(tiny_model, tmp_path, to_group):
+@pytest.mark.parametrize(
+    ("to_group", "repeated"),
+    [(True, False), (False, False), (False, True)],
+    ids=["group", "main-alone", "main-repeated"],
+)
+def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(
+    tiny_model, tmp_path, to_group, repeated
+):
+    """A stop while the data is prepared in worker processes: to the run's process group, to main.py alone, and
+    to main.py again and again (an impatient Ctrl-C), where a later signal must not cut short the first one's
+    ending or its report."""
     rows = tmp_path / "many.jsonl"
     with rows.open("w") as handle:
         for i in range(25_000):
@@ -151,11 +160,22 @@ def test_sigterm_during_data_preparation_stops_and_leaves_nothing_half_written(t
     deadline = time.time() + 60
     while not list((tmp_path / "prepared").glob("*.tmp-*")) and run.proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    # Preparation runs in worker processes here (one per CPU): they must end with it, never hang.
+    # Preparation runs in worker processes here (one per CPU): they must end with it, never hang. The stop to
+    # main.py alone comes once they write their part (in the staging folder's .work), where the pool's own
+    # ending raises an error of its own over the stop, and the run must still end STOPPED.
+    while not (to_group or repeated) and run.proc.poll() is None and time.time() < deadline:
+        if list((tmp_path / "prepared").glob("*.tmp-*/.work/*")):
+            break
+        time.sleep(0.02)
     if to_group:
         os.killpg(run.proc.pid, signal.SIGTERM)
     else:
         run.proc.send_signal(signal.SIGTERM)
+        # Again every 50 ms until it exits: while the first stop ends the workers and removes what was written,
+        # while it reports, and while Python shuts down.
+        while repeated and run.proc.poll() is None:
+            time.sleep(0.05)
+            run.proc.send_signal(signal.SIGTERM)
     assert run.finish(timeout=60) == 3, run.stderr[-3000:]
     assert last_json(run.stdout)["status"] == "STOPPED"
     cache = tmp_path / "prepared"
