@@ -224,8 +224,9 @@ def test_sigterm_as_the_ranks_start_ends_them_before_the_run_exits(tiny_model, t
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish(timeout=60) == 3, run.stderr[-3000:]
     assert last_json(run.stdout)["status"] == "STOPPED"
-    # At once: a rank left running would still be importing its libraries for seconds.
-    assert not no_processes_left(tag, timeout=0.5), "the launcher and its ranks ended with the run"
+    # Within 2 s (a killed process's exit, on a busy machine): a rank left running would still be importing its
+    # libraries for seconds more, then wait for a spec.
+    assert not no_processes_left(tag, timeout=2.0), "the launcher and its ranks ended with the run"
     assert not (tmp_path / "outputs").exists()
 
 
