@@ -399,9 +399,9 @@ class LabSdk:
                 pipeline_tag="text-generation",  # else the SDK asks the Hub about the parent model
             )
 
-    def save_artifact(self, path: str, name: str | None = None) -> str:
+    def save_artifact(self, path: str) -> str:
         with _quiet():
-            return self.lab.save_artifact(path, name=name)
+            return self.lab.save_artifact(path)
 
     def save_evals(self, answered: list[dict[str, str]]) -> str:
         """The trained model's sample answers as the job's evals (its Evals tab), scored by exact match."""
