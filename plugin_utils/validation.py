@@ -397,13 +397,17 @@ def report_to_names_trackers(p):
         )
 
 
+def asked_by(p, tracker: str) -> str:
+    """The parameter that asked for `tracker`: report_to, or log_to_wandb (the form's older switch, for wandb)."""
+    return "report_to" if tracker in reporter_names(p.report_to) else "log_to_wandb"
+
+
 @rule("parameters")
 def wandb_key(p):
     """Weights & Biases (report_to or log_to_wandb) without WANDB_API_KEY runs offline (warning)."""
     if "wandb" in p.reporters and not os.environ.get("WANDB_API_KEY"):
-        asked = "report_to" if "wandb" in reporter_names(p.report_to) else "log_to_wandb"
         yield warning(
-            asked,
+            asked_by(p, "wandb"),
             "WANDB_API_KEY is not set: Weights & Biases runs offline, in the run's logs folder",
             "Set the key, or `wandb sync` the folder the log names later",
         )
@@ -562,8 +566,7 @@ def reporters_installed(p):
     for name in p.reporters:
         packages, install = REPORTER_PACKAGES.get(name, ((), ""))
         if packages and not any(has_package(package) for package in packages):
-            parameter = "log_to_wandb" if name not in reporter_names(p.report_to) else "report_to"
-            yield error(parameter, f"{name} needs {packages[0]}, which is not installed", f"Run `{install}`")
+            yield error(asked_by(p, name), f"{name} needs {packages[0]}, which is not installed", f"Run `{install}`")
 
 
 @rule("machine")
